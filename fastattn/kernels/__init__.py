@@ -1,0 +1,1 @@
+"""Numba kernels: plain NumPy arrays in, arrays out; no xarray, no I/O."""
