@@ -1,0 +1,1 @@
+"""Side-by-side speed runs: fastattn against what its users would otherwise write."""

@@ -1,0 +1,384 @@
+"""Finding, scanning and reading `.npz` attention dumps (no store code here).
+
+A dump is untrusted input. Scanning reads only the zip directory and the `.npy`
+headers, so planning thousands of files costs milliseconds each; reading checks
+the declared sizes first, never unpickles (`allow_pickle=False`), verifies each
+member's CRC and validates the values of every sample's valid block.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import math
+import os
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DumpError, FastattnError
+
+CANONICAL = "blhqk"  # batch, layer, head, query, key
+ATTENTION = "attention_weights"
+MASK = "attention_mask"
+TOKENS = "tokens"
+INPUT_IDS = "input_ids"
+
+#: |row sum - 1| allowed over a sample's valid block. float32 softmax rows sum to 1
+#: within ~1e-6; weights that miss by more than this are logits or were renormalised
+#: over padding. float16 dumps get the wider tolerance their 11-bit mantissa needs.
+ROW_SUM_TOLERANCE = {2: 1e-2, 4: 1e-3, 8: 1e-3}
+#: A member may not declare more than this many bytes uncompressed per compressed byte.
+MAX_COMPRESSION_RATIO = 2000
+#: No single array may declare more than this (an absurd shape is refused unread).
+MAX_ARRAY_BYTES = 64 << 30
+
+
+@dataclass(frozen=True)
+class Member:
+    """One `.npy` member of a dump, as declared by its header (no data read)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class DumpHeader:
+    """What a scan learns about a dump: enough to plan an ingest, nothing more."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    layout: str  # letters of CANONICAL in the file's axis order, e.g. "lbhqk"
+    batch: int
+    layers: int
+    heads: int
+    query: int
+    key: int
+    dtype: np.dtype
+    members: tuple[Member, ...] = field(default=())
+
+    @property
+    def samples_bytes(self) -> int:
+        return self.batch * self.layers * self.heads * self.query * self.key * self.dtype.itemsize
+
+    def member(self, name: str) -> Member | None:
+        return next((m for m in self.members if m.name == name), None)
+
+
+@dataclass
+class Dump:
+    """The validated contents of one dump, in canonical (batch, layer, head, query, key) order.
+
+    Every sample's valid tokens come first: `attention[b, :, :, :lengths[b], :lengths[b]]`
+    is its valid block (a mask with holes is compacted on reading).
+    """
+
+    header: DumpHeader
+    sha256: str
+    attention: np.ndarray
+    lengths: np.ndarray
+    tokens: np.ndarray | None = None
+
+
+# ---------------------------------------------------------------- finding files
+
+
+def natural_key(text: str) -> list:
+    """Sort key that orders `batch_2` before `batch_10`."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
+
+
+@dataclass
+class Found:
+    """The dump files named by the user's inputs, the folder their names are relative to,
+    and the inputs that could not be used."""
+
+    files: list[str]
+    base: str
+    problems: list[tuple[str, str]]
+
+
+def find_dumps(inputs: list[str | os.PathLike]) -> Found:
+    """Expand folders (recursive `*.npz`), files and glob patterns, in natural order.
+
+    `base` is the common parent of the inputs (a folder counts as its own parent), so
+    names relative to it keep same-named files from two folders apart and stay the same
+    when the same folder is ingested again.
+    """
+    files: list[str] = []
+    roots: list[str] = []
+    problems: list[tuple[str, str]] = []
+    for raw in inputs:
+        entry = os.fspath(raw)
+        if os.path.isdir(entry):
+            roots.append(os.path.abspath(entry))
+            for path in sorted(Path(entry).rglob("*.npz"), key=lambda p: natural_key(str(p))):
+                if path.is_dir():
+                    problems.append((str(path), "is a directory, not an .npz file"))
+                else:
+                    files.append(os.path.abspath(path))
+        elif os.path.exists(entry):
+            roots.append(os.path.dirname(os.path.abspath(entry)))
+            files.append(os.path.abspath(entry))
+        elif glob.has_magic(entry):
+            matches = sorted(glob.glob(entry, recursive=True), key=natural_key)
+            if not matches:
+                problems.append((entry, "the pattern matches no file"))
+            for match in matches:
+                if os.path.isdir(match):
+                    problems.append((match, "is a directory, not an .npz file"))
+                    continue
+                roots.append(os.path.dirname(os.path.abspath(match)))
+                files.append(os.path.abspath(match))
+        else:
+            problems.append((entry, "no such file or folder"))
+    unique = list(dict.fromkeys(files))
+    base = os.path.commonpath(roots) if roots else os.getcwd()
+    return Found(files=unique, base=base, problems=problems)
+
+
+# ---------------------------------------------------------------- scanning headers
+
+
+def _read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(f)
+    return np.lib.format._read_array_header(f, version)  # (3, 0): utf-8 field names
+
+
+def _scan_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Member:
+    name = info.filename.removesuffix(".npy")
+    if info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1) + (1 << 20):
+        raise DumpError(
+            f"'{name}' declares {info.file_size:,} bytes from {info.compress_size:,} compressed"
+            " (a zip bomb?); refusing to read it"
+        )
+    try:
+        with zf.open(info) as f:
+            shape, _fortran, dtype = _read_npy_header(f)
+            header_len = f.tell()
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, SyntaxError) as exc:
+        raise DumpError(f"'{name}' is not a valid .npy array ({exc})") from None
+    if dtype.hasobject:
+        raise DumpError(f"'{name}' is a pickled object array; fastattn never unpickles")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > MAX_ARRAY_BYTES:
+        raise DumpError(f"'{name}' declares an absurd shape {shape} ({nbytes:,} bytes)")
+    if header_len + nbytes != info.file_size:
+        raise DumpError(
+            f"'{name}' declares shape {shape} {dtype} ({nbytes:,} bytes)"
+            f" but its member holds {info.file_size - header_len:,}"
+        )
+    return Member(name=name, shape=tuple(int(n) for n in shape), dtype=dtype)
+
+
+def parse_layout(layout: str, ndim: int) -> str:
+    """Check a `--layout` like 'lbhqk' (letters: batch, layer, head, query, key)."""
+    letters = layout.lower().replace(",", "").replace(" ", "")
+    if sorted(letters) not in (sorted(CANONICAL), sorted("lhqk")) or len(set(letters)) != len(letters):
+        raise FastattnError(
+            f"layout '{layout}' must name each of l(ayer), h(ead), q(uery), k(ey) once,"
+            " and b(atch) at most once, e.g. 'lbhqk' or 'lhqk'"
+        )
+    if len(letters) != ndim:
+        raise DumpError(f"attention_weights has {ndim} dims but layout '{letters}' names {len(letters)}")
+    return letters
+
+
+def scan(path: str, layout: str | None = None) -> DumpHeader:
+    """Read a dump's zip directory and `.npy` headers (never the data) and check them."""
+    if os.path.isdir(path):
+        raise DumpError("is a directory, not an .npz file")
+    try:
+        stat = os.stat(path)
+    except OSError as exc:
+        raise DumpError(f"cannot read it ({exc.strerror})") from None
+    if stat.st_size == 0:
+        raise DumpError("empty file (0 bytes)")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = [i for i in zf.infolist() if i.filename.endswith(".npy")]
+            members = tuple(_scan_member(zf, info) for info in infos)
+    except zipfile.BadZipFile as exc:
+        reason = "not an .npz archive" if "File is not a zip file" in str(exc) else "corrupt zip archive"
+        raise DumpError(f"{reason} ({exc})") from None
+    except OSError as exc:
+        raise DumpError(f"cannot read it ({exc})") from None
+    names = [m.name for m in members]
+    attn = next((m for m in members if m.name == ATTENTION), None)
+    if attn is None:
+        found = ", ".join(names) if names else "no arrays"
+        raise DumpError(f"no '{ATTENTION}' array (found: {found})")
+    if attn.dtype.kind != "f" or attn.dtype.itemsize not in (2, 4, 8):
+        raise DumpError(f"{ATTENTION} has dtype {attn.dtype}; expected float16, float32 or float64")
+    if layout is None:
+        layout = {4: "lhqk", 5: "lbhqk"}.get(len(attn.shape))
+        if layout is None:
+            raise DumpError(
+                f"{ATTENTION} has {len(attn.shape)} dims {attn.shape}; expected 4 (layer, head, query, key)"
+                " or 5 (layer, batch, head, query, key), or give --layout"
+            )
+    else:
+        layout = parse_layout(layout, len(attn.shape))
+    sizes = dict(zip(layout, attn.shape))
+    sizes.setdefault("b", 1)
+    if min(sizes.values()) == 0:
+        raise DumpError(f"{ATTENTION} is empty: shape {attn.shape}")
+    header = DumpHeader(
+        path=path,
+        size=stat.st_size,
+        mtime_ns=stat.st_mtime_ns,
+        layout=layout,
+        batch=sizes["b"],
+        layers=sizes["l"],
+        heads=sizes["h"],
+        query=sizes["q"],
+        key=sizes["k"],
+        dtype=attn.dtype,
+        members=members,
+    )
+    _check_per_token(header, MASK, integer_or_bool=True)
+    _check_per_token(header, TOKENS, integer_or_bool=False)
+    mask = header.member(MASK)
+    if mask is not None and header.query != header.key:
+        raise DumpError(f"{MASK} given for cross-attention (query {header.query} != key {header.key})")
+    return header
+
+
+def _check_per_token(header: DumpHeader, name: str, *, integer_or_bool: bool) -> None:
+    member = header.member(name)
+    if member is None:
+        return
+    expected = [(header.batch, header.key)]
+    if "b" not in header.layout or header.batch == 1:
+        expected.append((header.key,))
+    if member.shape not in expected:
+        want = " or ".join(str(e) for e in expected)
+        raise DumpError(f"{name} has shape {member.shape}; expected {want} to fit {ATTENTION}")
+    if integer_or_bool and member.dtype.kind not in "biu":
+        raise DumpError(f"{name} has dtype {member.dtype}; expected integers or booleans")
+    if not integer_or_bool and member.dtype.kind != "U":
+        raise DumpError(f"{name} has dtype {member.dtype}; expected strings")
+
+
+# ---------------------------------------------------------------- reading data
+
+
+def _read_member(zf: zipfile.ZipFile, name: str, expected: Member) -> np.ndarray:
+    with zf.open(name + ".npy") as f:
+        array = np.lib.format.read_array(f, allow_pickle=False)
+        f.read()  # reach the end of the member, so zipfile checks its CRC
+    if array.shape != expected.shape or array.dtype != expected.dtype:
+        raise DumpError("changed while being ingested (its arrays differ from the scan)")
+    return array
+
+
+def read(header: DumpHeader) -> Dump:
+    """Load and validate a scanned dump; raise DumpError with the reason when it is bad."""
+    try:
+        data = Path(header.path).read_bytes()
+    except OSError as exc:
+        raise DumpError(f"cannot read it ({exc.strerror})") from None
+    if len(data) != header.size:
+        raise DumpError("changed while being ingested (its size differs from the scan)")
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            raw = _read_member(zf, ATTENTION, header.member(ATTENTION))
+            mask = _read_member(zf, MASK, header.member(MASK)) if header.member(MASK) else None
+            tokens = _read_member(zf, TOKENS, header.member(TOKENS)) if header.member(TOKENS) else None
+    except zipfile.BadZipFile as exc:
+        raise DumpError(f"corrupt zip archive ({exc})") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise DumpError(f"unreadable array ({exc})") from None
+    layout = header.layout if "b" in header.layout else "b" + header.layout
+    attention = raw if "b" in header.layout else raw[np.newaxis]
+    attention = np.transpose(attention, [layout.index(c) for c in CANONICAL])
+    lengths, order = _lengths(header, mask)
+    if tokens is not None:
+        tokens = tokens.reshape(header.batch, header.key)
+    if order is not None:
+        attention, tokens = _compact(attention, tokens, order, lengths)
+    _validate(attention, lengths, header.dtype)
+    return Dump(header=header, sha256=digest, attention=attention, lengths=lengths, tokens=tokens)
+
+
+def _lengths(header: DumpHeader, mask: np.ndarray | None) -> tuple[np.ndarray, list | None]:
+    """Valid tokens per sample, and (when a mask has holes) the valid positions of each."""
+    full = max(header.query, header.key)
+    if mask is None:
+        return np.full(header.batch, full, dtype=np.int32), None
+    mask = mask.reshape(header.batch, header.key).astype(bool)
+    lengths = mask.sum(axis=1).astype(np.int32)
+    if np.any(lengths == 0):
+        raise DumpError(f"{MASK} marks no valid token in sample {int(np.argmin(lengths))}")
+    prefix = np.arange(header.key)[np.newaxis, :] < lengths[:, np.newaxis]
+    if np.array_equal(mask, prefix):
+        return lengths, None
+    return lengths, [np.flatnonzero(row) for row in mask]
+
+
+def _compact(attention, tokens, order, lengths):
+    """Move each sample's valid tokens to the front (left padding, holes), NaN after."""
+    out = np.full(attention.shape, np.nan, dtype=attention.dtype)
+    tok = None if tokens is None else np.full(tokens.shape, "", dtype=tokens.dtype)
+    for b, idx in enumerate(order):
+        n = lengths[b]
+        out[b, :, :, :n, :n] = attention[b][:, :, idx[:, None], idx]
+        if tok is not None:
+            tok[b, :n] = tokens[b, idx]
+    return out, tok
+
+
+def _validate(attention: np.ndarray, lengths: np.ndarray, dtype: np.dtype) -> None:
+    """Finite, non-negative rows that sum to 1 over each sample's valid block."""
+    tolerance = ROW_SUM_TOLERANCE[dtype.itemsize]
+    for b, n in enumerate(lengths):
+        block = attention[b, :, :, :n, :n]
+        finite = np.isfinite(block)
+        if not finite.all():
+            where = _where(np.argwhere(~finite)[0])
+            raise DumpError(f"{ATTENTION} has NaN or Inf in its valid block (sample {b}, {where})")
+        low = block.min()
+        if low < 0:
+            where = _where(np.argwhere(block == low)[0])
+            raise DumpError(f"{ATTENTION} has a negative weight {low:.3g} (sample {b}, {where})")
+        error = np.abs(block.sum(axis=-1, dtype=np.float64) - 1.0)
+        worst = error.max()
+        if worst > tolerance:
+            l, h, q = np.unravel_index(np.argmax(error), error.shape)
+            raise DumpError(
+                f"rows do not sum to 1 (off by {worst:.3g} at sample {b}, layer {l}, head {h}, query {q};"
+                f" tolerance {tolerance:g}): logits saved instead of softmax weights?"
+            )
+
+
+def _where(index) -> str:
+    l, h, q, k = (int(i) for i in index)
+    return f"layer {l}, head {h}, query {q}, key {k}"
+
+
+def describe(path: str, layout: str | None = None) -> dict:
+    """What `fastattn info` says about one dump: its arrays and the layout detected."""
+    header = scan(path, layout)
+    return {
+        "path": path,
+        "size": header.size,
+        "layout": header.layout,
+        "samples": header.batch,
+        "layers": header.layers,
+        "heads": header.heads,
+        "query": header.query,
+        "key": header.key,
+        "arrays": [{"name": m.name, "shape": list(m.shape), "dtype": str(m.dtype)} for m in header.members],
+        "used": [m.name for m in header.members if m.name in (ATTENTION, MASK, TOKENS)],
+    }

@@ -1,0 +1,420 @@
+"""Dumps → store: planned from headers, read in parallel, committed once.
+
+One ingest (see DESIGN in README):
+1. take the store's lock; find the dumps; scan headers (no data); classify each file
+   as new, unchanged (same size and mtime, or same hash), changed, or bad;
+2. grow the arrays for the planned batches and the longest sequence;
+3. read and validate files in parallel, assign batch indices in file order to the
+   samples that pass, and write each whole chunk as soon as it is full (the chunk that
+   holds committed batches too is rewritten whole from both);
+4. commit: one atomic manifest write. A crash before it leaves the last commit intact,
+   and re-running plans the same range again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from . import dumps, store
+from .errors import DumpError, FastattnError, StoreError
+
+Progress = Callable[[int, int], None]  # (files done, files to read)
+
+
+@dataclass
+class Rejection:
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+@dataclass
+class IngestReport:
+    """What one ingest did; `rejected` lists each bad file with its reason."""
+
+    store: str
+    files_found: int = 0
+    files_ingested: int = 0
+    files_unchanged: int = 0
+    files_replaced: int = 0
+    batches_added: int = 0
+    committed: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+    rejected: list[Rejection] = field(default_factory=list)
+    duplicates: list[Rejection] = field(default_factory=list)
+    written: bool = False
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_read / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.rejected
+
+    def summary(self) -> str:
+        return (
+            f"{self.files_ingested} files ingested ({self.files_unchanged} unchanged, {self.files_replaced} replaced,"
+            f" {len(self.rejected)} rejected), {self.batches_added} batches added, {self.committed} in store;"
+            f" {self.bytes_read / 1e6:.1f} MB in {self.seconds:.2f} s ({self.mb_per_s:.0f} MB/s)"
+        )
+
+
+@dataclass
+class _Plan:
+    appends: list[tuple[str, dumps.DumpHeader]] = field(default_factory=list)
+    replacements: list[tuple[str, dumps.DumpHeader]] = field(default_factory=list)
+
+
+def ingest(
+    inputs,
+    store_path,
+    *,
+    jobs: int | None = None,
+    layout: str | None = None,
+    dtype: str = "float32",
+    replace: bool = False,
+    strict: bool = False,
+    progress: Progress | None = None,
+    storage_options: dict | None = None,
+) -> IngestReport:
+    """Consolidate dumps (folders, files or globs) into the store; idempotent and crash-safe.
+
+    Bad files are skipped and listed in the report; `strict=True` validates every file
+    first and writes nothing if any is bad. `dtype` ('float32' or 'float16') applies
+    when the store is created. A file whose name was ingested before is skipped when
+    unchanged, and rejected when changed unless `replace=True` (same sample count).
+    """
+    started = time.perf_counter()
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if dtype not in ("float32", "float16"):
+        raise FastattnError(f"--dtype must be float32 or float16, not {dtype}")
+    found = dumps.find_dumps(inputs)
+    report = IngestReport(store=str(store_path), files_found=len(found.files))
+    report.rejected.extend(Rejection(path, reason) for path, reason in found.problems)
+    if not found.files and not found.problems:
+        raise FastattnError(f"no .npz dumps found in {', '.join(os.fspath(i) for i in inputs)}")
+    location = store.Location(store_path, storage_options)
+    if not location.is_empty_or_missing() and not store.is_fastattn(location):
+        raise StoreError(f"{location}: exists and is not a fastattn store; refusing to write into it")
+    jobs = max(1, jobs or os.cpu_count() or 1)
+    with store.Lock(location, "fastattn ingest"), ThreadPoolExecutor(jobs) as pool:
+        manifest = store.read_manifest(location)
+        plan = _plan(found, manifest, layout, replace, report)
+        if strict:
+            _validate_all(plan, pool, report)
+            if report.rejected:
+                report.seconds = time.perf_counter() - started
+                return report
+        if plan.appends or plan.replacements:
+            try:
+                group, manifest = _prepare(location, manifest, plan, dtype)
+                _replace(group, manifest, plan.replacements, report)
+                _append(group, manifest, plan.appends, pool, jobs, report, progress)
+            except OSError as exc:
+                raise StoreError(
+                    f"{location}: writing failed ({exc.strerror or exc}); nothing was committed,"
+                    " the store still opens at its last commit"
+                ) from None
+            report.seconds = time.perf_counter() - started
+            manifest.ingests.append(
+                {
+                    "time": store.now(),
+                    "inputs": [os.fspath(i) for i in inputs],
+                    "files": report.files_ingested,
+                    "batches": report.batches_added,
+                    "rejected": len(report.rejected),
+                    "seconds": round(report.seconds, 3),
+                }
+            )
+            store.commit(location, manifest)
+            report.written = True
+        report.committed = manifest.committed if manifest else 0
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _relative(path: str, base: str) -> str:
+    return os.path.relpath(path, base).replace(os.sep, "/")
+
+
+def _file_hash(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _plan(found: dumps.Found, manifest, layout, replace, report) -> _Plan:
+    """Classify every found file from its stat and header alone (no array data read)."""
+    plan = _Plan()
+    known = manifest.files if manifest else {}
+    shape = (manifest.layers, manifest.heads) if manifest and manifest.committed else None
+    for path in found.files:
+        rel = _relative(path, found.base)
+        entry = known.get(rel)
+        if entry is not None:
+            stat = os.stat(path)
+            if stat.st_size == entry["size"] and stat.st_mtime_ns == entry["mtime_ns"]:
+                report.files_unchanged += 1
+                continue
+            if _file_hash(path) == entry["sha256"]:
+                report.files_unchanged += 1
+                continue
+            if not replace:
+                report.rejected.append(
+                    Rejection(path, "changed since it was ingested (sha256 differs); pass --replace to re-ingest it")
+                )
+                continue
+        try:
+            header = dumps.scan(path, layout)
+        except DumpError as exc:
+            report.rejected.append(Rejection(path, str(exc)))
+            continue
+        if shape is None:
+            shape = (header.layers, header.heads)
+        if (header.layers, header.heads) != shape:
+            report.rejected.append(
+                Rejection(
+                    path,
+                    f"has {header.layers} layers x {header.heads} heads; the store has {shape[0]} x {shape[1]}",
+                )
+            )
+            continue
+        if entry is not None:
+            if header.batch != entry["stop"] - entry["start"]:
+                count = entry["stop"] - entry["start"]
+                reason = f"--replace needs the same number of samples ({count} ingested, {header.batch} now)"
+                report.rejected.append(Rejection(path, reason))
+                continue
+            plan.replacements.append((rel, header))
+        else:
+            plan.appends.append((rel, header))
+    _check_cross_attention(plan, manifest, report)
+    return plan
+
+
+def _check_cross_attention(plan: _Plan, manifest, report) -> None:
+    """Self-attention dumps may be ragged; cross-attention (query != key) ones must all share
+    one shape, the store's, since one `length` per sample cannot describe their valid block."""
+    headers = [h for _, h in plan.appends + plan.replacements]
+    if manifest is not None and manifest.committed:
+        want = tuple(manifest.cross) if manifest.cross else None  # None: a self-attention store
+    elif headers and any(h.query != h.key for h in headers):
+        want = (headers[0].query, headers[0].key)
+    else:
+        return
+    kept = {"appends": [], "replacements": []}
+    for kind, items in kept.items():
+        for rel, h in getattr(plan, kind):
+            if (h.query, h.key) == want or (want is None and h.query == h.key):
+                items.append((rel, h))
+                continue
+            shape = "query = key" if want is None else f"{want[0]} x {want[1]} (query x key)"
+            report.rejected.append(Rejection(h.path, f"this store takes {shape}; this dump is {h.query} x {h.key}"))
+    plan.appends, plan.replacements = kept["appends"], kept["replacements"]
+
+
+def _validate_all(plan: _Plan, pool: ThreadPoolExecutor, report: IngestReport) -> None:
+    """--strict: read and validate every planned file before anything is written."""
+
+    def check(header):
+        try:
+            dumps.read(header)
+        except DumpError as exc:
+            return Rejection(header.path, str(exc))
+        return None
+
+    for rejection in pool.map(check, [h for _, h in plan.appends + plan.replacements]):
+        if rejection is not None:
+            report.rejected.append(rejection)
+
+
+def _prepare(location, manifest, plan: _Plan, dtype: str):
+    """Create the store (first commit) or grow it, for every planned sample at the longest length."""
+    headers = [h for _, h in plan.appends + plan.replacements]
+    query = max(h.query for h in headers)
+    key = max(h.key for h in headers)
+    if manifest is None or manifest.committed == 0:
+        files, ingests = (manifest.files, manifest.ingests) if manifest else ({}, [])
+        manifest = store.create(location, layers=headers[0].layers, heads=headers[0].heads, query=query, key=key, dtype=dtype)
+        manifest.files, manifest.ingests = files, ingests
+    group = store.open_group(location)
+    planned = manifest.committed + sum(h.batch for _, h in plan.appends)
+    store.resize(group, batch=planned, query=query, key=key)
+    manifest.max_length = max(manifest.max_length, query, key)
+    if query != key:
+        manifest.cross = [query, key]
+    return group, manifest
+
+
+# ---------------------------------------------------------------- writing
+
+
+@dataclass
+class _Sample:
+    dump: dumps.Dump
+    index: int  # position in the dump's batch axis
+    source: str
+
+
+class _ChunkWriter:
+    """Writes whole batch-chunks: new samples over whatever committed batches the chunk holds."""
+
+    def __init__(self, group, manifest: store.Manifest):
+        self.group = group
+        self.attention = group["attention"]
+        self.chunk = manifest.batch_chunk
+        self.dtype = np.dtype(manifest.dtype)
+
+    def write(self, start: int, samples: dict[int, _Sample], stop: int, committed: int) -> None:
+        """Write batches [start, stop): `samples` by batch index, the rest from the store."""
+        shape = (stop - start,) + self.attention.shape[1:]
+        block = np.full(shape, np.nan, dtype=self.dtype)
+        length = np.zeros(stop - start, dtype=np.int32)
+        source = np.full(stop - start, "", dtype=object)
+        source_index = np.full(stop - start, -1, dtype=np.int32)
+        token = np.full((stop - start, shape[3]), "", dtype=object)
+        old_stop = min(stop, committed)
+        if old_stop > start:
+            block[: old_stop - start] = self.attention[start:old_stop]
+            length[: old_stop - start] = self.group["length"][start:old_stop]
+            source[: old_stop - start] = self.group["source"][start:old_stop]
+            source_index[: old_stop - start] = self.group["source_index"][start:old_stop]
+            token[: old_stop - start] = self.group["token"][start:old_stop]
+        for batch, sample in samples.items():
+            i = batch - start
+            attention = sample.dump.attention[sample.index]
+            n = int(sample.dump.lengths[sample.index])
+            q, k = min(n, attention.shape[-2]), min(n, attention.shape[-1])
+            block[i] = np.nan
+            block[i, :, :, :q, :k] = attention[:, :, :q, :k]
+            length[i] = n
+            source[i] = sample.source
+            source_index[i] = sample.index
+            token[i] = ""
+            if sample.dump.tokens is not None:
+                token[i, :q] = sample.dump.tokens[sample.index, :q]
+        self.attention[start:stop] = block
+        self.group["length"][start:stop] = length
+        self.group["source"][start:stop] = source.astype(str)
+        self.group["source_index"][start:stop] = source_index
+        self.group["token"][start:stop] = token.astype(str)
+
+
+def _replace(group, manifest: store.Manifest, replacements, report: IngestReport) -> None:
+    """--replace: rewrite a changed file's batches in place, one whole chunk at a time."""
+    writer = _ChunkWriter(group, manifest)
+    for rel, header in replacements:
+        try:
+            dump = dumps.read(header)
+        except DumpError as exc:
+            report.rejected.append(Rejection(header.path, str(exc)))
+            continue
+        entry = manifest.files[rel]
+        first, last = entry["start"], entry["stop"]
+        samples = {first + i: _Sample(dump, i, rel) for i in range(header.batch)}
+        chunk = manifest.batch_chunk
+        for start in range(first - first % chunk, last, chunk):
+            stop = min(start + chunk, manifest.committed)
+            mine = {b: s for b, s in samples.items() if start <= b < stop}
+            writer.write(start, mine, stop, manifest.committed)
+        manifest.files[rel] = _entry(header, dump, first, last)
+        report.files_replaced += 1
+        report.bytes_read += header.samples_bytes
+
+
+def _entry(header: dumps.DumpHeader, dump: dumps.Dump, start: int, stop: int, status: str = "ingested") -> dict:
+    return {
+        "size": header.size,
+        "mtime_ns": header.mtime_ns,
+        "sha256": dump.sha256,
+        "start": start,
+        "stop": stop,
+        "status": status,
+    }
+
+
+def _read(header: dumps.DumpHeader):
+    try:
+        return dumps.read(header)
+    except DumpError as exc:
+        return Rejection(header.path, str(exc))
+
+
+def _append(group, manifest: store.Manifest, appends, pool, jobs, report: IngestReport, progress) -> None:
+    """Read files in parallel, assign batch indices in file order, write each full chunk."""
+    writer = _ChunkWriter(group, manifest)
+    committed = manifest.committed
+    chunk = manifest.batch_chunk
+    seen = {entry["sha256"]: rel for rel, entry in manifest.files.items() if entry.get("status") == "ingested"}
+    next_batch = committed
+    chunk_start = committed - committed % chunk
+    pending: dict[int, _Sample] = {}
+    writes: deque[Future] = deque()
+    reads: deque[tuple[str, dumps.DumpHeader, Future]] = deque()
+    todo = iter(appends)
+    window = 2 * jobs + 2
+
+    def flush(stop: int) -> None:
+        nonlocal pending, chunk_start
+        writes.append(pool.submit(writer.write, chunk_start, pending, stop, committed))
+        pending, chunk_start = {}, stop
+        while len(writes) > jobs:
+            writes.popleft().result()
+
+    def refill() -> None:
+        while len(reads) < window:
+            item = next(todo, None)
+            if item is None:
+                return
+            rel, header = item
+            reads.append((rel, header, pool.submit(_read, header)))
+
+    refill()
+    done = 0
+    while reads:
+        rel, header, future = reads.popleft()
+        refill()
+        result = future.result()
+        done += 1
+        if progress:
+            progress(done, len(appends))
+        if isinstance(result, Rejection):
+            report.rejected.append(result)
+            continue
+        original = seen.get(result.sha256)
+        if original is not None:
+            report.duplicates.append(Rejection(header.path, f"same content as {original}; skipped"))
+            first = manifest.files[original]
+            manifest.files[rel] = _entry(header, result, first["start"], first["stop"], status=f"duplicate of {original}")
+            continue
+        seen[result.sha256] = rel
+        manifest.files[rel] = _entry(header, result, next_batch, next_batch + header.batch)
+        for index in range(header.batch):
+            pending[next_batch] = _Sample(result, index, rel)
+            next_batch += 1
+            if next_batch % chunk == 0:
+                flush(next_batch)
+        report.files_ingested += 1
+        report.bytes_read += header.samples_bytes
+    if pending:
+        flush(next_batch)
+    while writes:
+        writes.popleft().result()
+    if next_batch != group["attention"].shape[0]:
+        store.resize(group, batch=next_batch)
+    report.batches_added = next_batch - committed
+    manifest.committed = next_batch

@@ -1,0 +1,357 @@
+"""The Zarr schema: create, open, grow, lock and commit a fastattn store.
+
+Layout of `store.zarr` (Zarr v3, opened by plain `xarray.open_zarr` too):
+
+    attention     (batch, layer, head, query, key)  float32/float16, NaN outside valid blocks
+    length        (batch,)                          int32, valid tokens of each sample
+    source        (batch,)                          str, dump file relative to the ingest's base
+    source_index  (batch,)                          int32, position in that file's batch axis
+    token         (batch, query)                    str, token strings when dumps carry them
+    batch, layer, head, query, key                  int32 coordinates (positions)
+    manifest.json                                   the commit record (see below)
+
+The manifest is the commit record: readers trust its `committed` batch count and
+`max_length`, never the array shapes, so whatever a crash left past the last commit
+is invisible. Committing is one atomic write of `manifest.json` (a rename locally,
+a single PUT on object storage).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from .errors import StoreError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LOCK = "fastattn.lock"
+DIMS = ("batch", "layer", "head", "query", "key")
+PER_BATCH = ("length", "source", "source_index")
+#: Target uncompressed size of one chunk: a few MB, so a chunk decodes in about a millisecond.
+CHUNK_BYTES = 4 << 20
+MAX_BATCH_CHUNK = 256
+
+
+def compressors():
+    """blosc lz4 with byte shuffle, then a crc32c checksum so flipped bits are found.
+
+    Chosen by `python -m benchmarks.codecs` on the MiniLM samples (numbers in README):
+    zstd-1 compresses ~10% smaller but decodes at about half the speed.
+    """
+    return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def is_url(location: str) -> bool:
+    return "://" in str(location)
+
+
+# ---------------------------------------------------------------- manifest
+
+
+@dataclass
+class Manifest:
+    """The commit record: committed batches, the store's shape, every ingested file."""
+
+    committed: int = 0
+    layers: int = 0
+    heads: int = 0
+    max_length: int = 0
+    dtype: str = "float32"
+    batch_chunk: int = 1
+    files: dict | None = None  # relative path -> {size, mtime_ns, sha256, start, stop, status}
+    ingests: list | None = None  # one entry per ingest run
+    cross: list | None = None  # [query, key] of a cross-attention store
+    stats_committed: int = 0
+    stats_k: int = 0
+
+    def to_json(self) -> bytes:
+        body = {"format": "fastattn-manifest", "version": FORMAT_VERSION, **self.__dict__}
+        return json.dumps(body, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Manifest:
+        body = json.loads(data)
+        if body.get("format") != "fastattn-manifest":
+            raise StoreError("manifest.json is not a fastattn manifest")
+        fields = {k: v for k, v in body.items() if k in cls.__dataclass_fields__}
+        manifest = cls(**fields)
+        manifest.files = manifest.files or {}
+        manifest.ingests = manifest.ingests or []
+        return manifest
+
+
+# ---------------------------------------------------------------- location
+
+
+class Location:
+    """Where a store lives: a local folder or an fsspec URL; knows how to commit there."""
+
+    def __init__(self, location: str | os.PathLike, storage_options: dict | None = None):
+        self.url = os.fspath(location)
+        self.storage_options = storage_options or {}
+        self.remote = is_url(self.url)
+        if self.remote:
+            import fsspec
+
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        else:
+            self.fs, self.root = None, os.path.abspath(self.url)
+
+    def __str__(self) -> str:
+        return self.url
+
+    def zarr_store(self, read_only: bool = False):
+        if self.remote:
+            return zarr.storage.FsspecStore.from_url(
+                self.url, storage_options=self.storage_options or None, read_only=read_only
+            )
+        return zarr.storage.LocalStore(self.root, read_only=read_only)
+
+    def _path(self, key: str) -> str:
+        return f"{self.root.rstrip('/')}/{key}"
+
+    def exists(self, key: str = "") -> bool:
+        if self.remote:
+            return self.fs.exists(self._path(key) if key else self.root)
+        return os.path.exists(os.path.join(self.root, key))
+
+    def read(self, key: str) -> bytes | None:
+        try:
+            if self.remote:
+                return self.fs.cat_file(self._path(key))
+            return Path(self.root, key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_atomic(self, key: str, data: bytes) -> None:
+        """Write `key` so a reader sees the old or the new bytes, never a torn file."""
+        if self.remote:
+            self.fs.pipe_file(self._path(key), data)  # one PUT: atomic on S3-compatible stores
+            return
+        target = Path(self.root, key)
+        tmp = target.with_name(f".{key}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+
+    def is_empty_or_missing(self) -> bool:
+        if self.remote:
+            return not self.fs.exists(self.root) or not self.fs.ls(self.root)
+        return not os.path.exists(self.root) or (os.path.isdir(self.root) and not os.listdir(self.root))
+
+    def nbytes(self, prefix: str = "") -> int:
+        """Bytes stored under `prefix` (the size on disk of an array's chunks)."""
+        if self.remote:
+            return int(self.fs.du(self._path(prefix) if prefix else self.root))
+        total = 0
+        for dirpath, _dirs, files in os.walk(os.path.join(self.root, prefix)):
+            total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+        return total
+
+
+# ---------------------------------------------------------------- store
+
+
+def read_manifest(location: Location) -> Manifest | None:
+    data = location.read(MANIFEST)
+    return None if data is None else Manifest.from_json(data)
+
+
+def is_fastattn(location: Location) -> bool:
+    data = location.read("zarr.json")
+    if data is None:
+        return False
+    try:
+        attrs = json.loads(data).get("attributes", {})
+    except ValueError:
+        return False
+    return isinstance(attrs.get("fastattn"), dict)
+
+
+def check_store(location: Location) -> Manifest:
+    """The manifest of an existing fastattn store, or a one-line StoreError."""
+    if not location.exists():
+        raise StoreError(f"{location}: no such store")
+    if not is_fastattn(location):
+        raise StoreError(f"{location}: not a fastattn store (no fastattn metadata in zarr.json)")
+    manifest = read_manifest(location)
+    if manifest is None:
+        raise StoreError(f"{location}: store has no committed ingest yet (run fastattn ingest)")
+    version = json.loads(location.read("zarr.json"))["attributes"]["fastattn"].get("format_version")
+    if version != FORMAT_VERSION:
+        raise StoreError(f"{location}: store format {version}, this fastattn reads {FORMAT_VERSION}")
+    return manifest
+
+
+def batch_chunk_for(heads: int, length: int, itemsize: int) -> int:
+    """Batches per chunk so one (batch-chunk, layer) chunk is about CHUNK_BYTES."""
+    per_sample = heads * length * length * itemsize
+    return int(max(1, min(MAX_BATCH_CHUNK, CHUNK_BYTES // per_sample)))
+
+
+def create(location: Location, *, layers: int, heads: int, query: int, key: int, dtype: str) -> Manifest:
+    """Lay out an empty store (batch 0), replacing the arrays an uncommitted crash left
+    (array by array, so the lock file beside them stays)."""
+    itemsize = np.dtype(dtype).itemsize
+    chunk = batch_chunk_for(heads, max(query, key), itemsize)
+    group = zarr.open_group(location.zarr_store(), mode="a", zarr_format=3, use_consolidated=False)
+    group.attrs["fastattn"] = {"format_version": FORMAT_VERSION, "created": now()}
+    new_array = functools.partial(group.create_array, overwrite=True)
+    new_array(
+        "attention",
+        shape=(0, layers, heads, query, key),
+        chunks=(chunk, 1, heads, query, key),
+        dtype=dtype,
+        fill_value=np.nan,
+        compressors=compressors(),
+        dimension_names=DIMS,
+        attributes={"long_name": "attention weight", "valid": "NaN outside each sample's length x length block"},
+    )
+    for name, dt, fill in (("length", "int32", 0), ("source_index", "int32", -1)):
+        new_array(name, shape=(0,), chunks=(chunk,), dtype=dt, fill_value=fill, dimension_names=("batch",))
+    new_array("source", shape=(0,), chunks=(chunk,), dtype=str, dimension_names=("batch",))
+    new_array("token", shape=(0, query), chunks=(chunk, query), dtype=str, dimension_names=("batch", "query"))
+    for dim, size in zip(DIMS, (0, layers, heads, query, key)):
+        new_array(dim, shape=(size,), chunks=(max(size, chunk),), dtype="int32", dimension_names=(dim,))
+        if size:
+            group[dim][:] = np.arange(size, dtype=np.int32)
+    return Manifest(layers=layers, heads=heads, max_length=max(query, key), dtype=dtype, batch_chunk=chunk, files={}, ingests=[])
+
+
+def open_group(location: Location, mode: str = "r+") -> zarr.Group:
+    # Never the consolidated metadata: it describes the last commit, and writers need the arrays as they are.
+    return zarr.open_group(location.zarr_store(read_only=mode == "r"), mode=mode, use_consolidated=False)
+
+
+def resize(group: zarr.Group, *, batch: int, query: int = 0, key: int = 0) -> None:
+    """Resize every array to `batch` batches; query and key only ever grow. Old values stay."""
+    attention = group["attention"]
+    _, layers, heads, q0, k0 = attention.shape
+    query, key = max(query, q0), max(key, k0)
+    attention.resize((batch, layers, heads, query, key))
+    for name in PER_BATCH:
+        group[name].resize((batch,))
+    group["token"].resize((batch, query))
+    for dim, size in (("batch", batch), ("query", query), ("key", key)):
+        if group[dim].shape[0] != size:
+            group[dim].resize((size,))
+            group[dim][:] = np.arange(size, dtype=np.int32)
+
+
+def commit(location: Location, manifest: Manifest) -> None:
+    """The commit point: one atomic manifest write. Then refresh the consolidated metadata
+    that plain `xr.open_zarr` reads (it may lag a crash behind; fastattn never reads it)."""
+    location.write_atomic(MANIFEST, manifest.to_json())
+    zarr.consolidate_metadata(location.zarr_store())
+
+
+# ---------------------------------------------------------------- lock
+
+
+class Lock:
+    """One writer at a time: an exclusive-create lock file naming pid, host and start time.
+
+    A lock left by a process that no longer runs on this host is taken over. Object
+    stores have no exclusive create, so remote stores rely on one writer by convention.
+    """
+
+    def __init__(self, location: Location, purpose: str):
+        self.location = location
+        self.purpose = purpose
+        self.path = None if location.remote else os.path.join(location.root, LOCK)
+
+    def __enter__(self) -> Lock:
+        if self.path is None:
+            return self
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        body = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": now(), "purpose": self.purpose})
+        for _attempt in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and _alive(holder):
+                    raise StoreError(
+                        f"{self.location}: being written by {holder.get('purpose', 'another fastattn')}"
+                        f" (pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')});"
+                        " wait for it to finish"
+                    ) from None
+                self._remove_stale()
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(body)
+            return self
+        raise StoreError(f"{self.location}: could not take the lock {self.path}")
+
+    def _holder(self) -> dict | None:
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None  # unreadable: a writer killed between create and write
+
+    def _remove_stale(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def __exit__(self, *exc) -> None:
+        if self.path is not None:
+            self._remove_stale()
+
+
+def _alive(holder: dict) -> bool:
+    if holder.get("host") != socket.gethostname():
+        return True  # cannot tell for another host: assume it is still writing
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, ValueError, TypeError):
+        return True
+    return True
+
+
+# ---------------------------------------------------------------- reading
+
+
+def open_store(location: str | os.PathLike, *, storage_options: dict | None = None) -> xr.Dataset:
+    """The committed batches of a store as a lazy, dask-backed `xarray.Dataset`.
+
+    Dims `batch, layer, head, query, key`; each `(query, key)` plane is one dask chunk
+    (kernels need whole planes), batches are chunked as stored.
+    """
+    loc = location if isinstance(location, Location) else Location(location, storage_options)
+    manifest = check_store(loc)
+    ds = xr.open_zarr(loc.zarr_store(read_only=True), consolidated=False)
+    n, size = manifest.committed, manifest.max_length
+    q_size, k_size = ds.sizes["query"], ds.sizes["key"]
+    ds = ds.isel(batch=slice(0, n), query=slice(0, min(size, q_size)), key=slice(0, min(size, k_size)))
+    ds = ds.chunk({"query": -1, "key": -1})
+    ds.attrs = {
+        "fastattn_format": FORMAT_VERSION,
+        "store": str(loc),
+        "committed": n,
+        "max_length": size,
+        "dtype": manifest.dtype,
+        "files": len(manifest.files),
+    }
+    return ds
