@@ -14,7 +14,9 @@ import io
 import math
 import os
 import re
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +63,7 @@ class DumpHeader:
     query: int
     key: int
     dtype: np.dtype
+    content_hash: str = ""
     members: tuple[Member, ...] = field(default=())
 
     @property
@@ -80,7 +83,7 @@ class Dump:
     """
 
     header: DumpHeader
-    sha256: str
+    content_hash: str
     attention: np.ndarray
     lengths: np.ndarray
     tokens: np.ndarray | None = None
@@ -146,6 +149,27 @@ def find_dumps(inputs: list[str | os.PathLike]) -> Found:
 # ---------------------------------------------------------------- scanning headers
 
 
+def _content_hash(zf: zipfile.ZipFile) -> str:
+    """sha256 of the zip directory: every member's name, size and CRC-32.
+
+    Reading verifies each member's CRC against its bytes, so this identifies the content
+    while costing no data read: a changed file is found from its directory alone.
+    """
+    digest = hashlib.sha256()
+    for info in sorted(zf.infolist(), key=lambda i: i.filename):
+        digest.update(f"{info.filename}\0{info.file_size}\0{info.CRC:08x}\n".encode())
+    return digest.hexdigest()
+
+
+def content_hash(path: str) -> str:
+    """The content hash of a dump on disk (reads its zip directory only)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return _content_hash(zf)
+    except (OSError, zipfile.BadZipFile):
+        return ""
+
+
 def _read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
@@ -208,6 +232,7 @@ def scan(path: str, layout: str | None = None) -> DumpHeader:
         with zipfile.ZipFile(path) as zf:
             infos = [i for i in zf.infolist() if i.filename.endswith(".npy")]
             members = tuple(_scan_member(zf, info) for info in infos)
+            digest = _content_hash(zf)
     except zipfile.BadZipFile as exc:
         reason = "not an .npz archive" if "File is not a zip file" in str(exc) else "corrupt zip archive"
         raise DumpError(f"{reason} ({exc})") from None
@@ -244,6 +269,7 @@ def scan(path: str, layout: str | None = None) -> DumpHeader:
         query=sizes["q"],
         key=sizes["k"],
         dtype=attn.dtype,
+        content_hash=digest,
         members=members,
     )
     _check_per_token(header, MASK, integer_or_bool=True)
@@ -273,8 +299,26 @@ def _check_per_token(header: DumpHeader, name: str, *, integer_or_bool: bool) ->
 # ---------------------------------------------------------------- reading data
 
 
-def _read_member(zf: zipfile.ZipFile, name: str, expected: Member) -> np.ndarray:
-    with zf.open(name + ".npy") as f:
+def _read_member(data: bytes, zf: zipfile.ZipFile, name: str, expected: Member) -> np.ndarray:
+    """One member's array. A stored (uncompressed) member, as `np.savez` writes, is a
+    zero-copy view of the file's bytes after one CRC check; a deflated one is decompressed."""
+    info = zf.getinfo(name + ".npy")
+    if info.compress_type == zipfile.ZIP_STORED:
+        local = info.header_offset
+        if data[local : local + 4] != b"PK\x03\x04":
+            raise DumpError(f"corrupt zip archive (bad local header for '{name}')")
+        name_len, extra_len = struct.unpack_from("<HH", data, local + 26)
+        start = local + 30 + name_len + extra_len
+        member = memoryview(data)[start : start + info.compress_size]
+        if len(member) != info.compress_size or zlib.crc32(member) != info.CRC:
+            raise DumpError(f"corrupt zip archive (bad CRC-32 for '{name}')")
+        f = io.BytesIO(member)
+        shape, fortran, dtype = _read_npy_header(f)
+        if shape != expected.shape or dtype != expected.dtype:
+            raise DumpError("changed while being ingested (its arrays differ from the scan)")
+        array = np.frombuffer(member, dtype=dtype, count=math.prod(shape), offset=f.tell())
+        return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
+    with zf.open(info) as f:
         array = np.lib.format.read_array(f, allow_pickle=False)
         f.read()  # reach the end of the member, so zipfile checks its CRC
     if array.shape != expected.shape or array.dtype != expected.dtype:
@@ -290,12 +334,14 @@ def read(header: DumpHeader) -> Dump:
         raise DumpError(f"cannot read it ({exc.strerror})") from None
     if len(data) != header.size:
         raise DumpError("changed while being ingested (its size differs from the scan)")
-    digest = hashlib.sha256(data).hexdigest()
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            raw = _read_member(zf, ATTENTION, header.member(ATTENTION))
-            mask = _read_member(zf, MASK, header.member(MASK)) if header.member(MASK) else None
-            tokens = _read_member(zf, TOKENS, header.member(TOKENS)) if header.member(TOKENS) else None
+            digest = _content_hash(zf)
+            if digest != header.content_hash:
+                raise DumpError("changed while being ingested (its content hash differs from the scan)")
+            raw = _read_member(data, zf, ATTENTION, header.member(ATTENTION))
+            mask = _read_member(data, zf, MASK, header.member(MASK)) if header.member(MASK) else None
+            tokens = _read_member(data, zf, TOKENS, header.member(TOKENS)) if header.member(TOKENS) else None
     except zipfile.BadZipFile as exc:
         raise DumpError(f"corrupt zip archive ({exc})") from None
     except (ValueError, OSError, EOFError) as exc:
@@ -309,7 +355,7 @@ def read(header: DumpHeader) -> Dump:
     if order is not None:
         attention, tokens = _compact(attention, tokens, order, lengths)
     _validate(attention, lengths, header.dtype)
-    return Dump(header=header, sha256=digest, attention=attention, lengths=lengths, tokens=tokens)
+    return Dump(header=header, content_hash=digest, attention=attention, lengths=lengths, tokens=tokens)
 
 
 def _lengths(header: DumpHeader, mask: np.ndarray | None) -> tuple[np.ndarray, list | None]:

@@ -13,7 +13,6 @@ One ingest (see DESIGN in README):
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections import deque
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import zarr
 
 from . import dumps, store
 from .errors import DumpError, FastattnError, StoreError
@@ -103,13 +103,20 @@ def ingest(
     found = dumps.find_dumps(inputs)
     report = IngestReport(store=str(store_path), files_found=len(found.files))
     report.rejected.extend(Rejection(path, reason) for path, reason in found.problems)
-    if not found.files and not found.problems:
+    if not found.files:
+        if found.problems:
+            return report  # nothing to read: the store is not touched
         raise FastattnError(f"no .npz dumps found in {', '.join(os.fspath(i) for i in inputs)}")
     location = store.Location(store_path, storage_options)
     if not location.is_empty_or_missing() and not store.is_fastattn(location):
         raise StoreError(f"{location}: exists and is not a fastattn store; refusing to write into it")
     jobs = max(1, jobs or os.cpu_count() or 1)
-    with store.Lock(location, "fastattn ingest"), ThreadPoolExecutor(jobs) as pool:
+    # write_empty_chunks: skip zarr's compare-every-chunk-to-the-fill-value pass; chunks are never empty.
+    with (
+        store.Lock(location, "fastattn ingest"),
+        ThreadPoolExecutor(jobs) as pool,
+        zarr.config.set({"array.write_empty_chunks": True}),
+    ):
         manifest = store.read_manifest(location)
         plan = _plan(found, manifest, layout, replace, report)
         if strict:
@@ -152,11 +159,6 @@ def _relative(path: str, base: str) -> str:
     return os.path.relpath(path, base).replace(os.sep, "/")
 
 
-def _file_hash(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _plan(found: dumps.Found, manifest, layout, replace, report) -> _Plan:
     """Classify every found file from its stat and header alone (no array data read)."""
     plan = _Plan()
@@ -170,12 +172,12 @@ def _plan(found: dumps.Found, manifest, layout, replace, report) -> _Plan:
             if stat.st_size == entry["size"] and stat.st_mtime_ns == entry["mtime_ns"]:
                 report.files_unchanged += 1
                 continue
-            if _file_hash(path) == entry["sha256"]:
+            if dumps.content_hash(path) == entry["content_hash"]:
                 report.files_unchanged += 1
                 continue
             if not replace:
                 report.rejected.append(
-                    Rejection(path, "changed since it was ingested (sha256 differs); pass --replace to re-ingest it")
+                    Rejection(path, "changed since it was ingested (its content hash differs); pass --replace to re-ingest it")
                 )
                 continue
         try:
@@ -280,34 +282,38 @@ class _ChunkWriter:
         self.dtype = np.dtype(manifest.dtype)
 
     def write(self, start: int, samples: dict[int, _Sample], stop: int, committed: int) -> None:
-        """Write batches [start, stop): `samples` by batch index, the rest from the store."""
-        shape = (stop - start,) + self.attention.shape[1:]
-        block = np.full(shape, np.nan, dtype=self.dtype)
-        length = np.zeros(stop - start, dtype=np.int32)
-        source = np.full(stop - start, "", dtype=object)
-        source_index = np.full(stop - start, -1, dtype=np.int32)
-        token = np.full((stop - start, shape[3]), "", dtype=object)
-        old_stop = min(stop, committed)
-        if old_stop > start:
-            block[: old_stop - start] = self.attention[start:old_stop]
-            length[: old_stop - start] = self.group["length"][start:old_stop]
-            source[: old_stop - start] = self.group["source"][start:old_stop]
-            source_index[: old_stop - start] = self.group["source_index"][start:old_stop]
-            token[: old_stop - start] = self.group["token"][start:old_stop]
+        """Write batches [start, stop): `samples` by batch index, the rest from the store.
+
+        The block is laid out layer-major, so each layer's slice is exactly one chunk,
+        contiguous: zarr then encodes it without another copy.
+        """
+        count = stop - start
+        layers, heads, query, key = self.attention.shape[1:]
+        block = np.empty((layers, count, heads, query, key), dtype=self.dtype)
+        length = np.zeros(count, dtype=np.int32)
+        source = np.full(count, "", dtype=object)
+        source_index = np.full(count, -1, dtype=np.int32)
+        token = np.full((count, query), "", dtype=object)
+        old = min(stop, committed) - start
+        if old > 0:
+            block[:, :old] = np.swapaxes(self.attention[start : start + old], 0, 1)
+            for name, values in (("length", length), ("source", source), ("source_index", source_index)):
+                values[:old] = self.group[name][start : start + old]
+            token[:old] = self.group["token"][start : start + old]
         for batch, sample in samples.items():
             i = batch - start
             attention = sample.dump.attention[sample.index]
             n = int(sample.dump.lengths[sample.index])
             q, k = min(n, attention.shape[-2]), min(n, attention.shape[-1])
-            block[i] = np.nan
-            block[i, :, :, :q, :k] = attention[:, :, :q, :k]
-            length[i] = n
-            source[i] = sample.source
-            source_index[i] = sample.index
+            block[:, i, :, :q, :k] = attention[:, :, :q, :k]
+            block[:, i, :, q:, :] = np.nan
+            block[:, i, :, :q, k:] = np.nan
+            length[i], source[i], source_index[i] = n, sample.source, sample.index
             token[i] = ""
             if sample.dump.tokens is not None:
                 token[i, :q] = sample.dump.tokens[sample.index, :q]
-        self.attention[start:stop] = block
+        for layer in range(layers):
+            self.attention[start:stop, layer : layer + 1] = block[layer][:, np.newaxis]
         self.group["length"][start:stop] = length
         self.group["source"][start:stop] = source.astype(str)
         self.group["source_index"][start:stop] = source_index
@@ -340,7 +346,7 @@ def _entry(header: dumps.DumpHeader, dump: dumps.Dump, start: int, stop: int, st
     return {
         "size": header.size,
         "mtime_ns": header.mtime_ns,
-        "sha256": dump.sha256,
+        "content_hash": dump.content_hash,
         "start": start,
         "stop": stop,
         "status": status,
@@ -359,7 +365,7 @@ def _append(group, manifest: store.Manifest, appends, pool, jobs, report: Ingest
     writer = _ChunkWriter(group, manifest)
     committed = manifest.committed
     chunk = manifest.batch_chunk
-    seen = {entry["sha256"]: rel for rel, entry in manifest.files.items() if entry.get("status") == "ingested"}
+    seen = {entry["content_hash"]: rel for rel, entry in manifest.files.items() if entry.get("status") == "ingested"}
     next_batch = committed
     chunk_start = committed - committed % chunk
     pending: dict[int, _Sample] = {}
@@ -395,13 +401,13 @@ def _append(group, manifest: store.Manifest, appends, pool, jobs, report: Ingest
         if isinstance(result, Rejection):
             report.rejected.append(result)
             continue
-        original = seen.get(result.sha256)
+        original = seen.get(result.content_hash)
         if original is not None:
             report.duplicates.append(Rejection(header.path, f"same content as {original}; skipped"))
             first = manifest.files[original]
             manifest.files[rel] = _entry(header, result, first["start"], first["stop"], status=f"duplicate of {original}")
             continue
-        seen[result.sha256] = rel
+        seen[result.content_hash] = rel
         manifest.files[rel] = _entry(header, result, next_batch, next_batch + header.batch)
         for index in range(header.batch):
             pending[next_batch] = _Sample(result, index, rel)

@@ -22,6 +22,7 @@ import functools
 import json
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,7 +74,7 @@ class Manifest:
     max_length: int = 0
     dtype: str = "float32"
     batch_chunk: int = 1
-    files: dict | None = None  # relative path -> {size, mtime_ns, sha256, start, stop, status}
+    files: dict | None = None  # relative path -> {size, mtime_ns, content_hash, start, stop, status}
     ingests: list | None = None  # one entry per ingest run
     cross: list | None = None  # [query, key] of a cross-attention store
     stats_committed: int = 0
@@ -259,7 +260,9 @@ def commit(location: Location, manifest: Manifest) -> None:
     """The commit point: one atomic manifest write. Then refresh the consolidated metadata
     that plain `xr.open_zarr` reads (it may lag a crash behind; fastattn never reads it)."""
     location.write_atomic(MANIFEST, manifest.to_json())
-    zarr.consolidate_metadata(location.zarr_store())
+    with warnings.catch_warnings():  # the manifest and lock are ours, and consolidation is not yet in the v3 spec
+        warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+        zarr.consolidate_metadata(location.zarr_store())
 
 
 # ---------------------------------------------------------------- lock

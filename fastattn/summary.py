@@ -1,0 +1,86 @@
+"""Plain-data descriptions of stores and dumps (what `fastattn info` shows); no printing."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import store
+
+
+def store_info(location, *, storage_options: dict | None = None, bins: int = 8) -> dict:
+    """Batches, shape, length histogram, size on disk and compression, sources, last ingest."""
+    loc = store.Location(location, storage_options)
+    manifest = store.check_store(loc)
+    group = store.open_group(loc, mode="r")
+    n = manifest.committed
+    lengths = np.asarray(group["length"][:n]) if n else np.zeros(0, dtype=np.int32)
+    attention = group["attention"]
+    stored = loc.nbytes("attention")
+    logical = n * int(np.prod(attention.shape[1:])) * np.dtype(manifest.dtype).itemsize
+    counts, edges = np.histogram(lengths, bins=min(bins, max(1, len(np.unique(lengths))))) if n else ([], [])
+    return {
+        "store": str(loc),
+        "batches": n,
+        "layers": manifest.layers,
+        "heads": manifest.heads,
+        "max_length": manifest.max_length,
+        "dtype": manifest.dtype,
+        "chunks": list(attention.chunks),
+        "length_min": int(lengths.min()) if n else 0,
+        "length_max": int(lengths.max()) if n else 0,
+        "length_histogram": [
+            {"from": float(edges[i]), "to": float(edges[i + 1]), "count": int(c)} for i, c in enumerate(counts)
+        ],
+        "attention_bytes": int(logical),
+        "stored_bytes": int(stored),
+        "size_on_disk": int(loc.nbytes()),
+        "compression_ratio": (logical / stored) if stored else None,
+        "source_files": sum(1 for e in manifest.files.values() if e.get("status") == "ingested"),
+        "stats_batches": manifest.stats_committed,
+        "last_ingest": manifest.ingests[-1] if manifest.ingests else None,
+    }
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:,.1f} MB"
+
+
+def format_store(info: dict) -> str:
+    lines = [
+        f"store        {info['store']}",
+        f"batches      {info['batches']:,}   layers {info['layers']}   heads {info['heads']}"
+        f"   max length {info['max_length']}   dtype {info['dtype']}",
+        f"lengths      {info['length_min']} to {info['length_max']}",
+    ]
+    peak = max((b["count"] for b in info["length_histogram"]), default=0)
+    for b in info["length_histogram"]:
+        bar = "#" * (round(30 * b["count"] / peak) if peak else 0)
+        lines.append(f"  {b['from']:6.0f} - {b['to']:<6.0f} {b['count']:8,}  {bar}")
+    ratio = info["compression_ratio"]
+    lines += [
+        f"size         {_mb(info['size_on_disk'])} on disk; attention {_mb(info['attention_bytes'])}"
+        f" stored in {_mb(info['stored_bytes'])}" + (f" (ratio {ratio:.2f})" if ratio else ""),
+        f"chunks       {tuple(info['chunks'])}",
+        f"sources      {info['source_files']:,} files",
+        f"statistics   {info['stats_batches']:,} of {info['batches']:,} batches",
+    ]
+    last = info["last_ingest"]
+    if last:
+        lines.append(
+            f"last ingest  {last['time']}: {last['files']} files, {last['batches']} batches,"
+            f" {last['rejected']} rejected, {last['seconds']} s"
+        )
+    return "\n".join(lines)
+
+
+def format_dump(info: dict) -> str:
+    lines = [
+        f"dump     {info['path']} ({info['size']:,} bytes)",
+        f"layout   {info['layout']} (samples {info['samples']}, layers {info['layers']}, heads {info['heads']},"
+        f" query {info['query']}, key {info['key']})",
+        "arrays",
+    ]
+    for a in info["arrays"]:
+        used = "" if a["name"] in info["used"] else "   (ignored)"
+        lines.append(f"  {a['name']:24} {str(tuple(a['shape'])):24} {a['dtype']}{used}")
+    return "\n".join(lines)
