@@ -8,7 +8,8 @@ Layout of `store.zarr` (Zarr v3, opened by plain `xarray.open_zarr` too):
     source_index  (batch,)                          int32, position in that file's batch axis
     token         (batch, query)                    str, token strings when dumps carry them
     batch, layer, head, query, key                  int32 coordinates (positions)
-    manifest.json                                   the commit record (see below)
+    _fastattn/manifest.json                         the commit record (see below)
+    _fastattn/lock                                  present while a writer works
 
 The manifest is the commit record: readers trust its `committed` batch count and
 `max_length`, never the array shapes, so whatever a crash left past the last commit
@@ -18,6 +19,7 @@ a single PUT on object storage).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -35,8 +37,10 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from .errors import StoreError
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-LOCK = "fastattn.lock"
+#: fastattn's own files live in a group of their own, so readers listing the root never meet them.
+META = "_fastattn"
+MANIFEST = f"{META}/manifest.json"
+LOCK = f"{META}/lock"
 DIMS = ("batch", "layer", "head", "query", "key")
 PER_BATCH = ("length", "source", "source_index")
 #: Target uncompressed size of one chunk: a few MB, so a chunk decodes in about a millisecond.
@@ -88,7 +92,7 @@ class Manifest:
     def from_json(cls, data: bytes) -> Manifest:
         body = json.loads(data)
         if body.get("format") != "fastattn-manifest":
-            raise StoreError("manifest.json is not a fastattn manifest")
+            raise StoreError(f"{MANIFEST} is not a fastattn manifest")
         fields = {k: v for k, v in body.items() if k in cls.__dataclass_fields__}
         manifest = cls(**fields)
         manifest.files = manifest.files or {}
@@ -145,17 +149,21 @@ class Location:
             self.fs.pipe_file(self._path(key), data)  # one PUT: atomic on S3-compatible stores
             return
         target = Path(self.root, key)
-        tmp = target.with_name(f".{key}.{os.getpid()}.tmp")
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
 
-    def is_empty_or_missing(self) -> bool:
+    def is_new(self) -> bool:
+        """Missing, empty, or holding only fastattn's own folder (a first ingest that stopped early)."""
         if self.remote:
-            return not self.fs.exists(self.root) or not self.fs.ls(self.root)
-        return not os.path.exists(self.root) or (os.path.isdir(self.root) and not os.listdir(self.root))
+            names = self.fs.ls(self.root) if self.fs.exists(self.root) else []
+            return all(n.rstrip("/").rsplit("/", 1)[-1] == META for n in names)
+        if not os.path.exists(self.root):
+            return True
+        return os.path.isdir(self.root) and set(os.listdir(self.root)) <= {META}
 
     def nbytes(self, prefix: str = "") -> int:
         """Bytes stored under `prefix` (the size on disk of an array's chunks)."""
@@ -214,6 +222,7 @@ def create(location: Location, *, layers: int, heads: int, query: int, key: int,
     chunk = batch_chunk_for(heads, max(query, key), itemsize)
     group = zarr.open_group(location.zarr_store(), mode="a", zarr_format=3, use_consolidated=False)
     group.attrs["fastattn"] = {"format_version": FORMAT_VERSION, "created": now()}
+    group.require_group(META)
     new_array = functools.partial(group.create_array, overwrite=True)
     new_array(
         "attention",
@@ -317,8 +326,14 @@ class Lock:
             pass
 
     def __exit__(self, *exc) -> None:
-        if self.path is not None:
-            self._remove_stale()
+        if self.path is None:
+            return
+        self._remove_stale()
+        if not os.path.exists(os.path.join(self.location.root, "zarr.json")):
+            # nothing was created: leave no trace, so the path stays usable for a store
+            for folder in (os.path.dirname(self.path), self.location.root):
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
 
 
 def _alive(holder: dict) -> bool:

@@ -1,0 +1,85 @@
+"""Shared fixtures: real samples, small synthetic dumps, and store comparison."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DATA = Path(__file__).parent / "data"
+SAMPLES = DATA / "minilm"
+
+
+def softmax_rows(rng, shape, dtype=np.float32) -> np.ndarray:
+    """Random attention: a softmax over the last axis of Gaussian logits (never all zeros)."""
+    logits = rng.standard_normal(shape) * 2.0
+    weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return (weights / weights.sum(axis=-1, keepdims=True)).astype(dtype)
+
+
+def write_dump(path, attention, **arrays) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, attention_weights=attention, **arrays)
+    return path
+
+
+def batched_dump(rng, path, lengths, layers=2, heads=3, size=None) -> Path:
+    """A (layer, batch, head, q, k) dump with an attention_mask, padded keys weighted 0."""
+    size = size or max(lengths)
+    att = np.zeros((layers, len(lengths), heads, size, size), dtype=np.float32)
+    mask = np.zeros((len(lengths), size), dtype=np.int8)
+    for b, n in enumerate(lengths):
+        att[:, b, :, :, :n] = softmax_rows(rng, (layers, heads, size, n))
+        mask[b, :n] = 1
+    return write_dump(path, att, attention_mask=mask)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng()
+
+
+@pytest.fixture
+def samples(tmp_path) -> Path:
+    """A writable copy of the real MiniLM samples (fixed/ and batched/)."""
+    target = tmp_path / "minilm"
+    shutil.copytree(SAMPLES, target)
+    for p in target.rglob("*"):
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    (target / "README.md").unlink(missing_ok=True)
+    return target
+
+
+def store_snapshot(path) -> dict:
+    """Everything a reader can see of a store's committed content, as plain arrays."""
+    from fastattn import store
+
+    ds = store.open_store(path).compute()
+    manifest = json.loads((Path(path) / store.MANIFEST).read_text())
+    files = {
+        rel: {k: v for k, v in entry.items() if k != "mtime_ns"} for rel, entry in manifest["files"].items()
+    }
+    return {
+        "attention": ds.attention.values,
+        "length": ds.length.values,
+        "source": ds.source.values.tolist(),
+        "source_index": ds.source_index.values,
+        "token": ds.token.values.tolist(),
+        "committed": manifest["committed"],
+        "files": files,
+    }
+
+
+def assert_same_store(a, b) -> None:
+    sa, sb = store_snapshot(a), store_snapshot(b)
+    assert sa["committed"] == sb["committed"]
+    assert sa["files"] == sb["files"]
+    assert sa["source"] == sb["source"] and sa["token"] == sb["token"]
+    for name in ("length", "source_index"):
+        np.testing.assert_array_equal(sa[name], sb[name], err_msg=name)
+    np.testing.assert_array_equal(sa["attention"], sb["attention"])  # NaNs compare equal here
