@@ -34,8 +34,9 @@ INPUT_IDS = "input_ids"
 #: within ~1e-6; weights that miss by more than this are logits or were renormalised
 #: over padding. float16 dumps get the wider tolerance their 11-bit mantissa needs.
 ROW_SUM_TOLERANCE = {2: 1e-2, 4: 1e-3, 8: 1e-3}
-#: A member may not declare more than this many bytes uncompressed per compressed byte.
-MAX_COMPRESSION_RATIO = 2000
+#: A member may not declare more than this many bytes uncompressed per compressed byte:
+#: deflated attention shrinks 1-3x (NaN padding a little more); zip bombs reach ~1000x.
+MAX_COMPRESSION_RATIO = 200
 #: No single array may declare more than this (an absurd shape is refused unread).
 MAX_ARRAY_BYTES = 64 << 30
 
@@ -190,7 +191,9 @@ def _scan_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Member:
         with zf.open(info) as f:
             shape, _fortran, dtype = _read_npy_header(f)
             header_len = f.tell()
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, SyntaxError) as exc:
+    except zipfile.BadZipFile as exc:
+        raise DumpError(f"corrupt zip archive ({exc})") from None
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
         raise DumpError(f"'{name}' is not a valid .npy array ({exc})") from None
     if dtype.hasobject:
         raise DumpError(f"'{name}' is a pickled object array; fastattn never unpickles")
@@ -234,8 +237,15 @@ def scan(path: str, layout: str | None = None) -> DumpHeader:
             members = tuple(_scan_member(zf, info) for info in infos)
             digest = _content_hash(zf)
     except zipfile.BadZipFile as exc:
-        reason = "not an .npz archive" if "File is not a zip file" in str(exc) else "corrupt zip archive"
-        raise DumpError(f"{reason} ({exc})") from None
+        with open(path, "rb") as f:
+            looks_like_zip = f.read(4) == b"PK\x03\x04"
+        if "File is not a zip file" not in str(exc):
+            reason = f"corrupt zip archive ({exc})"
+        elif looks_like_zip:
+            reason = "truncated or corrupt zip archive (no central directory)"
+        else:
+            reason = "not an .npz archive (no zip signature)"
+        raise DumpError(reason) from None
     except OSError as exc:
         raise DumpError(f"cannot read it ({exc})") from None
     names = [m.name for m in members]
