@@ -26,7 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
+from matplotlib.patches import Patch, Rectangle
 
 from .errors import FastattnError
 
@@ -266,3 +266,153 @@ def heads(ds: xr.Dataset, batch: int, layer: int) -> Figure:
         f" (H = mean row entropy; uniform would be ln {n} = {math.log(n):.2f})"
     )
     return fig
+
+
+# ---------------------------------------------------------------- the corpus (stats group only)
+
+
+def _stats(ds_or_stats: xr.Dataset, need: str) -> xr.Dataset:
+    """The statistics: the dataset itself when it holds them, else the `stats` group of its store."""
+    if need in ds_or_stats:
+        return ds_or_stats
+    location = ds_or_stats.attrs.get("store")
+    if location is None:
+        raise FastattnError(f"this dataset has no '{need}' statistics and names no store; run `fastattn stats` first")
+    from .stats import open_stats
+
+    return open_stats(location)
+
+
+def _valid_keys(stats: xr.Dataset, values: np.ndarray) -> np.ndarray:
+    """(batch, key) values with keys past each sample's length set to NaN (when the lengths are known)."""
+    values = np.array(values, dtype=np.float64)
+    if "length" in stats:
+        lengths = np.asarray(stats["length"].values)
+        values[np.arange(values.shape[1])[None, :] >= lengths[:, None]] = np.nan
+    return values
+
+
+def batches(ds_or_stats: xr.Dataset, layer: int, head: int | None = None) -> Figure:
+    """Across every batch: mean incoming attention per key with its 10-90% band, and
+    a histogram of the peak key. `head=None` averages the heads.
+
+    Reads the `stats` group only (`col_sum`), never the attention array."""
+    stats = _stats(ds_or_stats, "col_sum")
+    layer = _check_index(stats, "layer", layer)
+    if head is not None:
+        head = _check_index(stats, "head", head)
+    if stats.sizes["batch"] == 0:
+        raise FastattnError("the store has no batches to plot")
+    col_sum = stats["col_sum"].isel(layer=layer)
+    col_sum = col_sum.mean("head", skipna=False) if head is None else col_sum.isel(head=head)
+    values = _valid_keys(stats, col_sum.transpose("batch", "key").values)  # (batch, key)
+    present = np.isfinite(values)
+    counts = present.sum(axis=0)
+    keys = np.flatnonzero(counts)
+    if keys.size == 0:
+        raise FastattnError(f"layer {layer}: no valid incoming attention in the statistics")
+    n_keys = int(keys.max()) + 1
+    values, counts = values[:, :n_keys], counts[:n_keys]
+    positions = np.arange(n_keys)
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN keys (no batch that long)
+            mean = np.nanmean(values, axis=0)
+            low, high = np.nanquantile(values, [0.1, 0.9], axis=0)
+    peaks = np.nanargmax(np.where(present[:, :n_keys], values, -np.inf), axis=1)[present[:, :n_keys].any(axis=1)]
+    total = int(stats.sizes["batch"])
+    which = f"mean of {stats.sizes['head']} heads" if head is None else f"head {head}"
+
+    fig = new_figure((14, 4.8))
+    ax_mean, ax_peak = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.5, 1]})
+    ax_mean.fill_between(positions, low, high, color="tab:blue", alpha=0.25, linewidth=0, label="10-90% of batches")
+    ax_mean.plot(positions, mean, color="tab:blue", linewidth=2, marker="o", markersize=3, label="Mean over batches")
+    ax_mean.set_xlim(-0.5, n_keys - 0.5)
+    ax_mean.set_ylim(bottom=0)
+    _set_ticks(ax_mean, "x", n_keys, None, most=24)
+    ax_mean.set_xlabel("Key position")
+    ax_mean.set_ylabel("Incoming attention (column sum)")
+    ax_mean.set_title("Incoming attention per key")
+    handles, labels = ax_mean.get_legend_handles_labels()
+    if counts.min() < counts.max():  # ragged: say how many batches each position averages
+        ax_count = ax_mean.twinx()
+        ax_count.step(positions, counts, where="mid", color="0.55", linewidth=1, linestyle=":")
+        ax_count.set_ylim(0, counts.max() * 1.05)
+        ax_count.set_ylabel("Batches this long", color="0.4")
+        ax_count.tick_params(axis="y", colors="0.4")
+        handles.append(Line2D([], [], color="0.55", linestyle=":"))
+        labels.append("Batches this long (right axis)")
+    ax_mean.legend(handles, labels, loc="upper right")
+
+    ax_peak.hist(peaks, bins=np.arange(n_keys + 1) - 0.5, color="tab:orange", edgecolor="white", linewidth=0.5)
+    ax_peak.set_xlim(-0.5, n_keys - 0.5)
+    _set_ticks(ax_peak, "x", n_keys, None, most=16)
+    ax_peak.set_xlabel("Peak key position")
+    ax_peak.set_ylabel("Batches")
+    common = int(np.bincount(peaks, minlength=n_keys).argmax()) if peaks.size else 0
+    share = float(np.mean(peaks == common)) if peaks.size else 0.0
+    ax_peak.set_title(f"Key with the most incoming attention (t={common} in {share:.0%})")
+    fig.suptitle(f"All {total:,} batches: layer {layer}, {which}")
+    return fig
+
+
+def flag_shares(stats: xr.Dataset) -> dict[str, np.ndarray]:
+    """Per flag, the (layer, head) share of batches where it holds."""
+    return {
+        name: np.asarray(stats[name].astype(np.float64).mean("batch").transpose("layer", "head").values)
+        for name in FLAGS
+        if name in stats
+    }
+
+
+def entropy_map(ds_or_stats: xr.Dataset) -> Figure:
+    """Layer × head map of normalised entropy (mean over batches); a letter marks each
+    flag that holds in at least half of the batches."""
+    stats = _stats(ds_or_stats, "entropy_norm")
+    if stats.sizes["batch"] == 0:
+        raise FastattnError("the store has no batches to plot")
+    entropy = np.asarray(stats["entropy_norm"].mean("batch").transpose("layer", "head").values, dtype=np.float64)
+    shares = flag_shares(stats)
+    n_layers, n_heads = entropy.shape
+    width = min(22.0, max(10.0, 0.62 * n_heads + 4.5))
+    height = min(16.0, max(3.0, 0.5 * n_layers + 1.6)) + 1.6
+    fig = new_figure((width, height))
+    ax = fig.subplots()
+    image = ax.imshow(entropy, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="Normalised entropy", shrink=0.9)
+    ax.set_xticks(np.arange(n_heads))
+    ax.set_yticks(np.arange(n_layers))
+    ax.set_xlabel("Head")
+    ax.set_ylabel("Layer")
+    small = n_layers * n_heads <= 400
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            letters = "".join(FLAGS[f][0] for f, s in shares.items() if s[layer, head] >= FLAG_SHARE)
+            dark = entropy[layer, head] < 0.6
+            colour = "white" if dark else "black"
+            if small:
+                text = f"{entropy[layer, head]:.2f}" + (f"\n{letters}" if letters else "")
+                ax.text(head, layer, text, ha="center", va="center", fontsize=7.5, color=colour,
+                        fontweight="bold" if letters else "normal")
+            elif letters:
+                ax.text(head, layer, letters, ha="center", va="center", fontsize=6, color=colour)
+            if letters:
+                ax.add_patch(_cell_outline(head, layer))
+    handles = [Line2D([], [], linestyle="none", marker=f"${FLAGS[f][0]}$", markersize=9, color="black") for f in FLAGS]
+    counts = {f: int((shares[f] >= FLAG_SHARE).sum()) if f in shares else 0 for f in FLAGS}
+    labels = [f"{FLAGS[f][1]} ({counts[f]} heads)" for f in FLAGS]
+    handles.append(Patch(facecolor="none", edgecolor="crimson", linewidth=1.5))
+    labels.append(f"flagged in at least {FLAG_SHARE:.0%} of the batches")
+    fig.legend(handles, labels, loc="outside lower center", ncols=2 if width >= 13 else 1, fontsize=8, frameon=False)
+    ax.set_title(
+        f"Normalised entropy per head, mean over {stats.sizes['batch']:,} batches\n"
+        "(0 = all weight on one key, 1 = uniform); letters mark the flagged heads",
+        fontsize=10,
+    )
+    return fig
+
+
+def _cell_outline(head: int, layer: int) -> Rectangle:
+    return Rectangle((head - 0.46, layer - 0.46), 0.92, 0.92, fill=False, edgecolor="crimson", linewidth=1.5)
