@@ -1,0 +1,104 @@
+"""`fastattn capture`: run a local Hugging Face model over texts and write attention dumps."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ._common import err, fail, progress_bar, run
+
+
+def _index_list(text: Optional[str], option: str) -> Optional[list[int]]:
+    """'0,2,5' → [0, 2, 5]; None stays None (all)."""
+    if text is None:
+        return None
+    try:
+        values = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        fail(f"{option} takes a comma list of integers like 0,2,5, not {text!r}")
+    if not values:
+        fail(f"{option} takes a comma list of integers like 0,2,5, not {text!r}")
+    return values
+
+
+def capture(
+    model_dir: Path = typer.Argument(
+        ..., help="A local model folder, as saved by save_pretrained (config.json, weights, tokenizer files)."
+    ),
+    texts: Path = typer.Argument(
+        ..., help="Inputs: a text file with one input per line (blank lines skipped), or a .jsonl with a \"text\" field."
+    ),
+    out: str = typer.Argument(
+        ..., help="Folder for the dumps (attention_batch_NNNNN.npz), or a path ending in .zarr to ingest into that store."
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Texts per forward pass, and per dump."),
+    max_length: Optional[int] = typer.Option(
+        None, "--max-length", min=1, help="Truncate inputs to this many tokens (default: the tokenizer's limit)."
+    ),
+    layers: Optional[str] = typer.Option(None, help="Keep only these layers, a comma list like 0,2,5 (default: all)."),
+    heads: Optional[str] = typer.Option(None, help="Keep only these heads of each layer, e.g. 0,3 (default: all)."),
+    dtype: str = typer.Option(
+        "float32", help="float32 (exactly the model's weights), or float16 to halve the dumps (~3 significant digits)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace attention_batch_*.npz dumps already in the OUT folder."),
+) -> None:
+    """Capture attention weights from a model, one dump per batch of texts.
+
+    Runs the base model (no task head) with eager attention and output_attentions=True, in eval mode without gradients, and writes per batch: attention_weights (layer, batch, head, query, key), attention_mask, input_ids and tokens (padding included).
+
+    Memory holds one batch's attention at a time: layers x batch x heads x seq² x 4 bytes. Only the local folder is read; nothing is downloaded.
+
+    Example: `fastattn capture ./all-MiniLM-L6-v2 texts.txt dumps/`, then `fastattn ingest dumps/ store.zarr`.
+    """
+    if dtype not in ("float32", "float16"):
+        fail(f"--dtype must be float32 or float16, not {dtype}")
+    layer_list = _index_list(layers, "--layers")
+    head_list = _index_list(heads, "--heads")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # a local folder only: never reach the hub
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from fastattn import capture as capture_mod
+
+    inputs = run(capture_mod.load_texts, texts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # third-party deprecation chatter is not the user's business here
+        model, tokenizer = run(capture_mod.load_model, model_dir)
+        batches = capture_mod.batched(inputs, batch_size)
+
+        def work(advance):
+            return capture_mod.record(
+                model,
+                batches,
+                out,
+                layers=layer_list,
+                heads=head_list,
+                dtype=dtype,
+                tokenizer=tokenizer,
+                progress=advance,
+                max_length=max_length,
+                overwrite=overwrite,
+            )
+
+        with progress_bar("capturing") as advance:
+            result = run(work, advance)
+    shape = f"{result.layers} layers x {result.heads} heads"
+    if result.ingests:
+        err.print(
+            f"captured {result.samples} texts in {result.batches} batches ({shape}) into {out};"
+            f" {result.store_batches} in store",
+            markup=False,
+            highlight=False,
+        )
+    else:
+        err.print(
+            f"wrote {result.batches} dumps ({result.samples} texts, {shape}) to {out}", markup=False, highlight=False
+        )
+
+
+def register(app: typer.Typer) -> None:
+    """Add `fastattn capture` to the app."""
+    app.command("capture")(capture)
