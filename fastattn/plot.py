@@ -35,12 +35,12 @@ KINDS = ("overview", "layers", "heads", "batches", "entropy")
 
 #: Flags of the stats group, with the letter drawn in the entropy map and their meaning.
 FLAGS = {
-    "uniform": ("U", "uniform: spreads attention almost evenly over the keys"),
-    "diagonal_only": ("D", "diagonal only: tokens attend to themselves or their neighbours"),
-    "dominant_key": ("K", "dominant key: one key takes most incoming attention"),
-    "weak": ("W", "weak: low, diffuse weights"),
-    "critical_key": ("C", "critical key: one key outside the start draws most attention"),
-    "strong_self": ("S", "strong self: most weight on the token itself"),
+    "uniform": ("U", "uniform: about the same weight on every key"),
+    "diagonal_only": ("D", "diagonal only: over 80% of the weight on the diagonal"),
+    "dominant_key": ("K", "dominant key: one key gets over 3/8 of all attention"),
+    "weak": ("W", "weak: no weight above 1.2x the uniform weight"),
+    "critical_key": ("C", "critical key: one key gets over 3/16 of all attention"),
+    "strong_self": ("S", "strong self: own position weighted over 1.2x uniform"),
 }
 #: A flag is marked on a head when it holds in at least this share of the batches.
 FLAG_SHARE = 0.5

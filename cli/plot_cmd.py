@@ -1,0 +1,102 @@
+"""`fastattn plot` and `fastattn report`: figures and the self-contained HTML report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ._common import err, fail, run
+
+KINDS = ("overview", "layers", "heads", "batches", "entropy")
+
+PLOT_HELP = """Draw one figure of a store into FILE (png, svg or pdf, from the extension).
+
+KIND is one of:
+
+\b
+  overview  one sample: attention heatmap, incoming attention per key, row distributions
+            (--batch, --layer, --head; without --head the heads are averaged)
+  layers    one sample: a heatmap per layer, mean over heads (--batch)
+  heads     one sample: every head of a layer with its entropy (--batch, --layer)
+  batches   all batches: mean incoming attention per key and where the peak falls
+            (--layer, --head); reads only the statistics, so run `fastattn stats` first
+  entropy   all batches: layer x head map of normalised entropy, flagged heads marked
+            (needs `fastattn stats`)
+
+Only each sample's valid tokens are drawn; tick labels are the token strings when the
+dumps had them, else positions.
+
+\b
+Examples:
+  fastattn plot store.zarr overview --batch 3 --layer 5 --head 2 -o overview.png
+  fastattn plot store.zarr entropy -o entropy.svg
+"""
+
+REPORT_HELP = """Write one self-contained HTML page about a store (open it offline, mail it).
+
+It holds the store's summary, a layer x head table (entropy, self-attention, most common
+peak key, flag counts), the flagged heads in plain words, and the figures for a
+representative sample (the one with the median length) and for the whole corpus.
+Images are embedded; the page loads nothing from the network and runs no scripts.
+Statistics missing for any batch are computed (and saved in the store) first.
+"""
+
+
+def plot(
+    store: str = typer.Argument(..., help="The store (.zarr) made by `fastattn ingest`."),
+    kind: str = typer.Argument(..., metavar="KIND", help="overview, layers, heads, batches or entropy."),
+    output: Path = typer.Option(..., "--output", "-o", help="Image file to write: .png, .svg or .pdf."),
+    batch: int = typer.Option(0, help="Sample to draw (overview, layers, heads)."),
+    layer: int = typer.Option(0, help="Layer to draw (overview, heads, batches)."),
+    head: Optional[int] = typer.Option(None, help="Head to draw (overview, batches); default: mean over heads."),
+    dpi: int = typer.Option(100, min=10, max=1200, help="Resolution of PNG output (dots per inch)."),
+) -> None:
+    from fastattn import plot as plot_mod
+
+    if kind not in KINDS:
+        fail(f"unknown plot kind '{kind}': choose one of {', '.join(KINDS)}")
+    fmt = run(plot_mod.file_format, output)
+
+    def work():
+        from fastattn.store import open_store
+
+        ds = open_store(store)
+        if kind == "overview":
+            fig = plot_mod.overview(ds, batch, layer, head)
+        elif kind == "layers":
+            fig = plot_mod.layers(ds, batch)
+        elif kind == "heads":
+            fig = plot_mod.heads(ds, batch, layer)
+        elif kind == "batches":
+            fig = plot_mod.batches(ds, layer, head)
+        else:
+            fig = plot_mod.entropy_map(ds)
+        try:
+            plot_mod.save(fig, output, dpi=dpi)
+        except OSError as exc:
+            fail(f"{output}: cannot write it ({exc.strerror or exc})")
+
+    run(work)
+    err.print(f"wrote {kind} ({fmt}) to {output}", markup=False, highlight=False)
+
+
+def report(
+    store: str = typer.Argument(..., help="The store (.zarr) made by `fastattn ingest`."),
+    output: Path = typer.Option(Path("report.html"), "--output", "-o", help="HTML file to write."),
+    batch: Optional[int] = typer.Option(None, help="Sample to show; default: the one with the median length."),
+    dpi: int = typer.Option(80, min=30, max=300, help="Resolution of the embedded images."),
+) -> None:
+    from fastattn import report as report_mod
+
+    if output.suffix.lower() not in (".html", ".htm"):
+        fail(f"{output}: the report is an HTML page; give a file name ending in .html")
+    run(lambda: report_mod.write_report(store, output, batch=batch, dpi=dpi))
+    err.print(f"wrote the report to {output}", markup=False, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `plot` and `report` to the `fastattn` app."""
+    app.command("plot", help=PLOT_HELP, no_args_is_help=True)(plot)
+    app.command("report", help=REPORT_HELP, no_args_is_help=True)(report)

@@ -1,0 +1,340 @@
+"""One self-contained HTML page about a store: summary, per-head table, flags in words, figures.
+
+The page embeds every image as a base64 PNG data URI and its CSS inline; it has no
+scripts, fonts or links, so it opens offline and can be mailed or archived as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from datetime import datetime, timezone
+
+import numpy as np
+import xarray as xr
+
+from . import plot
+from .errors import FastattnError
+
+#: Per-plane statistics the table and the sentences need (small: batch x layer x head).
+PLANE_VARS = ("entropy_mean", "entropy_norm", "self_attention", "peak_key")
+#: At most this many layers get their own heads grid and corpus figure (first, ..., last).
+MAX_LAYER_FIGURES = 6
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
+       max-width: 1200px; padding: 0 1.5em; color: #1d1d1f; line-height: 1.45; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; }
+h2 { font-size: 1.25em; margin-top: 2em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
+h3 { font-size: 1.05em; margin-top: 1.5em; }
+.muted { color: #666; font-size: 0.9em; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.6em 0; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f3f3f3; position: sticky; top: 0; }
+td.left, th.left { text-align: left; }
+td.flag { background: #ffe2e0; font-weight: 600; }
+tr.layer-start td { border-top: 2px solid #999; }
+.summary td:first-child { text-align: left; color: #555; }
+.summary td:last-child { text-align: left; }
+figure { margin: 1em 0 2em 0; }
+figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9em; margin-top: 0.3em; }
+ul.flags li { margin: 0.2em 0; }
+.bar { display: inline-block; height: 0.8em; background: #4a7ebb; vertical-align: middle; }
+"""
+
+
+def _png(fig, dpi: int) -> str:
+    """`fig` as a `data:image/png;base64,...` URI."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _figure(fig, dpi: int, alt: str, caption: str) -> str:
+    return (
+        f'<figure><img alt="{html.escape(alt)}" src="{_png(fig, dpi)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:,.1f} MB"
+
+
+def representative_batch(lengths: np.ndarray) -> int:
+    """The sample with the median length (of the non-empty samples), lowest index on ties."""
+    lengths = np.asarray(lengths)
+    candidates = np.flatnonzero(lengths > 0)
+    if candidates.size == 0:
+        raise FastattnError("every sample in the store has length 0: nothing to report")
+    order = candidates[np.argsort(lengths[candidates], kind="stable")]
+    median = lengths[order[(order.size - 1) // 2]]
+    return int(candidates[lengths[candidates] == median][0])
+
+
+def chosen_layers(count: int) -> list[int]:
+    """Every layer when there are few, else an even spread that includes the first and last."""
+    if count <= MAX_LAYER_FIGURES:
+        return list(range(count))
+    return sorted({int(round(x)) for x in np.linspace(0, count - 1, MAX_LAYER_FIGURES)})
+
+
+def head_table(stats: xr.Dataset) -> dict:
+    """Per (layer, head) numbers of the table, as plain numpy arrays (layer, head[, flag])."""
+    names = [v for v in PLANE_VARS if v in stats] + [f for f in plot.FLAGS if f in stats]
+    planes = stats[names].transpose("batch", "layer", "head").compute()
+    batches = planes.sizes["batch"]
+    table = {
+        "batches": batches,
+        "entropy": planes["entropy_mean"].mean("batch").values,
+        "entropy_norm": planes["entropy_norm"].mean("batch").values,
+        "self_attention": planes["self_attention"].mean("batch").values,
+    }
+    peak = np.asarray(planes["peak_key"].values, dtype=np.int64)  # (batch, layer, head)
+    layers, heads = peak.shape[1:]
+    common = np.zeros((layers, heads), dtype=np.int64)
+    common_share = np.zeros((layers, heads))
+    for layer in range(layers):
+        for head in range(heads):
+            counts = np.bincount(np.clip(peak[:, layer, head], 0, None))
+            common[layer, head] = counts.argmax()
+            common_share[layer, head] = counts.max() / batches
+    table["peak_key"], table["peak_share"] = common, common_share
+    table["flags"] = {f: planes[f].values.astype(bool) for f in plot.FLAGS if f in planes}
+    table["flag_counts"] = {f: v.sum(axis=0) for f, v in table["flags"].items()}
+    table["peaks"] = peak
+    return table
+
+
+def flag_sentences(table: dict, threshold: float = plot.FLAG_SHARE) -> list[str]:
+    """The flags that hold for at least `threshold` of the batches, in plain words, strongest first."""
+    batches = table["batches"]
+    peaks = table["peaks"]
+    found = []
+    for name, counts in table["flag_counts"].items():
+        for layer, head in zip(*np.nonzero(counts >= threshold * batches)):
+            share = counts[layer, head] / batches
+            flagged = table["flags"][name][:, layer, head]
+            if name in ("dominant_key", "critical_key"):
+                keys = np.bincount(np.clip(peaks[flagged, layer, head], 0, None))
+                key = int(keys.argmax())
+                of = keys.max() / max(1, flagged.sum())
+                where = f"key {key}" if of >= 0.99 else f"one key (key {key} in {of:.0%} of them)"
+                what = (
+                    f"put most incoming attention on {where}: over 3/8 of all attention"
+                    if name == "dominant_key"
+                    else f"send over 3/16 of all attention to {where}"
+                )
+            else:
+                what = {
+                    "uniform": "spread attention almost uniformly: about the same weight on every key",
+                    "diagonal_only": "put over 80% of the weight on the diagonal: each token attends to itself",
+                    "weak": "have no weight above 1.2x the uniform weight: weak, diffuse attention",
+                    "strong_self": "weight each token's own position over 1.2x the uniform weight",
+                }[name]
+            found.append((-share, int(layer), int(head), f"layer {layer}, head {head}: {share:.0%} of batches {what}"))
+    return [text for *_, text in sorted(found)]
+
+
+def _summary_html(info: dict, batch: int, length: int, source: str, median: bool) -> str:
+    ratio = info["compression_ratio"]
+    last = info["last_ingest"]
+    rows = [
+        ("Store", info["store"]),
+        ("Batches", f"{info['batches']:,} (statistics for {info['stats_batches']:,})"),
+        ("Shape", f"{info['layers']} layers x {info['heads']} heads, max length {info['max_length']}, {info['dtype']}"),
+        ("Lengths", f"{info['length_min']} to {info['length_max']}"),
+        (
+            "Size",
+            f"{_mb(info['size_on_disk'])} on disk; attention {_mb(info['attention_bytes'])} stored in "
+            f"{_mb(info['stored_bytes'])}" + (f" (ratio {ratio:.2f})" if ratio else ""),
+        ),
+        ("Sources", f"{info['source_files']:,} dump files"),
+        ("Sample shown", f"batch {batch} (length {length}{', the median' if median else ''}) from {source}"),
+    ]
+    if last:
+        rows.append(
+            (
+                "Last ingest",
+                f"{last.get('time', '?')}: {last.get('files', '?')} files, {last.get('batches', '?')} batches, "
+                f"{last.get('rejected', '?')} rejected",
+            )
+        )
+    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    histogram = info["length_histogram"]
+    peak = max((b["count"] for b in histogram), default=0)
+    bars = "".join(
+        f"<tr><td>{b['from']:.0f} - {b['to']:.0f}</td><td>{b['count']:,}</td>"
+        f'<td class="left"><span class="bar" style="width:{(200 * b["count"] / peak) if peak else 0:.0f}px"></span></td></tr>'
+        for b in histogram
+    )
+    return (
+        f'<table class="summary">{body}</table>'
+        f'<h3>Sequence lengths</h3><table><tr><th>length</th><th>samples</th><th class="left"></th></tr>{bars}</table>'
+    )
+
+
+def _table_html(table: dict) -> str:
+    batches = table["batches"]
+    flags = list(table["flag_counts"])
+    head_cells = "".join(
+        f'<th title="{html.escape(plot.FLAGS[f][1])}">{html.escape(f.replace("_", " "))}</th>' for f in flags
+    )
+    rows = []
+    layers, heads = table["entropy"].shape
+    for layer in range(layers):
+        for head in range(heads):
+            cells = [
+                f"<td>{layer}</td><td>{head}</td>",
+                f"<td>{table['entropy'][layer, head]:.3f}</td>",
+                f"<td>{table['entropy_norm'][layer, head]:.3f}</td>",
+                f"<td>{table['self_attention'][layer, head]:.3f}</td>",
+                f"<td>{table['peak_key'][layer, head]} ({table['peak_share'][layer, head]:.0%})</td>",
+            ]
+            for f in flags:
+                count = int(table["flag_counts"][f][layer, head])
+                marked = ' class="flag"' if count >= plot.FLAG_SHARE * batches else ""
+                cells.append(f"<td{marked}>{count:,}</td>")
+            start = ' class="layer-start"' if head == 0 and layer else ""
+            rows.append(f"<tr{start}>{''.join(cells)}</tr>")
+    return (
+        "<table><tr><th>layer</th><th>head</th><th>entropy (nats)</th><th>normalised entropy</th>"
+        f"<th>self-attention</th><th>most common peak key</th>{head_cells}</tr>{''.join(rows)}</table>"
+    )
+
+
+def write_report(
+    store_path: str | os.PathLike, out_path: str | os.PathLike, *, batch: int | None = None, dpi: int = 80
+) -> str:
+    """Write the HTML report of a store to `out_path` and return that path.
+
+    Computes (and saves) the statistics first when some batches have none. `batch`
+    picks the sample shown in detail; by default the one with the median length."""
+    from . import stats as stats_mod
+    from .store import open_store
+    from .summary import store_info
+
+    store_path = os.fspath(store_path)
+    info = store_info(store_path)
+    if info["batches"] == 0:
+        raise FastattnError(f"{store_path}: the store has no batches yet (run fastattn ingest)")
+    if info["stats_batches"] < info["batches"]:
+        stats_mod.write_stats(store_path)
+        info = store_info(store_path)
+    ds = open_store(store_path)
+    stats = stats_mod.open_stats(store_path)
+    lengths = np.asarray(ds["length"].values)
+    median = batch is None
+    if median:
+        batch = representative_batch(lengths)
+    else:
+        batch = plot._check_index(ds, "batch", batch)
+    length = int(lengths[batch])
+    source = str(ds["source"].isel(batch=batch).values) or "?"
+    table = head_table(stats)
+    sentences = flag_sentences(table)
+    picked = chosen_layers(ds.sizes["layer"])
+    some = "every layer" if len(picked) == ds.sizes["layer"] else f"layers {', '.join(map(str, picked))}"
+
+    # the layer shown in the overview: the most focused one (lowest mean normalised entropy)
+    by_layer = np.nanmean(np.where(np.isfinite(table["entropy_norm"]), table["entropy_norm"], np.inf), axis=1)
+    focus = int(np.argmin(by_layer))
+    sample_figures = [
+        _figure(
+            plot.overview(ds, batch, focus),
+            dpi,
+            f"overview of batch {batch}, layer {focus}",
+            f"Batch {batch}, layer {focus} (the layer with the lowest mean normalised entropy), mean over heads: "
+            "the attention matrix, the attention each key receives (column sums; dashed line: the peak), and "
+            "each query's distribution over the keys (black: their mean).",
+        ),
+        _figure(
+            plot.layers(ds, batch),
+            dpi,
+            f"every layer of batch {batch}",
+            f"Batch {batch}, every layer, mean over heads, on one colour scale.",
+        ),
+    ]
+    for layer in picked:
+        sample_figures.append(
+            _figure(
+                plot.heads(ds, batch, layer),
+                dpi,
+                f"heads of layer {layer}, batch {batch}",
+                f"Batch {batch}, layer {layer}: every head; H is the head's mean row entropy in nats.",
+            )
+        )
+    corpus_figures = [
+        _figure(
+            plot.entropy_map(stats),
+            dpi,
+            "normalised entropy per layer and head",
+            "Normalised entropy of every head, mean over all batches (0: all weight on one key; 1: uniform). "
+            f"Letters and red outlines mark flags that hold in at least {plot.FLAG_SHARE:.0%} of the batches.",
+        )
+    ]
+    for layer in picked:
+        corpus_figures.append(
+            _figure(
+                plot.batches(stats, layer),
+                dpi,
+                f"incoming attention over all batches, layer {layer}",
+                f"Layer {layer}, mean over heads, all batches: mean incoming attention per key with the band "
+                "holding 80% of the batches, and a histogram of the key that gets the most.",
+            )
+        )
+
+    flags_html = (
+        '<ul class="flags">' + "".join(f"<li>{html.escape(s)}</li>" for s in sentences) + "</ul>"
+        if sentences
+        else f"<p>No head is flagged in at least {plot.FLAG_SHARE:.0%} of the batches.</p>"
+    )
+    title = f"fastattn report: {os.path.basename(store_path.rstrip('/')) or store_path}"
+    generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    from . import __version__
+
+    page = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}</title>
+<style>{CSS}</style>
+</head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p class="muted">Generated {generated} by fastattn {__version__}.</p>
+
+<h2>Store</h2>
+{_summary_html(info, batch, length, source, median)}
+
+<h2>Flagged heads</h2>
+<p class="muted">A head is listed when a flag holds in at least {plot.FLAG_SHARE:.0%} of the batches.</p>
+{flags_html}
+
+<h2>Whole corpus</h2>
+{''.join(corpus_figures)}
+
+<h2>{"Representative sample" if median else "Sample"}: batch {batch}</h2>
+<p class="muted">{"The sample with the median length" if median else "The sample asked for"} ({length} tokens); only its valid tokens are drawn.
+Figures of heads: {some}.</p>
+{''.join(sample_figures)}
+
+<h2>Every head</h2>
+<p class="muted">Means over {table['batches']:,} batches. Entropy is the mean over valid queries of
+&minus;&Sigma; A ln A; self-attention is the mean weight on the diagonal; the peak key is the key with the
+most incoming attention (in brackets: the share of batches where it is that key). Flag columns count
+the batches where each flag holds; shaded cells hold in at least {plot.FLAG_SHARE:.0%}.</p>
+{_table_html(table)}
+</body>
+</html>
+"""
+    try:
+        with open(out_path, "w", encoding="utf-8") as f:
+            f.write(page)
+    except OSError as exc:
+        raise FastattnError(f"{os.fspath(out_path)}: cannot write the report ({exc.strerror or exc})") from None
+    return os.fspath(out_path)
