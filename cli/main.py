@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -79,14 +80,14 @@ def ingest(
     again), parallel. Each bad file is reported as one line `path: reason` and skipped; the
     exit code is 1 if any file was rejected.
     """
-    from fastattn import ingest as ingest_mod
+    from fastattn.ingest import ingest as ingest_dumps
 
     if len(inputs) < 2:
         fail("give at least one dump folder, file or pattern, and the store path last")
     *sources, store = inputs
 
     def work(advance):
-        return ingest_mod.ingest(
+        return ingest_dumps(
             sources, store, jobs=jobs, layout=layout, dtype=dtype, replace=replace, strict=strict, progress=advance
         )
 
@@ -129,9 +130,12 @@ def info(
         console.print(summary.format_dump(body) if is_dump else summary.format_store(body), highlight=False)
 
 
-def main() -> None:
-    from . import commands  # noqa: F401  (registers the commands that live in their own modules)
+# Commands that live in modules of their own.
+for _module in ("stats_cmd",):
+    importlib.import_module(f"{__package__}.{_module}").register(app)
 
+
+def main() -> None:
     try:
         app()
     except KeyboardInterrupt:

@@ -84,3 +84,63 @@ def format_dump(info: dict) -> str:
         used = "" if a["name"] in info["used"] else "   (ignored)"
         lines.append(f"  {a['name']:24} {str(tuple(a['shape'])):24} {a['dtype']}{used}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+FLAG_WORDS = {
+    "uniform": "spread attention almost uniformly",
+    "diagonal_only": "attend almost only to themselves (diagonal)",
+    "dominant_key": "give one key more than 3/8 of all attention",
+    "weak": "have no weight clearly above uniform",
+    "critical_key": "give one key more than 3/16 of all attention",
+    "strong_self": "attend strongly to themselves",
+}
+
+
+def head_table(st) -> list[dict]:
+    """One row per (layer, head): means over batches, the most common peak key, flag shares."""
+    from .stats import FLAGS
+
+    names = ["entropy_mean", "entropy_norm", "self_attention", "confidence", "distance_mean"]
+    means = st[names].mean("batch").compute()
+    peak = np.asarray(st.peak_key.values)
+    flags = {f: np.asarray(st[f].mean("batch").values) for f in FLAGS}
+    batches = peak.shape[0]
+    rows = []
+    for layer in range(peak.shape[1]):
+        for head in range(peak.shape[2]):
+            counts = np.bincount(peak[:, layer, head].clip(min=0))
+            mode = int(np.argmax(counts))
+            row = {"layer": layer, "head": head}
+            row.update({name: _float(means[name].values[layer, head]) for name in names})
+            row["peak_key"] = mode
+            row["peak_key_share"] = float(counts[mode] / batches) if batches else 0.0
+            row.update({f: float(flags[f][layer, head]) for f in FLAGS})
+            rows.append(row)
+    return rows
+
+
+def _float(value) -> float | None:
+    value = float(value)
+    return None if np.isnan(value) else value
+
+
+def findings(rows: list[dict], share: float = 0.5) -> list[str]:
+    """The table in plain words: what most batches agree on, head by head."""
+    from .stats import FLAGS
+
+    lines = []
+    for row in rows:
+        where = f"layer {row['layer']}, head {row['head']}"
+        if row["peak_key_share"] >= share and (row["dominant_key"] >= share or row["critical_key"] >= share):
+            lines.append(
+                f"{where}: {row['peak_key_share']:.0%} of batches put most incoming attention on key {row['peak_key']}"
+            )
+        for flag in FLAGS:
+            if flag in ("dominant_key", "critical_key"):
+                continue
+            if row[flag] >= share:
+                lines.append(f"{where}: {row[flag]:.0%} of batches {FLAG_WORDS[flag]}")
+    return lines

@@ -21,7 +21,9 @@ from fastattn.ingest import ingest
 # Runs an ingest in a child process that SIGKILLs itself at a chosen point.
 CHILD = r"""
 import os, signal, sys
-from fastattn import ingest, store
+import fastattn.ingest
+from fastattn import store
+ingest = sys.modules["fastattn.ingest"]  # the module; `fastattn.ingest` is also the public function
 
 point, n, dumps, target = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 calls = [0]

@@ -1,0 +1,84 @@
+"""`fastattn stats`: compute what is missing, then print the layer × head summary."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ._common import console, err, run
+
+
+def _pct(value: float) -> str:
+    return f"{value:.0%}" if value else "-"
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def stats(
+        store: str = typer.Argument(..., help="The store (.zarr) written by fastattn ingest."),
+        k: int = typer.Option(5, "-k", min=1, max=64, help="Top-k keys kept per query."),
+        jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Threads (default: all cores)."),
+        fmt: str = typer.Option("table", "--format", help="table, json or csv."),
+        layer: Optional[list[int]] = typer.Option(None, "--layer", help="Show only this layer (repeatable)."),
+        head: Optional[list[int]] = typer.Option(None, "--head", help="Show only this head (repeatable)."),
+    ) -> None:
+        """Compute attention statistics for every (batch, layer, head) and summarise them.
+
+        Only batches without statistics are computed (incremental), in one fused Numba pass per
+        chunk; results go to the store's `stats` group. Then prints a layer × head table (mean
+        entropy, normalised entropy, self-attention, most common peak key, flag shares) and the
+        findings in plain words. Flags: uniform, diagonal_only, dominant_key, weak, critical_key,
+        strong_self (thresholds scale with each sample's length; see fastattn.stats).
+        """
+        from fastattn import stats as stats_mod
+        from fastattn import summary
+
+        if fmt not in ("table", "json", "csv"):
+            err.print(f"error: --format must be table, json or csv, not {fmt}")
+            raise typer.Exit(1)
+        done = run(lambda: stats_mod.write_stats(store, k=k, jobs=jobs))
+        st = run(lambda: stats_mod.open_stats(store))
+        rows = [
+            r
+            for r in summary.head_table(st)
+            if (not layer or r["layer"] in layer) and (not head or r["head"] in head)
+        ]
+        notes = summary.findings(rows)
+        err.print(f"statistics: {done['computed']} batches computed now, {done['total']} in store", highlight=False)
+        if fmt == "json":
+            print(json.dumps({"batches": done["total"], "computed": done["computed"], "heads": rows, "findings": notes}, indent=1))
+        elif fmt == "csv":
+            out = io.StringIO()
+            writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["layer", "head"])
+            writer.writeheader()
+            writer.writerows(rows)
+            print(out.getvalue(), end="")
+        else:
+            table = Table(title=f"{store}: {done['total']} batches")
+            for column in ("layer", "head", "entropy", "norm.", "self-attn", "peak key", "flags (share of batches)"):
+                table.add_column(column, justify="right" if column != "flags (share of batches)" else "left")
+            for r in rows:
+                flags = ", ".join(
+                    f"{name} {r[name]:.0%}" for name in stats_mod.FLAGS if r[name] >= 0.05
+                )
+                table.add_row(
+                    str(r["layer"]),
+                    str(r["head"]),
+                    _num(r["entropy_mean"]),
+                    _num(r["entropy_norm"]),
+                    _num(r["self_attention"]),
+                    f"{r['peak_key']} ({_pct(r['peak_key_share'])})",
+                    flags,
+                )
+            console.print(table)
+            for line in notes:
+                console.print(line, highlight=False)
