@@ -1,0 +1,405 @@
+"""Figures and `fastattn plot`: every kind renders, is not blank, carries its labels;
+ragged samples draw only their valid block; `batches` never reads the attention array;
+bad selections are one clear line."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from matplotlib.image import imread
+from typer.testing import CliRunner
+
+from fastattn import plot
+from fastattn.errors import FastattnError
+from fastattn.ingest import ingest
+from fastattn.store import open_store
+from fastattn.synth import synthesize
+
+LAYERS, HEADS = 3, 4
+WORDS = "[CLS] the quick brown fox jumps over a lazy dog while hello world these are strings ## ing , . ; : !".split()
+
+try:  # the statistics module lands separately; the figures that need it skip until it does
+    from fastattn.stats import open_stats, write_stats
+except ImportError as exc:  # pragma: no cover - only before fastattn.stats exists
+    open_stats = write_stats = None
+    STATS_MISSING = f"fastattn.stats is not available yet ({exc})"
+else:
+    STATS_MISSING = ""
+needs_stats = pytest.mark.skipif(bool(STATS_MISSING), reason=STATS_MISSING or "-")
+
+
+def build_stores(root: Path) -> dict[str, str]:
+    """fixed: 20 one-text dumps of 16 tokens; ragged: 6 batched dumps, lengths 12-24 (24
+    batches); tokens: the ragged dumps with token strings; many: 400 short batches."""
+    stores = {}
+    synthesize(root / "d_fixed", files=20, layers=LAYERS, heads=HEADS, seq=16, seed=0, jobs=2)
+    synthesize(root / "d_ragged", files=6, layers=LAYERS, heads=HEADS, seq="12-24", batch=4, seed=1, jobs=2)
+    synthesize(root / "d_many", files=100, layers=2, heads=2, seq="6-10", batch=4, seed=2, jobs=2)
+    for i, path in enumerate(sorted(glob.glob(str(root / "d_ragged" / "*.npz")))[:2]):
+        arrays = dict(np.load(path))
+        size = arrays["attention_mask"].shape[1]
+        arrays["tokens"] = np.array([[WORDS[(j + b) % len(WORDS)] for j in range(size)] for b in range(4)])
+        os.makedirs(root / "d_tokens", exist_ok=True)
+        np.savez(root / "d_tokens" / f"t{i}.npz", **arrays)
+    for name in ("fixed", "ragged", "tokens", "many"):
+        stores[name] = str(root / f"{name}.zarr")
+        assert ingest([str(root / f"d_{name}")], stores[name], jobs=2).ok
+        if write_stats is not None:
+            write_stats(stores[name])
+    return stores
+
+
+@pytest.fixture(scope="session")
+def stores(tmp_path_factory) -> dict[str, str]:
+    return build_stores(tmp_path_factory.mktemp("plot_stores"))
+
+
+@pytest.fixture(scope="session")
+def datasets(stores):
+    return {name: open_store(path) for name, path in stores.items()}
+
+
+def ragged_batch(ds) -> tuple[int, int]:
+    """A sample shorter than the store's longest one: (batch, length)."""
+    lengths = ds.length.values
+    batch = int(np.argmin(lengths))
+    assert lengths[batch] < ds.sizes["query"]
+    return batch, int(lengths[batch])
+
+
+def assert_not_blank(path: Path) -> None:
+    """The PNG decodes, varies, and has plenty of non-white pixels."""
+    image = imread(path)[..., :3]
+    assert image.std() > 0.05, f"{path.name} looks blank (pixel std {image.std():.3f})"
+    background = np.all(image > 0.98, axis=-1)
+    assert (~background).mean() > 0.05, f"{path.name}: only {(~background).mean():.1%} of pixels are drawn"
+
+
+def texts(fig) -> list[str]:
+    return [t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text") and a.get_text())]
+
+
+def legend_texts(ax) -> list[str]:
+    legend = ax.get_legend()
+    return [t.get_text() for t in legend.get_texts()] if legend else []
+
+
+def render(kind: str, ds, stats=None):
+    if kind == "overview":
+        return plot.overview(ds, 1, 1)
+    if kind == "overview_head":
+        return plot.overview(ds, 1, 2, head=3)
+    if kind == "layers":
+        return plot.layers(ds, 1)
+    if kind == "heads":
+        return plot.heads(ds, 1, 2)
+    if kind == "batches":
+        return plot.batches(stats, 1)
+    if kind == "batches_head":
+        return plot.batches(stats, 0, head=2)
+    return plot.entropy_map(stats)
+
+
+# ---------------------------------------------------------------- every kind renders and is labelled
+
+
+@pytest.mark.parametrize(
+    "kind, store",
+    [(kind, store) for kind in plot.KINDS for store in ("fixed", "ragged")]
+    + [("overview_head", "ragged"), ("batches_head", "ragged")],
+)
+def test_every_kind_renders_with_its_labels(kind, store, stores, datasets, tmp_path):
+    if kind.startswith(("batches", "entropy")) and STATS_MISSING:
+        pytest.skip(STATS_MISSING)
+    ds = datasets[store]
+    stats = open_stats(stores[store]) if kind.startswith(("batches", "entropy")) else None
+    fig = render(kind, ds, stats)
+    out = tmp_path / f"{kind}.png"
+    plot.save(fig, out, dpi=50)
+    assert_not_blank(out)
+    axes = fig.get_axes()
+    if kind.startswith("overview"):
+        assert len(axes) == 4  # heatmap, bars, lines, colour bar
+        heat, bars, lines, _cbar = axes
+        assert (heat.get_xlabel(), heat.get_ylabel()) == ("Key position", "Query position")
+        assert heat.images[0].get_cmap().name == "hot"
+        assert bars.get_xlabel() == "Key position"
+        peak = [t for t in legend_texts(bars) if t.startswith("Peak (t=")]
+        assert len(peak) == 1 and peak[0].endswith(")")
+        assert "Mean over queries" in legend_texts(lines)
+        n = int(ds.length.values[1])
+        thin = [ln for ln in lines.get_lines() if ln.get_alpha() == 0.3]
+        assert len(thin) == n  # one thin line per valid query
+        assert ("head 3" if kind == "overview_head" else f"mean of {HEADS} heads") in fig.get_suptitle()
+    elif kind == "layers":
+        assert len(axes) == LAYERS + 1  # one colour bar
+        assert [ax.get_title() for ax in axes[:LAYERS]] == [f"Layer {i}" for i in range(LAYERS)]
+        assert len({(im.norm.vmin, im.norm.vmax) for ax in axes[:LAYERS] for im in ax.images}) == 1
+        assert any(ax.get_xlabel() == "Key position" for ax in axes) and axes[0].get_ylabel() == "Query position"
+    elif kind == "heads":
+        assert len(axes) == HEADS + 1
+        titles = [ax.get_title() for ax in axes[:HEADS]]
+        assert all(t.startswith(f"Head {i}: H = ") and t.endswith(" nats") for i, t in enumerate(titles))
+        assert axes[0].images[0].get_cmap().name == "viridis"
+    elif kind.startswith("batches"):
+        ragged = store == "ragged"
+        assert len(axes) == (3 if ragged else 2)  # ragged stores add the "batches this long" axis
+        mean_ax, peak_ax = axes[0], axes[1]
+        assert mean_ax.get_xlabel() == "Key position" and peak_ax.get_xlabel() == "Peak key position"
+        assert {"Mean over batches", "10-90% of batches"} <= set(legend_texts(mean_ax))
+        assert sum(p.get_height() for p in peak_ax.patches) == ds.sizes["batch"]
+    else:
+        assert len(axes) == 2  # map and colour bar
+        ax = axes[0]
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("Head", "Layer")
+        assert ax.images[0].get_array().shape == (LAYERS, HEADS)
+        legend = " ".join(t.get_text() for t in fig.legends[0].get_texts())
+        assert all(description in legend for _letter, description in plot.FLAGS.values())
+
+
+# ---------------------------------------------------------------- what is drawn
+
+
+def test_ragged_sample_draws_only_its_valid_block(datasets):
+    ds = datasets["ragged"]
+    batch, n = ragged_batch(ds)
+    fig = plot.overview(ds, batch, 0)
+    heat, bars, lines, _ = fig.get_axes()
+    matrix = heat.images[0].get_array()
+    assert matrix.shape == (n, n) and np.isfinite(matrix).all()
+    expected = np.nanmean(ds.attention.isel(batch=batch, layer=0).values[:, :n, :n], axis=0)
+    np.testing.assert_allclose(matrix, expected, rtol=1e-5, atol=1e-7)
+    assert len(bars.patches) == n
+    np.testing.assert_allclose([p.get_height() for p in bars.patches], expected.sum(axis=0), rtol=1e-5)
+    peak = int(np.argmax(expected.sum(axis=0)))
+    assert legend_texts(bars) == [f"Peak (t={peak})"]
+    assert max(heat.get_xticks()) <= n - 1 and max(heat.get_yticks()) <= n - 1
+    for fig in (plot.layers(ds, batch), plot.heads(ds, batch, 1)):
+        shapes = {im.get_array().shape for ax in fig.get_axes() for im in ax.images}
+        assert shapes == {(n, n)}
+
+
+def test_heads_titles_carry_each_heads_entropy(datasets):
+    ds = datasets["ragged"]
+    batch, n = ragged_batch(ds)
+    a = ds.attention.isel(batch=batch, layer=2).values[:, :n, :n].astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        expected = -np.where(a > 0, a * np.log(a), 0.0).sum(-1).mean(-1)
+    titles = [ax.get_title() for ax in plot.heads(ds, batch, 2).get_axes()[:HEADS]]
+    assert titles == [f"Head {h}: H = {expected[h]:.2f} nats" for h in range(HEADS)]
+
+
+def test_tokens_label_the_axes(datasets):
+    ds = datasets["tokens"]
+    n = int(ds.length.values[0])
+    tokens = [str(t) for t in ds.token.values[0, :n]]
+    assert all(tokens) and tokens[0] == "[CLS]"
+    heat, bars, _, _ = plot.overview(ds, 0, 0).get_axes()
+    assert [t.get_text() for t in heat.get_xticklabels()] == tokens
+    assert [t.get_text() for t in heat.get_yticklabels()] == tokens
+    assert [t.get_text() for t in bars.get_xticklabels()] == tokens
+    (peak,) = legend_texts(bars)
+    assert peak.startswith("Peak (t=") and any(f"'{tok}'" in peak for tok in tokens)
+    labels = plot.heads(ds, 0, 0).get_axes()[0].get_xticklabels()
+    assert labels and all(t.get_text() in tokens for t in labels)
+    # a store without token strings labels positions
+    plain = plot.overview(datasets["fixed"], 0, 0).get_axes()[0]
+    assert all(t.get_text().isdigit() for t in plain.get_xticklabels())
+
+
+def test_no_pyplot_figures_are_left_behind(datasets):
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    plot.overview(datasets["fixed"], 0, 0)
+    plot.layers(datasets["fixed"], 0)
+    assert plt.get_fignums() == before
+
+
+# ---------------------------------------------------------------- batches reads the stats only
+
+
+@needs_stats
+def test_batches_never_reads_the_attention_array(stores, datasets, monkeypatch):
+    path = stores["many"]
+    ds = datasets["many"]
+    assert ds.sizes["batch"] == 400
+    stats = open_stats(path)
+    assert "attention" not in stats
+    plot.batches(stats, 1)  # the stats dataset alone is enough
+    plot.batches(ds.drop_vars("attention"), 1, head=0)  # a store dataset without attention opens its stats
+
+    import zarr.storage
+
+    read = []
+    original = zarr.storage.LocalStore.get
+
+    async def counting_get(self, key, *args, **kwargs):
+        read.append(key)
+        return await original(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "get", counting_get)
+    fig = plot.batches(open_store(path), 0)  # the full store dataset: goes to its stats group
+    chunks = [k for k in read if "/c/" in k or k.startswith("c/")]
+    assert any(k.startswith("stats/col_sum/") for k in chunks), chunks
+    assert not [k for k in read if k.startswith("attention/c")], "batches read attention chunks"
+    assert sum(p.get_height() for p in fig.get_axes()[1].patches) == 400
+    # the counter does see attention reads when they happen
+    open_store(path).attention.isel(batch=0).values
+    assert [k for k in read if k.startswith("attention/c")]
+
+
+@needs_stats
+def test_batches_matches_the_statistics(stores):
+    stats = open_stats(stores["ragged"])
+    fig = plot.batches(stats, 2, head=1)
+    col = stats.col_sum.isel(layer=2, head=1).values.astype(np.float64)
+    lengths = stats.length.values if "length" in stats else np.full(col.shape[0], col.shape[1])
+    col[np.arange(col.shape[1])[None, :] >= lengths[:, None]] = np.nan
+    mean_line = [ln for ln in fig.get_axes()[0].get_lines() if ln.get_label() == "Mean over batches"][0]
+    np.testing.assert_allclose(mean_line.get_ydata(), np.nanmean(col, axis=0), rtol=1e-5)
+    heights = [p.get_height() for p in fig.get_axes()[1].patches]
+    np.testing.assert_array_equal(heights, np.bincount(np.nanargmax(np.nan_to_num(col, nan=-1), axis=1), minlength=len(heights)))
+
+
+@needs_stats
+def test_entropy_map_marks_flagged_heads(stores):
+    stats = open_stats(stores["fixed"])
+    fig = plot.entropy_map(stats)
+    ax = fig.get_axes()[0]
+    expected = stats.entropy_norm.mean("batch").transpose("layer", "head").values
+    np.testing.assert_allclose(ax.images[0].get_array(), expected, rtol=1e-6)
+    shares = plot.flag_shares(stats)
+    flagged = {(h, l) for f, s in shares.items() for l, h in zip(*np.nonzero(s >= plot.FLAG_SHARE))}
+    outlines = {(round(p.get_x() + p.get_width() / 2), round(p.get_y() + p.get_height() / 2)) for p in ax.patches}
+    assert outlines == flagged
+    assert flagged, "the synthetic corpus has sink and local heads, so some head should be flagged"
+
+
+# ---------------------------------------------------------------- bad selections
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda ds: plot.overview(ds, 40, 0), "batch 40 out of range: the store has 24 batches (0-23)"),
+        (lambda ds: plot.overview(ds, -1, 0), "batch -1 out of range: the store has 24 batches (0-23)"),
+        (lambda ds: plot.overview(ds, 0, 3), "layer 3 out of range: the store has 3 layers (0-2)"),
+        (lambda ds: plot.overview(ds, 0, 0, head=4), "head 4 out of range: the store has 4 heads (0-3)"),
+        (lambda ds: plot.layers(ds, 24), "batch 24 out of range: the store has 24 batches (0-23)"),
+        (lambda ds: plot.heads(ds, 0, 7), "layer 7 out of range: the store has 3 layers (0-2)"),
+    ],
+)
+def test_bad_selection_is_one_clear_line(call, message, datasets):
+    with pytest.raises(FastattnError) as info:
+        call(datasets["ragged"])
+    assert str(info.value) == message
+
+
+def test_empty_sample_is_refused(datasets):
+    ds = datasets["ragged"]
+    lengths = ds.length.values.copy()
+    lengths[2] = 0
+    empty = ds.assign(length=("batch", lengths))
+    with pytest.raises(FastattnError, match=r"^batch 2 has length 0: it holds no valid token to plot$"):
+        plot.overview(empty, 2, 0)
+    with pytest.raises(FastattnError, match="length 0"):
+        plot.layers(empty, 2)
+
+
+@needs_stats
+def test_bad_selection_for_corpus_figures(stores):
+    stats = open_stats(stores["ragged"])
+    with pytest.raises(FastattnError, match=r"^layer 5 out of range: the store has 3 layers \(0-2\)$"):
+        plot.batches(stats, 5)
+    with pytest.raises(FastattnError, match=r"^head 9 out of range: the store has 4 heads \(0-3\)$"):
+        plot.batches(stats, 0, head=9)
+
+
+# ---------------------------------------------------------------- the command line
+
+
+@pytest.fixture(scope="module")
+def cli():
+    from fastattn_cli.plot_cmd import register
+
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(app, [str(a) for a in args])
+
+    return invoke
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_cli_help_lists_every_kind(cli):
+    result = cli("plot", "--help")
+    assert result.exit_code == 0
+    for word in (*plot.KINDS, "--batch", "--layer", "--head", "--dpi", "--output", "png, svg or pdf"):
+        assert word in result.output
+    result = cli("report", "--help")
+    assert result.exit_code == 0 and "self-contained" in result.output
+
+
+@pytest.mark.parametrize("kind, fmt", [("overview", "png"), ("layers", "svg"), ("heads", "pdf")])
+def test_cli_writes_each_format(kind, fmt, cli, stores, tmp_path):
+    out = tmp_path / f"fig.{fmt}"
+    result = cli("plot", stores["ragged"], kind, "--batch", 3, "--layer", 1, "--dpi", 40, "-o", out)
+    assert result.exit_code == 0, result.output
+    head = out.read_bytes()[:300]
+    if fmt == "png":
+        assert_not_blank(out)
+    elif fmt == "svg":
+        assert b"<svg" in head and out.stat().st_size > 10_000
+    else:
+        assert head.startswith(b"%PDF") and out.stat().st_size > 5_000
+
+
+@needs_stats
+@pytest.mark.parametrize("kind", ["batches", "entropy"])
+def test_cli_corpus_figures(kind, cli, stores, tmp_path):
+    out = tmp_path / "fig.png"
+    result = cli("plot", stores["fixed"], kind, "--layer", 2, "--head", 1, "--dpi", 40, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert_not_blank(out)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["overview", "--batch", 40], "error: batch 40 out of range: the store has 24 batches (0-23)"),
+        (["heads", "--layer", 9], "error: layer 9 out of range: the store has 3 layers (0-2)"),
+        (["overview", "--head", 4], "error: head 4 out of range: the store has 4 heads (0-3)"),
+        (["spectrum"], "error: unknown plot kind 'spectrum': choose one of overview, layers, heads, batches, entropy"),
+    ],
+)
+def test_cli_bad_selection(args, message, cli, stores, tmp_path):
+    out = tmp_path / "fig.png"
+    assert one_error_line(cli("plot", stores["ragged"], *args, "-o", out)) == message
+    assert not out.exists()
+
+
+def test_cli_bad_format_and_store(cli, stores, tmp_path):
+    line = one_error_line(cli("plot", stores["ragged"], "overview", "-o", tmp_path / "fig.jpg"))
+    assert line.endswith("cannot tell the image format from '.jpg'; use .png, .svg or .pdf")
+    line = one_error_line(cli("plot", stores["ragged"], "overview", "-o", tmp_path / "fig"))
+    assert "no extension" in line
+    line = one_error_line(cli("plot", tmp_path / "nothing.zarr", "overview", "-o", tmp_path / "fig.png"))
+    assert line == f"error: {tmp_path / 'nothing.zarr'}: no such store"
+    line = one_error_line(cli("plot", stores["ragged"], "overview", "-o", tmp_path / "no" / "dir" / "fig.png"))
+    assert "cannot write it" in line
+    line = one_error_line(cli("report", stores["ragged"], "-o", tmp_path / "report.pdf"))
+    assert "ending in .html" in line
