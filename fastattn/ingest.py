@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import zarr
 
-from . import dumps, store
+from . import cluster, dumps, store
 from .errors import DumpError, FastattnError, StoreError
 
 Progress = Callable[[int, int], None]  # (files done, files to read)
@@ -88,6 +88,7 @@ def ingest(
     strict: bool = False,
     progress: Progress | None = None,
     storage_options: dict | None = None,
+    client=None,
 ) -> IngestReport:
     """Consolidate dumps (folders, files or globs) into the store; idempotent and crash-safe.
 
@@ -95,6 +96,9 @@ def ingest(
     first and writes nothing if any is bad. `dtype` ('float32' or 'float16') applies
     when the store is created. A file whose name was ingested before is skipped when
     unchanged, and rejected when changed unless `replace=True` (same sample count).
+
+    With a `dask.distributed.Client` (passed, or active in the notebook) the reading and
+    writing run on its workers; the result is the same store.
     """
     started = time.perf_counter()
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
@@ -128,7 +132,11 @@ def ingest(
             try:
                 group, manifest = _prepare(location, manifest, plan, dtype)
                 _replace(group, manifest, plan.replacements, report)
-                _append(group, manifest, plan.appends, pool, jobs, report, progress)
+                client = client if client is not None else cluster.active_client()
+                if client is not None:
+                    _append_distributed(client, location, group, manifest, plan.appends, report, progress)
+                else:
+                    _append(group, manifest, plan.appends, pool, jobs, report, progress)
             except OSError as exc:
                 raise StoreError(
                     f"{location}: writing failed ({exc.strerror or exc}); nothing was committed,"
@@ -275,11 +283,10 @@ class _Sample:
 class _ChunkWriter:
     """Writes whole batch-chunks: new samples over whatever committed batches the chunk holds."""
 
-    def __init__(self, group, manifest: store.Manifest):
+    def __init__(self, group):
         self.group = group
         self.attention = group["attention"]
-        self.chunk = manifest.batch_chunk
-        self.dtype = np.dtype(manifest.dtype)
+        self.dtype = self.attention.dtype
 
     def write(self, start: int, samples: dict[int, _Sample], stop: int, committed: int) -> None:
         """Write batches [start, stop): `samples` by batch index, the rest from the store.
@@ -322,7 +329,7 @@ class _ChunkWriter:
 
 def _replace(group, manifest: store.Manifest, replacements, report: IngestReport) -> None:
     """--replace: rewrite a changed file's batches in place, one whole chunk at a time."""
-    writer = _ChunkWriter(group, manifest)
+    writer = _ChunkWriter(group)
     for rel, header in replacements:
         try:
             dump = dumps.read(header)
@@ -337,20 +344,50 @@ def _replace(group, manifest: store.Manifest, replacements, report: IngestReport
             stop = min(start + chunk, manifest.committed)
             mine = {b: s for b, s in samples.items() if start <= b < stop}
             writer.write(start, mine, stop, manifest.committed)
-        manifest.files[rel] = _entry(header, dump, first, last)
+        manifest.files[rel] = _entry(header, dump.content_hash, first, last)
         report.files_replaced += 1
         report.bytes_read += header.samples_bytes
 
 
-def _entry(header: dumps.DumpHeader, dump: dumps.Dump, start: int, stop: int, status: str = "ingested") -> dict:
+def _entry(header: dumps.DumpHeader, content_hash: str, start: int, stop: int, status: str = "ingested") -> dict:
     return {
         "size": header.size,
         "mtime_ns": header.mtime_ns,
-        "content_hash": dump.content_hash,
+        "content_hash": content_hash,
         "start": start,
         "stop": stop,
         "status": status,
     }
+
+
+class _Assigner:
+    """Gives batch indices, in file order, to the files that passed; a file whose content
+    is already in the store under another name is recorded as a duplicate, not stored twice."""
+
+    def __init__(self, manifest: store.Manifest, report: IngestReport):
+        self.manifest, self.report = manifest, report
+        self.next = manifest.committed
+        files = manifest.files.items()
+        self.seen = {entry["content_hash"]: rel for rel, entry in files if entry.get("status") == "ingested"}
+
+    def take(self, rel: str, header: dumps.DumpHeader, result) -> int | None:
+        """The first batch index for this file, or None when it is skipped."""
+        if isinstance(result, Rejection):
+            self.report.rejected.append(result)
+            return None
+        content_hash = result if isinstance(result, str) else result.content_hash
+        original = self.seen.get(content_hash)
+        if original is not None:
+            self.report.duplicates.append(Rejection(header.path, f"same content as {original}; skipped"))
+            kept = self.manifest.files[original]
+            self.manifest.files[rel] = _entry(header, content_hash, kept["start"], kept["stop"], f"duplicate of {original}")
+            return None
+        self.seen[content_hash] = rel
+        first, self.next = self.next, self.next + header.batch
+        self.manifest.files[rel] = _entry(header, content_hash, first, self.next)
+        self.report.files_ingested += 1
+        self.report.bytes_read += header.samples_bytes
+        return first
 
 
 def _read(header: dumps.DumpHeader):
@@ -360,13 +397,19 @@ def _read(header: dumps.DumpHeader):
         return Rejection(header.path, str(exc))
 
 
+def _finish(group, manifest: store.Manifest, report: IngestReport, next_batch: int) -> None:
+    if next_batch != group["attention"].shape[0]:
+        store.resize(group, batch=next_batch)
+    report.batches_added = next_batch - manifest.committed
+    manifest.committed = next_batch
+
+
 def _append(group, manifest: store.Manifest, appends, pool, jobs, report: IngestReport, progress) -> None:
     """Read files in parallel, assign batch indices in file order, write each full chunk."""
-    writer = _ChunkWriter(group, manifest)
+    writer = _ChunkWriter(group)
+    assigner = _Assigner(manifest, report)
     committed = manifest.committed
     chunk = manifest.batch_chunk
-    seen = {entry["content_hash"]: rel for rel, entry in manifest.files.items() if entry.get("status") == "ingested"}
-    next_batch = committed
     chunk_start = committed - committed % chunk
     pending: dict[int, _Sample] = {}
     writes: deque[Future] = deque()
@@ -398,29 +441,79 @@ def _append(group, manifest: store.Manifest, appends, pool, jobs, report: Ingest
         done += 1
         if progress:
             progress(done, len(appends))
-        if isinstance(result, Rejection):
-            report.rejected.append(result)
+        first = assigner.take(rel, header, result)
+        if first is None:
             continue
-        original = seen.get(result.content_hash)
-        if original is not None:
-            report.duplicates.append(Rejection(header.path, f"same content as {original}; skipped"))
-            first = manifest.files[original]
-            manifest.files[rel] = _entry(header, result, first["start"], first["stop"], status=f"duplicate of {original}")
-            continue
-        seen[result.content_hash] = rel
-        manifest.files[rel] = _entry(header, result, next_batch, next_batch + header.batch)
         for index in range(header.batch):
-            pending[next_batch] = _Sample(result, index, rel)
-            next_batch += 1
-            if next_batch % chunk == 0:
-                flush(next_batch)
-        report.files_ingested += 1
-        report.bytes_read += header.samples_bytes
+            pending[first + index] = _Sample(result, index, rel)
+            if (first + index + 1) % chunk == 0:
+                flush(first + index + 1)
     if pending:
-        flush(next_batch)
+        flush(assigner.next)
     while writes:
         writes.popleft().result()
-    if next_batch != group["attention"].shape[0]:
-        store.resize(group, batch=next_batch)
-    report.batches_added = next_batch - committed
-    manifest.committed = next_batch
+    _finish(group, manifest, report, assigner.next)
+
+
+# ---------------------------------------------------------------- on a dask cluster
+
+
+def _hash_or_rejection(header: dumps.DumpHeader):
+    """Worker side of pass 1: validate a file, send back only its content hash."""
+    result = _read(header)
+    return result if isinstance(result, Rejection) else result.content_hash
+
+
+def _write_chunk(url: str, storage_options: dict, start: int, stop: int, committed: int, members: list) -> int:
+    """Worker side of pass 2: read the files of one batch-chunk again and write it whole.
+
+    A file whose content hash differs from pass 1 changed during the ingest: the task fails
+    and nothing is committed.
+    """
+    location = store.Location(url, storage_options)
+    loaded: dict[str, dumps.Dump] = {}
+    samples = {}
+    for rel, header, index, batch, content_hash in members:
+        if header.path not in loaded:
+            loaded[header.path] = dumps.read(header)
+        dump = loaded[header.path]
+        if dump.content_hash != content_hash:
+            raise DumpError(f"{header.path}: changed while being ingested")
+        samples[batch] = _Sample(dump, index, rel)
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        _ChunkWriter(store.open_group(location)).write(start, samples, stop, committed)
+    return stop - start
+
+
+def _append_distributed(client, location, group, manifest, appends, report: IngestReport, progress) -> None:
+    """Two passes, so attention never travels to the client: workers validate every file and
+    return its content hash; the client assigns batch indices; workers write whole chunks,
+    each reading its own files. Lost workers' tasks are retried by dask (the writes are
+    idempotent); the client alone commits."""
+    assigner = _Assigner(manifest, report)
+    committed = manifest.committed
+    chunk = manifest.batch_chunk
+    futures = client.map(_hash_or_rejection, [h for _, h in appends], pure=False)
+    members: dict[int, list] = {}
+    for done, ((rel, header), future) in enumerate(zip(appends, futures), start=1):
+        result = future.result()
+        if progress:
+            progress(done, 2 * len(appends))
+        first = assigner.take(rel, header, result)
+        if first is None:
+            continue
+        for index in range(header.batch):
+            batch = first + index
+            members.setdefault(batch - batch % chunk, []).append((rel, header, index, batch, result))
+    writes = [
+        client.submit(
+            _write_chunk, location.url, location.storage_options, start, min(start + chunk, assigner.next),
+            committed, items, pure=False,
+        )
+        for start, items in sorted(members.items())
+    ]
+    for done, future in enumerate(writes, start=1):
+        future.result()
+        if progress:
+            progress(len(appends) + round(done * len(appends) / len(writes)), 2 * len(appends))
+    _finish(group, manifest, report, assigner.next)
