@@ -528,14 +528,15 @@ def record_module(
     """Capture attention from a plain PyTorch module through hooks; one dump per input.
 
     Without `modules`, every `nn.MultiheadAttention` in the model is captured, each asked
-    for per-head weights (`need_weights=True, average_attn_weights=False`; the fused fast
-    path is turned off for the run). `modules` names submodules instead (names from
+    for per-head weights (`need_weights=True, average_attn_weights=False`; when the model
+    has an `nn.TransformerEncoderLayer`, whose fused fast path skips its attention module,
+    `torch.backends.mha` fast paths are turned off for the run). `modules` names submodules instead (names from
     `model.named_modules()`, or the modules themselves) whose output, or `output[1]` when
     it is a tuple, is the attention weights `(batch, head, query, key)`. Each captured
     module is one layer, in model order, and must run exactly once per forward.
 
     Each item of `inputs_iter` is passed as `model(x)` (a tensor), `model(*x)` (a tuple or
-    list) or `model(**x)` (a mapping). A 2-D integer input is saved as `input_ids`; the
+    list) or `model(**x)` (a mapping). A 2-D integer input (the first positional one, or `input_ids`) is saved as `input_ids`; the
     first captured `nn.MultiheadAttention`'s `key_padding_mask`, if any, as `attention_mask`.
     """
     torch = _torch()
@@ -551,7 +552,11 @@ def record_module(
                 handles.append(module.register_forward_pre_hook(_force_weights(padding, i == 0), with_kwargs=True))
             handles.append(module.register_forward_hook(_keep_weights(captured[i])))
         fastpath = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
+        # nn.TransformerEncoder(Layer)'s fused fast path never calls its self_attn: turn it off for the run.
+        # Elsewhere it stays as the model has it, so the weights are those the module itself returns.
+        encoder = (torch.nn.TransformerEncoderLayer, torch.nn.TransformerEncoder)
+        if any(isinstance(m, encoder) for m in model.modules()):
+            torch.backends.mha.set_fastpath_enabled(False)
         try:
             with _eval(model), torch.no_grad():
                 steps = (
@@ -678,7 +683,10 @@ def _module_batch(model, item, index, targets, captured, padding, layers, heads,
             arrays["attention_mask"] = valid.reshape(-1, key).expand(batch, key).cpu().numpy().astype(np.int8)
         else:
             arrays["attention_mask"] = np.ones((batch, key), np.int8)
-    ids = item.get("input_ids") if isinstance(item, Mapping) else item
+    if isinstance(item, Mapping):
+        ids = item.get("input_ids")
+    else:
+        ids = item[0] if isinstance(item, (tuple, list)) and item else item
     if isinstance(ids, torch.Tensor) and ids.ndim == 2 and not ids.is_floating_point() and ids.shape[0] == batch:
         arrays["input_ids"] = ids.cpu().numpy().astype(np.int32)
     return arrays
