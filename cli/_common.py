@@ -32,6 +32,28 @@ def run(work: Callable, *args):
         fail("out of memory; try fewer --jobs")
 
 
+def storage_options(pairs: list[str] | None) -> dict:
+    """`--storage-option KEY=VALUE` pairs as fsspec storage options; `a.b=v` nests, and
+    true/false become booleans (e.g. anon=true, endpoint_url=http://…, client_kwargs.region_name=…)."""
+    options: dict = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            fail(f"--storage-option takes KEY=VALUE, not '{pair}'")
+        parsed = {"true": True, "false": False}.get(value.lower(), value)
+        *parents, leaf = key.split(".")
+        target = options
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = parsed
+    return options
+
+
+SCHEDULER_HELP = "Address of a dask scheduler (tcp://host:8786) to run on; default: local threads."
+WORKERS_HELP = "Start a local dask cluster of N worker processes (one thread each) for this run."
+STORAGE_HELP = "fsspec option for a store URL such as s3://bucket/store.zarr, as KEY=VALUE (repeatable)."
+
+
 @contextlib.contextmanager
 def progress_bar(label: str):
     """Yield a `(done, total)` callback that drives a bar on a terminal, and does nothing in a pipe."""

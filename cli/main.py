@@ -10,7 +10,17 @@ from typing import Optional
 
 import typer
 
-from ._common import console, err, fail, progress_bar, run
+from ._common import (
+    SCHEDULER_HELP,
+    STORAGE_HELP,
+    WORKERS_HELP,
+    console,
+    err,
+    fail,
+    progress_bar,
+    run,
+    storage_options,
+)
 
 app = typer.Typer(
     name="fastattn",
@@ -73,6 +83,9 @@ def ingest(
     replace: bool = typer.Option(False, help="Re-ingest files that changed since they were ingested (same sample count)."),
     strict: bool = typer.Option(False, help="Validate every file first; write nothing if any file is bad."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    scheduler: Optional[str] = typer.Option(None, help=SCHEDULER_HELP),
+    workers: Optional[int] = typer.Option(None, min=1, help=WORKERS_HELP),
+    storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help=STORAGE_HELP),
 ) -> None:
     """Consolidate .npz attention dumps into one chunked, compressed Zarr store.
 
@@ -80,16 +93,20 @@ def ingest(
     again), parallel. Each bad file is reported as one line `path: reason` and skipped; the
     exit code is 1 if any file was rejected.
     """
+    from fastattn import cluster
     from fastattn.ingest import ingest as ingest_dumps
 
     if len(inputs) < 2:
         fail("give at least one dump folder, file or pattern, and the store path last")
     *sources, store = inputs
+    options = storage_options(storage_option)
 
     def work(advance):
-        return ingest_dumps(
-            sources, store, jobs=jobs, layout=layout, dtype=dtype, replace=replace, strict=strict, progress=advance
-        )
+        with cluster.connect(scheduler, workers) as client:
+            return ingest_dumps(
+                sources, store, jobs=jobs, layout=layout, dtype=dtype, replace=replace, strict=strict,
+                progress=advance, storage_options=options, client=client,
+            )
 
     with progress_bar("ingesting") as advance:
         report = run(work, advance)

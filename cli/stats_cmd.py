@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ._common import console, err, run
+from ._common import SCHEDULER_HELP, STORAGE_HELP, WORKERS_HELP, console, err, run, storage_options
 
 
 def _pct(value: float) -> str:
@@ -30,6 +30,9 @@ def register(app: typer.Typer) -> None:
         fmt: str = typer.Option("table", "--format", help="table, json or csv."),
         layer: Optional[list[int]] = typer.Option(None, "--layer", help="Show only this layer (repeatable)."),
         head: Optional[list[int]] = typer.Option(None, "--head", help="Show only this head (repeatable)."),
+        scheduler: Optional[str] = typer.Option(None, help=SCHEDULER_HELP),
+        workers: Optional[int] = typer.Option(None, min=1, help=WORKERS_HELP),
+        storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help=STORAGE_HELP),
     ) -> None:
         """Compute attention statistics for every (batch, layer, head) and summarise them.
 
@@ -39,14 +42,20 @@ def register(app: typer.Typer) -> None:
         findings in plain words. Flags: uniform, diagonal_only, dominant_key, weak, critical_key,
         strong_self (thresholds scale with each sample's length; see fastattn.stats).
         """
+        from fastattn import cluster, summary
         from fastattn import stats as stats_mod
-        from fastattn import summary
 
         if fmt not in ("table", "json", "csv"):
             err.print(f"error: --format must be table, json or csv, not {fmt}")
             raise typer.Exit(1)
-        done = run(lambda: stats_mod.write_stats(store, k=k, jobs=jobs))
-        st = run(lambda: stats_mod.open_stats(store))
+        options = storage_options(storage_option)
+
+        def work():
+            with cluster.connect(scheduler, workers) as client:
+                return stats_mod.write_stats(store, k=k, jobs=jobs, storage_options=options, client=client)
+
+        done = run(work)
+        st = run(lambda: stats_mod.open_stats(store, storage_options=options))
         rows = [
             r
             for r in summary.head_table(st)

@@ -112,6 +112,7 @@ def ingest(
             return report  # nothing to read: the store is not touched
         raise FastattnError(f"no .npz dumps found in {', '.join(os.fspath(i) for i in inputs)}")
     location = store.Location(store_path, storage_options)
+    location.check_reachable()
     if not location.is_new() and not store.is_fastattn(location):
         raise StoreError(f"{location}: exists and is not a fastattn store; refusing to write into it")
     jobs = max(1, jobs or os.cpu_count() or 1)

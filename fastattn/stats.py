@@ -158,16 +158,19 @@ def _template(st: xr.Dataset) -> xr.Dataset:
     return st.drop_vars([name for name in st.variables if "batch" not in st[name].dims])
 
 
-def write_stats(location, *, k: int = 5, jobs: int | None = None, storage_options: dict | None = None) -> dict:
+def write_stats(
+    location, *, k: int = 5, jobs: int | None = None, storage_options: dict | None = None, client=None
+) -> dict:
     """Compute statistics for the batches that have none yet and commit them to the store.
 
     Returns `{"computed": batches computed now, "total": batches with statistics}`. A `k`
     other than the stored one recomputes every batch. Crash-safe like an ingest: the
-    manifest's `stats_committed` moves only after the arrays are written.
+    manifest's `stats_committed` moves only after the arrays are written. With a
+    `dask.distributed.Client` (passed or active) the chunks are computed on its workers.
     """
     import dask
 
-    from . import store
+    from . import cluster, store
 
     loc = location if isinstance(location, store.Location) else store.Location(location, storage_options)
     with store.Lock(loc, "fastattn stats"):
@@ -194,7 +197,9 @@ def write_stats(location, *, k: int = 5, jobs: int | None = None, storage_option
                     array.resize((n,) + array.shape[1:])
                     if name == "batch":
                         array[:] = np.arange(n, dtype=array.dtype)
-        with dask.config.set(scheduler="threads", num_workers=jobs):
+        client = client if client is not None else cluster.active_client()
+        scheduler = {"scheduler": client} if client is not None else {"scheduler": "threads", "num_workers": jobs}
+        with dask.config.set(scheduler):
             _template(st).to_zarr(
                 loc.zarr_store(), group=GROUP, region={"batch": slice(done, n)}, mode="r+", consolidated=False
             )

@@ -120,6 +120,20 @@ class Location:
     def __str__(self) -> str:
         return self.url
 
+    def check_reachable(self) -> None:
+        """For an object store: one clear line for a missing bucket or refused credentials."""
+        if not self.remote:
+            return
+        bucket = self.root.split("/", 1)[0]
+        try:
+            self.fs.ls(bucket, refresh=True)
+        except FileNotFoundError:
+            raise StoreError(f"{self.url}: the bucket '{bucket}' does not exist") from None
+        except PermissionError as exc:
+            raise StoreError(f"{self.url}: access denied ({_first_line(exc)}); check the credentials") from None
+        except OSError as exc:
+            raise StoreError(f"{self.url}: cannot reach the store ({_first_line(exc)})") from None
+
     def zarr_store(self, read_only: bool = False):
         if self.remote:
             return zarr.storage.FsspecStore.from_url(
@@ -175,6 +189,10 @@ class Location:
         return total
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc) or type(exc).__name__).strip().splitlines()[0]
+
+
 # ---------------------------------------------------------------- store
 
 
@@ -196,6 +214,7 @@ def is_fastattn(location: Location) -> bool:
 
 def check_store(location: Location) -> Manifest:
     """The manifest of an existing fastattn store, or a one-line StoreError."""
+    location.check_reachable()
     if not location.exists():
         raise StoreError(f"{location}: no such store")
     if not is_fastattn(location):

@@ -1,0 +1,163 @@
+"""Scale-out: the same ingest and statistics on a dask cluster and in S3-compatible storage."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import SAMPLES, assert_same_store, store_snapshot
+from typer.testing import CliRunner
+
+from fastattn import store, synth
+from fastattn.errors import StoreError
+from fastattn.ingest import ingest
+
+distributed = pytest.importorskip("distributed")
+boto3 = pytest.importorskip("boto3")
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on 127.0.0.1 that checks credentials: storage options of a real user."""
+    port = _free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3", "AWS_DEFAULT_REGION": "us-east-1"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
+                           aws_access_key_id="x", aws_secret_access_key="x")
+        iam.create_user(UserName="fastattn")
+        policy = '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}'
+        iam.put_user_policy(UserName="fastattn", PolicyName="all", PolicyDocument=policy)
+        key = iam.create_access_key(UserName="fastattn")["AccessKey"]
+        options = {"endpoint_url": endpoint, "key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=options["key"],
+                     aws_secret_access_key=options["secret"]).create_bucket(Bucket="attn")
+        yield options
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def local_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("local") / "s.zarr"
+    assert ingest([SAMPLES], path).ok
+    return path
+
+
+@pytest.fixture(scope="module")
+def client():
+    from fastattn import cluster
+
+    with cluster.connect(workers=2) as c:
+        yield c
+
+
+def _remote_snapshot(url, options) -> dict:
+    ds = store.open_store(url, storage_options=options).compute()
+    return {"attention": ds.attention.values, "length": ds.length.values, "source": ds.source.values.tolist()}
+
+
+def test_ingest_into_s3_equals_local(s3, local_store):
+    url = "s3://attn/runs/s.zarr"
+    report = ingest([SAMPLES], url, storage_options=s3)
+    assert report.ok and report.committed == 11
+    got, want = _remote_snapshot(url, s3), store_snapshot(local_store)
+    np.testing.assert_array_equal(got["attention"], want["attention"])
+    np.testing.assert_array_equal(got["length"], want["length"])
+    assert got["source"] == want["source"]
+    assert ingest([SAMPLES], url, storage_options=s3).batches_added == 0
+
+
+def test_s3_errors_are_one_line(s3):
+    with pytest.raises(StoreError, match="the bucket 'missing' does not exist"):
+        ingest([SAMPLES], "s3://missing/s.zarr", storage_options=s3)
+    with pytest.raises(StoreError, match="access denied .*check the credentials"):
+        ingest([SAMPLES], "s3://attn/x.zarr", storage_options={**s3, "secret": "wrong"})
+
+
+def test_cli_s3_with_storage_options(s3, tmp_path):
+    from fastattn_cli.main import app
+
+    args = ["ingest", str(SAMPLES / "fixed"), "s3://attn/cli.zarr"]
+    args += [f"--storage-option={k}={v}" for k, v in s3.items()]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    bad = CliRunner().invoke(app, ["ingest", str(SAMPLES / "fixed"), "s3://attn/cli.zarr",
+                                   f"--storage-option=endpoint_url={s3['endpoint_url']}",
+                                   "--storage-option=key=nobody", "--storage-option=secret=wrong"])
+    assert bad.exit_code == 1 and bad.stderr.startswith("error: s3://attn/cli.zarr: access denied")
+    assert "Traceback" not in bad.output
+
+
+def test_distributed_ingest_equals_local(client, local_store, tmp_path):
+    target = tmp_path / "d.zarr"
+    report = ingest([SAMPLES], target, client=client)
+    assert report.ok
+    assert_same_store(target, local_store)
+
+
+def test_distributed_ingest_into_s3(client, s3, local_store):
+    url = "s3://attn/dist.zarr"
+    assert ingest([SAMPLES], url, storage_options=s3, client=client).ok
+    got, want = _remote_snapshot(url, s3), store_snapshot(local_store)
+    np.testing.assert_array_equal(got["attention"], want["attention"])
+
+
+def test_losing_a_worker_mid_ingest(tmp_path):
+    """Kill one worker process while chunks are being written: dask retries its tasks
+    elsewhere, and the store equals a clean local ingest."""
+    from distributed import Client, LocalCluster
+
+    dumps = tmp_path / "dumps"
+    synth.synthesize(dumps, files=300, layers=2, heads=12, seq=64, seed=5)
+    clean = tmp_path / "clean.zarr"
+    ingest([dumps], clean)
+    target = tmp_path / "t.zarr"
+    killed = []
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as c:
+        pids = list(c.run(os.getpid).values())
+
+        def kill_one():
+            time.sleep(0.5)
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(time.perf_counter())
+
+        killer = threading.Thread(target=kill_one)
+        started = time.perf_counter()
+        killer.start()
+        report = ingest([dumps], target, client=c)
+        ended = time.perf_counter()
+        killer.join()
+    assert started < killed[0] < ended, "the worker must die while the ingest runs"
+    assert report.ok
+    assert_same_store(target, clean)
