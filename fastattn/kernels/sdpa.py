@@ -1,0 +1,178 @@
+"""Reference scaled dot-product attention: softmax(q·kᵀ·scale) and its product with v.
+
+A plain, exact kernel (float64 accumulation, row max subtracted before exp),
+used to make realistic synthetic attention and to check other implementations,
+not a fast attention.  Any number of leading dims; planes are independent and
+split between threads with ``prange``.
+
+Masking, for query row i and key j of a plane with length L:
+
+- ``causal``: key j > i is masked (top-left aligned, as PyTorch's ``is_causal``);
+- ``lengths``: keys j ≥ L are masked and query rows i ≥ L are fully masked.
+
+A masked weight is exactly 0.  A fully masked row (a padding query, or nothing
+left after causal + lengths) is a row of exact zeros and its ``sdpa`` output is
+0: defined, never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import prange
+
+from ._jit import float_dtype, ngjit, ngjit_parallel, parallel_slot, plane_lengths
+
+__all__ = ["attention_weights", "sdpa"]
+
+
+@ngjit
+def _softmax_row(q, k, p, i, m, scale, buf):
+    """buf[:m] = softmax_j(scale · q[p, i]·k[p, j]) for j < m, in float64.
+
+    exp(s_j − max s) keeps every exponent ≤ 0 (no overflow) and the largest
+    term at 1 (the normaliser is ≥ 1, no underflow to 0/0).
+    """
+    D = q.shape[2]
+    top = -np.inf
+    for j in range(m):
+        s = 0.0
+        for d in range(D):
+            s += np.float64(q[p, i, d]) * np.float64(k[p, j, d])
+        s *= scale
+        buf[j] = s
+        top = max(top, s)
+    z = 0.0
+    for j in range(m):
+        e = np.exp(buf[j] - top)
+        buf[j] = e
+        z += e
+    inv = 1.0 / z
+    for j in range(m):
+        buf[j] *= inv
+
+
+@ngjit
+def _keys_of_row(i, nq, nk, causal):
+    """Number of unmasked keys (a prefix) of query row i; 0 if fully masked."""
+    if i >= nq:
+        return 0
+    if causal:
+        return min(nk, i + 1)
+    return nk
+
+
+def _weights_planes(q, k, lens, scale, causal, out):
+    P, Q, _ = q.shape
+    K = k.shape[1]
+    for p in prange(P):
+        buf = np.empty(K)
+        nq = min(lens[p], Q)
+        nk = min(lens[p], K)
+        for i in range(Q):
+            m = _keys_of_row(i, nq, nk, causal)
+            if m > 0:
+                _softmax_row(q, k, p, i, m, scale, buf)
+            for j in range(m):
+                out[p, i, j] = buf[j]
+            for j in range(m, K):
+                out[p, i, j] = 0.0
+
+
+def _sdpa_planes(q, k, v, lens, scale, causal, out):
+    P, Q, _ = q.shape
+    K = k.shape[1]
+    DV = v.shape[2]
+    for p in prange(P):
+        buf = np.empty(K)
+        acc = np.empty(DV)
+        nq = min(lens[p], Q)
+        nk = min(lens[p], K)
+        for i in range(Q):
+            m = _keys_of_row(i, nq, nk, causal)
+            acc[:] = 0.0
+            if m > 0:
+                _softmax_row(q, k, p, i, m, scale, buf)
+                for j in range(m):
+                    w = buf[j]
+                    for d in range(DV):
+                        acc[d] += w * np.float64(v[p, j, d])
+            for d in range(DV):
+                out[p, i, d] = acc[d]
+
+
+_weights_parallel = ngjit_parallel(_weights_planes)
+_weights_serial = ngjit(_weights_planes)
+_sdpa_parallel = ngjit_parallel(_sdpa_planes)
+_sdpa_serial = ngjit(_sdpa_planes)
+
+
+def _prepare(q, k, v, scale, lengths):
+    arrays = [np.asarray(q), np.asarray(k)] + ([] if v is None else [np.asarray(v)])
+    for name, x in zip("qkv", arrays):
+        if x.ndim < 2:
+            raise ValueError(f"{name} must have at least 2 dims (..., N, d), got shape {x.shape}")
+        if x.dtype.kind not in "fiub":
+            raise TypeError(f"{name} must be a real numeric array, got dtype {x.dtype}")
+    dtype = float_dtype(*arrays)
+    q, k = arrays[0], arrays[1]
+    lead = q.shape[:-2]
+    if k.shape[:-2] != lead:
+        raise ValueError(f"q and k leading dims differ: {q.shape} vs {k.shape}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"q and k feature dims differ: {q.shape} vs {k.shape}")
+    if v is not None:
+        v = arrays[2]
+        if v.shape[:-2] != lead or v.shape[-2] != k.shape[-2]:
+            raise ValueError(f"v must have shape (..., K, dv) matching k: {v.shape} vs {k.shape}")
+    Q, D = q.shape[-2:]
+    K = k.shape[-2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if D else 1.0
+    P = int(np.prod(lead, dtype=np.int64))
+
+    def planes(x):
+        return np.ascontiguousarray(x, dtype=dtype).reshape((P,) + x.shape[-2:])
+
+    lens = plane_lengths(lengths, lead, max(Q, K))
+    out = [planes(x) for x in arrays]
+    return out, lens, float(scale), dtype, lead, P
+
+
+def attention_weights(
+    q, k, *, scale=None, causal=False, lengths=None, parallel: bool = True
+) -> np.ndarray:
+    """softmax(q·kᵀ·scale) over keys, with optional causal and length masks.
+
+    q: (..., Q, d), k: (..., K, d) with the same leading dims; scale defaults
+    to 1/√d; lengths: None or ints whose shape is a prefix of the leading dims.
+    Returns (..., Q, K) in the inputs' float dtype (float32 if both are
+    float32, else float64), computed in float64.  Masked weights are exactly 0;
+    a fully masked row is all zeros (see the module docstring).  ``parallel``
+    False runs single-threaded (inside dask or a thread pool); same results.
+    """
+    (qp, kp), lens, scale, dtype, lead, P = _prepare(q, k, None, scale, lengths)
+    Q, K = qp.shape[1], kp.shape[1]
+    out = np.empty((P, Q, K), dtype=dtype)
+    if P:
+        with parallel_slot(parallel) as par:
+            kernel = _weights_parallel if par else _weights_serial
+            kernel(qp, kp, lens, scale, bool(causal), out)
+    return out.reshape(lead + (Q, K))
+
+
+def sdpa(q, k, v, *, scale=None, causal=False, lengths=None, parallel: bool = True) -> np.ndarray:
+    """Scaled dot-product attention: attention_weights(q, k, ...) · v.
+
+    v: (..., K, dv).  Returns (..., Q, dv); rows of fully masked queries are 0.
+    The product uses the float64 weights (not the rounded output weights).
+    """
+    (qp, kp, vp), lens, scale, dtype, lead, P = _prepare(q, k, v, scale, lengths)
+    Q, DV = qp.shape[1], vp.shape[2]
+    out = np.empty((P, Q, DV), dtype=dtype)
+    if P:
+        with parallel_slot(parallel) as par:
+            kernel = _sdpa_parallel if par else _sdpa_serial
+            kernel(qp, kp, vp, lens, scale, bool(causal), out)
+    return out.reshape(lead + (Q, DV))
