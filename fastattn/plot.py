@@ -27,6 +27,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import MaxNLocator
 
 from .errors import FastattnError
 
@@ -218,7 +219,7 @@ def layers(ds: xr.Dataset, batch: int) -> Figure:
     count = means.shape[0]
     ncols = min(count, 4 if count not in (5, 6, 9) else 3)
     nrows = math.ceil(count / ncols)
-    fig = new_figure((3.6 * ncols + 1.2, 3.5 * nrows + 0.6))
+    fig = new_figure((3.2 * ncols + 1.4, 3.3 * nrows + 0.7))
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     norm = Normalize(vmin=0.0, vmax=float(means.max()) or 1.0)
     for i, ax in enumerate(axes):
@@ -247,7 +248,7 @@ def heads(ds: xr.Dataset, batch: int, layer: int) -> Figure:
     count = planes.shape[0]
     ncols = min(count, 4 if count <= 16 else 6)
     nrows = math.ceil(count / ncols)
-    fig = new_figure((3.3 * ncols + 1.2, 3.3 * nrows + 0.8))
+    fig = new_figure((2.9 * ncols + 1.4, 3.0 * nrows + 0.9))
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     norm = Normalize(vmin=0.0, vmax=float(planes.max()) or 1.0)
     for i, ax in enumerate(axes):
@@ -353,7 +354,8 @@ def batches(ds_or_stats: xr.Dataset, layer: int, head: int | None = None) -> Fig
     ax_peak.set_ylabel("Batches")
     common = int(np.bincount(peaks, minlength=n_keys).argmax()) if peaks.size else 0
     share = float(np.mean(peaks == common)) if peaks.size else 0.0
-    ax_peak.set_title(f"Key with the most incoming attention (t={common} in {share:.0%})")
+    ax_peak.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_peak.set_title(f"Key with the most incoming attention\nmost often t={common} ({share:.0%} of batches)")
     fig.suptitle(f"All {total:,} batches: layer {layer}, {which}")
     return fig
 
