@@ -268,10 +268,12 @@ class _Writer:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except OSError as exc:
+        except BaseException as exc:  # an interrupt too: leave no temporary file behind
             with contextlib.suppress(OSError):
                 os.remove(tmp)
-            raise CaptureError(f"{path}: writing failed ({exc.strerror or exc})") from None
+            if isinstance(exc, OSError):
+                raise CaptureError(f"{path}: writing failed ({exc.strerror or exc})") from None
+            raise
         attention = arrays["attention_weights"]
         self.result.batches += 1
         self.result.samples += attention.shape[1]
@@ -327,14 +329,21 @@ def _run(writer: _Writer, steps: Iterable, total: int | None, progress: Progress
     return writer.result
 
 
-def _stack(per_layer: Sequence, layers: list[int], heads: list[int], dtype: np.dtype) -> np.ndarray:
-    """`(layer, batch, head, query, key)` numpy array of the chosen layers and heads."""
-    first = per_layer[layers[0]]
-    batch, _, query, key = first.shape
+def _stack(per_layer: list, layers: list[int], heads: list[int], dtype: np.dtype) -> np.ndarray:
+    """`(layer, batch, head, query, key)` numpy array of the chosen layers and heads.
+
+    Empties `per_layer` as it goes, so each tensor is freed once copied."""
+    torch = _torch()
+    batch, _, query, key = per_layer[layers[0]].shape
+    keep = set(layers)
+    for j in range(len(per_layer)):
+        if j not in keep:
+            per_layer[j] = None
     attention = np.empty((len(layers), batch, len(heads), query, key), dtype=dtype)
     for i, layer in enumerate(layers):
         weights = per_layer[layer].detach()
-        if weights.dtype not in (_torch().float32, _torch().float16):
+        per_layer[layer] = None
+        if weights.dtype not in (torch.float32, torch.float16):
             weights = weights.float()  # bfloat16, float64: numpy cannot take them as they are
         attention[i] = weights.cpu().numpy()[:, heads]
     return attention
@@ -483,6 +492,7 @@ def _hf_batch(model, batch, index, layers, heads, dtype, tokenizer, limit) -> di
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         raise CaptureError(f"{type(model).__name__} failed on batch {index} ({_one_line(exc)})") from None
     per_layer = getattr(output, "attentions", None)
+    del output
     if not per_layer or any(a is None for a in per_layer):
         raise CaptureError(
             f"{type(model).__name__} returns no attention weights with output_attentions=True"
@@ -492,11 +502,10 @@ def _hf_batch(model, batch, index, layers, heads, dtype, tokenizer, limit) -> di
     if any(a.ndim != 4 or a.shape[0] != batch_size for a in per_layer):
         shape = tuple(per_layer[0].shape)
         raise CaptureError(f"{type(model).__name__} returned attention of shape {shape}; expected (batch, head, query, key)")
-    del output
+    per_layer = list(per_layer)
     layer_index = _selection(layers, len(per_layer), "layer")
     head_index = _selection(heads, per_layer[0].shape[1], "head")
     attention = _stack(per_layer, layer_index, head_index, dtype)
-    del per_layer
     mask = inputs.get("attention_mask")
     mask = np.ones((batch_size, seq), np.int8) if mask is None else (mask.cpu().numpy() != 0).astype(np.int8)
     input_ids = ids.cpu().numpy()
@@ -669,11 +678,11 @@ def _module_batch(model, item, index, targets, captured, padding, layers, heads,
                 f" the first one {tuple(per_layer[0].shape)}; all captured layers must match"
             )
         per_layer.append(weights)
+    for store in captured.values():
+        store.clear()
     layer_index = _selection(layers, len(per_layer), "layer")
     head_index = _selection(heads, per_layer[0].shape[1], "head")
     attention = _stack(per_layer, layer_index, head_index, dtype)
-    for store in captured.values():
-        store.clear()
     batch, _, query, key = attention.shape[1:]
     arrays = {"attention_weights": attention}
     kpm = padding[0] if padding else None
