@@ -30,7 +30,6 @@ except ImportError as exc:  # pragma: no cover - only before fastattn.stats exis
     STATS_MISSING = f"fastattn.stats is not available yet ({exc})"
 else:
     STATS_MISSING = ""
-needs_stats = pytest.mark.skipif(bool(STATS_MISSING), reason=STATS_MISSING or "-")
 
 
 def build_stores(root: Path) -> dict[str, str]:
@@ -49,14 +48,22 @@ def build_stores(root: Path) -> dict[str, str]:
     for name in ("fixed", "ragged", "tokens", "many"):
         stores[name] = str(root / f"{name}.zarr")
         assert ingest([str(root / f"d_{name}")], stores[name], jobs=2).ok
-        if write_stats is not None:
-            write_stats(stores[name])
     return stores
 
 
 @pytest.fixture(scope="session")
 def stores(tmp_path_factory) -> dict[str, str]:
     return build_stores(tmp_path_factory.mktemp("plot_stores"))
+
+
+@pytest.fixture(scope="session")
+def with_stats(stores) -> dict[str, str]:
+    """The same stores with their statistics written (only the tests that need them pay for it)."""
+    if STATS_MISSING:
+        pytest.skip(STATS_MISSING)
+    for name in ("fixed", "ragged", "many"):
+        write_stats(stores[name])
+    return stores
 
 
 @pytest.fixture(scope="session")
@@ -113,11 +120,10 @@ def render(kind: str, ds, stats=None):
     [(kind, store) for kind in plot.KINDS for store in ("fixed", "ragged")]
     + [("overview_head", "ragged"), ("batches_head", "ragged")],
 )
-def test_every_kind_renders_with_its_labels(kind, store, stores, datasets, tmp_path):
-    if kind.startswith(("batches", "entropy")) and STATS_MISSING:
-        pytest.skip(STATS_MISSING)
+def test_every_kind_renders_with_its_labels(kind, store, stores, datasets, tmp_path, request):
     ds = datasets[store]
-    stats = open_stats(stores[store]) if kind.startswith(("batches", "entropy")) else None
+    corpus = kind.startswith(("batches", "entropy"))
+    stats = open_stats(request.getfixturevalue("with_stats")[store]) if corpus else None
     fig = render(kind, ds, stats)
     out = tmp_path / f"{kind}.png"
     plot.save(fig, out, dpi=50)
@@ -224,9 +230,8 @@ def test_no_pyplot_figures_are_left_behind(datasets):
 # ---------------------------------------------------------------- batches reads the stats only
 
 
-@needs_stats
-def test_batches_never_reads_the_attention_array(stores, datasets, monkeypatch):
-    path = stores["many"]
+def test_batches_never_reads_the_attention_array(with_stats, datasets, monkeypatch):
+    path = with_stats["many"]
     ds = datasets["many"]
     assert ds.sizes["batch"] == 400
     stats = open_stats(path)
@@ -254,9 +259,8 @@ def test_batches_never_reads_the_attention_array(stores, datasets, monkeypatch):
     assert [k for k in read if k.startswith("attention/c")]
 
 
-@needs_stats
-def test_batches_matches_the_statistics(stores):
-    stats = open_stats(stores["ragged"])
+def test_batches_matches_the_statistics(with_stats):
+    stats = open_stats(with_stats["ragged"])
     fig = plot.batches(stats, 2, head=1)
     col = stats.col_sum.isel(layer=2, head=1).values.astype(np.float64)
     lengths = stats.length.values if "length" in stats else np.full(col.shape[0], col.shape[1])
@@ -267,9 +271,8 @@ def test_batches_matches_the_statistics(stores):
     np.testing.assert_array_equal(heights, np.bincount(np.nanargmax(np.nan_to_num(col, nan=-1), axis=1), minlength=len(heights)))
 
 
-@needs_stats
-def test_entropy_map_marks_flagged_heads(stores):
-    stats = open_stats(stores["fixed"])
+def test_entropy_map_marks_flagged_heads(with_stats):
+    stats = open_stats(with_stats["fixed"])
     fig = plot.entropy_map(stats)
     ax = fig.get_axes()[0]
     expected = stats.entropy_norm.mean("batch").transpose("layer", "head").values
@@ -312,9 +315,8 @@ def test_empty_sample_is_refused(datasets):
         plot.layers(empty, 2)
 
 
-@needs_stats
-def test_bad_selection_for_corpus_figures(stores):
-    stats = open_stats(stores["ragged"])
+def test_bad_selection_for_corpus_figures(with_stats):
+    stats = open_stats(with_stats["ragged"])
     with pytest.raises(FastattnError, match=r"^layer 5 out of range: the store has 3 layers \(0-2\)$"):
         plot.batches(stats, 5)
     with pytest.raises(FastattnError, match=r"^head 9 out of range: the store has 4 heads \(0-3\)$"):
@@ -368,11 +370,10 @@ def test_cli_writes_each_format(kind, fmt, cli, stores, tmp_path):
         assert head.startswith(b"%PDF") and out.stat().st_size > 5_000
 
 
-@needs_stats
 @pytest.mark.parametrize("kind", ["batches", "entropy"])
-def test_cli_corpus_figures(kind, cli, stores, tmp_path):
+def test_cli_corpus_figures(kind, cli, with_stats, tmp_path):
     out = tmp_path / "fig.png"
-    result = cli("plot", stores["fixed"], kind, "--layer", 2, "--head", 1, "--dpi", 40, "-o", out)
+    result = cli("plot", with_stats["fixed"], kind, "--layer", 2, "--head", 1, "--dpi", 40, "-o", out)
     assert result.exit_code == 0, result.output
     assert_not_blank(out)
 
