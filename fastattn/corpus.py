@@ -1,0 +1,886 @@
+"""Corpus-level analyses: rollout, head similarity, comparing stores, head roles, streaming summaries.
+
+Every function takes xarray Datasets (a store from `open_store`, statistics from
+`compute_stats`/`open_stats`) or a store path, stays lazy through dask where the data is
+large, and never prints. Formulas (natural log throughout) are in docs/corpus.md.
+
+- `rollout(ds, keep_matrix=False)`: attention rollout (Abnar & Zuidema 2020) per sample;
+  `write_rollout(store)` / `open_rollout(store)` keep it in the store's `rollout` group.
+- `head_similarity(ds, eps=1e-3)`: Jensen–Shannon divergence between every pair of heads,
+  `mds(similarity)` a 2-D classical-MDS embedding, `head_map(similarity, stats)` a figure.
+- `compare(a, b, match="position")`: what changed per head between two stores,
+  `ranked_changes(cmp)` the heads that changed most, `compare_map(cmp)` a heatmap.
+- `head_roles(stats)`: a role per head from per-batch rules (`ROLE_RULES`), with the share
+  of batches supporting it; `batch_roles(stats)` the per-batch labels.
+- `streaming_summary(store)`: per-head moments and histograms in one chunked pass,
+  with mergeable accumulators (`Moments`, `SummaryAccumulator`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import xarray as xr
+
+from .errors import FastattnError, StoreError
+from .kernels import divergence as _divergence
+from .kernels import rollout as _rollout
+
+HEAD_DIMS = ("layer", "head", "query", "key")
+DEFAULT_EPS = _divergence.DEFAULT_EPS
+LN2 = math.log(2.0)
+
+
+def _attention_and_length(ds: xr.Dataset | xr.DataArray):
+    attention = ds if isinstance(ds, xr.DataArray) else ds["attention"]
+    length = ds["length"] if isinstance(ds, xr.Dataset) and "length" in ds else None
+    if length is None:
+        full = max(attention.sizes["query"], attention.sizes["key"])
+        length = xr.DataArray(np.full(attention.sizes["batch"], full, dtype=np.int64), dims="batch")
+    return attention, length.astype(np.int64)
+
+
+def _whole_samples(attention: xr.DataArray) -> tuple[xr.DataArray, bool]:
+    """Every layer, head, query and key of a sample in one chunk (kernels need whole samples)."""
+    lazy = attention.chunks is not None
+    if lazy:
+        attention = attention.chunk({d: -1 for d in HEAD_DIMS})
+    return attention, lazy
+
+
+def _labels(layers: int, heads: int) -> list[str]:
+    return [f"L{layer}H{head}" for layer in range(layers) for head in range(heads)]
+
+
+# ---------------------------------------------------------------- rollout
+
+
+def _rollout_block(attention, lengths, keep, parallel):
+    incoming, matrix = _rollout.rollout(attention, lengths, keep_matrix=keep, parallel=parallel)
+    return (incoming, matrix) if keep else incoming
+
+
+def rollout(ds: xr.Dataset, keep_matrix: bool = False) -> xr.Dataset:
+    """Attention rollout of every sample, lazily (one kernel call per dask chunk).
+
+    Per sample, over its valid `n × n` block: `Â_l = (mean_h A_l + I)` with rows
+    renormalised, `R_0 = Â_0`, `R_l = Â_l · R_{l−1}`. Returns a Dataset with
+
+    - `rollout_incoming (batch, layer, key)`: the mean over the valid queries of each
+      column of `R_l`, `(1/n) Σ_q R_l[q, k]` (sums to 1 over the keys);
+    - `rollout (batch, layer, query, key)`: `R_l` itself, when `keep_matrix`;
+    - `length (batch)`.
+
+    float64, NaN outside each sample's valid block. Needs self-attention (query == key).
+    """
+    attention, length = _attention_and_length(ds)
+    if attention.sizes["query"] != attention.sizes["key"]:
+        raise FastattnError("rollout needs self-attention: this store holds cross-attention (query != key)")
+    attention, lazy = _whole_samples(attention)
+    out_dims = [["layer", "key"]] + ([["layer", "query", "key"]] if keep_matrix else [])
+    result = xr.apply_ufunc(
+        _rollout_block,
+        attention,
+        length,
+        kwargs={"keep": keep_matrix, "parallel": not lazy},
+        input_core_dims=[list(HEAD_DIMS), []],
+        output_core_dims=out_dims,
+        output_dtypes=[np.float64] * len(out_dims),
+        dask="parallelized",
+    )
+    out = xr.Dataset()
+    if keep_matrix:
+        out["rollout_incoming"], out["rollout"] = result
+    else:
+        out["rollout_incoming"] = result
+    out["length"] = length.astype(np.int32)
+    out.attrs = {"method": "rollout (Abnar & Zuidema 2020): heads averaged, residual added, rows renormalised"}
+    return out
+
+
+ROLLOUT_GROUP = "rollout"
+
+
+def write_rollout(location, *, keep_matrix: bool = False, jobs: int | None = None,
+                  storage_options: dict | None = None) -> dict:
+    """Compute the rollout of every committed batch and write it to the store's `rollout` group.
+
+    The group is rewritten whole (`rollout_incoming` float64, `rollout` float32 with
+    `keep_matrix`), under the store's lock; its attribute `fastattn_rollout` (batches,
+    keep_matrix) is written last, so `open_rollout` never reads a half-written group.
+    Returns `{"batches": n, "keep_matrix": bool}`.
+    """
+    import dask
+    import zarr
+
+    from . import store
+
+    loc = location if isinstance(location, store.Location) else store.Location(location, storage_options)
+    with store.Lock(loc, "fastattn rollout"):
+        manifest = store.check_store(loc)
+        ds = store.open_store(loc)
+        r = rollout(ds, keep_matrix=keep_matrix)
+        if keep_matrix:
+            r["rollout"] = r["rollout"].astype(np.float32)
+        for var in r.variables.values():
+            var.encoding = {}
+        with dask.config.set(scheduler="threads", num_workers=jobs):
+            r.to_zarr(loc.zarr_store(), group=ROLLOUT_GROUP, mode="w", consolidated=False)
+        group = zarr.open_group(loc.zarr_store(), path=ROLLOUT_GROUP, mode="r+", use_consolidated=False)
+        group.attrs["fastattn_rollout"] = {"batches": manifest.committed, "keep_matrix": keep_matrix, "time": store.now()}
+    return {"batches": manifest.committed, "keep_matrix": keep_matrix}
+
+
+def open_rollout(location, *, storage_options: dict | None = None) -> xr.Dataset:
+    """The rollout written by `write_rollout` (lazily); a StoreError if there is none or it is stale."""
+    import zarr
+
+    from . import store
+
+    loc = location if isinstance(location, store.Location) else store.Location(location, storage_options)
+    manifest = store.check_store(loc)
+    try:
+        group = zarr.open_group(loc.zarr_store(read_only=True), path=ROLLOUT_GROUP, mode="r", use_consolidated=False)
+        record = dict(group.attrs).get("fastattn_rollout")
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+        record = None
+    if not record:
+        raise StoreError(f"{loc}: no rollout yet (run fastattn rollout)")
+    if record["batches"] != manifest.committed:
+        raise StoreError(
+            f"{loc}: the rollout covers {record['batches']} of {manifest.committed} batches (run fastattn rollout again)"
+        )
+    r = xr.open_zarr(loc.zarr_store(read_only=True), group=ROLLOUT_GROUP, consolidated=False)
+    r.attrs = {"store": str(loc), **record}
+    return r
+
+
+def rollout_summary(r: xr.Dataset) -> list[dict]:
+    """Per layer, the mean over samples of the rollout share of the first key ([CLS]), of
+    the last valid key ([SEP]) and of the rest, and the key most often receiving the most."""
+    incoming = np.asarray(r["rollout_incoming"].values, dtype=np.float64)  # (batch, layer, key)
+    lengths = np.asarray(r["length"].values, dtype=np.int64)
+    ok = lengths > 0
+    incoming, lengths = incoming[ok], lengths[ok]
+    rows = []
+    for layer in range(incoming.shape[1]):
+        plane = incoming[:, layer]
+        first = plane[:, 0] if len(plane) else np.zeros(0)
+        last = plane[np.arange(len(plane)), lengths - 1] if len(plane) else np.zeros(0)
+        last = np.where(lengths > 1, last, 0.0)
+        top = np.nanargmax(np.where(np.isnan(plane), -np.inf, plane), axis=1) if len(plane) else np.zeros(0, int)
+        counts = np.bincount(top) if len(top) else np.zeros(1, int)
+        rows.append({
+            "layer": layer,
+            "first_key": float(first.mean()) if len(first) else None,
+            "last_key": float(last.mean()) if len(last) else None,
+            "other_keys": float((1.0 - first - last).mean()) if len(first) else None,
+            "top_key": int(np.argmax(counts)),
+            "top_key_share": float(counts.max() / len(top)) if len(top) else 0.0,
+            "samples": int(len(plane)),
+        })
+    return rows
+
+
+# ---------------------------------------------------------------- head similarity
+
+
+def _js_block(attention, lengths, eps, parallel):
+    *lead, L, H, Q, K = attention.shape
+    flat = attention.reshape((-1, L * H, Q, K))
+    out = _divergence.pairwise_js(flat, np.asarray(lengths).reshape(-1), eps=eps, parallel=parallel)
+    return out.reshape(tuple(lead) + (L * H, L * H))
+
+
+def head_similarity(ds: xr.Dataset, eps: float = DEFAULT_EPS, per_batch: bool = False) -> xr.Dataset:
+    """Jensen–Shannon divergence between every pair of heads (all layers), lazily.
+
+    Each valid query row is smoothed first, `p' = (1 − ε)·p + ε/n` (n: the sample's
+    valid keys), then `JS(p', r') = ½KL(p'‖m) + ½KL(r'‖m)`, `m = ½(p' + r')`, natural log
+    (0 ≤ JS ≤ ln 2). Averaged over a sample's valid queries, then over samples (each
+    sample weighs the same). Returns a Dataset with `js (head_a, head_b)` (symmetric,
+    zero diagonal; flat head index `layer * heads + head`), the coordinates `a_layer,
+    a_head, b_layer, b_head, a_label, b_label` ("L{layer}H{head}"), and `js_batch (batch,
+    head_a, head_b)` when `per_batch`.
+    """
+    attention, length = _attention_and_length(ds)
+    attention, lazy = _whole_samples(attention)
+    layers, heads = attention.sizes["layer"], attention.sizes["head"]
+    n = layers * heads
+    per = xr.apply_ufunc(
+        _js_block,
+        attention,
+        length,
+        kwargs={"eps": float(eps), "parallel": not lazy},
+        input_core_dims=[list(HEAD_DIMS), []],
+        output_core_dims=[["head_a", "head_b"]],
+        output_dtypes=[np.float64],
+        dask="parallelized",
+        dask_gufunc_kwargs={"output_sizes": {"head_a": n, "head_b": n}},
+    )
+    index = np.arange(n)
+    coords = {
+        "head_a": index,
+        "head_b": index,
+        "a_layer": ("head_a", index // heads),
+        "a_head": ("head_a", index % heads),
+        "b_layer": ("head_b", index // heads),
+        "b_head": ("head_b", index % heads),
+        "a_label": ("head_a", _labels(layers, heads)),
+        "b_label": ("head_b", _labels(layers, heads)),
+    }
+    per = per.assign_coords(coords)
+    out = xr.Dataset({"js": per.mean("batch", skipna=True)})
+    if per_batch:
+        out["js_batch"] = per
+    out.attrs = {"eps": float(eps), "layers": layers, "heads": heads, "log": "natural"}
+    return out
+
+
+def _js_matrix(similarity) -> np.ndarray:
+    if isinstance(similarity, xr.Dataset):
+        similarity = similarity["js"]
+    m = np.asarray(getattr(similarity, "values", similarity), dtype=np.float64)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"need a square divergence matrix, got shape {m.shape}")
+    return m
+
+
+def mds(similarity, dims: int = 2) -> np.ndarray:
+    """Classical MDS of the heads: `(heads, dims)` coordinates whose distances approximate
+    `sqrt(JS)`.
+
+    `B = −½ J D² J` with `D² = JS` (the squared distance) and `J = I − 11ᵀ/N`; the
+    coordinates are the top `dims` eigenvectors of `B` scaled by `sqrt(max(λ, 0))`. Each
+    axis is signed so that its largest-magnitude coordinate is positive (deterministic).
+    """
+    d2 = _js_matrix(similarity)
+    d2 = np.nan_to_num(0.5 * (d2 + d2.T), nan=0.0)
+    n = d2.shape[0]
+    j = np.eye(n) - 1.0 / n
+    b = -0.5 * j @ d2 @ j
+    values, vectors = np.linalg.eigh(b)
+    order = np.argsort(values)[::-1][:dims]
+    coords = vectors[:, order] * np.sqrt(np.clip(values[order], 0.0, None))
+    for c in range(coords.shape[1]):
+        if coords.size and coords[np.argmax(np.abs(coords[:, c])), c] < 0:
+            coords[:, c] = -coords[:, c]
+    if coords.shape[1] < dims:
+        coords = np.hstack([coords, np.zeros((n, dims - coords.shape[1]))])
+    return coords
+
+
+def _mean_entropy(stats, layers: int, heads: int) -> np.ndarray | None:
+    if stats is None:
+        return None
+    if isinstance(stats, xr.Dataset):
+        if "entropy_mean" not in stats:
+            return None
+        values = stats["entropy_mean"]
+        if "batch" in values.dims:
+            values = values.mean("batch")
+        values = values.transpose("layer", "head").values
+    else:
+        values = stats
+    values = np.asarray(values, dtype=np.float64)
+    return values.reshape(layers * heads) if values.size == layers * heads else None
+
+
+def similarity_table(similarity: xr.Dataset) -> list[dict]:
+    """One dict per head: its label, MDS coordinates, and its nearest other head by JS."""
+    js = _js_matrix(similarity)
+    layers, heads = similarity.attrs["layers"], similarity.attrs["heads"]
+    labels = _labels(layers, heads)
+    xy = mds(similarity)
+    rows = []
+    for i, label in enumerate(labels):
+        others = np.where(np.arange(len(labels)) == i, np.inf, js[i])
+        j = int(np.argmin(others)) if len(labels) > 1 else i
+        rows.append({
+            "layer": i // heads, "head": i % heads, "label": label,
+            "x": float(xy[i, 0]), "y": float(xy[i, 1]),
+            "nearest": labels[j], "nearest_js": float(others[j]) if len(labels) > 1 else None,
+            "mean_js": float(np.delete(js[i], i).mean()) if len(labels) > 1 else None,
+        })
+    return rows
+
+
+def head_map(similarity: xr.Dataset, stats: xr.Dataset | None = None, *, labels: bool = True):
+    """Scatter of the heads' MDS embedding: colour = layer (colour bar), marker size = mean
+    entropy over the corpus (when `stats` has `entropy_mean`), each labelled "L{layer}H{head}".
+    Returns a matplotlib Figure (never shown)."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import BoundaryNorm
+
+    from .plot import new_figure
+
+    layers, heads = similarity.attrs["layers"], similarity.attrs["heads"]
+    xy = mds(similarity)
+    entropy = _mean_entropy(stats, layers, heads)
+    if entropy is not None and np.isfinite(entropy).any():
+        top = np.nanmax(entropy) or 1.0
+        sizes = 20.0 + 220.0 * np.nan_to_num(entropy / top, nan=0.0)
+    else:
+        sizes = np.full(layers * heads, 60.0)
+    layer_of = np.arange(layers * heads) // heads
+    cmap = colormaps["viridis"].resampled(max(layers, 1))
+    norm = BoundaryNorm(np.arange(layers + 1) - 0.5, cmap.N)
+    fig = new_figure((8.5, 7.0))
+    ax = fig.subplots()
+    ax.scatter(xy[:, 0], xy[:, 1], c=layer_of, cmap=cmap, norm=norm, s=sizes, alpha=0.8, edgecolors="black", linewidths=0.4)
+    if labels:
+        for i, label in enumerate(_labels(layers, heads)):
+            ax.annotate(label, xy[i], fontsize=6.5, xytext=(3, 3), textcoords="offset points")
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, ticks=np.arange(layers))
+    bar.set_label("Layer")
+    ax.set_xlabel("MDS 1")
+    ax.set_ylabel("MDS 2")
+    size_note = "marker size: mean entropy" if entropy is not None else "marker size: constant (no statistics)"
+    ax.set_title(
+        f"Heads by Jensen–Shannon divergence (classical MDS of sqrt JS, ε = {similarity.attrs.get('eps', DEFAULT_EPS):g})\n"
+        f"colour: layer; {size_note}",
+        fontsize=10,
+    )
+    ax.set_aspect("equal", adjustable="datalim")
+    return fig
+
+
+# ---------------------------------------------------------------- statistics of a store
+
+
+def corpus_stats(source, *, k: int = 5) -> xr.Dataset:
+    """The per-plane statistics of a store path or Dataset, with `source`/`source_index`
+    when known: a store's committed `stats` group when it covers every batch, else
+    computed lazily (nothing is written). A Dataset that already holds statistics is
+    returned as it is."""
+    from . import store
+    from .stats import compute_stats
+
+    if isinstance(source, xr.Dataset) and "entropy_mean" in source:
+        return source
+    if isinstance(source, (str, os.PathLike, store.Location)):
+        loc = source if isinstance(source, store.Location) else store.Location(source)
+        manifest = store.check_store(loc)
+        ds = store.open_store(loc)
+        if manifest.stats_committed == manifest.committed and manifest.committed:
+            from .stats import open_stats
+
+            st = open_stats(loc)
+        else:
+            st = compute_stats(ds, k=k)
+    elif isinstance(source, xr.Dataset):
+        ds = source
+        st = compute_stats(ds, k=k)
+    else:
+        raise TypeError(f"need a store path or an xarray Dataset, not {type(source).__name__}")
+    extra = {name: ds[name] for name in ("source", "source_index", "length") if name in ds and name not in st}
+    st = st.assign(extra) if extra else st
+    st.attrs.setdefault("store", ds.attrs.get("store"))
+    return st
+
+
+# ---------------------------------------------------------------- comparing two stores
+
+COMPARE_MATCHES = ("position", "source")
+
+
+def match_batches(a: xr.Dataset, b: xr.Dataset, match: str = "position") -> tuple[np.ndarray, np.ndarray]:
+    """Indices `(ia, ib)` of the batches paired between `a` and `b`.
+
+    "position": the common prefix, batch i with batch i. "source": equal `(source,
+    source_index)` (the same sample of the same dump file), in `a`'s order.
+    """
+    if match == "position":
+        n = min(a.sizes["batch"], b.sizes["batch"])
+        return np.arange(n), np.arange(n)
+    if match == "source":
+        for name, ds in (("first", a), ("second", b)):
+            if "source" not in ds or "source_index" not in ds:
+                raise FastattnError(f"--match source: the {name} dataset has no source/source_index")
+        key_b: dict = {}
+        for i, key in enumerate(zip(np.asarray(b["source"].values).tolist(), np.asarray(b["source_index"].values).tolist())):
+            key_b.setdefault(key, i)
+        pairs = []
+        seen = set()
+        for i, key in enumerate(zip(np.asarray(a["source"].values).tolist(), np.asarray(a["source_index"].values).tolist())):
+            if key in key_b and key not in seen:
+                seen.add(key)
+                pairs.append((i, key_b[key]))
+        ia = np.array([p[0] for p in pairs], dtype=np.int64)
+        ib = np.array([p[1] for p in pairs], dtype=np.int64)
+        return ia, ib
+    raise FastattnError(f"match must be one of {', '.join(COMPARE_MATCHES)}, not '{match}'")
+
+
+def js_divergence(p: np.ndarray, q: np.ndarray, axis: int = -1) -> np.ndarray:
+    """JS divergence (natural log) of distributions along `axis`; 0·ln 0 = 0, no smoothing."""
+    p = np.asarray(p, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    m = 0.5 * (p + q)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tp = np.where(p > 0, p * np.log(p / np.where(m > 0, m, 1.0)), 0.0)
+        tq = np.where(q > 0, q * np.log(q / np.where(m > 0, m, 1.0)), 0.0)
+    return 0.5 * (tp.sum(axis) + tq.sum(axis))
+
+
+def _normalise(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    total = x.sum(axis, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(total > 0, x / np.where(total > 0, total, 1.0), 0.0)
+
+
+def _peak_histogram(peak: xr.DataArray, keys: int) -> np.ndarray:
+    """(layer, head, key) share of the batches whose peak key is each key, lazily reduced."""
+    onehot = peak == xr.DataArray(np.arange(keys), dims="peak")
+    counts = onehot.sum("batch").transpose("layer", "head", "peak").values.astype(np.float64)
+    return _normalise(counts)
+
+
+def compare_stats(sa: xr.Dataset, sb: xr.Dataset) -> xr.Dataset:
+    """The numeric core of `compare`: statistics of matched batches (same batch count, batch
+    i of `sa` paired with batch i of `sb`) → per (layer, head) changes; see `compare`."""
+    if sa.sizes["batch"] != sb.sizes["batch"]:
+        raise ValueError("compare_stats needs matched batches (the same count on both sides)")
+    if (sa.sizes["layer"], sa.sizes["head"]) != (sb.sizes["layer"], sb.sizes["head"]):
+        raise FastattnError(
+            f"the stores have different shapes: {sa.sizes['layer']}x{sa.sizes['head']}"
+            f" and {sb.sizes['layer']}x{sb.sizes['head']} (layers x heads)"
+        )
+    n = sa.sizes["batch"]
+    keys = max(sa.sizes["key"], sb.sizes["key"])
+    out = xr.Dataset(coords={"layer": np.arange(sa.sizes["layer"]), "head": np.arange(sa.sizes["head"])})
+
+    def means(st):
+        names = ["entropy_mean", "entropy_norm", "self_attention"]
+        m = st[names].mean("batch", skipna=True).transpose("layer", "head").compute()
+        return {name: np.asarray(m[name].values, dtype=np.float64) for name in names}
+
+    def incoming(st):
+        total = st["col_sum"].fillna(0.0).astype(np.float64).sum("batch").transpose("layer", "head", "key").values
+        padded = np.zeros(total.shape[:2] + (keys,))
+        padded[..., : total.shape[-1]] = total
+        return _normalise(padded)
+
+    ma, mb = means(sa), means(sb)
+    ha, hb = _peak_histogram(sa["peak_key"], keys), _peak_histogram(sb["peak_key"], keys)
+    ia, ib = incoming(sa), incoming(sb)
+    dims = ("layer", "head")
+    out["entropy_a"] = dims, ma["entropy_mean"]
+    out["entropy_b"] = dims, mb["entropy_mean"]
+    out["d_entropy"] = dims, mb["entropy_mean"] - ma["entropy_mean"]
+    out["d_entropy_norm"] = dims, mb["entropy_norm"] - ma["entropy_norm"]
+    out["self_a"] = dims, ma["self_attention"]
+    out["self_b"] = dims, mb["self_attention"]
+    out["d_self"] = dims, mb["self_attention"] - ma["self_attention"]
+    out["peak_tv"] = dims, 0.5 * np.abs(ha - hb).sum(-1)
+    out["incoming_js"] = dims, js_divergence(ia, ib)
+    score = (
+        np.nan_to_num(np.abs(out["d_entropy_norm"].values))
+        + np.nan_to_num(np.abs(out["d_self"].values))
+        + out["peak_tv"].values
+        + out["incoming_js"].values / LN2
+    )
+    out["score"] = dims, score
+    out.attrs = {"batches": n}
+    return out
+
+
+def compare(a, b, match: str = "position") -> xr.Dataset:
+    """What changed per (layer, head) from store `a` to store `b` (paths or Datasets).
+
+    Batches are paired by `match_batches` ("position" or "source"). Over the matched
+    batches, per (layer, head):
+
+    - `d_entropy` = mean entropy(b) − mean entropy(a) (nats; also `d_entropy_norm`);
+    - `d_self` = mean self-attention(b) − (a);
+    - `peak_tv` = total variation ½Σ_k |h_a(k) − h_b(k)| between the histograms of the
+      peak key (the key with the most incoming attention) over the batches;
+    - `incoming_js` = JS divergence (natural log) between the mean incoming attention
+      `Σ_batches col_sum` normalised to sum to 1 (keys past a sample's length count 0);
+    - `score` = |d_entropy_norm| + |d_self| + peak_tv + incoming_js / ln 2: four terms
+      each in [0, 1], so 0 ≤ score ≤ 4; `ranked_changes` sorts by it.
+    """
+    sa, sb = corpus_stats(a), corpus_stats(b)
+    ia, ib = match_batches(sa, sb, match)
+    if len(ia) == 0:
+        raise FastattnError(f"no batches match between the two stores (match={match})")
+    keep = [v for v in ("entropy_mean", "entropy_norm", "self_attention", "peak_key", "col_sum") if v in sa]
+    ma = sa[keep].isel(batch=ia).assign_coords(batch=np.arange(len(ia)))
+    mb = sb[keep].isel(batch=ib).assign_coords(batch=np.arange(len(ib)))
+    out = compare_stats(ma, mb)
+    out.attrs.update({
+        "match": match,
+        "batches_a": int(sa.sizes["batch"]),
+        "batches_b": int(sb.sizes["batch"]),
+        "a": str(sa.attrs.get("store") or ""),
+        "b": str(sb.attrs.get("store") or ""),
+    })
+    return out
+
+
+CHANGE_FIELDS = ("d_entropy", "d_entropy_norm", "d_self", "peak_tv", "incoming_js", "score")
+
+
+def ranked_changes(cmp: xr.Dataset, top: int | None = None) -> list[dict]:
+    """The heads by descending `score` (ties: by layer, then head), as plain dicts."""
+    rows = []
+    for layer in range(cmp.sizes["layer"]):
+        for head in range(cmp.sizes["head"]):
+            row = {"layer": layer, "head": head, "label": f"L{layer}H{head}"}
+            for name in ("entropy_a", "entropy_b", "self_a", "self_b", *CHANGE_FIELDS):
+                value = float(cmp[name].values[layer, head])
+                row[name] = None if math.isnan(value) else value
+            rows.append(row)
+    rows.sort(key=lambda r: (-(r["score"] or 0.0), r["layer"], r["head"]))
+    return rows[:top] if top is not None else rows
+
+
+def compare_map(cmp: xr.Dataset, value: str = "score"):
+    """Layer × head heatmap of one change (default `score`), each cell annotated."""
+    from .plot import new_figure
+
+    data = np.asarray(cmp[value].transpose("layer", "head").values, dtype=np.float64)
+    layers, heads = data.shape
+    signed = value.startswith("d_")
+    fig = new_figure((min(22.0, max(8.0, 0.6 * heads + 4)), min(16.0, max(3.0, 0.5 * layers + 2))))
+    ax = fig.subplots()
+    if signed:
+        bound = float(np.nanmax(np.abs(data))) if np.isfinite(data).any() else 0.0
+        bound = bound or 1.0
+        image = ax.imshow(data, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto", interpolation="nearest")
+    else:
+        top = float(np.nanmax(data)) if np.isfinite(data).any() else 0.0
+        image = ax.imshow(data, cmap="magma_r", vmin=0.0, vmax=top or 1.0, aspect="auto", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label=value)
+    ax.set_xticks(np.arange(heads))
+    ax.set_yticks(np.arange(layers))
+    ax.set_xlabel("Head")
+    ax.set_ylabel("Layer")
+    if layers * heads <= 400:
+        for layer in range(layers):
+            for head in range(heads):
+                ax.text(head, layer, f"{data[layer, head]:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_title(
+        f"Change per head ({value}) over {cmp.attrs.get('batches', '?')} matched batches"
+        f" (match: {cmp.attrs.get('match', '?')})",
+        fontsize=10,
+    )
+    return fig
+
+
+# ---------------------------------------------------------------- head roles
+
+#: Per-batch rules, in priority order: a batch's label is the first rule that holds.
+ROLE_RULES = (
+    "previous-token",  # the top key of at least TOP_SHARE of the valid queries q ≥ 1 is q − 1
+    "next-token",      # ... of the valid queries q ≤ n − 2 is q + 1
+    "self",            # ... of the valid queries is q itself
+    "first-token",     # key 0 receives at least SINK_SHARE of all attention (col_sum[0] / n)
+    "last-token",      # key n − 1 receives at least SINK_SHARE of all attention
+    "single-key",      # some other key receives at least SINK_SHARE of all attention
+    "local",           # mean attention distance ≤ min(LOCAL_DISTANCE, n / 8) tokens
+    "broad",           # normalised entropy ≥ BROAD_ENTROPY
+)
+ROLES = ROLE_RULES + ("mixed",)
+TOP_SHARE = 0.5
+SINK_SHARE = 0.25
+LOCAL_DISTANCE = 2.0
+BROAD_ENTROPY = 0.85
+#: A head gets a role when that label holds in at least this share of its batches.
+ROLE_SHARE = 0.5
+#: Samples shorter than this are not classified (every rule is trivial there).
+MIN_LENGTH = 4
+
+
+def role_evidence(stats: xr.Dataset) -> xr.Dataset:
+    """Per (batch, layer, head), lazily: the numbers the role rules test.
+
+    From the statistics only (never the attention): `previous, next, self` = share of the
+    valid queries whose top key (`topk_index` rank 0) is q − 1 / q + 1 / q; `first, last,
+    peak` = incoming attention share `col_sum[k] / n` of key 0 / key n − 1 / the most
+    attended key; `distance` = `distance_mean`, `entropy` = `entropy_norm`; `length`.
+    """
+    top = stats["topk_index"].isel(rank=0, drop=True)
+    q = xr.DataArray(np.arange(top.sizes["query"]), dims="query")
+    valid = top >= 0
+    if "length" in stats:
+        n = stats["length"].astype(np.int64)
+    else:
+        n = valid.sum("query")
+    count = valid.sum("query")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = xr.Dataset()
+        out["previous"] = ((top == q - 1) & valid).sum("query") / (valid & (q >= 1)).sum("query")
+        out["next"] = ((top == q + 1) & valid).sum("query") / (valid & (q <= n - 2)).sum("query")
+        out["self"] = ((top == q) & valid).sum("query") / count
+        col = stats["col_sum"].astype(np.float64)
+        nf = n.astype(np.float64)
+        out["first"] = col.isel(key=0, drop=True) / nf
+        key = xr.DataArray(np.arange(col.sizes["key"]), dims="key")
+        out["last"] = xr.where(key == n - 1, col, 0.0).sum("key") / nf
+        out["peak"] = col.max("key") / nf
+    out["distance"] = stats["distance_mean"].astype(np.float64)
+    out["entropy"] = stats["entropy_norm"].astype(np.float64)
+    out["length"] = n.broadcast_like(out["self"]).astype(np.int64)
+    return out
+
+
+def _rule_holds(ev: dict) -> dict:
+    """Per-batch truth of every rule (numpy arrays of the evidence → booleans)."""
+    n = ev["length"]
+    return {
+        "previous-token": ev["previous"] >= TOP_SHARE,
+        "next-token": ev["next"] >= TOP_SHARE,
+        "self": ev["self"] >= TOP_SHARE,
+        "first-token": ev["first"] >= SINK_SHARE,
+        "last-token": ev["last"] >= SINK_SHARE,
+        "single-key": ev["peak"] >= SINK_SHARE,
+        "local": ev["distance"] <= np.minimum(LOCAL_DISTANCE, n / 8.0),
+        "broad": ev["entropy"] >= BROAD_ENTROPY,
+    }
+
+
+def batch_roles(stats: xr.Dataset) -> xr.DataArray:
+    """The per-batch label of every (batch, layer, head): the index into `ROLE_RULES` of
+    the first rule that holds, −1 when none holds, −2 for samples shorter than MIN_LENGTH."""
+    ev = role_evidence(stats).transpose("batch", "layer", "head").compute()
+    arrays = {name: np.asarray(ev[name].values) for name in ev.data_vars}
+    holds = _rule_holds(arrays)
+    label = np.full(arrays["self"].shape, -1, dtype=np.int16)
+    for i in range(len(ROLE_RULES) - 1, -1, -1):  # lowest index wins
+        label[np.asarray(holds[ROLE_RULES[i]], dtype=bool)] = i
+    label[arrays["length"] < MIN_LENGTH] = -2
+    return xr.DataArray(label, dims=("batch", "layer", "head"), attrs={"rules": list(ROLE_RULES)})
+
+
+def head_roles(stats: xr.Dataset, *, share: float = ROLE_SHARE) -> list[dict]:
+    """The role of every (layer, head), one dict each, from the statistics of a corpus.
+
+    Each batch gets the first rule of `ROLE_RULES` that holds (see `batch_roles`); a head's
+    role is its most common batch label if that holds in at least `share` of the batches
+    (of length ≥ MIN_LENGTH), else "mixed". Dict keys: `layer, head, label` ("L0H2"),
+    `role`, `support` (share of batches with that label; for "mixed" the largest share),
+    `batches`, `shares` ({rule: share} of every rule that labels any batch), and the mean
+    evidence `previous, next, self, first, last, peak, distance, entropy`.
+    """
+    labels = batch_roles(stats).values
+    ev = role_evidence(stats).transpose("batch", "layer", "head")
+    means = ev.drop_vars("length").where(ev["length"] >= MIN_LENGTH).mean("batch", skipna=True).compute()
+    _, layers, heads = labels.shape
+    rows = []
+    for layer in range(layers):
+        for head in range(heads):
+            col = labels[:, layer, head]
+            col = col[col != -2]
+            counts = np.bincount(col[col >= 0], minlength=len(ROLE_RULES))
+            total = len(col)
+            shares = {ROLE_RULES[i]: float(counts[i] / total) for i in range(len(ROLE_RULES)) if counts[i]}
+            best = int(np.argmax(counts)) if total else -1
+            best_share = float(counts[best] / total) if total else 0.0
+            role = ROLE_RULES[best] if total and counts[best] and best_share >= share else "mixed"
+            row = {
+                "layer": layer, "head": head, "label": f"L{layer}H{head}",
+                "role": role, "support": best_share, "batches": int(total), "shares": shares,
+            }
+            for name in ("previous", "next", "self", "first", "last", "peak", "distance", "entropy"):
+                value = float(means[name].values[layer, head])
+                row[name] = None if math.isnan(value) else value
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- streaming summaries
+
+
+@dataclass
+class Moments:
+    """Count, mean and M2 (sum of squared deviations) per cell; mergeable (Chan et al. 1979).
+
+    Merging `a` and `b`: `n = n_a + n_b`, `δ = mean_b − mean_a`,
+    `mean = mean_a + δ·n_b/n`, `M2 = M2_a + M2_b + δ²·n_a·n_b/n`. NaN values are skipped.
+    """
+
+    count: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @classmethod
+    def empty(cls, shape) -> Moments:
+        return cls(np.zeros(shape, dtype=np.int64), np.zeros(shape), np.zeros(shape))
+
+    @classmethod
+    def of(cls, values: np.ndarray, axis: int = 0) -> Moments:
+        """The moments of one block along `axis` (two-pass within the block)."""
+        x = np.asarray(values, dtype=np.float64)
+        ok = ~np.isnan(x)
+        count = ok.sum(axis)
+        total = np.where(ok, x, 0.0).sum(axis)
+        mean = np.divide(total, count, out=np.zeros(count.shape), where=count > 0)
+        dev = np.where(ok, x - np.expand_dims(mean, axis), 0.0)
+        return cls(count.astype(np.int64), mean, (dev * dev).sum(axis))
+
+    def merge(self, other: Moments) -> Moments:
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        safe = np.where(n > 0, n, 1)
+        mean = np.where(n > 0, self.mean + delta * other.count / safe, 0.0)
+        m2 = self.m2 + other.m2 + np.where(n > 0, delta * delta * self.count * other.count / safe, 0.0)
+        return Moments(n, mean, m2)
+
+    @property
+    def variance(self) -> np.ndarray:
+        """Population variance M2 / n (NaN where n = 0)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(self.count > 0, self.m2 / np.where(self.count > 0, self.count, 1), np.nan)
+
+    @property
+    def mean_or_nan(self) -> np.ndarray:
+        return np.where(self.count > 0, self.mean, np.nan)
+
+
+def histogram_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Counts per cell of `values (batch, *cell)` in the bins `edges` (like np.histogram:
+    half-open bins, the last one closed; values outside the edges and NaN are dropped)."""
+    x = np.asarray(values, dtype=np.float64)
+    bins = len(edges) - 1
+    cells = int(np.prod(x.shape[1:], dtype=np.int64))
+    flat = x.reshape(x.shape[0], cells)
+    ok = ~np.isnan(flat) & (flat >= edges[0]) & (flat <= edges[-1])
+    index = np.searchsorted(edges, np.where(ok, flat, edges[0]), side="right") - 1
+    index = np.clip(index, 0, bins - 1)
+    target = (np.arange(cells)[None, :] * bins + index)[ok]
+    counts = np.bincount(target, minlength=cells * bins)
+    return counts.reshape(x.shape[1:] + (bins,))
+
+
+@dataclass
+class SummaryAccumulator:
+    """Everything `streaming_summary` keeps: per (layer, head) moments of entropy (nats),
+    normalised entropy and peak key, and histograms of normalised entropy and peak key.
+    `update(block)` adds a block of batches; `merge(other)` combines two accumulators
+    (for chunks summarised separately, e.g. on several workers)."""
+
+    entropy_edges: np.ndarray
+    keys: int
+    entropy: Moments | None = None
+    entropy_norm: Moments | None = None
+    peak_key: Moments | None = None
+    entropy_hist: np.ndarray | None = None
+    peak_hist: np.ndarray | None = None
+    batches: int = 0
+    shape: tuple = field(default=())
+
+    def _init(self, shape) -> None:
+        self.shape = tuple(shape)
+        self.entropy = Moments.empty(shape)
+        self.entropy_norm = Moments.empty(shape)
+        self.peak_key = Moments.empty(shape)
+        self.entropy_hist = np.zeros(self.shape + (len(self.entropy_edges) - 1,), dtype=np.int64)
+        self.peak_hist = np.zeros(self.shape + (self.keys,), dtype=np.int64)
+
+    def update(self, entropy: np.ndarray, entropy_norm: np.ndarray, peak_key: np.ndarray) -> SummaryAccumulator:
+        """Add a block of `(batch, layer, head)` values (peak keys < 0 are skipped)."""
+        if self.entropy is None:
+            self._init(np.shape(entropy)[1:])
+        peak = np.asarray(peak_key)
+        peak_f = np.where(peak >= 0, peak, np.nan).astype(np.float64)
+        self.entropy = self.entropy.merge(Moments.of(entropy))
+        self.entropy_norm = self.entropy_norm.merge(Moments.of(entropy_norm))
+        self.peak_key = self.peak_key.merge(Moments.of(peak_f))
+        self.entropy_hist += histogram_counts(entropy_norm, self.entropy_edges)
+        self.peak_hist += histogram_counts(peak_f, np.arange(self.keys + 1, dtype=np.float64) - 0.5)
+        self.batches += int(np.shape(entropy)[0])
+        return self
+
+    def merge(self, other: SummaryAccumulator) -> SummaryAccumulator:
+        if other.entropy is None:
+            return self
+        if self.entropy is None:
+            return other
+        out = SummaryAccumulator(self.entropy_edges, self.keys)
+        out.shape = self.shape
+        out.entropy = self.entropy.merge(other.entropy)
+        out.entropy_norm = self.entropy_norm.merge(other.entropy_norm)
+        out.peak_key = self.peak_key.merge(other.peak_key)
+        out.entropy_hist = self.entropy_hist + other.entropy_hist
+        out.peak_hist = self.peak_hist + other.peak_hist
+        out.batches = self.batches + other.batches
+        return out
+
+    def result(self) -> xr.Dataset:
+        if self.entropy is None:
+            raise FastattnError("nothing to summarise: no batches")
+        dims = ("layer", "head")
+        centres = 0.5 * (self.entropy_edges[:-1] + self.entropy_edges[1:])
+        return xr.Dataset(
+            {
+                "count": (dims, self.entropy_norm.count),
+                "entropy_mean": (dims, self.entropy.mean_or_nan),
+                "entropy_var": (dims, self.entropy.variance),
+                "entropy_norm_mean": (dims, self.entropy_norm.mean_or_nan),
+                "entropy_norm_var": (dims, self.entropy_norm.variance),
+                "peak_key_mean": (dims, self.peak_key.mean_or_nan),
+                "peak_key_var": (dims, self.peak_key.variance),
+                "entropy_norm_hist": (dims + ("bin",), self.entropy_hist),
+                "peak_key_hist": (dims + ("key",), self.peak_hist),
+            },
+            coords={
+                "layer": np.arange(self.shape[0]),
+                "head": np.arange(self.shape[1]),
+                "bin": centres,
+                "bin_lower": ("bin", self.entropy_edges[:-1]),
+                "bin_upper": ("bin", self.entropy_edges[1:]),
+                "key": np.arange(self.keys),
+            },
+            attrs={"batches": self.batches, "variance": "population (M2 / n)"},
+        )
+
+
+SUMMARY_VARS = ("entropy_mean", "entropy_norm", "peak_key")
+
+
+def summary_blocks(stats: xr.Dataset, batch_chunk: int | None = None):
+    """Yield `(entropy, entropy_norm, peak_key)` numpy blocks of `(batch, layer, head)`,
+    `batch_chunk` batches at a time (default: the statistics' own chunking along batch)."""
+    n = stats.sizes["batch"]
+    if batch_chunk is None:
+        chunks = stats["entropy_norm"].chunks
+        batch_chunk = int(max(chunks[stats["entropy_norm"].dims.index("batch")])) if chunks else 4096
+    batch_chunk = max(1, int(batch_chunk))
+    view = stats[list(SUMMARY_VARS)].transpose("batch", "layer", "head")
+    for start in range(0, n, batch_chunk):
+        block = view.isel(batch=slice(start, min(n, start + batch_chunk))).compute()
+        yield tuple(np.asarray(block[name].values) for name in SUMMARY_VARS)
+
+
+def streaming_summary(source, bins: int = 20, *, batch_chunk: int | None = None,
+                      keys: int | None = None) -> xr.Dataset:
+    """Per (layer, head) moments and histograms over the whole corpus, in one chunked pass.
+
+    `source` is a store path (its committed `stats` group) or a statistics Dataset. Reads
+    `batch_chunk` batches at a time (default: the stored chunking) and folds each block
+    into a `SummaryAccumulator`, so memory is one block plus the accumulators, whatever
+    the number of batches. Returns `count`, `entropy_mean/var` (nats), `entropy_norm_mean/var`,
+    `peak_key_mean/var` (population variances), `entropy_norm_hist (layer, head, bin)`
+    (`bins` equal bins over [0, 1]) and `peak_key_hist (layer, head, key)` (one bin per key).
+    """
+    if isinstance(source, xr.Dataset):
+        stats = source
+    else:
+        from .stats import open_stats
+
+        stats = open_stats(source)
+    if bins < 1:
+        raise ValueError(f"bins must be at least 1, not {bins}")
+    if keys is None:
+        keys = int(stats.sizes.get("key") or stats.sizes.get("query") or 0)
+        if not keys:
+            raise ValueError("cannot tell the number of keys: pass keys=")
+    acc = SummaryAccumulator(np.linspace(0.0, 1.0, bins + 1), keys)
+    for block in summary_blocks(stats, batch_chunk):
+        acc.update(*block)
+    return acc.result()

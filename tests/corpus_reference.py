@@ -1,0 +1,239 @@
+"""Plain float64 NumPy references for fastattn.corpus: loops over samples, written for
+clarity, not speed. Inputs are `(batch, layer, head, S, S)` attention arrays (anything
+outside each sample's `length × length` block is ignored) and `(batch,)` lengths."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def block(att, lengths, b):
+    """Sample b's valid block, float64: (layer, head, n, n)."""
+    n = int(lengths[b])
+    return np.asarray(att[b], dtype=np.float64)[:, :, :n, :n]
+
+
+# ---------------------------------------------------------------- rollout
+
+
+def rollout(att, lengths):
+    """(incoming (B, L, S), matrix (B, L, S, S)), NaN outside the valid block."""
+    B, L, H, S, _ = att.shape
+    incoming = np.full((B, L, S), np.nan)
+    matrix = np.full((B, L, S, S), np.nan)
+    for b in range(B):
+        a = block(att, lengths, b)
+        n = a.shape[-1]
+        if n == 0:
+            continue
+        r = None
+        for layer in range(L):
+            hat = a[layer].mean(axis=0) + np.eye(n)
+            hat = hat / hat.sum(axis=1, keepdims=True)
+            r = hat if r is None else hat @ r
+            matrix[b, layer, :n, :n] = r
+            incoming[b, layer, :n] = r.mean(axis=0)
+    return incoming, matrix
+
+
+# ---------------------------------------------------------------- Jensen–Shannon
+
+
+def kl(p, q):
+    p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
+    total = 0.0
+    for x, y in zip(p, q):
+        if x > 0:
+            total += x * np.log(x / y)
+    return total
+
+
+def js(p, q):
+    m = 0.5 * (np.asarray(p, dtype=np.float64) + np.asarray(q, dtype=np.float64))
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+def head_similarity(att, lengths, eps=1e-3, per_batch=False):
+    """(N, N) mean over samples of the mean over valid queries of JS between smoothed rows."""
+    B, L, H, S, _ = att.shape
+    N = L * H
+    out = np.zeros((B, N, N))
+    for b in range(B):
+        a = block(att, lengths, b).reshape(N, int(lengths[b]), int(lengths[b]))
+        n = a.shape[-1]
+        for q in range(n):
+            rows = (1 - eps) * a[:, q, :] + eps / n  # (N, n), all > 0 when eps > 0
+            p, r = rows[:, None, :], rows[None, :, :]
+            m = 0.5 * (p + r)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                kl_p = np.where(p > 0, p * np.log(p / m), 0.0).sum(axis=-1)
+                kl_r = np.where(r > 0, r * np.log(r / m), 0.0).sum(axis=-1)
+            out[b] += 0.5 * kl_p + 0.5 * kl_r
+        out[b] /= n
+        np.fill_diagonal(out[b], 0.0)
+    return out if per_batch else out.mean(axis=0)
+
+
+def mds(d2, dims=2):
+    """Classical (Torgerson) MDS of squared distances, axes signed like fastattn.corpus.mds."""
+    d2 = np.asarray(d2, dtype=np.float64)
+    n = len(d2)
+    centred = d2 - d2.mean(axis=0, keepdims=True) - d2.mean(axis=1, keepdims=True) + d2.mean()
+    gram = -0.5 * centred
+    w, v = np.linalg.eigh(gram)
+    idx = np.argsort(w)[::-1][:dims]
+    x = v[:, idx] * np.sqrt(np.maximum(w[idx], 0))
+    for c in range(dims):
+        if x[np.argmax(np.abs(x[:, c])), c] < 0:
+            x[:, c] *= -1
+    return x
+
+
+# ---------------------------------------------------------------- per-plane statistics
+
+
+def plane_stats(att, lengths):
+    """What the roles and compare need, per (batch, layer, head), from the attention."""
+    B, L, H, S, _ = att.shape
+    out = {
+        name: np.full((B, L, H), np.nan)
+        for name in ("entropy_mean", "entropy_norm", "self_attention", "distance_mean",
+                     "previous", "next", "self", "first", "last", "peak")
+    }
+    out["peak_key"] = np.full((B, L, H), -1, dtype=np.int64)
+    out["col_sum"] = np.full((B, L, H, S), np.nan)
+    for b in range(B):
+        a = block(att, lengths, b)
+        n = a.shape[-1]
+        if n == 0:
+            continue
+        q = np.arange(n)
+        for layer in range(L):
+            for head in range(H):
+                p = a[layer, head]
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    ent = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
+                out["entropy_mean"][b, layer, head] = ent.mean()
+                out["entropy_norm"][b, layer, head] = ent.mean() / np.log(n) if n > 1 else np.nan
+                out["self_attention"][b, layer, head] = np.diag(p).mean()
+                out["distance_mean"][b, layer, head] = (p * np.abs(q[:, None] - q[None, :])).sum(axis=1).mean()
+                col = p.sum(axis=0)
+                out["col_sum"][b, layer, head, :n] = col
+                out["peak_key"][b, layer, head] = int(np.argmax(col))
+                top = np.argmax(p, axis=1)  # ties: the lower key, like fastattn's top-k
+                out["previous"][b, layer, head] = np.mean(top[1:] == q[1:] - 1) if n > 1 else np.nan
+                out["next"][b, layer, head] = np.mean(top[:-1] == q[:-1] + 1) if n > 1 else np.nan
+                out["self"][b, layer, head] = np.mean(top == q)
+                out["first"][b, layer, head] = col[0] / n
+                out["last"][b, layer, head] = col[n - 1] / n
+                out["peak"][b, layer, head] = col.max() / n
+    return out
+
+
+# ---------------------------------------------------------------- roles
+
+RULES = ("previous-token", "next-token", "self", "first-token", "last-token", "single-key", "local", "broad")
+
+
+def batch_label(ps, b, layer, head, lengths):
+    """The first rule that holds for one plane (None: no rule; 'short': not classified)."""
+    from fastattn.corpus import BROAD_ENTROPY, LOCAL_DISTANCE, MIN_LENGTH, SINK_SHARE, TOP_SHARE
+
+    n = int(lengths[b])
+    if n < MIN_LENGTH:
+        return "short"
+    v = {name: ps[name][b, layer, head] for name in ps if name not in ("col_sum",)}
+    if v["previous"] >= TOP_SHARE:
+        return "previous-token"
+    if v["next"] >= TOP_SHARE:
+        return "next-token"
+    if v["self"] >= TOP_SHARE:
+        return "self"
+    if v["first"] >= SINK_SHARE:
+        return "first-token"
+    if v["last"] >= SINK_SHARE:
+        return "last-token"
+    if v["peak"] >= SINK_SHARE:
+        return "single-key"
+    if v["distance_mean"] <= min(LOCAL_DISTANCE, n / 8):
+        return "local"
+    if v["entropy_norm"] >= BROAD_ENTROPY:
+        return "broad"
+    return None
+
+
+def roles(att, lengths, share=0.5):
+    """(layer, head) array of role names and of supports."""
+    B, L, H = att.shape[:3]
+    ps = plane_stats(att, lengths)
+    names = np.empty((L, H), dtype=object)
+    support = np.zeros((L, H))
+    for layer in range(L):
+        for head in range(H):
+            labels = [batch_label(ps, b, layer, head, lengths) for b in range(B)]
+            labels = [x for x in labels if x != "short"]
+            best, best_count = None, 0
+            for rule in RULES:  # in priority order: a tie goes to the earlier rule
+                c = labels.count(rule)
+                if c > best_count:
+                    best, best_count = rule, c
+            support[layer, head] = best_count / len(labels) if labels else 0.0
+            names[layer, head] = best if best and support[layer, head] >= share else "mixed"
+    return names, support
+
+
+# ---------------------------------------------------------------- compare
+
+
+def compare(pa, pb):
+    """Per (layer, head) changes between the plane statistics of matched batches."""
+    L, H = pa["entropy_mean"].shape[1:]
+    keys = max(pa["col_sum"].shape[-1], pb["col_sum"].shape[-1])
+    out = {name: np.zeros((L, H)) for name in ("d_entropy", "d_entropy_norm", "d_self", "peak_tv", "incoming_js", "score")}
+    for layer in range(L):
+        for head in range(H):
+            ea, eb = np.nanmean(pa["entropy_mean"][:, layer, head]), np.nanmean(pb["entropy_mean"][:, layer, head])
+            na, nb = np.nanmean(pa["entropy_norm"][:, layer, head]), np.nanmean(pb["entropy_norm"][:, layer, head])
+            sa, sb = np.nanmean(pa["self_attention"][:, layer, head]), np.nanmean(pb["self_attention"][:, layer, head])
+            ha = np.bincount(pa["peak_key"][:, layer, head], minlength=keys)[:keys] / len(pa["peak_key"])
+            hb = np.bincount(pb["peak_key"][:, layer, head], minlength=keys)[:keys] / len(pb["peak_key"])
+            ia = np.zeros(keys)
+            ib = np.zeros(keys)
+            ca = np.nan_to_num(pa["col_sum"][:, layer, head]).sum(axis=0)
+            cb = np.nan_to_num(pb["col_sum"][:, layer, head]).sum(axis=0)
+            ia[: len(ca)] = ca
+            ib[: len(cb)] = cb
+            ia, ib = ia / ia.sum(), ib / ib.sum()
+            out["d_entropy"][layer, head] = eb - ea
+            out["d_entropy_norm"][layer, head] = nb - na
+            out["d_self"][layer, head] = sb - sa
+            out["peak_tv"][layer, head] = 0.5 * np.abs(ha - hb).sum()
+            out["incoming_js"][layer, head] = js(ia, ib)
+            out["score"][layer, head] = (
+                abs(nb - na) + abs(sb - sa) + out["peak_tv"][layer, head] + out["incoming_js"][layer, head] / np.log(2)
+            )
+    return out
+
+
+# ---------------------------------------------------------------- summaries
+
+
+def summary(entropy, entropy_norm, peak_key, bins, keys):
+    """One-shot NumPy moments and histograms over the batch axis (NaN skipped)."""
+    L, H = entropy.shape[1:]
+    out = {
+        "entropy_mean": np.nanmean(entropy, axis=0),
+        "entropy_var": np.nanvar(entropy, axis=0),
+        "entropy_norm_mean": np.nanmean(entropy_norm, axis=0),
+        "entropy_norm_var": np.nanvar(entropy_norm, axis=0),
+        "peak_key_mean": peak_key.mean(axis=0),
+        "peak_key_var": peak_key.var(axis=0),
+        "entropy_norm_hist": np.zeros((L, H, bins), dtype=np.int64),
+        "peak_key_hist": np.zeros((L, H, keys), dtype=np.int64),
+    }
+    for layer in range(L):
+        for head in range(H):
+            x = entropy_norm[:, layer, head]
+            out["entropy_norm_hist"][layer, head] = np.histogram(x[~np.isnan(x)], bins=bins, range=(0.0, 1.0))[0]
+            out["peak_key_hist"][layer, head] = np.bincount(peak_key[:, layer, head], minlength=keys)
+    return out
