@@ -206,6 +206,26 @@ def test_an_existing_dump_folder_needs_overwrite(minilm, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["attention_batch_00000.npz"]  # no stale dump from the first run
 
 
+def test_an_encoder_decoder_model_records_its_encoder(tmp_path):
+    config = transformers.T5Config(
+        vocab_size=100, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=4
+    )
+    torch.manual_seed(0)
+    model = transformers.T5Model(config).eval()
+    ids = torch.randint(0, 100, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    result = capture.record(model, [{"input_ids": ids, "attention_mask": mask}], tmp_path)
+    dump = load(result.dumps[0])
+    assert set(dump) == {"attention_weights", "attention_mask", "input_ids"}  # no tokenizer: no tokens
+    encoder = model.get_encoder()
+    encoder.set_attn_implementation("eager")
+    with torch.no_grad():
+        expected = encoder(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    assert bits_equal(dump["attention_weights"], np.stack([a.numpy() for a in expected]))
+    assert dump["attention_mask"].tolist() == mask.tolist()
+
+
 # ---------------------------------------------------------------- plain PyTorch modules
 
 
