@@ -29,7 +29,6 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from .kernels import plane_stats, topk
 
 PER_QUERY = ("row_sum", "entropy", "max_weight", "distance", "diag", "sq_sum")
 PLANE_DIMS = ("batch", "layer", "head")
@@ -46,7 +45,10 @@ STRONG_SELF = 0.15
 
 
 def _kernel_block(attention: np.ndarray, lengths: np.ndarray, k: int, parallel: bool):
-    """All per-query/per-key outputs of one block of planes, in `_OUTPUTS` order."""
+    """All per-query/per-key outputs of one block of planes."""
+    from .kernels import plane_stats, topk  # numba loads on first use, not on `import fastattn`
+
+    lengths = np.broadcast_to(lengths, attention.shape[:-2])
     stats = plane_stats(attention, lengths, parallel=parallel)
     index, weight = topk(attention, k, lengths, parallel=parallel)
     per_query = [getattr(stats, name).astype(np.float32) for name in PER_QUERY]

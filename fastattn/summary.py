@@ -127,20 +127,21 @@ def _float(value) -> float | None:
     return None if np.isnan(value) else value
 
 
-def findings(rows: list[dict], share: float = 0.5) -> list[str]:
-    """The table in plain words: what most batches agree on, head by head."""
+def findings(rows: list[dict], share: float = 0.5, most: int | None = 20) -> list[str]:
+    """The table in plain words: what most batches agree on, strongest first (at most `most`)."""
     from .stats import FLAGS
 
-    lines = []
+    found = []
     for row in rows:
         where = f"layer {row['layer']}, head {row['head']}"
         if row["peak_key_share"] >= share and (row["dominant_key"] >= share or row["critical_key"] >= share):
-            lines.append(
-                f"{where}: {row['peak_key_share']:.0%} of batches put most incoming attention on key {row['peak_key']}"
-            )
-        for flag in FLAGS:
-            if flag in ("dominant_key", "critical_key"):
-                continue
-            if row[flag] >= share:
-                lines.append(f"{where}: {row[flag]:.0%} of batches {FLAG_WORDS[flag]}")
+            words = f"put most incoming attention on key {row['peak_key']}"
+            found.append((row["peak_key_share"], 0, f"{where}: {row['peak_key_share']:.0%} of batches {words}"))
+        for rank, flag in enumerate(FLAGS, start=1):
+            if flag not in ("dominant_key", "critical_key") and row[flag] >= share:
+                found.append((row[flag], rank, f"{where}: {row[flag]:.0%} of batches {FLAG_WORDS[flag]}"))
+    found.sort(key=lambda item: (-item[0], item[1]))
+    lines = [text for _, _, text in found[:most]]
+    if most is not None and len(found) > most:
+        lines.append(f"... and {len(found) - most} more (see --format json)")
     return lines

@@ -19,18 +19,6 @@ from typing import Callable
 
 import numpy as np
 
-
-
-def attention_weights(q, k, *, lengths):  # TEMPORARY: replaced by fastattn.kernels.attention_weights
-    logits = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])
-    n = int(np.asarray(lengths).flat[0])
-    logits[..., n:] = -np.inf
-    logits -= logits.max(-1, keepdims=True)
-    w = np.exp(logits)
-    w /= w.sum(-1, keepdims=True)
-    w[..., n:, :] = 0
-    return w
-
 ROLES = ("local", "previous", "sink", "critical", "broad")
 FREQUENCIES = np.array([0.35, 0.7, 1.1, 1.6])
 
@@ -75,6 +63,8 @@ def queries_keys(rng, roles: np.ndarray, length: int, head_dim: int = 16, critic
 
 def sample_attention(rng, roles: np.ndarray, lengths, size: int, head_dim: int = 16) -> np.ndarray:
     """Attention of a batch: (layer, batch, head, size, size) float32, keys past each length masked."""
+    from .kernels import attention_weights  # numba loads on first use
+
     layers, heads = roles.shape
     out = np.zeros((layers, len(lengths), heads, size, size), dtype=np.float32)
     for b, n in enumerate(lengths):
