@@ -63,27 +63,17 @@ def _keys_of_row(i, nq, nk, causal):
     return nk
 
 
-def _weights_planes(q, k, lens, scale, causal, out):
-    P, Q, _ = q.shape
-    K = k.shape[1]
-    for p in prange(P):
-        buf = np.empty(K)
-        nq = min(lens[p], Q)
-        nk = min(lens[p], K)
-        for i in range(Q):
-            m = _keys_of_row(i, nq, nk, causal)
-            if m > 0:
-                _softmax_row(q, k, p, i, m, scale, buf)
-            for j in range(m):
-                out[p, i, j] = buf[j]
-            for j in range(m, K):
-                out[p, i, j] = 0.0
+def _attend_planes(q, k, v, lens, scale, causal, weights, out):
+    """Per plane: the weights into ``weights`` and/or weights·v into ``out``.
 
-
-def _sdpa_planes(q, k, v, lens, scale, causal, out):
+    One kernel for both public functions (one compile per dtype); a caller
+    that does not want an output passes an empty (0, 0, 0) array for it.
+    """
     P, Q, _ = q.shape
     K = k.shape[1]
     DV = v.shape[2]
+    want_weights = weights.shape[0] > 0
+    want_out = out.shape[0] > 0
     for p in prange(P):
         buf = np.empty(K)
         acc = np.empty(DV)
@@ -91,21 +81,25 @@ def _sdpa_planes(q, k, v, lens, scale, causal, out):
         nk = min(lens[p], K)
         for i in range(Q):
             m = _keys_of_row(i, nq, nk, causal)
-            acc[:] = 0.0
             if m > 0:
                 _softmax_row(q, k, p, i, m, scale, buf)
+            if want_weights:
+                for j in range(m):
+                    weights[p, i, j] = buf[j]
+                for j in range(m, K):
+                    weights[p, i, j] = 0.0
+            if want_out:
+                acc[:] = 0.0
                 for j in range(m):
                     w = buf[j]
                     for d in range(DV):
                         acc[d] += w * np.float64(v[p, j, d])
-            for d in range(DV):
-                out[p, i, d] = acc[d]
+                for d in range(DV):
+                    out[p, i, d] = acc[d]
 
 
-_weights_parallel = ngjit_parallel(_weights_planes)
-_weights_serial = ngjit(_weights_planes)
-_sdpa_parallel = ngjit_parallel(_sdpa_planes)
-_sdpa_serial = ngjit(_sdpa_planes)
+_attend_parallel = ngjit_parallel(_attend_planes)
+_attend_serial = ngjit(_attend_planes)
 
 
 def _prepare(q, k, v, scale, lengths):
@@ -140,6 +134,14 @@ def _prepare(q, k, v, scale, lengths):
     return out, lens, float(scale), dtype, lead, P
 
 
+def _run(q, k, v, lens, scale, causal, weights, out, parallel):
+    if q.shape[0] == 0:
+        return
+    with parallel_slot(parallel) as par:
+        kernel = _attend_parallel if par else _attend_serial
+        kernel(q, k, v, lens, scale, bool(causal), weights, out)
+
+
 def attention_weights(
     q, k, *, scale=None, causal=False, lengths=None, parallel: bool = True
 ) -> np.ndarray:
@@ -154,12 +156,10 @@ def attention_weights(
     """
     (qp, kp), lens, scale, dtype, lead, P = _prepare(q, k, None, scale, lengths)
     Q, K = qp.shape[1], kp.shape[1]
-    out = np.empty((P, Q, K), dtype=dtype)
-    if P:
-        with parallel_slot(parallel) as par:
-            kernel = _weights_parallel if par else _weights_serial
-            kernel(qp, kp, lens, scale, bool(causal), out)
-    return out.reshape(lead + (Q, K))
+    weights = np.empty((P, Q, K), dtype=dtype)
+    none = np.empty((0, 0, 0), dtype=dtype)
+    _run(qp, kp, none, lens, scale, causal, weights, none, parallel)
+    return weights.reshape(lead + (Q, K))
 
 
 def sdpa(q, k, v, *, scale=None, causal=False, lengths=None, parallel: bool = True) -> np.ndarray:
@@ -171,8 +171,6 @@ def sdpa(q, k, v, *, scale=None, causal=False, lengths=None, parallel: bool = Tr
     (qp, kp, vp), lens, scale, dtype, lead, P = _prepare(q, k, v, scale, lengths)
     Q, DV = qp.shape[1], vp.shape[2]
     out = np.empty((P, Q, DV), dtype=dtype)
-    if P:
-        with parallel_slot(parallel) as par:
-            kernel = _sdpa_parallel if par else _sdpa_serial
-            kernel(qp, kp, vp, lens, scale, bool(causal), out)
+    none = np.empty((0, 0, 0), dtype=dtype)
+    _run(qp, kp, vp, lens, scale, causal, none, out, parallel)
     return out.reshape(lead + (Q, DV))

@@ -1,0 +1,268 @@
+"""plane_stats and topk against the plain float64 references in tests/reference.py."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numba
+import numpy as np
+import pytest
+import reference as ref
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastattn.kernels import PlaneStats, plane_stats, topk
+from fastattn.kernels.stats import MAX_TOPK, fast_log
+
+SAMPLES = Path(__file__).parent / "data" / "minilm"
+FIXED = sorted((SAMPLES / "fixed").glob("attention_batch_000[01].npz"))
+BATCHED = sorted((SAMPLES / "batched").glob("attention_batch_000[23].npz"))
+FIELDS = PlaneStats._fields
+EXACT = {"max_weight", "diag"}  # no arithmetic: must equal the input values
+RTOL = 1e-6
+ATOL = 1e-12
+HYPOTHESIS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+THREADS = min(2, numba.config.NUMBA_NUM_THREADS)
+
+
+def softmax(rng, shape, dtype, temperature=1.0, zero_fraction=0.0):
+    """Rows are softmaxes of Gaussian logits; ``zero_fraction`` of weights exactly 0."""
+    logits = rng.standard_normal(shape) / temperature
+    if zero_fraction:
+        logits[rng.random(shape) < zero_fraction] = -np.inf
+        logits[..., 0] = np.where(np.isinf(logits).all(-1), 0.0, logits[..., 0])
+    w = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return (w / w.sum(axis=-1, keepdims=True)).astype(dtype)
+
+
+def check_stats(a, lengths=None, **kw):
+    got = plane_stats(a, lengths, **kw)
+    assert isinstance(got, PlaneStats)
+    for name in FIELDS:
+        want = ref.STATISTICS[name](a, lengths)
+        value = getattr(got, name)
+        assert value.dtype == np.float64, name
+        assert value.shape == want.shape, name
+        if name in EXACT:
+            np.testing.assert_array_equal(value, want, err_msg=name)
+        else:
+            np.testing.assert_allclose(value, want, rtol=RTOL, atol=ATOL, err_msg=name)
+    return got
+
+
+def check_topk(a, k, lengths=None, **kw):
+    index, weight = topk(a, k, lengths, **kw)
+    want_index, want_weight = ref.topk(a, k, lengths)
+    assert index.dtype == np.int32 and weight.dtype == np.float64
+    np.testing.assert_array_equal(index, want_index)
+    np.testing.assert_array_equal(weight, want_weight)
+    return index, weight
+
+
+def assert_same(x, y):
+    """Bit-identical, NaNs included."""
+    for a, b in zip(x, y):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+
+
+@st.composite
+def attention_cases(draw):
+    lead = tuple(draw(st.lists(st.integers(1, 3), min_size=0, max_size=3)))
+    Q = draw(st.integers(1, 24))
+    K = Q if draw(st.booleans()) else draw(st.integers(1, 24))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    temperature = draw(st.sampled_from([0.05, 0.5, 1.0, 4.0]))
+    zero_fraction = draw(st.sampled_from([0.0, 0.0, 0.3, 0.8]))
+    rng = np.random.default_rng(seed)
+    a = softmax(rng, lead + (Q, K), dtype, temperature, zero_fraction)
+    lengths = None
+    if draw(st.booleans()):
+        prefix = lead[: draw(st.integers(0, len(lead)))]
+        full = max(Q, K)
+        choices = np.array([0, 1, min(Q, K), full, full + 3, rng.integers(1, full + 1)])
+        lengths = rng.choice(choices, size=prefix)
+    return a, lengths
+
+
+# ------------------------------------------------------------- correctness
+
+
+@HYPOTHESIS
+@given(attention_cases())
+def test_stats_match_reference(case):
+    a, lengths = case
+    check_stats(a, lengths)
+
+
+@HYPOTHESIS
+@given(attention_cases(), st.integers(0, MAX_TOPK))
+def test_topk_matches_reference(case, k):
+    a, lengths = case
+    check_topk(a, k, lengths)
+
+
+@pytest.mark.parametrize("path", FIXED, ids=lambda p: p.name)
+def test_real_fixed_samples(path):
+    a = np.load(path, allow_pickle=False)["attention_weights"]  # (layer, head, q, k)
+    got = check_stats(a)
+    np.testing.assert_allclose(got.row_sum, 1.0, atol=1e-5)  # real softmax rows
+    check_topk(a, 8)
+
+
+@pytest.mark.parametrize("path", BATCHED, ids=lambda p: p.name)
+def test_real_batched_samples(path):
+    with np.load(path, allow_pickle=False) as f:
+        a = f["attention_weights"].transpose(1, 0, 2, 3, 4)  # → (batch, layer, head, q, k)
+        lengths = f["attention_mask"].sum(axis=1)
+    assert (lengths < a.shape[-1]).any(), "sample should have padding"
+    got = check_stats(a, lengths)
+    check_topk(a, 8, lengths)
+    # Padding is never read: NaN there changes nothing.
+    padded = ref.fill_outside_valid(a, lengths)
+    assert_same(plane_stats(padded, lengths), got)
+    assert_same(topk(padded, 8, lengths), topk(a, 8, lengths))
+
+
+def test_entropy_zero_log_zero_and_one_hot():
+    a = np.zeros((2, 4, 4), dtype=np.float32)
+    a[0] = np.eye(4)  # one-hot rows: entropy exactly 0
+    a[1, :, :2] = 0.5  # two equal weights, two exact zeros: ln 2
+    got = check_stats(a)
+    assert np.all(got.entropy[0] == 0.0)
+    np.testing.assert_allclose(got.entropy[1], np.log(2.0), rtol=1e-15)
+
+
+def test_float64_subnormal_weights():
+    rng = np.random.default_rng(3)
+    a = softmax(rng, (3, 6, 6), np.float64)
+    a[:, :, 0] = 5e-320 * rng.random((3, 6))  # subnormal weights
+    a[:, :, 1] = 3e-310
+    check_stats(a)
+    check_topk(a, 6)
+
+
+def test_log_accuracy():
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [
+            rng.random(200_000),
+            np.exp(-rng.random(50_000) * 745.0),  # down into the subnormals
+            1.0 + rng.standard_normal(50_000) * 1e-7,  # around ln 1 = 0
+            np.linspace(0.5, 2.0, 50_001),
+            rng.random(50_000).astype(np.float32).astype(np.float64),
+            [5e-324, 2.2250738585072014e-308, 1.0, 2.0, 0.5, np.sqrt(0.5), np.sqrt(2.0)],
+        ]
+    )
+    x = x[x > 0]
+    want = np.log(x)
+    got = fast_log(x)
+    nonzero = want != 0
+    rel = np.abs(got[nonzero] - want[nonzero]) / np.abs(want[nonzero])
+    assert rel.max() < 1e-14
+    assert np.all(got[~nonzero] == 0.0)
+    assert np.isfinite(fast_log(np.array([0.0]))).all()  # so 0·ln 0 is 0 with no branch
+
+
+# ------------------------------------------------------------- masking
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nan_outside_valid_block_is_never_read(dtype):
+    rng = np.random.default_rng(1)
+    a = softmax(rng, (4, 3, 10, 10), dtype)
+    lengths = np.array([10, 1, 7, 0])
+    padded = ref.fill_outside_valid(a, lengths)
+    clean = check_stats(a, lengths)
+    assert_same(plane_stats(padded, lengths), clean)
+    assert_same(topk(padded, 4, lengths), check_topk(a, 4, lengths))
+    # lengths 0 → the whole plane is NaN / −1
+    assert np.isnan(clean.row_sum[3]).all() and np.isnan(clean.col_sum[3]).all()
+    assert (topk(a, 4, lengths)[0][3] == -1).all()
+
+
+def test_cross_attention_diag_is_nan_and_lengths_clip():
+    rng = np.random.default_rng(2)
+    a = softmax(rng, (2, 5, 9), np.float32)
+    got = check_stats(a, np.array([7, 3]))
+    assert np.isnan(got.diag).all()
+    assert np.isfinite(got.row_sum[0]).all()  # min(7, Q=5) rows valid
+    assert np.isfinite(got.col_sum[0, :7]).all() and np.isnan(got.col_sum[0, 7:]).all()
+
+
+def test_empty_shapes():
+    for shape in [(0, 4, 4), (2, 0, 4), (2, 4, 0), (0, 0, 0)]:
+        a = np.ones(shape, dtype=np.float32)
+        got = plane_stats(a)
+        assert got.row_sum.shape == shape[:-1] and got.col_sum.shape == shape[:-2] + shape[-1:]
+        assert np.isnan(got.row_sum).all() and np.isnan(got.col_sum).all()
+        index, weight = topk(a, 3)
+        assert index.shape == shape[:-1] + (3,) and (index == -1).all() and np.isnan(weight).all()
+
+
+def test_argument_errors():
+    a = np.full((2, 3, 4, 4), 0.25, dtype=np.float32)
+    with pytest.raises(ValueError):
+        topk(a, MAX_TOPK + 1)
+    with pytest.raises(ValueError):
+        topk(a, -1)
+    assert topk(a, 0)[0].shape == (2, 3, 4, 0)
+    with pytest.raises(ValueError):
+        plane_stats(a, np.array([4, 4, 4]))  # (3,) is not a prefix of (2, 3)
+    with pytest.raises(ValueError):
+        plane_stats(a, np.array([[4, 4, 4]]))
+    with pytest.raises(ValueError):
+        plane_stats(a, np.array([4, -1]))
+    with pytest.raises(TypeError):
+        plane_stats(a, np.array([4.0, 4.0]))
+    with pytest.raises(ValueError):
+        plane_stats(np.ones(4))
+
+
+# ------------------------------------------------------------- threads
+
+
+def _big_case(dtype, seed=5):
+    rng = np.random.default_rng(seed)
+    a = softmax(rng, (16, 3, 4, 20, 20), dtype, zero_fraction=0.2)
+    lengths = rng.integers(0, 21, size=16)
+    return a, lengths
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_parallel_and_serial_identical(dtype):
+    a, lengths = _big_case(dtype)
+    assert_same(plane_stats(a, lengths, parallel=True), plane_stats(a, lengths, parallel=False))
+    assert_same(topk(a, 5, lengths, parallel=True), topk(a, 5, lengths, parallel=False))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_thread_count_does_not_change_results(dtype):
+    a, lengths = _big_case(dtype)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = plane_stats(a, lengths), topk(a, 5, lengths)
+        numba.set_num_threads(THREADS)
+        two = plane_stats(a, lengths), topk(a, 5, lengths)
+    finally:
+        numba.set_num_threads(before)
+    assert_same(one[0], two[0])
+    assert_same(one[1], two[1])
+
+
+def test_concurrent_python_threads():
+    cases = [_big_case(np.float32 if i % 2 else np.float64, seed=i) for i in range(8)]
+    want = [(plane_stats(a, n, parallel=False), topk(a, 5, n, parallel=False)) for a, n in cases]
+
+    def work(i):
+        a, n = cases[i % len(cases)]
+        return i % len(cases), plane_stats(a, n), topk(a, 5, n)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(work, range(32)))
+    for i, stats, top in results:
+        assert_same(stats, want[i][0])
+        assert_same(top, want[i][1])
