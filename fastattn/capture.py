@@ -409,12 +409,14 @@ def _model_max_length(model, tokenizer) -> int | None:
 
 @contextlib.contextmanager
 def _eval(model):
-    was_training = getattr(model, "training", False)
+    """Eval mode (no dropout on the weights) for the run; each submodule's own mode restored after."""
+    modes = [(m, m.training) for m in model.modules()] if hasattr(model, "modules") else []
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 @contextlib.contextmanager
