@@ -175,6 +175,7 @@ def write_stats(
     from . import cluster, store
 
     loc = location if isinstance(location, store.Location) else store.Location(location, storage_options)
+    store.check_store(loc)  # before the lock, which would create a missing store's folder
     with store.Lock(loc, "fastattn stats"):
         manifest = store.check_store(loc)
         ds = store.open_store(loc)
@@ -202,8 +203,15 @@ def write_stats(
         client = client if client is not None else cluster.active_client()
         scheduler = {"scheduler": client} if client is not None else {"scheduler": "threads", "num_workers": jobs}
         with dask.config.set(scheduler):
+            # Dask chunks here follow the store's batch chunks, the first starting at `done`: one
+            # dask chunk per zarr chunk, so the partial first one is safe to read-modify-write.
             _template(st).to_zarr(
-                loc.zarr_store(), group=GROUP, region={"batch": slice(done, n)}, mode="r+", consolidated=False
+                loc.zarr_store(),
+                group=GROUP,
+                region={"batch": slice(done, n)},
+                mode="r+",
+                consolidated=False,
+                safe_chunks=False,
             )
         manifest.stats_committed, manifest.stats_k = n, k
         store.commit(loc, manifest)

@@ -38,6 +38,7 @@ class PlaneStats(NamedTuple):
     max_weight[..., q] = max_k A[q, k]
     diag[..., q]       = A[q, q]                (all NaN when Q ≠ K: cross-attention)
     distance[..., q]   = Σ_k A[q, k]·|q − k|     (mean attention distance)
+    sq_sum[..., q]     = Σ_k A[q, k]²           (for the spread of the weights)
     """
 
     row_sum: np.ndarray
@@ -46,6 +47,7 @@ class PlaneStats(NamedTuple):
     max_weight: np.ndarray
     diag: np.ndarray
     distance: np.ndarray
+    sq_sum: np.ndarray
 
 
 # --------------------------------------------------------------------------
@@ -172,7 +174,7 @@ def _valid(n, Q, K):
 
 
 @ngjit
-def _plane_stats(a, p, n, absd, row_sum, col_sum, entropy, max_weight, diag, distance):
+def _plane_stats(a, p, n, absd, row_sum, col_sum, entropy, max_weight, diag, distance, sq_sum):
     """All statistics of plane ``p`` in one pass over its valid block.
 
     Rows outer, keys inner: the inner loop runs over contiguous keys and is
@@ -199,11 +201,13 @@ def _plane_stats(a, p, n, absd, row_sum, col_sum, entropy, max_weight, diag, dis
         rs = 0.0
         ent = 0.0
         dist = 0.0
+        sq = 0.0
         key = np.int64(-0x7FFFFFFFFFFFFFFF - 1)
         for k in range(nk):
             x = a[p, q, k]
             xd = np.float64(x)
             rs += xd
+            sq += xd * xd
             ent += _xlnx(x)
             b = np.float64(xd).view(np.int64)
             key = max(key, b ^ ((b >> 63) & _SIGN_OFF))
@@ -213,18 +217,20 @@ def _plane_stats(a, p, n, absd, row_sum, col_sum, entropy, max_weight, diag, dis
         entropy[p, q] = -ent
         max_weight[p, q] = np.int64(key ^ ((key >> 63) & _SIGN_OFF)).view(np.float64)
         distance[p, q] = dist
+        sq_sum[p, q] = sq
         diag[p, q] = a[p, q, q] if Q == K else np.nan
     for q in range(nq, Q):
         row_sum[p, q] = np.nan
         entropy[p, q] = np.nan
         max_weight[p, q] = np.nan
         distance[p, q] = np.nan
+        sq_sum[p, q] = np.nan
         diag[p, q] = np.nan
 
 
-def _stats_planes(a, lens, absd, row_sum, col_sum, entropy, max_weight, diag, distance):
+def _stats_planes(a, lens, absd, row_sum, col_sum, entropy, max_weight, diag, distance, sq_sum):
     for p in prange(a.shape[0]):
-        _plane_stats(a, p, lens[p], absd, row_sum, col_sum, entropy, max_weight, diag, distance)
+        _plane_stats(a, p, lens[p], absd, row_sum, col_sum, entropy, max_weight, diag, distance, sq_sum)
 
 
 _stats_parallel = ngjit_parallel(_stats_planes)
@@ -321,13 +327,13 @@ def plane_stats(a, lengths=None, *, parallel: bool = True) -> PlaneStats:
     P, Q, K = planes.shape
     lens = plane_lengths(lengths, lead, max(Q, K))
     absd = np.abs(np.arange(-(Q - 1), K, dtype=np.float64))
-    outs = [np.empty((P, Q)) for _ in range(5)]
-    row_sum, entropy, max_weight, diag, distance = outs
+    outs = [np.empty((P, Q)) for _ in range(6)]
+    row_sum, entropy, max_weight, diag, distance, sq_sum = outs
     col_sum = np.empty((P, K))
     if P:
         with parallel_slot(parallel) as par:
             kernel = _stats_parallel if par else _stats_serial
-            kernel(planes, lens, absd, row_sum, col_sum, entropy, max_weight, diag, distance)
+            kernel(planes, lens, absd, row_sum, col_sum, entropy, max_weight, diag, distance, sq_sum)
     row_shape = lead + (Q,)
     return PlaneStats(
         row_sum=row_sum.reshape(row_shape),
@@ -336,6 +342,7 @@ def plane_stats(a, lengths=None, *, parallel: bool = True) -> PlaneStats:
         max_weight=max_weight.reshape(row_shape),
         diag=diag.reshape(row_shape),
         distance=distance.reshape(row_shape),
+        sq_sum=sq_sum.reshape(row_shape),
     )
 
 
