@@ -282,8 +282,8 @@ class _Writer:
             self.result.dumps.append(path)
             return
         self.pending_bytes += os.path.getsize(path)
-        if self.pending_bytes >= INGEST_EVERY_BYTES:
-            self.flush()
+        if self.pending_bytes >= INGEST_EVERY_BYTES or self.result.batches == 1:
+            self.flush()  # the first batch at once: a store that cannot take it fails before the long run
 
     def flush(self) -> None:
         """Store mode: ingest the dumps written so far and delete them."""
