@@ -94,6 +94,10 @@ def distance(a, lengths=None):
     return _row_stat(a, lengths, fn)
 
 
+def sq_sum(a, lengths=None):
+    return _row_stat(a, lengths, lambda b: np.sum(b * b, axis=1))
+
+
 def topk(a, k, lengths=None):
     """(index int32, weight float64) of shape (..., Q, k): stable argsort of −w."""
     a = np.asarray(a)
@@ -117,6 +121,7 @@ STATISTICS = {
     "max_weight": max_weight,
     "diag": diag,
     "distance": distance,
+    "sq_sum": sq_sum,
 }
 
 
