@@ -242,14 +242,14 @@ def create(location: Location, *, layers: int, heads: int, query: int, key: int,
     group = zarr.open_group(location.zarr_store(), mode="a", zarr_format=3, use_consolidated=False)
     group.attrs["fastattn"] = {"format_version": FORMAT_VERSION, "created": now()}
     group.require_group(META)
-    new_array = functools.partial(group.create_array, overwrite=True)
+    # every array carries the checksum: a flipped byte in `length` or `source` must fail too, not decode to wrong values
+    new_array = functools.partial(group.create_array, overwrite=True, compressors=compressors())
     new_array(
         "attention",
         shape=(0, layers, heads, query, key),
         chunks=(chunk, 1, heads, query, key),
         dtype=dtype,
         fill_value=np.nan,
-        compressors=compressors(),
         dimension_names=DIMS,
         attributes={"long_name": "attention weight", "valid": "NaN outside each sample's length x length block"},
     )
