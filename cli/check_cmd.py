@@ -1,0 +1,40 @@
+"""`fastattn check`: verify a store end to end; `--repair` fixes what can be fixed."""
+
+from __future__ import annotations
+
+import typer
+
+from ._common import err, fail, run
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def check(
+        store: str = typer.Argument(..., help="The store (.zarr) written by fastattn ingest."),
+        repair: bool = typer.Option(
+            False,
+            "--repair",
+            help="Fix what can be fixed without losing committed data: remove a stale lock and temporary files, "
+            "drop data past the last commit, rebuild source/source_index and coordinates from the manifest, "
+            "refresh the consolidated metadata, uncommit broken statistics. Takes the store's lock.",
+        ),
+        force: bool = typer.Option(
+            False,
+            "--force",
+            help="With --repair: also drop committed batches that are damaged (a corrupt chunk, bad values), "
+            "from the first damaged file onwards, and rewind the manifest; ingesting again restores them.",
+        ),
+    ) -> None:
+        """Verify a store: metadata, manifest against arrays, every chunk decodes, NaN exactly
+        outside each valid block, rows summing to 1, the stats group.
+
+        Prints one line per problem (`where: what`) and a summary; exit code 1 while problems remain."""
+        from fastattn import check as check_mod
+
+        if force and not repair:
+            fail("--force only works with --repair")
+        result = run(lambda: check_mod.run_check(store, repair=repair, force=force))
+        for problem in result.problems:
+            err.print(str(problem), markup=False, highlight=False)
+        err.print(result.summary(), markup=False, highlight=False)
+        raise typer.Exit(0 if result.ok else 1)
