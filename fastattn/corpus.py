@@ -611,18 +611,20 @@ def role_evidence(stats: xr.Dataset) -> xr.Dataset:
         n = stats["length"].astype(np.int64)
     else:
         n = valid.sum("query")
-    count = valid.sum("query")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = xr.Dataset()
-        out["previous"] = ((top == q - 1) & valid).sum("query") / (valid & (q >= 1)).sum("query")
-        out["next"] = ((top == q + 1) & valid).sum("query") / (valid & (q <= n - 2)).sum("query")
-        out["self"] = ((top == q) & valid).sum("query") / count
-        col = stats["col_sum"].astype(np.float64)
-        nf = n.astype(np.float64)
-        out["first"] = col.isel(key=0, drop=True) / nf
-        key = xr.DataArray(np.arange(col.sizes["key"]), dims="key")
-        out["last"] = xr.where(key == n - 1, col, 0.0).sum("key") / nf
-        out["peak"] = col.max("key") / nf
+
+    def per(count):  # NaN where nothing is counted (no division by zero, lazily)
+        return count.where(count > 0).astype(np.float64)
+
+    out = xr.Dataset()
+    out["previous"] = ((top == q - 1) & valid).sum("query") / per((valid & (q >= 1)).sum("query"))
+    out["next"] = ((top == q + 1) & valid).sum("query") / per((valid & (q <= n - 2)).sum("query"))
+    out["self"] = ((top == q) & valid).sum("query") / per(valid.sum("query"))
+    col = stats["col_sum"].astype(np.float64)
+    nf = per(n)
+    out["first"] = col.isel(key=0, drop=True) / nf
+    key = xr.DataArray(np.arange(col.sizes["key"]), dims="key")
+    out["last"] = xr.where(key == n - 1, col, 0.0).sum("key") / nf
+    out["peak"] = col.max("key") / nf
     out["distance"] = stats["distance_mean"].astype(np.float64)
     out["entropy"] = stats["entropy_norm"].astype(np.float64)
     out["length"] = n.broadcast_like(out["self"]).astype(np.int64)

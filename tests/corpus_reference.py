@@ -69,6 +69,9 @@ def head_similarity(att, lengths, eps=1e-3, per_batch=False):
                 kl_p = np.where(p > 0, p * np.log(p / m), 0.0).sum(axis=-1)
                 kl_r = np.where(r > 0, r * np.log(r / m), 0.0).sum(axis=-1)
             out[b] += 0.5 * kl_p + 0.5 * kl_r
+        if n == 0:
+            out[b] = np.nan
+            continue
         out[b] /= n
         np.fill_diagonal(out[b], 0.0)
     return out if per_batch else out.mean(axis=0)

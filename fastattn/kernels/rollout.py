@@ -47,12 +47,14 @@ def _rollout_sample(a, s, n, keep, incoming, matrix):
                     matrix[s, l, q, k] = np.nan
     if m == 0:
         return
-    hat = np.zeros((m, m))
+    hat = np.empty((m, m))
     r = np.empty((m, m))
     t = np.empty((m, m))
     for l in range(L):
         # Ā_l + I, heads summed first (contiguous rows), then renormalised per row.
-        hat[:, :] = 0.0
+        for q in range(m):
+            for k in range(m):
+                hat[q, k] = 0.0
         for h in range(H):
             for q in range(m):
                 for k in range(m):
@@ -68,16 +70,21 @@ def _rollout_sample(a, s, n, keep, incoming, matrix):
             for k in range(m):
                 hat[q, k] /= total
         if l == 0:
-            r[:, :] = hat
-        else:
-            # t = hat · r, rows of r streamed (i-k-j order vectorises the inner loop)
-            t[:, :] = 0.0
             for q in range(m):
+                for k in range(m):
+                    r[q, k] = hat[q, k]
+        else:
+            # t = hat · r, rows of r streamed (i-j-k order vectorises the inner loop)
+            for q in range(m):
+                for k in range(m):
+                    t[q, k] = 0.0
                 for j in range(m):
                     w = hat[q, j]
                     for k in range(m):
                         t[q, k] += w * r[j, k]
-            r[:, :] = t
+            for q in range(m):
+                for k in range(m):
+                    r[q, k] = t[q, k]
         for k in range(m):
             incoming[s, l, k] = 0.0
         for q in range(m):

@@ -1,0 +1,214 @@
+"""`fastattn compare`, `roles`, `similarity` and `rollout`: corpus-level analyses (fastattn.corpus)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ._common import console, err, fail, run
+
+FORMATS = ("table", "json")
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        fail(f"--format must be table or json, not '{fmt}'")
+
+
+def _check_plot(path: Optional[Path]) -> None:
+    if path is not None:
+        from fastattn.plot import file_format
+
+        run(file_format, path)
+
+
+def _num(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _signed(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:+.{digits}f}"
+
+
+def _save(fig, path: Path) -> None:
+    from fastattn.plot import save
+
+    run(save, fig, path)
+    err.print(f"wrote {path}", highlight=False)
+
+
+COMPARE_HELP = """Compare two stores head by head: what changed from A to B.
+
+Batches are paired by position (the first min(A, B) batches) or by --match source (the
+same sample of the same dump file: equal source and source_index). Per (layer, head),
+over the paired batches: the change in mean entropy and in self-attention, the total
+variation distance between the two histograms of the peak key, and the Jensen-Shannon
+divergence (natural log) between the mean incoming attention of A and of B. Heads are
+ranked by score = |change in normalised entropy| + |change in self-attention| + peak
+TV + JS / ln 2 (each term in [0, 1]). Uses each store's statistics when `fastattn
+stats` computed them for every batch, else computes them (nothing is written).
+"""
+
+ROLES_HELP = """Name the role of every head from the corpus statistics.
+
+Each batch gets the first rule that holds, in this order: previous-token / next-token /
+self (the top key of at least half of the queries is q-1 / q+1 / q), first-token /
+last-token / single-key (key 0 / the last valid key / any one key receives at least a
+quarter of all attention), local (mean attention distance at most min(2, length/8)
+tokens), broad (normalised entropy at least 0.85). A head's role is the label of at
+least half of its batches (samples of 4 tokens or more), else mixed; "support" is that
+share. Uses the statistics of `fastattn stats` when they cover every batch, else
+computes them (nothing is written).
+"""
+
+SIMILARITY_HELP = """How alike the heads are: Jensen-Shannon divergence between every pair of heads.
+
+Each query row is smoothed first (p' = (1 - eps) p + eps / length), the divergence (natural
+log, 0 to ln 2) is averaged over the valid queries, then over the batches. Prints each
+head's nearest head and its 2-D position from classical MDS of sqrt(JS); --plot draws the
+heads on that map (colour: layer, marker size: mean entropy). Reads every attention weight.
+"""
+
+ROLLOUT_HELP = """Attention rollout (Abnar & Zuidema 2020) of every sample, saved in the store.
+
+Per sample: average the heads, add the residual (A + I, rows renormalised) and multiply
+through the layers. Writes `rollout_incoming (batch, layer, key)` (the mean over queries
+of each column of the rollout: how much each input token feeds the sequence after each
+layer) to the store's `rollout` group, plus the matrices `rollout (batch, layer, query,
+key)` with --keep-matrix; read them back with fastattn.corpus.open_rollout. Then prints,
+per layer, the mean share of the first key ([CLS]), of the last valid key ([SEP]) and of
+the other keys, and the key that most often receives the most.
+"""
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(help=COMPARE_HELP)
+    def compare(
+        a: str = typer.Argument(..., help="The first store (.zarr): the baseline."),
+        b: str = typer.Argument(..., help="The second store (.zarr): compared against A."),
+        match: str = typer.Option("position", "--match", help="Pair batches by 'position' or by 'source'."),
+        fmt: str = typer.Option("table", "--format", help="table or json."),
+        top: int = typer.Option(10, "--top", min=1, help="How many of the most changed heads to list."),
+        plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw a layer x head heatmap of the score (.png, .svg, .pdf)."),
+    ) -> None:
+        from fastattn import corpus
+
+        _check_format(fmt)
+        if match not in corpus.COMPARE_MATCHES:
+            fail(f"--match must be position or source, not '{match}'")
+        _check_plot(plot)
+        cmp = run(lambda: corpus.compare(a, b, match=match))
+        rows = corpus.ranked_changes(cmp, top=top)
+        if plot is not None:
+            _save(corpus.compare_map(cmp), plot)
+        if fmt == "json":
+            body = {key: cmp.attrs[key] for key in ("match", "batches", "batches_a", "batches_b")}
+            body.update({"a": a, "b": b, "score": "|d_entropy_norm| + |d_self| + peak_tv + incoming_js / ln 2", "heads": rows})
+            print(json.dumps(body, indent=1))
+            return
+        table = Table(title=f"{a} -> {b}: {cmp.attrs['batches']} batches matched by {match}; top {len(rows)} heads by score")
+        for column in ("head", "score", "d entropy", "d self-attn", "peak TV", "incoming JS"):
+            table.add_column(column, justify="right")
+        for r in rows:
+            table.add_row(
+                r["label"], _num(r["score"]), _signed(r["d_entropy"]), _signed(r["d_self"]),
+                _num(r["peak_tv"]), _num(r["incoming_js"], 4),
+            )
+        console.print(table)
+
+    @app.command(help=ROLES_HELP)
+    def roles(
+        store: str = typer.Argument(..., help="The store (.zarr) written by fastattn ingest."),
+        fmt: str = typer.Option("table", "--format", help="table or json."),
+    ) -> None:
+        from fastattn import corpus
+
+        _check_format(fmt)
+        rows = run(lambda: corpus.head_roles(corpus.corpus_stats(store)))
+        if fmt == "json":
+            print(json.dumps({"store": store, "rules": list(corpus.ROLE_RULES), "heads": rows}, indent=1))
+            return
+        table = Table(title=f"{store}: head roles (support = share of batches)")
+        for column in ("head", "role", "support", "other labels", "prev", "next", "self", "key 0", "entropy", "distance"):
+            table.add_column(column, justify="left" if column in ("role", "other labels") else "right")
+        for r in rows:
+            others = ", ".join(f"{k} {v:.0%}" for k, v in r["shares"].items() if k != r["role"] and v >= 0.05)
+            table.add_row(
+                r["label"], r["role"], f"{r['support']:.0%}", others,
+                _num(r["previous"], 2), _num(r["next"], 2), _num(r["self"], 2), _num(r["first"], 2),
+                _num(r["entropy"], 2), _num(r["distance"], 1),
+            )
+        console.print(table)
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r["role"]] = counts.get(r["role"], 0) + 1
+        console.print("roles: " + ", ".join(f"{role} {n}" for role, n in counts.items()), highlight=False)
+
+    @app.command(help=SIMILARITY_HELP)
+    def similarity(
+        store: str = typer.Argument(..., help="The store (.zarr) written by fastattn ingest."),
+        plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the heads' MDS map into this file (.png, .svg, .pdf)."),
+        fmt: str = typer.Option("table", "--format", help="table or json (json includes the whole matrix)."),
+        eps: float = typer.Option(1e-3, "--eps", min=0.0, max=0.5, help="Uniform part mixed into each row before the divergence."),
+    ) -> None:
+        from fastattn import corpus, store as store_mod
+
+        _check_format(fmt)
+        _check_plot(plot)
+
+        def work():
+            ds = store_mod.open_store(store)
+            return ds, corpus.head_similarity(ds, eps=eps).compute()
+
+        ds, sim = run(work)
+        rows = corpus.similarity_table(sim)
+        if plot is not None:
+            stats = run(lambda: corpus.corpus_stats(store)) if ds.sizes["batch"] else None
+            _save(corpus.head_map(sim, stats), plot)
+        if fmt == "json":
+            body = {
+                "store": store, "eps": eps, "batches": int(ds.sizes["batch"]), "log": "natural",
+                "labels": [r["label"] for r in rows], "js": sim["js"].values.tolist(), "heads": rows,
+            }
+            print(json.dumps(body, indent=1))
+            return
+        table = Table(title=f"{store}: Jensen-Shannon divergence between heads (eps {eps:g}, {ds.sizes['batch']} batches)")
+        for column in ("head", "nearest", "JS", "mean JS", "MDS x", "MDS y"):
+            table.add_column(column, justify="right")
+        for r in rows:
+            table.add_row(r["label"], r["nearest"], _num(r["nearest_js"], 4), _num(r["mean_js"], 4), _num(r["x"]), _num(r["y"]))
+        console.print(table)
+
+    @app.command(help=ROLLOUT_HELP)
+    def rollout(
+        store: str = typer.Argument(..., help="The store (.zarr) written by fastattn ingest."),
+        keep_matrix: bool = typer.Option(False, "--keep-matrix", help="Also save the rollout matrices (batch, layer, query, key), float32."),
+        fmt: str = typer.Option("table", "--format", help="table or json."),
+        jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Threads (default: all cores)."),
+    ) -> None:
+        from fastattn import corpus
+
+        _check_format(fmt)
+        done = run(lambda: corpus.write_rollout(store, keep_matrix=keep_matrix, jobs=jobs))
+        rows = run(lambda: corpus.rollout_summary(corpus.open_rollout(store)))
+        err.print(
+            f"rollout of {done['batches']} batches written to {store}/{corpus.ROLLOUT_GROUP}"
+            + (" (with matrices)" if keep_matrix else ""),
+            highlight=False,
+        )
+        if fmt == "json":
+            print(json.dumps({"store": store, **done, "layers": rows}, indent=1))
+            return
+        table = Table(title=f"{store}: attention rollout, mean share of the input tokens after each layer")
+        for column in ("layer", "first key", "last key", "other keys", "most often the top key"):
+            table.add_column(column, justify="right")
+        for r in rows:
+            table.add_row(
+                str(r["layer"]), _num(r["first_key"]), _num(r["last_key"]), _num(r["other_keys"]),
+                f"{r['top_key']} ({r['top_key_share']:.0%})",
+            )
+        console.print(table)
