@@ -19,7 +19,7 @@ $(VENV)/.base: pyproject.toml
 
 $(VENV)/.torch: $(VENV)/.base
 	$(BIN)/pip install --quiet '$(TORCH)'
-	$(BIN)/pip install --quiet -e '.[dev,torch]'
+	$(BIN)/pip install --quiet -e '.[dev,capture-test]'
 	touch $@
 
 venv: $(VENV)/.base
