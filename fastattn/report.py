@@ -109,34 +109,51 @@ def head_table(stats: xr.Dataset) -> dict:
     return table
 
 
+def _key_words(peaks: np.ndarray) -> str:
+    """Which key the flagged batches single out: one key, or a key that varies."""
+    keys = np.bincount(np.clip(peaks, 0, None))
+    key, share = int(keys.argmax()), keys.max() / max(1, peaks.size)
+    if share >= 0.99:
+        return f"key {key}"
+    if share >= 0.5:
+        return f"key {key} ({share:.0%} of them; other keys in the rest)"
+    return f"one key that varies from batch to batch (most often key {key}, {share:.0%} of them)"
+
+
 def flag_sentences(table: dict, threshold: float = plot.FLAG_SHARE) -> list[str]:
-    """The flags that hold for at least `threshold` of the batches, in plain words, strongest first."""
+    """One line per flagged head, in plain words: every flag that holds for at least
+    `threshold` of the batches, strongest first. `critical_key` is left out where
+    `dominant_key` holds (a dominant key is critical too)."""
     batches = table["batches"]
-    peaks = table["peaks"]
-    found = []
-    for name, counts in table["flag_counts"].items():
-        for layer, head in zip(*np.nonzero(counts >= threshold * batches)):
-            share = counts[layer, head] / batches
-            flagged = table["flags"][name][:, layer, head]
-            if name in ("dominant_key", "critical_key"):
-                keys = np.bincount(np.clip(peaks[flagged, layer, head], 0, None))
-                key = int(keys.argmax())
-                of = keys.max() / max(1, flagged.sum())
-                where = f"key {key}" if of >= 0.99 else f"one key (key {key} in {of:.0%} of them)"
-                what = (
-                    f"put most incoming attention on {where}: over 3/8 of all attention"
-                    if name == "dominant_key"
-                    else f"send over 3/16 of all attention to {where}"
-                )
-            else:
-                what = {
-                    "uniform": "spread attention almost uniformly: about the same weight on every key",
-                    "diagonal_only": "put over 80% of the weight on the diagonal: each token attends to itself",
-                    "weak": "have no weight above 1.2x the uniform weight: weak, diffuse attention",
-                    "strong_self": "weight each token's own position over 1.2x the uniform weight",
-                }[name]
-            found.append((-share, int(layer), int(head), f"layer {layer}, head {head}: {share:.0%} of batches {what}"))
-    return [text for *_, text in sorted(found)]
+    counts = table["flag_counts"]
+    lines = []
+    any_counts = next(iter(counts.values()), None)
+    if any_counts is None:
+        return lines
+    layers, heads = any_counts.shape
+    for layer in range(layers):
+        for head in range(heads):
+            held = {name: c[layer, head] / batches for name, c in counts.items() if c[layer, head] >= threshold * batches}
+            if "dominant_key" in held:
+                held.pop("critical_key", None)
+            parts = []
+            for name, share in sorted(held.items(), key=lambda item: -item[1]):
+                flagged = table["flags"][name][:, layer, head]
+                if name == "dominant_key":
+                    what = f"put most incoming attention on {_key_words(table['peaks'][flagged, layer, head])}"
+                elif name == "critical_key":
+                    what = f"send over 3/16 of all attention to {_key_words(table['peaks'][flagged, layer, head])}"
+                else:
+                    what = {
+                        "uniform": "spread attention almost uniformly (about the same weight on every key)",
+                        "diagonal_only": "put over 80% of the weight on the diagonal (each token on itself)",
+                        "weak": "have no weight above 1.2x the uniform weight (weak, diffuse attention)",
+                        "strong_self": "weight each token's own position over 1.2x the uniform weight",
+                    }[name]
+                parts.append(f"{share:.0%} of batches {what}")
+            if parts:
+                lines.append(f"layer {layer}, head {head}: " + "; ".join(parts))
+    return lines
 
 
 def _summary_html(info: dict, batch: int, length: int, source: str, median: bool) -> str:

@@ -34,11 +34,11 @@ else:
 
 def build_stores(root: Path) -> dict[str, str]:
     """fixed: 20 one-text dumps of 16 tokens; ragged: 6 batched dumps, lengths 12-24 (24
-    batches); tokens: the ragged dumps with token strings; many: 400 short batches."""
+    batches); tokens: the ragged dumps with token strings; many: 200 short batches."""
     stores = {}
     synthesize(root / "d_fixed", files=20, layers=LAYERS, heads=HEADS, seq=16, seed=0, jobs=2)
     synthesize(root / "d_ragged", files=6, layers=LAYERS, heads=HEADS, seq="12-24", batch=4, seed=1, jobs=2)
-    synthesize(root / "d_many", files=100, layers=2, heads=2, seq="6-10", batch=4, seed=2, jobs=2)
+    synthesize(root / "d_many", files=50, layers=2, heads=2, seq="6-10", batch=4, seed=2, jobs=2)
     for i, path in enumerate(sorted(glob.glob(str(root / "d_ragged" / "*.npz")))[:2]):
         arrays = dict(np.load(path))
         size = arrays["attention_mask"].shape[1]
@@ -233,7 +233,7 @@ def test_no_pyplot_figures_are_left_behind(datasets):
 def test_batches_never_reads_the_attention_array(with_stats, datasets, monkeypatch):
     path = with_stats["many"]
     ds = datasets["many"]
-    assert ds.sizes["batch"] == 400
+    assert ds.sizes["batch"] == 200
     stats = open_stats(path)
     assert "attention" not in stats
     plot.batches(stats, 1)  # the stats dataset alone is enough
@@ -253,7 +253,7 @@ def test_batches_never_reads_the_attention_array(with_stats, datasets, monkeypat
     chunks = [k for k in read if "/c/" in k or k.startswith("c/")]
     assert any(k.startswith("stats/col_sum/") for k in chunks), chunks
     assert not [k for k in read if k.startswith("attention/c")], "batches read attention chunks"
-    assert sum(p.get_height() for p in fig.get_axes()[1].patches) == 400
+    assert sum(p.get_height() for p in fig.get_axes()[1].patches) == 200
     # the counter does see attention reads when they happen
     open_store(path).attention.isel(batch=0).values
     assert [k for k in read if k.startswith("attention/c")]

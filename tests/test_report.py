@@ -32,7 +32,7 @@ try:
 except ImportError as exc:  # pragma: no cover - only before fastattn.stats exists
     pytestmark = pytest.mark.skip(reason=f"the report needs fastattn.stats, not available yet ({exc})")
 
-LAYERS, HEADS = 3, 4
+LAYERS, HEADS = 2, 4
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_report_content(built):
     batch = report.representative_batch(ds.length.values)
     assert np.sort(ds.length.values)[(24 - 1) // 2] == ds.length.values[batch]
     assert f"Representative sample: batch {batch}</h2>" in text
-    assert "24 (statistics for 24)" in text and "3 layers x 4 heads" in text
+    assert "24 (statistics for 24)" in text and f"{LAYERS} layers x {HEADS} heads" in text
     # the layer x head table: one row per head, mean entropy as in the statistics
     rows = re.findall(r"<tr(?: class=\"layer-start\")?><td>(\d+)</td><td>(\d+)</td><td>([0-9.]+)</td>", text)
     assert [(int(l), int(h)) for l, h, _ in rows] == [(l, h) for l in range(LAYERS) for h in range(HEADS)]
@@ -103,21 +103,24 @@ def test_report_content(built):
 
 def test_flag_sentences_read_plainly():
     batches = 25
-    flags = {name: np.zeros((batches, 6, 4), dtype=bool) for name in ("dominant_key", "uniform", "weak")}
+    names = ("dominant_key", "critical_key", "uniform", "weak", "strong_self")
+    flags = {name: np.zeros((batches, 6, 4), dtype=bool) for name in names}
     flags["dominant_key"][:23, 5, 3] = True  # 92%
+    flags["critical_key"][:24, 5, 3] = True  # implied by the dominant key: not repeated
+    flags["strong_self"][:20, 5, 3] = True  # 80%
     flags["uniform"][:13, 1, 0] = True  # 52%
     flags["weak"][:12, 2, 2] = True  # 48%: under the threshold
+    flags["critical_key"][:, 0, 1] = True  # a critical key that changes with the batch
     peaks = np.ones((batches, 6, 4), dtype=np.int64)
     peaks[:, 5, 3] = 0
-    table = {
-        "batches": batches,
-        "flags": flags,
-        "flag_counts": {k: v.sum(axis=0) for k, v in flags.items()},
-        "peaks": peaks,
-    }
+    peaks[:, 0, 1] = np.arange(batches) % 5
+    table = {"batches": batches, "flags": flags, "flag_counts": {k: v.sum(axis=0) for k, v in flags.items()}, "peaks": peaks}
     assert report.flag_sentences(table) == [
-        "layer 5, head 3: 92% of batches put most incoming attention on key 0: over 3/8 of all attention",
-        "layer 1, head 0: 52% of batches spread attention almost uniformly: about the same weight on every key",
+        "layer 0, head 1: 100% of batches send over 3/16 of all attention to one key that varies from batch to batch"
+        " (most often key 0, 20% of them)",
+        "layer 1, head 0: 52% of batches spread attention almost uniformly (about the same weight on every key)",
+        "layer 5, head 3: 92% of batches put most incoming attention on key 0;"
+        " 80% of batches weight each token's own position over 1.2x the uniform weight",
     ]
 
 
