@@ -11,43 +11,40 @@ from ._common import err, fail, run
 
 KINDS = ("overview", "layers", "heads", "batches", "entropy")
 
-PLOT_HELP = """Draw one figure of a store into FILE (png, svg or pdf, from the extension).
-
-KIND is one of:
+PLOT_HELP = """Draw one figure of a store into FILE (png, svg or pdf, from FILE's extension).
 
 \b
-  overview  one sample: attention heatmap, incoming attention per key, row distributions
-            (--batch, --layer, --head; without --head the heads are averaged)
-  layers    one sample: a heatmap per layer, mean over heads (--batch)
-  heads     one sample: every head of a layer with its entropy (--batch, --layer)
-  batches   all batches: mean incoming attention per key and where the peak falls
-            (--layer, --head); reads only the statistics, so run `fastattn stats` first
-  entropy   all batches: layer x head map of normalised entropy, flagged heads marked
-            (needs `fastattn stats`)
+KIND is one of:
+  overview  one sample: heatmap, incoming attention, row distributions
+            (--batch, --layer, --head; no --head: mean of the heads)
+  layers    one sample: a heatmap per layer, mean of the heads (--batch)
+  heads     one sample: every head of a layer, with its entropy
+            (--batch, --layer)
+  batches   all batches: mean incoming attention per key, peak histogram
+            (--layer, --head); reads only the statistics (fastattn stats)
+  entropy   all batches: layer x head normalised entropy, flagged heads
+            marked (needs fastattn stats)
 
-Only each sample's valid tokens are drawn; tick labels are the token strings when the
-dumps had them, else positions.
+Only each sample's valid tokens are drawn; tick labels are the token strings when the dumps had them, else positions.
 
 \b
 Examples:
-  fastattn plot store.zarr overview --batch 3 --layer 5 --head 2 -o overview.png
+  fastattn plot store.zarr overview --batch 3 --layer 5 -o fig.png
   fastattn plot store.zarr entropy -o entropy.svg
 """
 
 REPORT_HELP = """Write one self-contained HTML page about a store (open it offline, mail it).
 
-It holds the store's summary, a layer x head table (entropy, self-attention, most common
-peak key, flag counts), the flagged heads in plain words, and the figures for a
-representative sample (the one with the median length) and for the whole corpus.
-Images are embedded; the page loads nothing from the network and runs no scripts.
-Statistics missing for any batch are computed (and saved in the store) first.
+It holds the store's summary, a layer x head table (entropy, self-attention, most common peak key, flag counts), the flagged heads in plain words, and the figures for a representative sample (the one with the median length) and for the whole corpus.
+
+Images are embedded; the page loads nothing from the network and runs no scripts. Statistics missing for any batch are computed (and saved in the store) first.
 """
 
 
 def plot(
-    store: str = typer.Argument(..., help="The store (.zarr) made by `fastattn ingest`."),
+    store: str = typer.Argument(..., metavar="STORE", help="The store (.zarr) made by `fastattn ingest`."),
     kind: str = typer.Argument(..., metavar="KIND", help="overview, layers, heads, batches or entropy."),
-    output: Path = typer.Option(..., "--output", "-o", help="Image file to write: .png, .svg or .pdf."),
+    output: Path = typer.Option(..., "--output", "-o", metavar="FILE", help="Image file to write: .png, .svg or .pdf."),
     batch: int = typer.Option(0, help="Sample to draw (overview, layers, heads)."),
     layer: int = typer.Option(0, help="Layer to draw (overview, heads, batches)."),
     head: Optional[int] = typer.Option(None, help="Head to draw (overview, batches); default: mean over heads."),
@@ -83,7 +80,7 @@ def plot(
 
 
 def report(
-    store: str = typer.Argument(..., help="The store (.zarr) made by `fastattn ingest`."),
+    store: str = typer.Argument(..., metavar="STORE", help="The store (.zarr) made by `fastattn ingest`."),
     output: Path = typer.Option(Path("report.html"), "--output", "-o", help="HTML file to write."),
     batch: Optional[int] = typer.Option(None, help="Sample to show; default: the one with the median length."),
     dpi: int = typer.Option(80, min=30, max=300, help="Resolution of the embedded images."),

@@ -194,7 +194,7 @@ def overview(ds: xr.Dataset, batch: int, layer: int, head: int | None = None) ->
     ax_in.set_xlabel("Key position")
     ax_in.set_ylabel("Incoming attention (column sum)")
     ax_in.set_title("Incoming attention per key")
-    ax_in.legend(loc="upper right")
+    ax_in.legend(loc="best")
 
     for row in matrix:
         ax_rows.plot(keys, row, linewidth=0.7, alpha=0.3)
