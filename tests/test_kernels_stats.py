@@ -126,13 +126,14 @@ def test_real_batched_samples(path):
     assert_same(topk(padded, 8, lengths), topk(a, 8, lengths))
 
 
-def test_entropy_zero_log_zero_and_one_hot():
-    a = np.zeros((2, 4, 4), dtype=np.float32)
+@pytest.mark.parametrize("dtype, rtol", [(np.float32, RTOL), (np.float64, 1e-15)])
+def test_entropy_zero_log_zero_and_one_hot(dtype, rtol):
+    a = np.zeros((2, 4, 4), dtype=dtype)
     a[0] = np.eye(4)  # one-hot rows: entropy exactly 0
     a[1, :, :2] = 0.5  # two equal weights, two exact zeros: ln 2
     got = check_stats(a)
     assert np.all(got.entropy[0] == 0.0)
-    np.testing.assert_allclose(got.entropy[1], np.log(2.0), rtol=1e-15)
+    np.testing.assert_allclose(got.entropy[1], np.log(2.0), rtol=rtol)
 
 
 def test_float64_subnormal_weights():
@@ -144,26 +145,44 @@ def test_float64_subnormal_weights():
     check_topk(a, 6)
 
 
-def test_log_accuracy():
+def _log_inputs():
     rng = np.random.default_rng(0)
     x = np.concatenate(
         [
             rng.random(200_000),
-            np.exp(-rng.random(50_000) * 745.0),  # down into the subnormals
+            np.exp(-rng.random(50_000) * 745.0),  # down into the float64 subnormals
             1.0 + rng.standard_normal(50_000) * 1e-7,  # around ln 1 = 0
             np.linspace(0.5, 2.0, 50_001),
-            rng.random(50_000).astype(np.float32).astype(np.float64),
             [5e-324, 2.2250738585072014e-308, 1.0, 2.0, 0.5, np.sqrt(0.5), np.sqrt(2.0)],
         ]
     )
-    x = x[x > 0]
-    want = np.log(x)
+    return x[x > 0]
+
+
+def _max_rel_error(x):
+    want = np.log(x.astype(np.float64))
     got = fast_log(x)
+    assert got.dtype == np.float64
+    assert np.all(got[want == 0] == 0.0)
     nonzero = want != 0
-    rel = np.abs(got[nonzero] - want[nonzero]) / np.abs(want[nonzero])
-    assert rel.max() < 1e-14
-    assert np.all(got[~nonzero] == 0.0)
-    assert np.isfinite(fast_log(np.array([0.0]))).all()  # so 0·ln 0 is 0 with no branch
+    return np.max(np.abs(got[nonzero] - want[nonzero]) / np.abs(want[nonzero]))
+
+
+def test_log_accuracy_float64():
+    assert _max_rel_error(_log_inputs()) < 1e-14
+
+
+def test_log_accuracy_float32():
+    x = _log_inputs().astype(np.float32)
+    every = np.arange(1, 2**31 - 2**23, 97, dtype=np.int32).view(np.float32)  # sweeps all exponents, subnormals too
+    x = np.concatenate([x[x > 0], every[np.isfinite(every)]])
+    assert _max_rel_error(x) < 3e-7
+
+
+def test_log_of_zero_is_finite():
+    # so x·ln x is exactly 0 at x = 0 with no branch
+    assert np.isfinite(fast_log(np.zeros(3))).all()
+    assert np.isfinite(fast_log(np.zeros(3, dtype=np.float32))).all()
 
 
 # ------------------------------------------------------------- masking
