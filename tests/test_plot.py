@@ -404,3 +404,6 @@ def test_cli_bad_format_and_store(cli, stores, tmp_path):
     assert "cannot write it" in line
     line = one_error_line(cli("report", stores["ragged"], "-o", tmp_path / "report.pdf"))
     assert "ending in .html" in line
+    if not STATS_MISSING:  # the corpus figures need statistics, and say so (the tokens store never gets any)
+        line = one_error_line(cli("plot", stores["tokens"], "entropy", "-o", tmp_path / "fig.png"))
+        assert "no statistics" in line and "fastattn stats" in line
