@@ -133,14 +133,15 @@ def register(app: typer.Typer) -> None:
             print(json.dumps({"store": store, "rules": list(corpus.ROLE_RULES), "heads": rows}, indent=1))
             return
         table = Table(title=f"{store}: head roles (support = share of batches)")
-        for column in ("head", "role", "support", "other labels", "prev", "next", "self", "key 0", "entropy", "distance"):
-            table.add_column(column, justify="left" if column in ("role", "other labels") else "right")
+        for column in ("head", "role", "support", "prev", "next", "self", "key 0", "entropy", "distance", "other labels"):
+            table.add_column(column, justify="left" if column in ("role", "other labels") else "right",
+                             no_wrap=column != "other labels")
         for r in rows:
             others = ", ".join(f"{k} {v:.0%}" for k, v in r["shares"].items() if k != r["role"] and v >= 0.05)
             table.add_row(
-                r["label"], r["role"], f"{r['support']:.0%}", others,
+                r["label"], r["role"], f"{r['support']:.0%}",
                 _num(r["previous"], 2), _num(r["next"], 2), _num(r["self"], 2), _num(r["first"], 2),
-                _num(r["entropy"], 2), _num(r["distance"], 1),
+                _num(r["entropy"], 2), _num(r["distance"], 1), others,
             )
         console.print(table)
         counts: dict[str, int] = {}
@@ -154,6 +155,10 @@ def register(app: typer.Typer) -> None:
         plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the heads' MDS map into this file (.png, .svg, .pdf)."),
         fmt: str = typer.Option("table", "--format", help="table or json (json includes the whole matrix)."),
         eps: float = typer.Option(1e-3, "--eps", min=0.0, max=0.5, help="Uniform part mixed into each row before the divergence."),
+        batches: Optional[int] = typer.Option(
+            None, "--batches", min=1,
+            help="Use only the first N batches (the cost grows as batches x length^2 x (layers x heads)^2).",
+        ),
     ) -> None:
         from fastattn import corpus, store as store_mod
 
@@ -162,12 +167,14 @@ def register(app: typer.Typer) -> None:
 
         def work():
             ds = store_mod.open_store(store)
+            if batches is not None:
+                ds = ds.isel(batch=slice(0, batches))
             return ds, corpus.head_similarity(ds, eps=eps).compute()
 
         ds, sim = run(work)
         rows = corpus.similarity_table(sim)
         if plot is not None:
-            stats = run(lambda: corpus.corpus_stats(store)) if ds.sizes["batch"] else None
+            stats = run(lambda: corpus.corpus_stats(store).isel(batch=slice(0, ds.sizes["batch"]))) if ds.sizes["batch"] else None
             _save(corpus.head_map(sim, stats), plot)
         if fmt == "json":
             body = {

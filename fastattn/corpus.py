@@ -433,13 +433,6 @@ def _normalise(x: np.ndarray, axis: int = -1) -> np.ndarray:
         return np.where(total > 0, x / np.where(total > 0, total, 1.0), 0.0)
 
 
-def _peak_histogram(peak: xr.DataArray, keys: int) -> np.ndarray:
-    """(layer, head, key) share of the batches whose peak key is each key, lazily reduced."""
-    onehot = peak == xr.DataArray(np.arange(keys), dims="peak")
-    counts = onehot.sum("batch").transpose("layer", "head", "peak").values.astype(np.float64)
-    return _normalise(counts)
-
-
 def compare_stats(sa: xr.Dataset, sb: xr.Dataset) -> xr.Dataset:
     """The numeric core of `compare`: statistics of matched batches (same batch count, batch
     i of `sa` paired with batch i of `sb`) → per (layer, head) changes; see `compare`."""
@@ -454,20 +447,27 @@ def compare_stats(sa: xr.Dataset, sb: xr.Dataset) -> xr.Dataset:
     keys = max(sa.sizes["key"], sb.sizes["key"])
     out = xr.Dataset(coords={"layer": np.arange(sa.sizes["layer"]), "head": np.arange(sa.sizes["head"])})
 
-    def means(st):
-        names = ["entropy_mean", "entropy_norm", "self_attention"]
-        m = st[names].mean("batch", skipna=True).transpose("layer", "head").compute()
-        return {name: np.asarray(m[name].values, dtype=np.float64) for name in names}
+    names = ["entropy_mean", "entropy_norm", "self_attention"]
 
-    def incoming(st):
-        total = st["col_sum"].fillna(0.0).astype(np.float64).sum("batch").transpose("layer", "head", "key").values
+    def reductions(st):  # lazy: both stores are reduced in one dask pass
+        red = st[names].mean("batch", skipna=True)
+        red["peak_counts"] = (st["peak_key"] == xr.DataArray(np.arange(keys), dims="peak")).sum("batch")
+        red["incoming"] = st["col_sum"].fillna(0.0).astype(np.float64).sum("batch")
+        return red.transpose("layer", "head", ...)
+
+    import dask
+
+    ra, rb = dask.compute(reductions(sa), reductions(sb))
+
+    def parts(red):
+        means = {name: np.asarray(red[name].values, dtype=np.float64) for name in names}
+        total = np.asarray(red["incoming"].values)
         padded = np.zeros(total.shape[:2] + (keys,))
         padded[..., : total.shape[-1]] = total
-        return _normalise(padded)
+        peaks = _normalise(np.asarray(red["peak_counts"].values, dtype=np.float64))
+        return means, peaks, _normalise(padded)
 
-    ma, mb = means(sa), means(sb)
-    ha, hb = _peak_histogram(sa["peak_key"], keys), _peak_histogram(sb["peak_key"], keys)
-    ia, ib = incoming(sa), incoming(sb)
+    (ma, ha, ia), (mb, hb, ib) = parts(ra), parts(rb)
     dims = ("layer", "head")
     out["entropy_a"] = dims, ma["entropy_mean"]
     out["entropy_b"] = dims, mb["entropy_mean"]
@@ -646,20 +646,45 @@ def _rule_holds(ev: dict) -> dict:
     }
 
 
-def batch_roles(stats: xr.Dataset) -> xr.DataArray:
-    """The per-batch label of every (batch, layer, head): the index into `ROLE_RULES` of
-    the first rule that holds, −1 when none holds, −2 for samples shorter than MIN_LENGTH."""
-    ev = role_evidence(stats).transpose("batch", "layer", "head").compute()
-    arrays = {name: np.asarray(ev[name].values) for name in ev.data_vars}
-    holds = _rule_holds(arrays)
-    label = np.full(arrays["self"].shape, -1, dtype=np.int16)
-    for i in range(len(ROLE_RULES) - 1, -1, -1):  # lowest index wins
-        label[np.asarray(holds[ROLE_RULES[i]], dtype=bool)] = i
-    label[arrays["length"] < MIN_LENGTH] = -2
-    return xr.DataArray(label, dims=("batch", "layer", "head"), attrs={"rules": list(ROLE_RULES)})
+EVIDENCE = ("previous", "next", "self", "first", "last", "peak", "distance", "entropy")
 
 
-def head_roles(stats: xr.Dataset, *, share: float = ROLE_SHARE) -> list[dict]:
+def _batch_step(stats: xr.Dataset, name: str, batch_chunk: int | None) -> int:
+    """Batches per block: `batch_chunk`, else the statistics' own chunking, else 4096."""
+    if batch_chunk is None:
+        chunks = stats[name].chunks
+        batch_chunk = int(max(chunks[stats[name].dims.index("batch")])) if chunks else 4096
+    return max(1, int(batch_chunk))
+
+
+def _role_blocks(stats: xr.Dataset, batch_chunk: int | None = None):
+    """Yield `(evidence arrays, labels)` for consecutive blocks of batches: the evidence as
+    `(batch, layer, head)` float arrays, the labels as in `batch_roles`."""
+    n = stats.sizes["batch"]
+    step = _batch_step(stats, "topk_index", batch_chunk)
+    for start in range(0, n, step):
+        block = stats.isel(batch=slice(start, min(n, start + step)))
+        ev = role_evidence(block).transpose("batch", "layer", "head").compute()
+        arrays = {name: np.asarray(ev[name].values) for name in ev.data_vars}
+        holds = _rule_holds(arrays)
+        label = np.full(arrays["self"].shape, -1, dtype=np.int16)
+        for i in range(len(ROLE_RULES) - 1, -1, -1):  # the lowest index wins
+            label[np.asarray(holds[ROLE_RULES[i]], dtype=bool)] = i
+        label[arrays["length"] < MIN_LENGTH] = -2
+        yield arrays, label
+
+
+def batch_roles(stats: xr.Dataset, *, batch_chunk: int | None = None) -> xr.DataArray:
+    """The per-batch label of every (batch, layer, head), in memory: the index into
+    `ROLE_RULES` of the first rule that holds, −1 when none holds, −2 for samples shorter
+    than MIN_LENGTH (not classified)."""
+    labels = [label for _, label in _role_blocks(stats, batch_chunk)]
+    shape = (0, stats.sizes["layer"], stats.sizes["head"])
+    data = np.concatenate(labels) if labels else np.zeros(shape, dtype=np.int16)
+    return xr.DataArray(data, dims=("batch", "layer", "head"), attrs={"rules": list(ROLE_RULES)})
+
+
+def head_roles(stats: xr.Dataset, *, share: float = ROLE_SHARE, batch_chunk: int | None = None) -> list[dict]:
     """The role of every (layer, head), one dict each, from the statistics of a corpus.
 
     Each batch gets the first rule of `ROLE_RULES` that holds (see `batch_roles`); a head's
@@ -667,30 +692,39 @@ def head_roles(stats: xr.Dataset, *, share: float = ROLE_SHARE) -> list[dict]:
     (of length ≥ MIN_LENGTH), else "mixed". Dict keys: `layer, head, label` ("L0H2"),
     `role`, `support` (share of batches with that label; for "mixed" the largest share),
     `batches`, `shares` ({rule: share} of every rule that labels any batch), and the mean
-    evidence `previous, next, self, first, last, peak, distance, entropy`.
+    over those batches of the evidence `previous, next, self, first, last, peak, distance,
+    entropy` (see `role_evidence`). One pass, a block of batches at a time: memory does
+    not grow with the corpus.
     """
-    labels = batch_roles(stats).values
-    ev = role_evidence(stats).transpose("batch", "layer", "head")
-    means = ev.drop_vars("length").where(ev["length"] >= MIN_LENGTH).mean("batch", skipna=True).compute()
-    _, layers, heads = labels.shape
+    layers, heads = stats.sizes["layer"], stats.sizes["head"]
+    counts = np.zeros((layers, heads, len(ROLE_RULES)), dtype=np.int64)
+    total = np.zeros((layers, heads), dtype=np.int64)
+    sums = {name: np.zeros((layers, heads)) for name in EVIDENCE}
+    seen = {name: np.zeros((layers, heads), dtype=np.int64) for name in EVIDENCE}
+    for arrays, label in _role_blocks(stats, batch_chunk):
+        classified = label != -2
+        total += classified.sum(axis=0)
+        for i in range(len(ROLE_RULES)):
+            counts[..., i] += (label == i).sum(axis=0)
+        for name in EVIDENCE:
+            ok = classified & ~np.isnan(arrays[name])
+            sums[name] += np.where(ok, arrays[name], 0.0).sum(axis=0)
+            seen[name] += ok.sum(axis=0)
     rows = []
     for layer in range(layers):
         for head in range(heads):
-            col = labels[:, layer, head]
-            col = col[col != -2]
-            counts = np.bincount(col[col >= 0], minlength=len(ROLE_RULES))
-            total = len(col)
-            shares = {ROLE_RULES[i]: float(counts[i] / total) for i in range(len(ROLE_RULES)) if counts[i]}
-            best = int(np.argmax(counts)) if total else -1
-            best_share = float(counts[best] / total) if total else 0.0
-            role = ROLE_RULES[best] if total and counts[best] and best_share >= share else "mixed"
+            c, t = counts[layer, head], int(total[layer, head])
+            shares = {ROLE_RULES[i]: float(c[i] / t) for i in range(len(ROLE_RULES)) if c[i]}
+            best = int(np.argmax(c))  # ties: the earlier rule
+            best_share = float(c[best] / t) if t else 0.0
+            role = ROLE_RULES[best] if c[best] and best_share >= share else "mixed"
             row = {
                 "layer": layer, "head": head, "label": f"L{layer}H{head}",
-                "role": role, "support": best_share, "batches": int(total), "shares": shares,
+                "role": role, "support": best_share, "batches": t, "shares": shares,
             }
-            for name in ("previous", "next", "self", "first", "last", "peak", "distance", "entropy"):
-                value = float(means[name].values[layer, head])
-                row[name] = None if math.isnan(value) else value
+            for name in EVIDENCE:
+                k = seen[name][layer, head]
+                row[name] = float(sums[name][layer, head] / k) if k else None
             rows.append(row)
     return rows
 
@@ -849,10 +883,7 @@ def summary_blocks(stats: xr.Dataset, batch_chunk: int | None = None):
     """Yield `(entropy, entropy_norm, peak_key)` numpy blocks of `(batch, layer, head)`,
     `batch_chunk` batches at a time (default: the statistics' own chunking along batch)."""
     n = stats.sizes["batch"]
-    if batch_chunk is None:
-        chunks = stats["entropy_norm"].chunks
-        batch_chunk = int(max(chunks[stats["entropy_norm"].dims.index("batch")])) if chunks else 4096
-    batch_chunk = max(1, int(batch_chunk))
+    batch_chunk = _batch_step(stats, "entropy_norm", batch_chunk)
     view = stats[list(SUMMARY_VARS)].transpose("batch", "layer", "head")
     for start in range(0, n, batch_chunk):
         block = view.isel(batch=slice(start, min(n, start + batch_chunk))).compute()

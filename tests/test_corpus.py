@@ -317,6 +317,10 @@ def test_roles_match_the_reference_rules_on_minilm(real, stats_real):
     assert got[0, 2] == "previous-token" and got[1, 8] == "next-token"
     assert (got[1:5] == "first-token").mean() > 0.8
     assert (got[0] == "broad").sum() >= 6
+    blocks = corpus.head_roles(stats_real, batch_chunk=3)  # block by block, same answer
+    for a, b in zip(blocks, rows):
+        assert {k: a[k] for k in ("role", "support", "shares", "batches")} == {k: b[k] for k in ("role", "support", "shares", "batches")}
+        np.testing.assert_allclose([a[k] for k in corpus.EVIDENCE], [b[k] for k in corpus.EVIDENCE], rtol=1e-12)
     row = rows[2]
     assert row["label"] == "L0H2" and row["support"] == 1.0 and row["previous"] > 0.95 and row["batches"] == 11
     json.dumps(rows)  # plain data
@@ -452,6 +456,12 @@ def test_streaming_summary_of_a_store_matches_reference(real):
                        st.peak_key.values, bins=12, keys=st.sizes["key"])
     _assert_summary(got, want)
     assert got.peak_key_hist.sum("key").values.min() == 11
+    # the committed statistics serve roles and compare too
+    assert corpus.corpus_stats(path).attrs.get("k") == 5  # open_stats, not recomputed
+    want_roles, _ = ref.roles(real["att"], real["length"])
+    got_roles = [r["role"] for r in corpus.head_roles(corpus.corpus_stats(path))]
+    np.testing.assert_array_equal(np.array(got_roles, dtype=object).reshape(6, 12), want_roles)
+    np.testing.assert_array_equal(corpus.compare(path, real["path"], match="source")["score"].values, 0.0)
 
 
 # ---------------------------------------------------------------- CLI
@@ -504,8 +514,8 @@ def test_cli_similarity(cli, random_store, tmp_path):
     np.testing.assert_allclose(np.array(body["js"]), want, rtol=RTOL, atol=1e-15)
     assert body["labels"][0] == "L0H0" and len(body["heads"]) == 6
     assert "<svg" in (tmp_path / "s.svg").read_text()[:1000]
-    table = cli("similarity", random_store["path"])
-    assert table.exit_code == 0 and "nearest" in table.stdout
+    table = cli("similarity", random_store["path"], "--batches", 2)
+    assert table.exit_code == 0 and "nearest" in table.stdout and "2 batches" in table.stdout
 
 
 def test_cli_rollout_writes_the_store_group(cli, random_store, tmp_path):

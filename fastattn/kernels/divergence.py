@@ -29,6 +29,8 @@ from numba import prange
 
 from ._jit import ngjit, ngjit_parallel, parallel_slot, plane_lengths
 
+_log = np.log
+
 __all__ = ["pairwise_js", "DEFAULT_EPS"]
 
 #: Weight of the uniform distribution mixed into every row before the divergence.
@@ -51,19 +53,25 @@ def _js_sample(a, s, n, eps, out):
     plnp = np.empty((N, nk))
     floor = eps / nk
     keep = 1.0 - eps
+    smooth = floor > 0.0
     for q in range(nq):
         for i in range(N):
             for k in range(nk):
                 x = keep * np.float64(a[s, i, q, k]) + floor
                 p[i, k] = x
-                plnp[i, k] = 0.5 * x * np.log(x) if x > 0.0 else 0.0
+                plnp[i, k] = 0.5 * x * _log(x) if x > 0.0 else 0.0
         for i in range(N):
             for j in range(i + 1, N):
                 acc = 0.0
-                for k in range(nk):
-                    m = 0.5 * (p[i, k] + p[j, k])
-                    mlnm = m * np.log(m) if m > 0.0 else 0.0
-                    acc += plnp[i, k] + plnp[j, k] - mlnm
+                if smooth:  # every m > 0: a branch-free loop
+                    for k in range(nk):
+                        m = 0.5 * (p[i, k] + p[j, k])
+                        acc += plnp[i, k] + plnp[j, k] - m * _log(m)
+                else:
+                    for k in range(nk):
+                        m = 0.5 * (p[i, k] + p[j, k])
+                        mlnm = m * _log(m) if m > 0.0 else 0.0
+                        acc += plnp[i, k] + plnp[j, k] - mlnm
                 out[s, i, j] += acc
     for i in range(N):
         for j in range(i + 1, N):
