@@ -404,7 +404,7 @@ def entropy_map(ds_or_stats: xr.Dataset) -> Figure:
                 ax.add_patch(_cell_outline(head, layer))
     handles = [Line2D([], [], linestyle="none", marker=f"${FLAGS[f][0]}$", markersize=9, color="black") for f in FLAGS]
     counts = {f: int((shares[f] >= FLAG_SHARE).sum()) if f in shares else 0 for f in FLAGS}
-    labels = [f"{FLAGS[f][1]} ({counts[f]} heads)" for f in FLAGS]
+    labels = [f"{FLAGS[f][1]} ({_plural('head', counts[f])})" for f in FLAGS]
     handles.append(Patch(facecolor="none", edgecolor="crimson", linewidth=1.5))
     labels.append(f"flagged in at least {FLAG_SHARE:.0%} of the batches")
     fig.legend(handles, labels, loc="outside lower center", ncols=2 if width >= 13 else 1, fontsize=8, frameon=False)
