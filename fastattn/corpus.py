@@ -130,7 +130,10 @@ def write_rollout(location, *, keep_matrix: bool = False, jobs: int | None = Non
         with dask.config.set(scheduler="threads", num_workers=jobs):
             r.to_zarr(loc.zarr_store(), group=ROLLOUT_GROUP, mode="w", consolidated=False)
         group = zarr.open_group(loc.zarr_store(), path=ROLLOUT_GROUP, mode="r+", use_consolidated=False)
-        group.attrs["fastattn_rollout"] = {"batches": manifest.committed, "keep_matrix": keep_matrix, "time": store.now()}
+        group.attrs["fastattn_rollout"] = {
+            "batches": manifest.committed, "ingests": len(manifest.ingests or []),
+            "keep_matrix": keep_matrix, "time": store.now(),
+        }
     return {"batches": manifest.committed, "keep_matrix": keep_matrix}
 
 
@@ -149,9 +152,10 @@ def open_rollout(location, *, storage_options: dict | None = None) -> xr.Dataset
         record = None
     if not record:
         raise StoreError(f"{loc}: no rollout yet (run fastattn rollout)")
-    if record["batches"] != manifest.committed:
+    if record["batches"] != manifest.committed or record.get("ingests") != len(manifest.ingests or []):
         raise StoreError(
-            f"{loc}: the rollout covers {record['batches']} of {manifest.committed} batches (run fastattn rollout again)"
+            f"{loc}: the rollout predates the last ingest ({record['batches']} of {manifest.committed} batches);"
+            " run fastattn rollout again"
         )
     r = xr.open_zarr(loc.zarr_store(read_only=True), group=ROLLOUT_GROUP, consolidated=False)
     r.attrs = {"store": str(loc), **record}
@@ -160,27 +164,35 @@ def open_rollout(location, *, storage_options: dict | None = None) -> xr.Dataset
 
 def rollout_summary(r: xr.Dataset) -> list[dict]:
     """Per layer, the mean over samples of the rollout share of the first key ([CLS]), of
-    the last valid key ([SEP]) and of the rest, and the key most often receiving the most."""
-    incoming = np.asarray(r["rollout_incoming"].values, dtype=np.float64)  # (batch, layer, key)
-    lengths = np.asarray(r["length"].values, dtype=np.int64)
-    ok = lengths > 0
-    incoming, lengths = incoming[ok], lengths[ok]
+    the last valid key ([SEP]) and of the rest, and the key most often receiving the most.
+    Reduced lazily (one pass), so it works on a rollout of any size."""
+    import dask
+
+    incoming = r["rollout_incoming"]
+    length = r["length"].astype(np.int64)
+    valid = length > 0
+    key = xr.DataArray(np.arange(incoming.sizes["key"]), dims="key")
+    first = incoming.isel(key=0, drop=True)
+    last = xr.where((key == length - 1) & (length > 1), incoming, 0.0).sum("key")
+    top = incoming.fillna(-np.inf).argmax("key")
+    counts = (top == xr.DataArray(np.arange(incoming.sizes["key"]), dims="top")).where(valid, False).sum("batch")
+    first, last, counts, samples = dask.compute(
+        first.where(valid).mean("batch"), last.where(valid).mean("batch"), counts.transpose("layer", "top"), valid.sum()
+    )
+    samples = int(samples)
     rows = []
-    for layer in range(incoming.shape[1]):
-        plane = incoming[:, layer]
-        first = plane[:, 0] if len(plane) else np.zeros(0)
-        last = plane[np.arange(len(plane)), lengths - 1] if len(plane) else np.zeros(0)
-        last = np.where(lengths > 1, last, 0.0)
-        top = np.nanargmax(np.where(np.isnan(plane), -np.inf, plane), axis=1) if len(plane) else np.zeros(0, int)
-        counts = np.bincount(top) if len(top) else np.zeros(1, int)
+    for layer in range(incoming.sizes["layer"]):
+        c = np.asarray(counts.values[layer])
+        f = float(first.values[layer]) if samples else None
+        t = float(last.values[layer]) if samples else None
         rows.append({
             "layer": layer,
-            "first_key": float(first.mean()) if len(first) else None,
-            "last_key": float(last.mean()) if len(last) else None,
-            "other_keys": float((1.0 - first - last).mean()) if len(first) else None,
-            "top_key": int(np.argmax(counts)),
-            "top_key_share": float(counts.max() / len(top)) if len(top) else 0.0,
-            "samples": int(len(plane)),
+            "first_key": f,
+            "last_key": t,
+            "other_keys": (1.0 - f - t) if samples else None,
+            "top_key": int(np.argmax(c)),
+            "top_key_share": float(c.max() / samples) if samples else 0.0,
+            "samples": samples,
         })
     return rows
 

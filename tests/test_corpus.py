@@ -537,4 +537,14 @@ def test_cli_rollout_writes_the_store_group(cli, random_store, tmp_path):
     table = cli("rollout", path)
     assert table.exit_code == 0 and "first key" in table.stdout
     assert "rollout" not in corpus.open_rollout(path)
+    summary = corpus.rollout_summary(corpus.open_rollout(path))
+    n = random_store["length"]
+    np.testing.assert_allclose([row["first_key"] for row in summary], want_incoming[n > 0, :, 0].mean(0), rtol=RTOL)
+    last = np.array([[want_incoming[b, layer, n[b] - 1] if n[b] > 1 else 0.0 for layer in range(3)] for b in range(len(n))])
+    np.testing.assert_allclose([row["last_key"] for row in summary], last.mean(0), rtol=RTOL)
     assert cli("rollout", tmp_path / "nope.zarr").exit_code == 1
+    # a later ingest makes the saved rollout stale
+    batched_dump(np.random.default_rng(0), tmp_path / "more" / "c.npz", [4], layers=3, heads=2)
+    ingest([str(tmp_path / "more")], str(path), jobs=1)
+    with pytest.raises(StoreError, match="run fastattn rollout again"):
+        corpus.open_rollout(path)
