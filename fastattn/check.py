@@ -217,14 +217,14 @@ class _Checker:
         if self.writer is None:
             self._check_stray()
         manifest = self.manifest = self._read_manifest()
+        if manifest is None:
+            raise _Stop  # nothing committed (or no record of it): nothing else can be trusted or compared
         try:
             self.group = store.open_group(self.loc, "r")
         except Exception as exc:  # a zarr.json that zarr cannot read
             self.add("zarr.json", f"zarr cannot open the store ({_reason(exc)})")
             raise _Stop from None
         self._check_schema()
-        if manifest is None:
-            raise _Stop
         self.result.committed = manifest.committed
         self._check_shapes(manifest)
         self._check_coordinates()
@@ -316,7 +316,7 @@ class _Checker:
         return manifest
 
     def _check_schema(self) -> None:
-        dtype_of = {"attention": self.manifest.dtype if self.manifest else None}
+        dtype_of = {"attention": self.manifest.dtype}
         for name, (dims, dtype) in SCHEMA.items():
             dtype = dtype_of.get(name, dtype)
             fix = COORD if name in store.DIMS else None
@@ -379,7 +379,7 @@ class _Checker:
         token = self.arrays.get("token")
         if token is not None and token.shape[1] != query:
             self.add("token", f"has {token.shape[1]} query positions, attention {query}")
-        longest = max(a.shape[0] for n, a in self.arrays.items() if n in BATCHED)
+        longest = max(a.shape[0] for n, a in self.arrays.items() if n in BATCHED or n == "batch")
         if longest > committed and self.writer is None:
             self.add(
                 "attention",
@@ -394,17 +394,19 @@ class _Checker:
             if array is None:
                 continue
             size = attention.shape[axis]
+            if dim == "batch":  # past the commit it only has to follow the arrays, which --repair shrinks
+                size = array.shape[0] if array.shape[0] >= self.manifest.committed else size
             if array.shape != (size,):
                 if self.writer is None:  # a writer resizes the coordinates with the arrays
                     self.add(dim, f"coordinate of length {array.shape[0]}, the dimension has {size}", fix=COORD)
                     self.coords_to_rebuild.add(dim)
                 continue
-            for coords, region in _chunks(array):
-                values = self._read(array, coords, region, fix=COORD)
+            upto = self.manifest.committed if dim == "batch" else None  # past the commit is a writer's business
+            for region, values in self._values(array, upto, fix=COORD):
                 if values is None:
                     self.coords_to_rebuild.add(dim)
                 elif not np.array_equal(values, np.arange(region[0].start, region[0].stop)):
-                    self.add(dim, f"coordinate values are not 0..{size - 1}", fix=COORD)
+                    self.add(dim, f"coordinate values are not 0..{(size if upto is None else min(size, upto)) - 1}", fix=COORD)
                     self.coords_to_rebuild.add(dim)
                     break
 
@@ -480,8 +482,7 @@ class _Checker:
         _, _, _, query, key = self.arrays["attention"].shape
         top = min(manifest.max_length, max(query, key))
         length = self.arrays["length"]
-        for coords, region in _chunks(length, committed):
-            values = self._read(length, coords, region, fix=DROP, batch=region[0].start, required=True)
+        for region, values in self._values(length, committed, fix=DROP, required=True):
             if values is None:
                 continue
             lengths[region[0]] = values
@@ -497,8 +498,7 @@ class _Checker:
             if array is None:
                 continue
             wrong, example = 0, None
-            for coords, region in _chunks(array, committed):
-                values = self._read(array, coords, region, fix=SOURCE, required=True)
+            for region, values in self._values(array, committed, fix=SOURCE, required=True):
                 if values is None:
                     continue
                 own = owner[region[0]]
@@ -578,8 +578,8 @@ class _Checker:
         token = self.arrays.get("token")
         if token is None:
             return
-        for coords, region in _chunks(token, manifest.committed):
-            self._read(token, coords, region, fix=DROP, batch=region[0].start)
+        for _ in self._values(token, manifest.committed, fix=DROP):
+            pass
 
     def _check_stats(self, manifest: store.Manifest) -> None:
         done = manifest.stats_committed
@@ -602,10 +602,43 @@ class _Checker:
             if array.shape[axis] < done:
                 self.add(f"stats/{name}", f"holds {array.shape[axis]} batches, {done} are committed", fix=STATS)
                 continue
-            for coords, region in _chunks(array, done, axis):
-                self._read(array, coords, region, fix=STATS)
+            for _ in self._values(array, done, fix=STATS, axis=axis):
+                pass
 
     # -- reading chunk by chunk
+
+    def _values(self, array, upto=None, *, fix, required=False, axis=0):
+        """(region, values) over `array` below `upto` along `axis`, several small chunks per read
+        (up to ~CHUNK_BYTES); a read that fails is retried chunk by chunk to name the bad ones,
+        which yield None. Damage is reported as affecting the batches from the chunk's first one."""
+        itemsize = getattr(array.dtype, "itemsize", 0) or 64  # variable-length strings: a guess
+        chunk_bytes = max(1, math.prod(array.chunks) * itemsize)
+        per_read = max(1, store.CHUNK_BYTES // chunk_bytes)
+        chunks = list(_chunks(array, upto, axis))
+        groups: dict[tuple, list] = defaultdict(list)  # chunks sharing every index but `axis`'s
+        for coords, region in chunks:
+            groups[coords[:axis] + coords[axis + 1 :]].append((coords, region))
+        for members in groups.values():
+            for i in range(0, len(members), per_read):
+                part = members[i : i + per_read]
+                batch = part[0][1][axis].start if fix == DROP else None
+                missing = required and any(not self.loc.exists(_key(array, c)) for c, _ in part)
+                if not missing and len(part) > 1:
+                    first, last = part[0][1], part[-1][1]
+                    region = tuple(
+                        slice(first[d].start, last[d].stop) if d == axis else first[d] for d in range(len(first))
+                    )
+                    try:
+                        values = array[region]
+                    except Exception:
+                        pass
+                    else:
+                        self.result.chunks += len(part)
+                        yield region, values
+                        continue
+                for coords, region in part:
+                    batch = region[axis].start if fix == DROP else None
+                    yield region, self._read(array, coords, region, fix=fix, batch=batch, required=required)
 
     def _read(self, array, coords, region, *, fix, batch=None, required=False):
         """One chunk's values, or None (and a problem naming its key) when it is missing or corrupt."""
@@ -740,7 +773,7 @@ def _repair(location: store.Location, found: _Checker, force: bool) -> None:
             )
             for p in by_fix[DROP]:
                 p.repaired = note
-        batched = [group[n] for n in BATCHED if n in found.arrays]
+        batched = [group[n] for n in (*BATCHED, "batch") if n in found.arrays]
         if batched and all(a.shape[0] >= manifest.committed for a in batched):
             if any(a.shape[0] != manifest.committed for a in batched) or by_fix[PAST]:
                 store.resize(group, batch=manifest.committed)
