@@ -353,7 +353,7 @@ def _as_planes(a) -> tuple[np.ndarray, tuple[int, ...]]:
 
 
 def plane_stats(a, lengths=None, *, parallel: bool = True) -> PlaneStats:
-    """Row/column sums, entropy, max, diagonal and attention distance of each plane.
+    """Row/column sums, entropy, max, diagonal, attention distance and Σ A² per row.
 
     a:        (..., Q, K) float32 or float64 attention weights.
     lengths:  None or ints whose shape is a prefix of ``a.shape[:-2]``.
@@ -393,8 +393,9 @@ def topk(a, k: int, lengths=None, *, parallel: bool = True) -> tuple[np.ndarray,
     Returns ``(index, weight)``: int32 and float64 arrays of shape
     ``(..., Q, k)``, descending by weight, ties to the lower key index.  Rows
     with fewer than ``k`` valid keys are padded with index −1 / weight NaN;
-    rows outside the valid block are all −1 / NaN.  ``k`` must be in
-    [0, 64] (ValueError otherwise); ``parallel`` as in :func:`plane_stats`.
+    rows outside the valid block are all −1 / NaN (NaN or −inf weights inside
+    it are never selected).  ``k`` must be in [0, 64] (ValueError otherwise);
+    ``parallel`` as in :func:`plane_stats`.
     """
     k = int(k)
     if not 0 <= k <= MAX_TOPK:
