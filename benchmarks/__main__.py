@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from . import ingest_bench, memory, sdpa_bench, stats_bench
-from .runner import DEFAULT_DATA, DEFAULT_OUT, NUMBA_CACHE, Config, Context, print_table, row, run, skipped, write_json
+from .runner import DEFAULT_DATA, DEFAULT_OUT, NUMBA_CACHE, Config, Context, markdown_table, print_table, row, run, skipped, write_json
 
 
 def kernels_figure(ctx: Context) -> list[dict]:
@@ -84,7 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{m['cpu']}, {m['cores']} cores; load average {m['load_average']} at start,"
           f" {m['load_average_end']} at end; {result['seconds']:.0f} s")
     write_json(result, args.out)
-    print(f"results: {args.out}")
+    markdown = args.out.with_suffix(".md")
+    markdown.write_text(
+        f"{result['date']}, {m['cpu']} ({m['cores']} cores, {m['memory_gb']} GB), load average"
+        f" {', '.join(f'{x:.2f}' for x in m['load_average'])} at start; `{result['command']}`\n\n"
+        + markdown_table(result["rows"]) + "\n"
+    )
+    print(f"results: {args.out} (table: {markdown})")
     return 1 if any(r.get("error") for r in result["rows"]) else 0
 
 

@@ -76,7 +76,7 @@ class Config:
             heads=4,
             seq=32,
             ingest_repeats=2,
-            stats_repeats=2,
+            stats_repeats=1,
             group_size=25,
             memory_files=150,
             scaling_files=(25, 50, 100),
