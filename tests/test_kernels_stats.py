@@ -285,3 +285,29 @@ def test_concurrent_python_threads():
     for i, stats, top in results:
         assert_same(stats, want[i][0])
         assert_same(top, want[i][1])
+
+
+# ------------------------------------------------------------- compilation
+
+
+def _in_subprocess(code: str, **env) -> str:
+    import os
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if k != "FASTATTN_NUMBA_CACHE"}
+    environ.update(env)
+    done = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def test_lazy_compile_and_opt_in_cache():
+    code = (
+        "import importlib\n"
+        "_jit, sdpa, stats = (importlib.import_module('fastattn.kernels.' + m) for m in ('_jit', 'sdpa', 'stats'))\n"
+        "kernels = [stats._stats_parallel, stats._stats_serial, stats._topk_parallel, stats._topk_serial,\n"
+        "           sdpa._attend_parallel, sdpa._attend_serial]\n"
+        "print(sum(len(k.signatures) for k in kernels), _jit.CACHE)"
+    )
+    assert _in_subprocess(code) == "0 False"  # nothing compiled at import; no disk cache by default
+    assert _in_subprocess(code, FASTATTN_NUMBA_CACHE="1").endswith("True")
