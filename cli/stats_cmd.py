@@ -10,7 +10,11 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ._common import SCHEDULER_HELP, STORAGE_HELP, WORKERS_HELP, console, err, run, storage_options
+from ._common import SCHEDULER_HELP, STORAGE_HELP, WORKERS_HELP, console, err, fail, run, storage_options
+
+
+#: Flagged heads listed under the table (all of them go to --format json).
+MAX_NOTES = 24
 
 
 def _pct(value: float) -> str:
@@ -56,12 +60,15 @@ def register(app: typer.Typer) -> None:
 
         done = run(work)
         st = run(lambda: stats_mod.open_stats(store, storage_options=options))
-        rows = [
-            r
-            for r in summary.head_table(st)
-            if (not layer or r["layer"] in layer) and (not head or r["head"] in head)
-        ]
-        notes = summary.findings(rows)
+        selection = {dim: values for dim, values in (("layer", layer), ("head", head)) if values}
+        for dim, values in selection.items():
+            size = st.sizes[dim]
+            for value in values:
+                if not 0 <= value < size:
+                    fail(f"--{dim} {value} out of range: the store has {size} {dim}s (0-{size - 1})")
+        table = summary.head_table(st.sel(selection))
+        rows = summary.head_rows(table)
+        notes = summary.flag_sentences(table)
         err.print(f"statistics: {done['computed']} batches computed now, {done['total']} in store", highlight=False)
         if fmt == "json":
             print(json.dumps({"batches": done["total"], "computed": done["computed"], "heads": rows, "findings": notes}, indent=1))
@@ -72,14 +79,14 @@ def register(app: typer.Typer) -> None:
             writer.writerows(rows)
             print(out.getvalue(), end="")
         else:
-            table = Table(title=f"{store}: {done['total']} batches")
+            grid = Table(title=f"{store}: {done['total']} batches")
             for column in ("layer", "head", "entropy", "norm.", "self-attn", "peak key", "flags (share of batches)"):
-                table.add_column(column, justify="right" if column != "flags (share of batches)" else "left")
+                grid.add_column(column, justify="right" if column != "flags (share of batches)" else "left")
             for r in rows:
                 flags = ", ".join(
                     f"{name} {r[name]:.0%}" for name in stats_mod.FLAGS if r[name] >= 0.05
                 )
-                table.add_row(
+                grid.add_row(
                     str(r["layer"]),
                     str(r["head"]),
                     _num(r["entropy_mean"]),
@@ -88,6 +95,8 @@ def register(app: typer.Typer) -> None:
                     f"{r['peak_key']} ({_pct(r['peak_key_share'])})",
                     flags,
                 )
-            console.print(table)
-            for line in notes:
+            console.print(grid)
+            for line in notes[:MAX_NOTES]:
                 console.print(line, highlight=False)
+            if len(notes) > MAX_NOTES:
+                console.print(f"... and {len(notes) - MAX_NOTES} more flagged heads (see --format json)")

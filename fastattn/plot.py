@@ -30,21 +30,11 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from .errors import FastattnError
+from .summary import FLAG_SHARE, FLAG_WORDS
 
 FORMATS = ("png", "svg", "pdf")
 KINDS = ("overview", "layers", "heads", "batches", "entropy")
 
-#: Flags of the stats group, with the letter drawn in the entropy map and their meaning.
-FLAGS = {
-    "uniform": ("U", "uniform: about the same weight on every key"),
-    "diagonal_only": ("D", "diagonal only: over 80% of the weight on the diagonal"),
-    "dominant_key": ("K", "dominant key: one key gets over 3/8 of all attention"),
-    "weak": ("W", "weak: no weight above 1.2x the uniform weight"),
-    "critical_key": ("C", "critical key: one key gets over 3/16 of all attention"),
-    "strong_self": ("S", "strong self: own position weighted over 1.2x uniform"),
-}
-#: A flag is marked on a head when it holds in at least this share of the batches.
-FLAG_SHARE = 0.5
 
 
 # ---------------------------------------------------------------- helpers
@@ -364,7 +354,7 @@ def flag_shares(stats: xr.Dataset) -> dict[str, np.ndarray]:
     """Per flag, the (layer, head) share of batches where it holds."""
     return {
         name: np.asarray(stats[name].astype(np.float64).mean("batch").transpose("layer", "head").values)
-        for name in FLAGS
+        for name in FLAG_WORDS
         if name in stats
     }
 
@@ -391,7 +381,7 @@ def entropy_map(ds_or_stats: xr.Dataset) -> Figure:
     small = n_layers * n_heads <= 400
     for layer in range(n_layers):
         for head in range(n_heads):
-            letters = "".join(FLAGS[f][0] for f, s in shares.items() if s[layer, head] >= FLAG_SHARE)
+            letters = "".join(FLAG_WORDS[f][0] for f, s in shares.items() if s[layer, head] >= FLAG_SHARE)
             dark = entropy[layer, head] < 0.6
             colour = "white" if dark else "black"
             if small:
@@ -402,9 +392,9 @@ def entropy_map(ds_or_stats: xr.Dataset) -> Figure:
                 ax.text(head, layer, letters, ha="center", va="center", fontsize=6, color=colour)
             if letters:
                 ax.add_patch(_cell_outline(head, layer))
-    handles = [Line2D([], [], linestyle="none", marker=f"${FLAGS[f][0]}$", markersize=9, color="black") for f in FLAGS]
-    counts = {f: int((shares[f] >= FLAG_SHARE).sum()) if f in shares else 0 for f in FLAGS}
-    labels = [f"{FLAGS[f][1]} ({_plural('head', counts[f])})" for f in FLAGS]
+    handles = [Line2D([], [], linestyle="none", marker=f"${FLAG_WORDS[f][0]}$", markersize=9, color="black") for f in FLAG_WORDS]
+    counts = {f: int((shares[f] >= FLAG_SHARE).sum()) if f in shares else 0 for f in FLAG_WORDS}
+    labels = [f"{FLAG_WORDS[f][1]} ({_plural('head', counts[f])})" for f in FLAG_WORDS]
     handles.append(Patch(facecolor="none", edgecolor="crimson", linewidth=1.5))
     labels.append(f"flagged in at least {FLAG_SHARE:.0%} of the batches")
     fig.legend(handles, labels, loc="outside lower center", ncols=2 if width >= 13 else 1, fontsize=8, frameon=False)

@@ -13,13 +13,10 @@ import os
 from datetime import datetime, timezone
 
 import numpy as np
-import xarray as xr
 
-from . import plot
+from . import plot, summary
 from .errors import FastattnError
 
-#: Per-plane statistics the table and the sentences need (small: batch x layer x head).
-PLANE_VARS = ("entropy_mean", "entropy_norm", "self_attention", "peak_key")
 #: At most this many layers get their own heads grid and corpus figure (first, ..., last).
 MAX_LAYER_FIGURES = 6
 
@@ -82,80 +79,6 @@ def chosen_layers(count: int) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, count - 1, MAX_LAYER_FIGURES)})
 
 
-def head_table(stats: xr.Dataset) -> dict:
-    """Per (layer, head) numbers of the table, as plain numpy arrays (layer, head[, flag])."""
-    names = [v for v in PLANE_VARS if v in stats] + [f for f in plot.FLAGS if f in stats]
-    planes = stats[names].transpose("batch", "layer", "head").compute()
-    batches = planes.sizes["batch"]
-    table = {
-        "batches": batches,
-        "entropy": planes["entropy_mean"].mean("batch").values,
-        "entropy_norm": planes["entropy_norm"].mean("batch").values,
-        "self_attention": planes["self_attention"].mean("batch").values,
-    }
-    peak = np.asarray(planes["peak_key"].values, dtype=np.int64)  # (batch, layer, head)
-    layers, heads = peak.shape[1:]
-    common = np.zeros((layers, heads), dtype=np.int64)
-    common_share = np.zeros((layers, heads))
-    for layer in range(layers):
-        for head in range(heads):
-            counts = np.bincount(np.clip(peak[:, layer, head], 0, None))
-            common[layer, head] = counts.argmax()
-            common_share[layer, head] = counts.max() / batches
-    table["peak_key"], table["peak_share"] = common, common_share
-    table["flags"] = {f: planes[f].values.astype(bool) for f in plot.FLAGS if f in planes}
-    table["flag_counts"] = {f: v.sum(axis=0) for f, v in table["flags"].items()}
-    table["peaks"] = peak
-    return table
-
-
-def _key_words(peaks: np.ndarray) -> str:
-    """Which key the flagged batches single out: one key, or a key that varies."""
-    keys = np.bincount(np.clip(peaks, 0, None))
-    key, share = int(keys.argmax()), keys.max() / max(1, peaks.size)
-    if share >= 0.99:
-        return f"key {key}"
-    if share >= 0.5:
-        return f"key {key} ({share:.0%} of them; other keys in the rest)"
-    return f"one key that varies from batch to batch (most often key {key}, {share:.0%} of them)"
-
-
-def flag_sentences(table: dict, threshold: float = plot.FLAG_SHARE) -> list[str]:
-    """One line per flagged head, in plain words: every flag that holds for at least
-    `threshold` of the batches, strongest first. `critical_key` is left out where
-    `dominant_key` holds (a dominant key is critical too)."""
-    batches = table["batches"]
-    counts = table["flag_counts"]
-    lines = []
-    any_counts = next(iter(counts.values()), None)
-    if any_counts is None:
-        return lines
-    layers, heads = any_counts.shape
-    for layer in range(layers):
-        for head in range(heads):
-            held = {name: c[layer, head] / batches for name, c in counts.items() if c[layer, head] >= threshold * batches}
-            if "dominant_key" in held:
-                held.pop("critical_key", None)
-            parts = []
-            for name, share in sorted(held.items(), key=lambda item: -item[1]):
-                flagged = table["flags"][name][:, layer, head]
-                if name == "dominant_key":
-                    what = f"put most incoming attention on {_key_words(table['peaks'][flagged, layer, head])}"
-                elif name == "critical_key":
-                    what = f"send over 3/16 of all attention to {_key_words(table['peaks'][flagged, layer, head])}"
-                else:
-                    what = {
-                        "uniform": "spread attention almost uniformly (about the same weight on every key)",
-                        "diagonal_only": "put over 80% of the weight on the diagonal (each token on itself)",
-                        "weak": "have no weight above 1.2x the uniform weight (weak, diffuse attention)",
-                        "strong_self": "weight each token's own position over 1.2x the uniform weight",
-                    }[name]
-                parts.append(f"{share:.0%} of batches {what}")
-            if parts:
-                lines.append(f"layer {layer}, head {head}: " + "; ".join(parts))
-    return lines
-
-
 def _summary_html(info: dict, batch: int, length: int, source: str, median: bool) -> str:
     ratio = info["compression_ratio"]
     last = info["last_ingest"]
@@ -198,22 +121,22 @@ def _table_html(table: dict) -> str:
     batches = table["batches"]
     flags = list(table["flag_counts"])
     head_cells = "".join(
-        f'<th title="{html.escape(plot.FLAGS[f][1])}">{html.escape(f.replace("_", " "))}</th>' for f in flags
+        f'<th title="{html.escape(summary.FLAG_WORDS[f][1])}">{html.escape(f.replace("_", " "))}</th>' for f in flags
     )
     rows = []
-    layers, heads = table["entropy"].shape
+    layers, heads = table["entropy_mean"].shape
     for layer in range(layers):
         for head in range(heads):
             cells = [
                 f"<td>{layer}</td><td>{head}</td>",
-                f"<td>{table['entropy'][layer, head]:.3f}</td>",
+                f"<td>{table['entropy_mean'][layer, head]:.3f}</td>",
                 f"<td>{table['entropy_norm'][layer, head]:.3f}</td>",
                 f"<td>{table['self_attention'][layer, head]:.3f}</td>",
                 f"<td>{table['peak_key'][layer, head]} ({table['peak_share'][layer, head]:.0%})</td>",
             ]
             for f in flags:
                 count = int(table["flag_counts"][f][layer, head])
-                marked = ' class="flag"' if count >= plot.FLAG_SHARE * batches else ""
+                marked = ' class="flag"' if count >= summary.FLAG_SHARE * batches else ""
                 cells.append(f"<td{marked}>{count:,}</td>")
             start = ' class="layer-start"' if head == 0 and layer else ""
             rows.append(f"<tr{start}>{''.join(cells)}</tr>")
@@ -232,15 +155,14 @@ def write_report(
     picks the sample shown in detail; by default the one with the median length."""
     from . import stats as stats_mod
     from .store import open_store
-    from .summary import store_info
 
     store_path = os.fspath(store_path)
-    info = store_info(store_path)
+    info = summary.store_info(store_path)
     if info["batches"] == 0:
         raise FastattnError(f"{store_path}: the store has no batches yet (run fastattn ingest)")
     if info["stats_batches"] < info["batches"]:
         stats_mod.write_stats(store_path)
-        info = store_info(store_path)
+        info = summary.store_info(store_path)
     ds = open_store(store_path)
     stats = stats_mod.open_stats(store_path)
     lengths = np.asarray(ds["length"].values)
@@ -251,8 +173,8 @@ def write_report(
         batch = plot._check_index(ds, "batch", batch)
     length = int(lengths[batch])
     source = str(ds["source"].isel(batch=batch).values) or "?"
-    table = head_table(stats)
-    sentences = flag_sentences(table)
+    table = summary.head_table(stats)
+    sentences = summary.flag_sentences(table)
     picked = chosen_layers(ds.sizes["layer"])
     some = "every layer" if len(picked) == ds.sizes["layer"] else f"layers {', '.join(map(str, picked))}"
 
@@ -290,7 +212,7 @@ def write_report(
             dpi,
             "normalised entropy per layer and head",
             "Normalised entropy of every head, mean over all batches (0: all weight on one key; 1: uniform). "
-            f"Letters and red outlines mark flags that hold in at least {plot.FLAG_SHARE:.0%} of the batches.",
+            f"Letters and red outlines mark flags that hold in at least {summary.FLAG_SHARE:.0%} of the batches.",
         )
     ]
     for layer in picked:
@@ -307,7 +229,7 @@ def write_report(
     flags_html = (
         '<ul class="flags">' + "".join(f"<li>{html.escape(s)}</li>" for s in sentences) + "</ul>"
         if sentences
-        else f"<p>No head is flagged in at least {plot.FLAG_SHARE:.0%} of the batches.</p>"
+        else f"<p>No head is flagged in at least {summary.FLAG_SHARE:.0%} of the batches.</p>"
     )
     title = f"fastattn report: {os.path.basename(store_path.rstrip('/')) or store_path}"
     generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -329,7 +251,7 @@ def write_report(
 {_summary_html(info, batch, length, source, median)}
 
 <h2>Flagged heads</h2>
-<p class="muted">A head is listed when a flag holds in at least {plot.FLAG_SHARE:.0%} of the batches.</p>
+<p class="muted">A head is listed when a flag holds in at least {summary.FLAG_SHARE:.0%} of the batches.</p>
 {flags_html}
 
 <h2>Whole corpus</h2>
@@ -344,7 +266,7 @@ Figures of heads: {some}.</p>
 <p class="muted">Means over {table['batches']:,} batches. Entropy is the mean over valid queries of
 &minus;&Sigma; A ln A; self-attention is the mean weight on the diagonal; the peak key is the key with the
 most incoming attention (in brackets: the share of batches where it is that key). Flag columns count
-the batches where each flag holds; shaded cells hold in at least {plot.FLAG_SHARE:.0%}.</p>
+the batches where each flag holds; shaded cells hold in at least {summary.FLAG_SHARE:.0%}.</p>
 {_table_html(table)}
 </body>
 </html>

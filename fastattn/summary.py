@@ -86,62 +86,108 @@ def format_dump(info: dict) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- statistics
+# ---------------------------------------------------------------- statistics in words
 
-
+#: Each flag of the stats group: the letter drawn in the entropy map, and what it means.
 FLAG_WORDS = {
-    "uniform": "spread attention almost uniformly",
-    "diagonal_only": "attend almost only to themselves (diagonal)",
-    "dominant_key": "give one key more than 3/8 of all attention",
-    "weak": "have no weight clearly above uniform",
-    "critical_key": "give one key more than 3/16 of all attention",
-    "strong_self": "attend strongly to themselves",
+    "uniform": ("U", "uniform: about the same weight on every key"),
+    "diagonal_only": ("D", "diagonal only: over 80% of the weight on the diagonal"),
+    "dominant_key": ("K", "dominant key: one key gets over 3/8 of all attention"),
+    "weak": ("W", "weak: no weight above 1.2x the uniform weight"),
+    "critical_key": ("C", "critical key: one key gets over 3/16 of all attention"),
+    "strong_self": ("S", "strong self: own position weighted over 1.2x uniform"),
 }
+#: A flag is said of a head (marked, listed) when it holds in at least this share of the batches.
+FLAG_SHARE = 0.5
+#: Per-plane statistics the table needs (small: batch x layer x head).
+TABLE_VARS = ("entropy_mean", "entropy_norm", "self_attention", "confidence", "distance_mean", "peak_key")
 
 
-def head_table(st) -> list[dict]:
-    """One row per (layer, head): means over batches, the most common peak key, flag shares."""
-    from .stats import FLAGS
+def head_table(stats) -> dict:
+    """Per (layer, head) numbers over all batches, as numpy arrays (layer, head[, flag])."""
+    names = [v for v in TABLE_VARS if v in stats] + [f for f in FLAG_WORDS if f in stats]
+    planes = stats[names].transpose("batch", "layer", "head").compute()
+    batches = planes.sizes["batch"]
+    table = {"batches": batches, "layer_ids": planes["layer"].values, "head_ids": planes["head"].values}
+    for name in ("entropy_mean", "entropy_norm", "self_attention", "confidence", "distance_mean"):
+        table[name] = planes[name].mean("batch").values
+    peak = np.asarray(planes["peak_key"].values, dtype=np.int64)  # (batch, layer, head)
+    layers, heads = peak.shape[1:]
+    common = np.zeros((layers, heads), dtype=np.int64)
+    common_share = np.zeros((layers, heads))
+    for layer in range(layers):
+        for head in range(heads):
+            counts = np.bincount(np.clip(peak[:, layer, head], 0, None))
+            common[layer, head] = counts.argmax()
+            common_share[layer, head] = counts.max() / batches
+    table["peak_key"], table["peak_share"] = common, common_share
+    table["flags"] = {f: planes[f].values.astype(bool) for f in FLAG_WORDS if f in planes}
+    table["flag_counts"] = {f: v.sum(axis=0) for f, v in table["flags"].items()}
+    table["peaks"] = peak
+    return table
 
-    names = ["entropy_mean", "entropy_norm", "self_attention", "confidence", "distance_mean"]
-    means = st[names].mean("batch").compute()
-    peak = np.asarray(st.peak_key.values)
-    flags = {f: np.asarray(st[f].mean("batch").values) for f in FLAGS}
-    batches = peak.shape[0]
+
+def head_rows(table: dict) -> list[dict]:
+    """The table as one plain dict per (layer, head): what `--format json|csv` prints."""
     rows = []
-    for layer in range(peak.shape[1]):
-        for head in range(peak.shape[2]):
-            counts = np.bincount(peak[:, layer, head].clip(min=0))
-            mode = int(np.argmax(counts))
-            row = {"layer": layer, "head": head}
-            row.update({name: _float(means[name].values[layer, head]) for name in names})
-            row["peak_key"] = mode
-            row["peak_key_share"] = float(counts[mode] / batches) if batches else 0.0
-            row.update({f: float(flags[f][layer, head]) for f in FLAGS})
+    layers, heads = table["peak_key"].shape
+    for layer in range(layers):
+        for head in range(heads):
+            row = {"layer": int(table["layer_ids"][layer]), "head": int(table["head_ids"][head])}
+            for name in ("entropy_mean", "entropy_norm", "self_attention", "confidence", "distance_mean"):
+                value = float(table[name][layer, head])
+                row[name] = None if np.isnan(value) else value
+            row["peak_key"] = int(table["peak_key"][layer, head])
+            row["peak_key_share"] = float(table["peak_share"][layer, head])
+            for flag, counts in table["flag_counts"].items():
+                row[flag] = float(counts[layer, head] / table["batches"]) if table["batches"] else 0.0
             rows.append(row)
     return rows
 
 
-def _float(value) -> float | None:
-    value = float(value)
-    return None if np.isnan(value) else value
+def _key_words(peaks: np.ndarray) -> str:
+    """Which key the flagged batches single out: one key, or a key that varies."""
+    keys = np.bincount(np.clip(peaks, 0, None))
+    key, share = int(keys.argmax()), keys.max() / max(1, peaks.size)
+    if share >= 0.99:
+        return f"key {key}"
+    if share >= 0.5:
+        return f"key {key} ({share:.0%} of them; other keys in the rest)"
+    return f"one key that varies from batch to batch (most often key {key}, {share:.0%} of them)"
 
 
-def findings(rows: list[dict], share: float = 0.5, most: int | None = 20) -> list[str]:
-    """The table in plain words: what most batches agree on, strongest first (at most `most`)."""
-    from .stats import FLAGS
-
-    found = []
-    for row in rows:
-        where = f"layer {row['layer']}, head {row['head']}"
-        if row["peak_key_share"] >= share and (row["dominant_key"] >= share or row["critical_key"] >= share):
-            words = f"put most incoming attention on key {row['peak_key']}"
-            found.append((row["peak_key_share"], 0, f"{where}: {row['peak_key_share']:.0%} of batches {words}"))
-        for rank, flag in enumerate(FLAGS, start=1):
-            if flag not in ("dominant_key", "critical_key") and row[flag] >= share:
-                found.append((row[flag], rank, f"{where}: {row[flag]:.0%} of batches {FLAG_WORDS[flag]}"))
-    found.sort(key=lambda item: (-item[0], item[1]))
-    lines = [text for _, _, text in found[:most]]
-    if most is not None and len(found) > most:
-        lines.append(f"... and {len(found) - most} more (see --format json)")
+def flag_sentences(table: dict, threshold: float = FLAG_SHARE) -> list[str]:
+    """One line per flagged head, in plain words: every flag that holds for at least
+    `threshold` of the batches, strongest first. `critical_key` is left out where
+    `dominant_key` holds (a dominant key is critical too)."""
+    batches = table["batches"]
+    counts = table["flag_counts"]
+    lines = []
+    any_counts = next(iter(counts.values()), None)
+    if any_counts is None:
+        return lines
+    layers, heads = any_counts.shape
+    for layer in range(layers):
+        for head in range(heads):
+            held = {name: c[layer, head] / batches for name, c in counts.items() if c[layer, head] >= threshold * batches}
+            if "dominant_key" in held:
+                held.pop("critical_key", None)
+            parts = []
+            for name, share in sorted(held.items(), key=lambda item: -item[1]):
+                flagged = table["flags"][name][:, layer, head]
+                if name == "dominant_key":
+                    what = f"put most incoming attention on {_key_words(table['peaks'][flagged, layer, head])}"
+                elif name == "critical_key":
+                    what = f"send over 3/16 of all attention to {_key_words(table['peaks'][flagged, layer, head])}"
+                else:
+                    what = {
+                        "uniform": "spread attention almost uniformly (about the same weight on every key)",
+                        "diagonal_only": "put over 80% of the weight on the diagonal (each token on itself)",
+                        "weak": "have no weight above 1.2x the uniform weight (weak, diffuse attention)",
+                        "strong_self": "weight each token's own position over 1.2x the uniform weight",
+                    }[name]
+                parts.append(f"{share:.0%} of batches {what}")
+            if parts:
+                where = f"layer {table['layer_ids'][layer]}, head {table['head_ids'][head]}"
+                lines.append(f"{where}: " + "; ".join(parts))
     return lines

@@ -14,7 +14,7 @@ import typer
 from matplotlib.image import imread
 from typer.testing import CliRunner
 
-from fastattn import plot
+from fastattn import plot, summary
 from fastattn.errors import FastattnError
 from fastattn.ingest import ingest
 from fastattn.store import open_store
@@ -165,7 +165,7 @@ def test_every_kind_renders_with_its_labels(kind, store, stores, datasets, tmp_p
         assert (ax.get_xlabel(), ax.get_ylabel()) == ("Head", "Layer")
         assert ax.images[0].get_array().shape == (LAYERS, HEADS)
         legend = " ".join(t.get_text() for t in fig.legends[0].get_texts())
-        assert all(description in legend for _letter, description in plot.FLAGS.values())
+        assert all(description in legend for _letter, description in summary.FLAG_WORDS.values())
 
 
 # ---------------------------------------------------------------- what is drawn
@@ -278,7 +278,7 @@ def test_entropy_map_marks_flagged_heads(with_stats):
     expected = stats.entropy_norm.mean("batch").transpose("layer", "head").values
     np.testing.assert_allclose(ax.images[0].get_array(), expected, rtol=1e-6)
     shares = plot.flag_shares(stats)
-    flagged = {(h, l) for f, s in shares.items() for l, h in zip(*np.nonzero(s >= plot.FLAG_SHARE))}
+    flagged = {(h, l) for f, s in shares.items() for l, h in zip(*np.nonzero(s >= summary.FLAG_SHARE))}
     outlines = {(round(p.get_x() + p.get_width() / 2), round(p.get_y() + p.get_height() / 2)) for p in ax.patches}
     assert outlines == flagged
     assert flagged, "the synthetic corpus has sink and local heads, so some head should be flagged"

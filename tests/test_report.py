@@ -22,7 +22,7 @@ import typer
 from matplotlib.image import imread
 from typer.testing import CliRunner
 
-from fastattn import report, store
+from fastattn import report, store, summary
 from fastattn.errors import FastattnError
 from fastattn.ingest import ingest
 from fastattn.synth import synthesize
@@ -94,8 +94,8 @@ def test_report_content(built):
     entropy = stats.entropy_mean.mean("batch").transpose("layer", "head").values
     np.testing.assert_allclose([float(e) for *_, e in rows], entropy.ravel(), atol=6e-4)
     # flags in plain words, one per flagged head
-    table = report.head_table(stats)
-    sentences = report.flag_sentences(table)
+    table = summary.head_table(stats)
+    sentences = summary.flag_sentences(table)
     assert sentences, "synthetic sink/local heads should be flagged"
     for sentence in sentences:
         assert f"<li>{sentence}</li>" in text.replace("&#x27;", "'")
@@ -114,8 +114,9 @@ def test_flag_sentences_read_plainly():
     peaks = np.ones((batches, 6, 4), dtype=np.int64)
     peaks[:, 5, 3] = 0
     peaks[:, 0, 1] = np.arange(batches) % 5
-    table = {"batches": batches, "flags": flags, "flag_counts": {k: v.sum(axis=0) for k, v in flags.items()}, "peaks": peaks}
-    assert report.flag_sentences(table) == [
+    table = {"batches": batches, "flags": flags, "flag_counts": {k: v.sum(axis=0) for k, v in flags.items()}, "peaks": peaks,
+             "layer_ids": np.arange(6), "head_ids": np.arange(4)}
+    assert summary.flag_sentences(table) == [
         "layer 0, head 1: 100% of batches send over 3/16 of all attention to one key that varies from batch to batch"
         " (most often key 0, 20% of them)",
         "layer 1, head 0: 52% of batches spread attention almost uniformly (about the same weight on every key)",
