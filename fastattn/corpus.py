@@ -608,39 +608,83 @@ ROLE_SHARE = 0.5
 MIN_LENGTH = 4
 
 
-def role_evidence(stats: xr.Dataset) -> xr.Dataset:
-    """Per (batch, layer, head), lazily: the numbers the role rules test.
+EVIDENCE = ("previous", "next", "self", "first", "last", "peak", "distance", "entropy")
+ROLE_INPUTS = ("topk_index", "col_sum", "distance_mean", "entropy_norm")
+
+
+def evidence_arrays(top, col_sum, distance, entropy, length=None) -> dict:
+    """The numbers the role rules test, from plain arrays (see `role_evidence`).
+
+    top (batch, layer, head, query): top key per query (−1 outside the valid rows);
+    col_sum (batch, layer, head, key); distance, entropy (batch, layer, head); length
+    (batch,) or None (then each plane's count of valid rows). Returns float64 arrays of
+    (batch, layer, head), and `length` as int64.
+    """
+    top = np.asarray(top)
+    col = np.asarray(col_sum, dtype=np.float64)
+    valid = top >= 0
+    planes = top.shape[:3]
+    if length is None:
+        n = valid.sum(axis=-1).astype(np.int64)
+    else:
+        n = np.asarray(length, dtype=np.int64).reshape((-1, 1, 1))
+        n = np.broadcast_to(n, planes).copy()
+    q = np.arange(top.shape[-1])
+
+    def share(hit, among):
+        count = among.sum(axis=-1)
+        return np.where(count > 0, (hit & among).sum(axis=-1) / np.maximum(count, 1), np.nan)
+
+    nf = np.where(n > 0, n, np.nan).astype(np.float64)
+    last_key = np.clip(n - 1, 0, col.shape[-1] - 1)
+    with np.errstate(invalid="ignore"):
+        peak = np.where(np.isnan(col), -np.inf, col).max(axis=-1) if col.shape[-1] else np.full(planes, np.nan)
+    return {
+        "previous": share(top == q - 1, valid & (q >= 1)),
+        "next": share(top == q + 1, valid & (q <= n[..., None] - 2)),
+        "self": share(top == q, valid),
+        "first": col[..., 0] / nf,
+        "last": np.take_along_axis(col, last_key[..., None], axis=-1)[..., 0] / nf,
+        "peak": np.where(np.isfinite(peak), peak, np.nan) / nf,
+        "distance": np.asarray(distance, dtype=np.float64),
+        "entropy": np.asarray(entropy, dtype=np.float64),
+        "length": n,
+    }
+
+
+def _evidence_blocks(stats: xr.Dataset, batch_chunk: int | None = None):
+    """Yield the evidence (dict of numpy arrays) of consecutive blocks of batches; each
+    block of statistics is loaded (or computed) once, then reduced with NumPy."""
+    names = list(ROLE_INPUTS) + (["length"] if "length" in stats else [])
+    view = stats[names].transpose("batch", "layer", "head", ...)
+    n = stats.sizes["batch"]
+    step = _batch_step(stats, names, batch_chunk)
+    for start in range(0, n, step):
+        block = view.isel(batch=slice(start, min(n, start + step))).compute()
+        yield evidence_arrays(
+            block["topk_index"].isel(rank=0).transpose("batch", "layer", "head", "query").values,
+            block["col_sum"].transpose("batch", "layer", "head", "key").values,
+            block["distance_mean"].values,
+            block["entropy_norm"].values,
+            block["length"].values if "length" in block else None,
+        )
+
+
+def role_evidence(stats: xr.Dataset, *, batch_chunk: int | None = None) -> xr.Dataset:
+    """Per (batch, layer, head), in memory: the numbers the role rules test.
 
     From the statistics only (never the attention): `previous, next, self` = share of the
-    valid queries whose top key (`topk_index` rank 0) is q − 1 / q + 1 / q; `first, last,
-    peak` = incoming attention share `col_sum[k] / n` of key 0 / key n − 1 / the most
-    attended key; `distance` = `distance_mean`, `entropy` = `entropy_norm`; `length`.
+    valid queries whose top key (`topk_index` rank 0) is q − 1 (among q ≥ 1) / q + 1
+    (among q ≤ n − 2) / q; `first, last, peak` = incoming attention share `col_sum[k] / n`
+    of key 0 / key n − 1 / the most attended key; `distance` = `distance_mean`, `entropy`
+    = `entropy_norm`; `length`. Computed a block of batches at a time.
     """
-    top = stats["topk_index"].isel(rank=0, drop=True)
-    q = xr.DataArray(np.arange(top.sizes["query"]), dims="query")
-    valid = top >= 0
-    if "length" in stats:
-        n = stats["length"].astype(np.int64)
-    else:
-        n = valid.sum("query")
-
-    def per(count):  # NaN where nothing is counted (no division by zero, lazily)
-        return count.where(count > 0).astype(np.float64)
-
-    out = xr.Dataset()
-    out["previous"] = ((top == q - 1) & valid).sum("query") / per((valid & (q >= 1)).sum("query"))
-    out["next"] = ((top == q + 1) & valid).sum("query") / per((valid & (q <= n - 2)).sum("query"))
-    out["self"] = ((top == q) & valid).sum("query") / per(valid.sum("query"))
-    col = stats["col_sum"].astype(np.float64)
-    nf = per(n)
-    out["first"] = col.isel(key=0, drop=True) / nf
-    key = xr.DataArray(np.arange(col.sizes["key"]), dims="key")
-    out["last"] = xr.where(key == n - 1, col, 0.0).sum("key") / nf
-    out["peak"] = col.max("key") / nf
-    out["distance"] = stats["distance_mean"].astype(np.float64)
-    out["entropy"] = stats["entropy_norm"].astype(np.float64)
-    out["length"] = n.broadcast_like(out["self"]).astype(np.int64)
-    return out
+    parts = list(_evidence_blocks(stats, batch_chunk))
+    dims = ("batch", "layer", "head")
+    if not parts:
+        shape = (0, stats.sizes["layer"], stats.sizes["head"])
+        return xr.Dataset({name: (dims, np.zeros(shape)) for name in (*EVIDENCE, "length")})
+    return xr.Dataset({name: (dims, np.concatenate([p[name] for p in parts])) for name in parts[0]})
 
 
 def _rule_holds(ev: dict) -> dict:
@@ -658,26 +702,28 @@ def _rule_holds(ev: dict) -> dict:
     }
 
 
-EVIDENCE = ("previous", "next", "self", "first", "last", "peak", "distance", "entropy")
 
 
-def _batch_step(stats: xr.Dataset, name: str, batch_chunk: int | None) -> int:
-    """Batches per block: `batch_chunk`, else the statistics' own chunking, else 4096."""
-    if batch_chunk is None:
-        chunks = stats[name].chunks
-        batch_chunk = int(max(chunks[stats[name].dims.index("batch")])) if chunks else 4096
-    return max(1, int(batch_chunk))
+#: Bytes of statistics one block of a chunked pass may load (a whole number of stored chunks).
+BLOCK_BYTES = 32 << 20
+
+
+def _batch_step(stats: xr.Dataset, names, batch_chunk: int | None) -> int:
+    """Batches per block: `batch_chunk` when given, else as many whole stored chunks (along
+    batch) as fit in BLOCK_BYTES of the variables `names` (at least one chunk)."""
+    if batch_chunk is not None:
+        return max(1, int(batch_chunk))
+    names = [names] if isinstance(names, str) else list(names)
+    per_batch = sum(stats[v].dtype.itemsize * stats[v].size // max(1, stats.sizes["batch"]) for v in names)
+    chunks = stats[names[0]].chunks
+    chunk = int(max(chunks[stats[names[0]].dims.index("batch")])) if chunks else 1
+    return max(chunk, chunk * (BLOCK_BYTES // max(1, per_batch * chunk)))
 
 
 def _role_blocks(stats: xr.Dataset, batch_chunk: int | None = None):
     """Yield `(evidence arrays, labels)` for consecutive blocks of batches: the evidence as
-    `(batch, layer, head)` float arrays, the labels as in `batch_roles`."""
-    n = stats.sizes["batch"]
-    step = _batch_step(stats, "topk_index", batch_chunk)
-    for start in range(0, n, step):
-        block = stats.isel(batch=slice(start, min(n, start + step)))
-        ev = role_evidence(block).transpose("batch", "layer", "head").compute()
-        arrays = {name: np.asarray(ev[name].values) for name in ev.data_vars}
+    `(batch, layer, head)` arrays, the labels as in `batch_roles`."""
+    for arrays in _evidence_blocks(stats, batch_chunk):
         holds = _rule_holds(arrays)
         label = np.full(arrays["self"].shape, -1, dtype=np.int16)
         for i in range(len(ROLE_RULES) - 1, -1, -1):  # the lowest index wins
@@ -893,9 +939,9 @@ SUMMARY_VARS = ("entropy_mean", "entropy_norm", "peak_key")
 
 def summary_blocks(stats: xr.Dataset, batch_chunk: int | None = None):
     """Yield `(entropy, entropy_norm, peak_key)` numpy blocks of `(batch, layer, head)`,
-    `batch_chunk` batches at a time (default: the statistics' own chunking along batch)."""
+    `batch_chunk` batches at a time (default: whole stored chunks, up to BLOCK_BYTES)."""
     n = stats.sizes["batch"]
-    batch_chunk = _batch_step(stats, "entropy_norm", batch_chunk)
+    batch_chunk = _batch_step(stats, list(SUMMARY_VARS), batch_chunk)
     view = stats[list(SUMMARY_VARS)].transpose("batch", "layer", "head")
     for start in range(0, n, batch_chunk):
         block = view.isel(batch=slice(start, min(n, start + batch_chunk))).compute()
@@ -907,9 +953,9 @@ def streaming_summary(source, bins: int = 20, *, batch_chunk: int | None = None,
     """Per (layer, head) moments and histograms over the whole corpus, in one chunked pass.
 
     `source` is a store path (its committed `stats` group) or a statistics Dataset. Reads
-    `batch_chunk` batches at a time (default: the stored chunking) and folds each block
-    into a `SummaryAccumulator`, so memory is one block plus the accumulators, whatever
-    the number of batches. Returns `count`, `entropy_mean/var` (nats), `entropy_norm_mean/var`,
+    `batch_chunk` batches at a time (default: whole stored chunks, at most BLOCK_BYTES =
+    32 MB) and folds each block into a `SummaryAccumulator`, so memory is one block plus
+    the accumulators, whatever the number of batches. Returns `count`, `entropy_mean/var` (nats), `entropy_norm_mean/var`,
     `peak_key_mean/var` (population variances), `entropy_norm_hist (layer, head, bin)`
     (`bins` equal bins over [0, 1]) and `peak_key_hist (layer, head, key)` (one bin per key).
     """

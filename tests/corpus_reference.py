@@ -74,7 +74,7 @@ def head_similarity(att, lengths, eps=1e-3, per_batch=False):
             continue
         out[b] /= n
         np.fill_diagonal(out[b], 0.0)
-    return out if per_batch else out.mean(axis=0)
+    return out if per_batch else np.nanmean(out, axis=0)
 
 
 def mds(d2, dims=2):

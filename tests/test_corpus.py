@@ -433,9 +433,11 @@ def test_streaming_summary_reads_one_chunk_at_a_time():
     st = xr.Dataset({"entropy_mean": (dims, entropy), "entropy_norm": (dims, norm), "peak_key": (dims, peak)},
                     coords={"key": np.arange(64)})
     whole = 3 * batches * layers * heads * 8
+    step = corpus._batch_step(st, corpus.SUMMARY_VARS, None)  # the default block: whole chunks
+    assert step % chunk == 0 and step * whole // batches <= corpus.BLOCK_BYTES
     tracemalloc.start()
     try:
-        out = corpus.streaming_summary(st, bins=10)
+        out = corpus.streaming_summary(st, bins=10, batch_chunk=chunk)
         _, peak_bytes = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
