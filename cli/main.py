@@ -148,7 +148,7 @@ def info(
 
 
 # Commands that live in modules of their own.
-for _module in ("stats_cmd", "plot_cmd", "capture_cmd"):
+for _module in ("stats_cmd", "plot_cmd", "capture_cmd", "check_cmd", "corpus_cmd"):
     importlib.import_module(f"{__package__}.{_module}").register(app)
 
 
