@@ -164,11 +164,15 @@ class Location:
             return
         target = Path(self.root, key)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no half-written file behind
+            raise
 
     def is_new(self) -> bool:
         """Missing, empty, or holding only fastattn's own folder (a first ingest that stopped early)."""
@@ -281,16 +285,34 @@ def resize(group: zarr.Group, *, batch: int, query: int = 0, key: int = 0) -> No
     for dim, size in (("batch", batch), ("query", query), ("key", key)):
         if group[dim].shape[0] != size:
             group[dim].resize((size,))
+        if size:  # always: a run killed while writing them leaves the right size with a chunk missing
             group[dim][:] = np.arange(size, dtype=np.int32)
 
 
 def commit(location: Location, manifest: Manifest) -> None:
     """The commit point: one atomic manifest write. Then refresh the consolidated metadata
     that plain `xr.open_zarr` reads (it may lag a crash behind; fastattn never reads it)."""
-    location.write_atomic(MANIFEST, manifest.to_json())
-    with warnings.catch_warnings():  # the manifest and lock are ours, and consolidation is not yet in the v3 spec
-        warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
-        zarr.consolidate_metadata(location.zarr_store())
+    try:
+        location.write_atomic(MANIFEST, manifest.to_json())
+    except OSError as exc:
+        raise StoreError(
+            f"{location}: writing the manifest failed ({exc.strerror or exc}); nothing was committed,"
+            " the store still opens at its last commit"
+        ) from None
+    refresh_consolidated(location)
+
+
+def refresh_consolidated(location: Location) -> None:
+    """Rewrite the consolidated metadata plain `xr.open_zarr` reads from the arrays as they are."""
+    try:
+        with warnings.catch_warnings():  # the manifest and lock are ours, and consolidation is not yet in the v3 spec
+            warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+            zarr.consolidate_metadata(location.zarr_store())
+    except OSError as exc:
+        raise StoreError(
+            f"{location}: committed, but refreshing the consolidated metadata failed ({exc.strerror or exc});"
+            " fastattn reads the store as committed, and the next run (or fastattn check --repair) refreshes it"
+        ) from None
 
 
 # ---------------------------------------------------------------- lock
@@ -326,8 +348,12 @@ class Lock:
                     ) from None
                 self._remove_stale()
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(body)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(body)
+            except OSError as exc:
+                self._remove_stale()
+                raise StoreError(f"{self.location}: cannot take the lock ({exc.strerror or exc})") from None
             return self
         raise StoreError(f"{self.location}: could not take the lock {self.path}")
 
@@ -378,10 +404,21 @@ def open_store(location: str | os.PathLike, *, storage_options: dict | None = No
     """
     loc = location if isinstance(location, Location) else Location(location, storage_options)
     manifest = check_store(loc)
-    ds = xr.open_zarr(loc.zarr_store(read_only=True), consolidated=False)
     n, size = manifest.committed, manifest.max_length
-    q_size, k_size = ds.sizes["query"], ds.sizes["key"]
-    ds = ds.isel(batch=slice(0, n), query=slice(0, min(size, q_size)), key=slice(0, min(size, k_size)))
+
+    def committed(ds: xr.Dataset) -> xr.Dataset:
+        limits = {"batch": n, "query": size, "key": size}
+        return ds.isel({dim: slice(0, limit) for dim, limit in limits.items() if dim in ds.dims})
+
+    zstore = loc.zarr_store(read_only=True)
+    try:
+        ds = xr.open_zarr(zstore, consolidated=False)
+    except ValueError:  # arrays of different lengths: a writer was stopped while resizing them
+        names = list(zarr.open_group(zstore, mode="r", use_consolidated=False).array_keys())
+        ds = xr.merge(
+            [committed(xr.open_zarr(zstore, consolidated=False, drop_variables=[m for m in names if m != name])) for name in names]
+        )
+    ds = committed(ds)
     ds = ds.chunk({"query": -1, "key": -1})
     ds.attrs = {
         "fastattn_format": FORMAT_VERSION,
