@@ -156,6 +156,8 @@ def ingest(
             )
             store.commit(location, manifest)
             report.written = True
+        elif manifest is not None:
+            store.refresh_consolidated(location)  # a run killed after its commit may have left it stale
         report.committed = manifest.committed if manifest else 0
     report.seconds = time.perf_counter() - started
     return report
