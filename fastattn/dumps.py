@@ -11,10 +11,12 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
+import lzma
 import math
 import os
 import re
 import struct
+import tokenize
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -171,13 +173,30 @@ def content_hash(path: str) -> str:
         return ""
 
 
+#: What zipfile and its decompressors raise on archives they cannot read (besides BadZipFile):
+#: unsupported methods or versions, encryption, corrupt deflate/lzma streams, bad field encodings.
+ZIP_ERRORS = (NotImplementedError, RuntimeError, zlib.error, lzma.LZMAError, EOFError, ValueError, struct.error)
+
+
+def _zip_reason(exc: BaseException) -> str:
+    text = str(exc)
+    if "encrypted" in text:
+        return "encrypted zip member; fastattn reads unencrypted .npz files"
+    if isinstance(exc, NotImplementedError):
+        return f"unsupported zip archive ({text})"
+    return f"corrupt zip archive ({text})"
+
+
 def _read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
     version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(f)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(f)
-    return np.lib.format._read_array_header(f, version)  # (3, 0): utf-8 field names
+    try:
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(f)
+        if version in ((2, 0), (3, 0)):  # 3.0 only allows utf-8 field names, which no attention dump has
+            return np.lib.format.read_array_header_2_0(f)
+    except (SyntaxError, tokenize.TokenError, TypeError, KeyError, IndexError, UnicodeError) as exc:
+        raise ValueError(f"unreadable .npy header ({exc})") from None  # numpy parses the header as Python
+    raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
 
 
 def _scan_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Member:
@@ -193,6 +212,8 @@ def _scan_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Member:
             header_len = f.tell()
     except zipfile.BadZipFile as exc:
         raise DumpError(f"corrupt zip archive ({exc})") from None
+    except (NotImplementedError, RuntimeError, zlib.error, lzma.LZMAError) as exc:
+        raise DumpError(_zip_reason(exc)) from None
     except (ValueError, OSError, EOFError, SyntaxError) as exc:
         raise DumpError(f"'{name}' is not a valid .npy array ({exc})") from None
     if dtype.hasobject:
@@ -248,7 +269,12 @@ def scan(path: str, layout: str | None = None) -> DumpHeader:
         raise DumpError(reason) from None
     except OSError as exc:
         raise DumpError(f"cannot read it ({exc})") from None
+    except ZIP_ERRORS as exc:
+        raise DumpError(_zip_reason(exc)) from None
     names = [m.name for m in members]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # zipfile would read the last one, a scan checks the first: refuse to guess
+        raise DumpError(f"'{twice[0]}' appears twice in the archive")
     attn = next((m for m in members if m.name == ATTENTION), None)
     if attn is None:
         found = ", ".join(names) if names else "no arrays"
@@ -329,11 +355,15 @@ def _read_member(data: bytes, zf: zipfile.ZipFile, name: str, expected: Member) 
         array = np.frombuffer(member, dtype=dtype, count=math.prod(shape), offset=f.tell())
         return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
     with zf.open(info) as f:
-        array = np.lib.format.read_array(f, allow_pickle=False)
-        f.read()  # reach the end of the member, so zipfile checks its CRC
-    if array.shape != expected.shape or array.dtype != expected.dtype:
-        raise DumpError("changed while being ingested (its arrays differ from the scan)")
-    return array
+        shape, fortran, dtype = _read_npy_header(f)
+        if shape != expected.shape or dtype != expected.dtype:
+            raise DumpError("changed while being ingested (its arrays differ from the scan)")
+        # what the stream really holds (at most the declared size), never an allocation the headers ask for
+        body = f.read()  # to the end of the member, so zipfile checks its CRC
+    if len(body) != math.prod(shape) * dtype.itemsize:
+        raise DumpError(f"corrupt zip archive ('{name}' holds {len(body):,} bytes of data, not {math.prod(shape) * dtype.itemsize:,})")
+    array = np.frombuffer(body, dtype=dtype)
+    return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
 
 
 def read(header: DumpHeader) -> Dump:
@@ -354,7 +384,9 @@ def read(header: DumpHeader) -> Dump:
             tokens = _read_member(data, zf, TOKENS, header.member(TOKENS)) if header.member(TOKENS) else None
     except zipfile.BadZipFile as exc:
         raise DumpError(f"corrupt zip archive ({exc})") from None
-    except (ValueError, OSError, EOFError) as exc:
+    except (NotImplementedError, RuntimeError, zlib.error, lzma.LZMAError) as exc:
+        raise DumpError(_zip_reason(exc)) from None
+    except (ValueError, OSError, EOFError, struct.error) as exc:
         raise DumpError(f"unreadable array ({exc})") from None
     layout = header.layout if "b" in header.layout else "b" + header.layout
     attention = raw if "b" in header.layout else raw[np.newaxis]
