@@ -34,6 +34,11 @@ def _signed(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:+.{digits}f}"
 
 
+def _reflow(text: str) -> str:
+    """Paragraphs as single lines, so the help wraps at any terminal width."""
+    return "\n\n".join(" ".join(p.split()) for p in text.strip().split("\n\n"))
+
+
 def _save(fig, path: Path) -> None:
     from fastattn.plot import save
 
@@ -86,14 +91,14 @@ the other keys, and the key that most often receives the most.
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(help=COMPARE_HELP)
+    @app.command(help=_reflow(COMPARE_HELP))
     def compare(
-        a: str = typer.Argument(..., help="The first store (.zarr): the baseline."),
-        b: str = typer.Argument(..., help="The second store (.zarr): compared against A."),
+        a: str = typer.Argument(..., metavar="A", help="The first store (.zarr): the baseline."),
+        b: str = typer.Argument(..., metavar="B", help="The second store (.zarr): compared against A."),
         match: str = typer.Option("position", "--match", help="Pair batches by 'position' or by 'source'."),
         fmt: str = typer.Option("table", "--format", help="table or json."),
         top: int = typer.Option(10, "--top", min=1, help="How many of the most changed heads to list."),
-        plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw a layer x head heatmap of the score (.png, .svg, .pdf)."),
+        plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Also draw a layer x head heatmap of the score (.png, .svg, .pdf)."),
     ) -> None:
         from fastattn import corpus
 
@@ -120,9 +125,9 @@ def register(app: typer.Typer) -> None:
             )
         console.print(table)
 
-    @app.command(help=ROLES_HELP)
+    @app.command(help=_reflow(ROLES_HELP))
     def roles(
-        store: str = typer.Argument(..., help="The store (.zarr) written by fastattn ingest."),
+        store: str = typer.Argument(..., metavar="STORE", help="The store (.zarr) written by fastattn ingest."),
         fmt: str = typer.Option("table", "--format", help="table or json."),
     ) -> None:
         from fastattn import corpus
@@ -149,10 +154,10 @@ def register(app: typer.Typer) -> None:
             counts[r["role"]] = counts.get(r["role"], 0) + 1
         console.print("roles: " + ", ".join(f"{role} {n}" for role, n in counts.items()), highlight=False)
 
-    @app.command(help=SIMILARITY_HELP)
+    @app.command(help=_reflow(SIMILARITY_HELP))
     def similarity(
-        store: str = typer.Argument(..., help="The store (.zarr) written by fastattn ingest."),
-        plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the heads' MDS map into this file (.png, .svg, .pdf)."),
+        store: str = typer.Argument(..., metavar="STORE", help="The store (.zarr) written by fastattn ingest."),
+        plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Draw the heads' MDS map into this file (.png, .svg, .pdf)."),
         fmt: str = typer.Option("table", "--format", help="table or json (json includes the whole matrix)."),
         eps: float = typer.Option(1e-3, "--eps", min=0.0, max=0.5, help="Uniform part mixed into each row before the divergence."),
         batches: Optional[int] = typer.Option(
@@ -190,9 +195,9 @@ def register(app: typer.Typer) -> None:
             table.add_row(r["label"], r["nearest"], _num(r["nearest_js"], 4), _num(r["mean_js"], 4), _num(r["x"]), _num(r["y"]))
         console.print(table)
 
-    @app.command(help=ROLLOUT_HELP)
+    @app.command(help=_reflow(ROLLOUT_HELP))
     def rollout(
-        store: str = typer.Argument(..., help="The store (.zarr) written by fastattn ingest."),
+        store: str = typer.Argument(..., metavar="STORE", help="The store (.zarr) written by fastattn ingest."),
         keep_matrix: bool = typer.Option(False, "--keep-matrix", help="Also save the rollout matrices (batch, layer, query, key), float32."),
         fmt: str = typer.Option("table", "--format", help="table or json."),
         jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Threads (default: all cores)."),
