@@ -26,6 +26,8 @@ flags.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import xarray as xr
 
@@ -176,7 +178,7 @@ def write_stats(
 
     loc = location if isinstance(location, store.Location) else store.Location(location, storage_options)
     store.check_store(loc)  # before the lock, which would create a missing store's folder
-    with store.Lock(loc, "fastattn stats"):
+    with store.Lock(loc, "fastattn stats"), _disk_errors(loc):
         manifest = store.check_store(loc)
         ds = store.open_store(loc)
         done = manifest.stats_committed if manifest.stats_k == k else 0
@@ -216,6 +218,20 @@ def write_stats(
         manifest.stats_committed, manifest.stats_k = n, k
         store.commit(loc, manifest)
     return {"computed": n - done, "total": n}
+
+
+@contextlib.contextmanager
+def _disk_errors(loc):
+    """A full disk (or any OS error) while writing statistics is one line, not a traceback."""
+    from .errors import StoreError
+
+    try:
+        yield
+    except OSError as exc:
+        raise StoreError(
+            f"{loc}: writing statistics failed ({exc.strerror or exc}); nothing was committed,"
+            " the store still opens at its last commit"
+        ) from None
 
 
 def _shape_changed(group, ds: xr.Dataset, k: int) -> bool:
