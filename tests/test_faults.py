@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xarray as xr
 from conftest import softmax_rows, store_snapshot, write_dump
 from typer.testing import CliRunner
 
@@ -29,6 +30,7 @@ from fastattn import check, store
 from fastattn.dumps import natural_key
 from fastattn.errors import StoreError
 from fastattn.ingest import ingest
+from fastattn.stats import open_stats
 from fastattn_cli.main import app
 
 CHUNK_BYTES = 16 << 10  # 4 samples of 4 heads x 16 x 16 float32 per chunk: the 24 samples span 6 batch-chunks
@@ -150,6 +152,8 @@ def patch(point, n, arg):
             full_disk(1, lambda p: True)
             return original(*args, **kwargs)
         store.zarr.consolidate_metadata = consolidate
+    elif point == "enospc_stats":
+        full_disk(n, lambda p: "/stats/" in str(p))
     elif point == "enospc_manifest":
         def fsync(fd):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -230,10 +234,25 @@ def status(pid, started):
     return out
 
 
+def warm():
+    # compile the statistics kernels here, once, single-threaded (no thread pool to lose in a fork)
+    import dask, dask.array as da, xarray as xr
+    from fastattn import stats
+    a = np.full((4, 2, 4, 16, 16), np.nan, np.float32)
+    a[..., :10, :10] = 0.1
+    ds = xr.Dataset({"attention": (store.DIMS, da.from_array(a, chunks=(4, 1, 4, 16, 16))),
+                     "length": ("batch", np.full(4, 10, np.int32))})
+    with dask.config.set(scheduler="sync"):
+        stats.compute_stats(ds).compute()
+    return {"threads": threading.active_count()}
+
+
 background = {}
 for line in sys.stdin:
     job = json.loads(line)
-    if "reap" in job:
+    if "warm" in job:
+        answer = warm()
+    elif "reap" in job:
         pid = job["reap"]
         answer = status(pid, background.pop(pid))
     else:
@@ -274,6 +293,11 @@ class ForkServer:
         answer = self._ask(job)
         answer["log"] = log
         return answer
+
+    def warm(self) -> None:
+        if not getattr(self, "warmed", False):
+            assert self._ask({"warm": True}) == {"threads": 1}
+            self.warmed = True
 
     def reap(self, pid: int) -> dict:
         return self._ask({"reap": pid})
@@ -685,3 +709,70 @@ def test_a_killed_writers_lock_is_taken_over(server, corpus, tmp_path):
     assert check.check_store(target)[0].fix == check.LOCK
     assert ingest([root / "dumps"], target).ok
     _same(store_snapshot(target), clean)
+
+
+# ---------------------------------------------------------------- statistics runs
+
+
+@pytest.fixture(scope="module")
+def clean_stats(server, corpus, tmp_path_factory):
+    """The clean store with statistics, computed by a child of the warm server."""
+    server.warm()
+    path = tmp_path_factory.mktemp("stats") / "clean.zarr"
+    shutil.copytree(corpus[1], path)
+    done = server.run("stats", path)
+    assert done.get("code") == 0, done["log"].read_text()
+    return path, open_stats(path).compute(), done["seconds"]
+
+
+def _same_stats(target: Path, clean) -> None:
+    got = open_stats(target).compute()
+    assert got.attrs["batches"] == clean.attrs["batches"] and got.attrs["k"] == clean.attrs["k"]
+    xr.testing.assert_equal(got, clean)
+
+
+@pytest.mark.parametrize("point,n", [("stats_torn", 1), ("stats_torn", 40), ("manifest", 1), ("consolidate", 1)])
+def test_kill_during_stats_then_rerun(point, n, server, corpus, clean_stats, tmp_path):
+    target = tmp_path / "s.zarr"
+    shutil.copytree(corpus[1], target)
+    killed = server.run("stats", target, point=point, n=n)
+    assert killed.get("signal") == signal.SIGKILL, (point, n, killed["log"].read_text())
+    _only_leftovers(target)
+    assert store_snapshot(target)["committed"] == 24
+    again = server.run("stats", target)
+    assert again.get("code") == 0, again["log"].read_text()
+    _same_stats(target, clean_stats[1])
+    assert all(p.fix == check.STRAY for p in check.check_store(target))
+
+
+def test_kill_during_incremental_stats_then_rerun(server, corpus, half, clean_stats, tmp_path):
+    """Statistics for the first 10 batches, 14 more ingested, a kill while computing theirs:
+    the first 10 stay readable and right, and the re-run completes all 24."""
+    folder, _, _ = half
+    target = _copy_of(half, tmp_path)
+    assert server.run("stats", target).get("code") == 0
+    assert server.run("ingest", folder, target).get("code") == 0
+    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    kills = [("stats_torn", rng.randint(1, 30), None), (None, 1, rng.uniform(0.1, clean_stats[2]))]
+    for point, n, delay in kills:
+        server.run("stats", target, point=point, n=n, delay=delay)
+        _only_leftovers(target)
+        st = open_stats(target).compute()
+        assert st.attrs["batches"] in (10, 24)
+        xr.testing.assert_equal(st, clean_stats[1].isel(batch=slice(0, st.attrs["batches"])))
+    again = server.run("stats", target)
+    assert again.get("code") == 0, again["log"].read_text()
+    _same_stats(target, clean_stats[1])
+
+
+def test_disk_full_during_stats(server, corpus, clean_stats, tmp_path):
+    target = tmp_path / "s.zarr"
+    shutil.copytree(corpus[1], target)
+    failed = server.run("cli", "stats", target, point="enospc_stats", n=5)
+    assert failed.get("code") == 1, failed["log"].read_text()
+    assert "No space left on device" in _one_error_line(failed["log"])
+    _only_leftovers(target)
+    assert store.read_manifest(store.Location(target)).stats_committed == 0
+    again = server.run("cli", "stats", target)
+    assert again.get("code") == 0, again["log"].read_text()
+    _same_stats(target, clean_stats[1])
