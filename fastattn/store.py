@@ -181,7 +181,8 @@ class Location:
             return all(n.rstrip("/").rsplit("/", 1)[-1] == META for n in names)
         if not os.path.exists(self.root):
             return True
-        return os.path.isdir(self.root) and set(os.listdir(self.root)) <= {META}
+        # a `*.partial` is zarr's temporary file of a write killed before its rename (the root zarr.json)
+        return os.path.isdir(self.root) and {n for n in os.listdir(self.root) if not n.endswith(".partial")} <= {META}
 
     def nbytes(self, prefix: str = "") -> int:
         """Bytes stored under `prefix` (the size on disk of an array's chunks)."""
@@ -243,8 +244,13 @@ def create(location: Location, *, layers: int, heads: int, query: int, key: int,
     (array by array, so the lock file beside them stays)."""
     itemsize = np.dtype(dtype).itemsize
     chunk = batch_chunk_for(heads, max(query, key), itemsize)
-    group = zarr.open_group(location.zarr_store(), mode="a", zarr_format=3, use_consolidated=False)
-    group.attrs["fastattn"] = {"format_version": FORMAT_VERSION, "created": now()}
+    attrs = {"format_version": FORMAT_VERSION, "created": now()}
+    # the root's first write already carries the attributes: a kill right after it leaves a store
+    # the next ingest recognises as its own, not a foreign folder it must refuse
+    group = zarr.open_group(
+        location.zarr_store(), mode="a", zarr_format=3, use_consolidated=False, attributes={"fastattn": attrs}
+    )
+    group.attrs["fastattn"] = attrs
     group.require_group(META)
     # every array carries the checksum: a flipped byte in `length` or `source` must fail too, not decode to wrong values
     new_array = functools.partial(group.create_array, overwrite=True, compressors=compressors())
