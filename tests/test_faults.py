@@ -113,6 +113,8 @@ def patch(point, n, arg):
         ingest_mod._ChunkWriter.write = counted(n, ingest_mod._ChunkWriter.write)
     elif point == "chunk_torn":
         torn_put(n, is_chunk)
+    elif point == "meta_torn":
+        torn_put(n, lambda p: p.name == "zarr.json")
     elif point == "put_before":
         local._put = counted(n, local._put, before=True)
     elif point == "resize":
@@ -410,10 +412,13 @@ def _only_leftovers(target: Path) -> list:
 
 # ---------------------------------------------------------------- SIGKILL at chosen and random moments
 
-# (point, n): where the child SIGKILLs itself. 20 points of a first ingest, 4 of an append.
+# (point, n): where the child SIGKILLs itself. 23 points of a first ingest, 4 of an append.
 FIRST_RUN = [
     ("lock", 1),  # holding the lock, nothing else yet
     ("put_before", 1),  # before the store's first file
+    ("put_before", 2),  # after the root group's first write
+    ("meta_torn", 1),  # half-way through that first write: a stray zarr.<hex>.partial beside _fastattn/
+    ("meta_torn", 5),  # half-way through an array's metadata
     ("put_before", 6),  # while the arrays are being created
     ("put_before", 14),  # while they are resized
     ("resize", 1),  # after the resize, before any data
