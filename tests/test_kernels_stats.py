@@ -175,7 +175,7 @@ def test_log_accuracy_float64():
 
 def test_log_accuracy_float32():
     x = _log_inputs().astype(np.float32)
-    every = np.arange(1, 2**31 - 2**23, 97, dtype=np.int32).view(np.float32)  # sweeps all exponents, subnormals too
+    every = np.arange(1, 2**31 - 2**23, 997, dtype=np.int32).view(np.float32)  # all exponents, subnormals too
     x = np.concatenate([x[x > 0], every[np.isfinite(every)]])
     assert _max_rel_error(x) < 3e-7
 
