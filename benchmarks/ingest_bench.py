@@ -31,6 +31,7 @@ def figure(ctx: Context) -> list[dict]:
     nbytes = len(paths) * c.bytes_per_file
     ours, theirs = ctx.scratch("ingest-fastattn.zarr"), ctx.scratch("ingest-xarray.zarr")
     stores = {"fastattn": ours, "xarray": theirs}
+    cpu = {}
     times = interleave(
         {
             "fastattn": lambda: fastattn_ingest(paths, ours, c.jobs),
@@ -39,6 +40,7 @@ def figure(ctx: Context) -> list[dict]:
         c.ingest_repeats,
         setup=lambda name: remove(stores[name]),
         log=ctx.log,
+        cpu=cpu,
     )
     fa, xr_ = median(times["fastattn"]), median(times["xarray"])
     size_ours, size_theirs = disk_bytes(ours), disk_bytes(theirs)
@@ -56,6 +58,7 @@ def figure(ctx: Context) -> list[dict]:
             goal="≥ 3× and ≥ 500 MB/s",
             met=speedup >= 3 and mb_s >= 500,
             times=times,
+            cpu=(median(cpu["fastattn"]), median(cpu["xarray"])),
             fastattn_mb_s=mb_s,
             baseline_mb_s=nbytes / xr_ / 1e6,
             files=len(paths),

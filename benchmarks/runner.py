@@ -127,11 +127,14 @@ def interleave(
     warmup: int = 1,
     setup: Callable[[str], None] | None = None,
     log: Callable[[str], None] | None = None,
+    cpu: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """Time each callable `repeats` times, interleaved A B A B …, after `warmup` untimed calls each.
 
     `setup(name)` runs untimed before every call (e.g. deletes the store the call writes).
-    Returns every timing per name, in seconds.
+    Returns every wall-clock timing per name, in seconds; `cpu`, when given, receives the
+    process CPU seconds of each call (all threads: on a shared machine, the work done
+    whatever the wait).
     """
     times: dict[str, list[float]] = {name: [] for name in contestants}
     for _ in range(warmup):
@@ -144,9 +147,11 @@ def interleave(
             if setup:
                 setup(name)
             gc.collect()
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - started)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(time.process_time() - cpu_started)
             if log:
                 log(f"    {name}: {times[name][-1]:.3f} s (rep {rep + 1}/{repeats})")
     return times
@@ -167,6 +172,7 @@ def row(
     goal: str = "",
     met: bool | None = None,
     times: dict | None = None,
+    cpu: tuple[float | None, float | None] | None = None,
     note: str = "",
     **extra,
 ) -> dict:
@@ -181,6 +187,8 @@ def row(
         r["nbytes"] = nbytes
         r["fastattn_gb_s"] = nbytes / fastattn / 1e9 if fastattn else None
         r["baseline_gb_s"] = nbytes / baseline / 1e9 if baseline else None
+    if cpu is not None:
+        r["fastattn_cpu_s"], r["baseline_cpu_s"] = cpu
     r["goal"], r["met"], r["note"] = goal, met, note
     if times is not None:
         r["times"] = times
@@ -214,6 +222,14 @@ def _gbs(r: dict) -> str:
     return f"{fmt(a)} / {fmt(b)}"
 
 
+def _cpu(r: dict) -> str:
+    a, b = r.get("fastattn_cpu_s"), r.get("baseline_cpu_s")
+    if a is None and b is None:
+        return "—"
+    fmt = lambda v: "—" if v is None else (f"{v:.2f}" if v < 10 else f"{v:.1f}")  # noqa: E731
+    return f"{fmt(a)} / {fmt(b)}"
+
+
 def table_rows(rows: list[dict]) -> list[list[str]]:
     out = []
     for r in rows:
@@ -224,11 +240,11 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
             goal = f"{goal} ({met})"
         name = r["name"] + (f" — {r['note']}" if r.get("note") else "")
         out.append([r["figure"], name, _value(r["fastattn"], r["unit"]), _value(r["baseline"], r["unit"]),
-                    ratio, _gbs(r), goal])
+                    ratio, _gbs(r), _cpu(r), goal])
     return out
 
 
-HEADER = ["figure", "what", "fastattn", "baseline", "ratio", "GB/s (fastattn / baseline)", "goal"]
+HEADER = ["figure", "what", "fastattn", "baseline", "ratio", "GB/s (fastattn / baseline)", "CPU s (fastattn / baseline)", "goal"]
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -56,6 +56,10 @@ def test_every_figure_has_positive_times(quick_run):
     for figure in ("ingest", "stats", "sdpa"):
         compared = [r for r in by_figure[figure] if r["unit"] == "s"]
         assert compared and all(_positive(r["baseline"]) and _positive(r["ratio"]) for r in compared), figure
+    for figure in ("ingest", "stats", "sdpa"):  # CPU seconds beside wall time (shared machines)
+        for r in by_figure[figure]:
+            if r["unit"] == "s":
+                assert r["fastattn_cpu_s"] >= 0 and r["baseline_cpu_s"] >= 0, r
     ingest = next(r for r in by_figure["ingest"] if r["unit"] == "s")
     assert _positive(ingest["fastattn_mb_s"]) and _positive(ingest["baseline_mb_s"])
     sizes = next(r for r in by_figure["ingest"] if r["unit"] == "MB")
