@@ -254,7 +254,6 @@ def open_stats(location, *, storage_options: dict | None = None) -> xr.Dataset:
     manifest = store.check_store(loc)
     if not manifest.stats_committed:
         raise StoreError(f"{loc}: no statistics yet (run fastattn stats)")
-    st = xr.open_zarr(loc.zarr_store(read_only=True), group=GROUP, consolidated=False)
-    st = st.isel(batch=slice(0, manifest.stats_committed))
+    st = store.open_committed(loc, {"batch": manifest.stats_committed}, group=GROUP)  # survives a killed resize
     st.attrs = {"store": str(loc), "k": manifest.stats_k, "batches": manifest.stats_committed}
     return st

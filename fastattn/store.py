@@ -402,6 +402,26 @@ def _alive(holder: dict) -> bool:
 # ---------------------------------------------------------------- reading
 
 
+def open_committed(location: Location, limits: dict[str, int], group: str | None = None) -> xr.Dataset:
+    """A group's arrays cut to `limits` (dim -> committed size), even when a writer stopped
+    while resizing them left the arrays at different lengths (xarray refuses those whole)."""
+
+    def committed(ds: xr.Dataset) -> xr.Dataset:
+        return ds.isel({dim: slice(0, limit) for dim, limit in limits.items() if dim in ds.dims})
+
+    zstore = location.zarr_store(read_only=True)
+    try:
+        return committed(xr.open_zarr(zstore, group=group, consolidated=False))
+    except ValueError:  # conflicting sizes: open each array on its own, cut it, then merge
+        names = list(zarr.open_group(zstore, path=group or "", mode="r", use_consolidated=False).array_keys())
+        return xr.merge(
+            [
+                committed(xr.open_zarr(zstore, group=group, consolidated=False, drop_variables=[m for m in names if m != name]))
+                for name in names
+            ]
+        )
+
+
 def open_store(location: str | os.PathLike, *, storage_options: dict | None = None) -> xr.Dataset:
     """The committed batches of a store as a lazy, dask-backed `xarray.Dataset`.
 
@@ -411,20 +431,7 @@ def open_store(location: str | os.PathLike, *, storage_options: dict | None = No
     loc = location if isinstance(location, Location) else Location(location, storage_options)
     manifest = check_store(loc)
     n, size = manifest.committed, manifest.max_length
-
-    def committed(ds: xr.Dataset) -> xr.Dataset:
-        limits = {"batch": n, "query": size, "key": size}
-        return ds.isel({dim: slice(0, limit) for dim, limit in limits.items() if dim in ds.dims})
-
-    zstore = loc.zarr_store(read_only=True)
-    try:
-        ds = xr.open_zarr(zstore, consolidated=False)
-    except ValueError:  # arrays of different lengths: a writer was stopped while resizing them
-        names = list(zarr.open_group(zstore, mode="r", use_consolidated=False).array_keys())
-        ds = xr.merge(
-            [committed(xr.open_zarr(zstore, consolidated=False, drop_variables=[m for m in names if m != name])) for name in names]
-        )
-    ds = committed(ds)
+    ds = open_committed(loc, {"batch": n, "query": size, "key": size})
     ds = ds.chunk({"query": -1, "key": -1})
     ds.attrs = {
         "fastattn_format": FORMAT_VERSION,
