@@ -331,7 +331,7 @@ def run(figures: dict[str, Callable[[Context], list[dict]]], ctx: Context, only:
     info["load_average_end"] = list(os.getloadavg())
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
-        "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python -m benchmarks", *sys.argv[1:]]),
         "quick": ctx.config.quick,
         "seconds": round(time.time() - started, 1),
         "machine": info,
