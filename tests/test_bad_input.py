@@ -82,8 +82,8 @@ def make_inf(path, rng):
 
 def make_negative(path, rng):
     a = _good(rng)
-    a[0, 1, 2, 0] -= 0.5
-    a[0, 1, 2, 1] += 0.5
+    a[0, 1, 2, 1] += a[0, 1, 2, 0] + 0.25  # the row still sums to 1, with one weight at -0.25
+    a[0, 1, 2, 0] = -0.25
     np.savez(path, attention_weights=a)
 
 
