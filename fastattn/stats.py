@@ -185,16 +185,16 @@ def write_stats(
         n = manifest.committed
         if done >= n:
             return {"computed": 0, "total": n}
-        # all layers in one chunk: 25 small variables per batch-chunk, not 25 per (batch-chunk, layer)
-        st = compute_stats(ds.isel(batch=slice(done, n)), k=k).chunk({"layer": -1})
         group = store.open_group(loc)
         fresh = done == 0 or GROUP not in group or _shape_changed(group[GROUP], ds, k)
+        if fresh:
+            done = 0
+        # all layers in one chunk: 25 small variables per batch-chunk, not 25 per (batch-chunk, layer)
+        st = compute_stats(ds.isel(batch=slice(done, n)), k=k).chunk({"layer": -1})
         if fresh:
             if manifest.stats_committed:  # uncommit first: the rewrite below drops the old arrays
                 manifest.stats_committed = 0
                 store.commit(loc, manifest)
-            done = 0
-            st = compute_stats(ds, k=k).chunk({"layer": -1})
             st.to_zarr(loc.zarr_store(), group=GROUP, mode="w", compute=False, consolidated=False)
         else:
             for name, array in group[GROUP].arrays():
