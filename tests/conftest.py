@@ -83,3 +83,18 @@ def assert_same_store(a, b) -> None:
     for name in ("length", "source_index"):
         np.testing.assert_array_equal(sa[name], sb[name], err_msg=name)
     np.testing.assert_array_equal(sa["attention"], sb["attention"])  # NaNs compare equal here
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """Run the `fastattn` command line in-process: `cli("stats", path, "--format", "json")`."""
+    from typer.testing import CliRunner
+
+    from fastattn_cli.main import app
+
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(app, [str(a) for a in args])
+
+    return invoke

@@ -469,20 +469,6 @@ def test_streaming_summary_of_a_store_matches_reference(real):
 # ---------------------------------------------------------------- CLI
 
 
-@pytest.fixture(scope="module")
-def cli():
-    from fastattn_cli.corpus_cmd import register
-
-    app = typer.Typer()
-    register(app)
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(app, [str(a) for a in args])
-
-    return invoke
-
-
 def test_cli_compare(cli, real, permuted, tmp_path):
     result = cli("compare", real["path"], permuted, "--format", "json", "--top", "3", "--plot", tmp_path / "c.png")
     assert result.exit_code == 0, result.output

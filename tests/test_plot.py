@@ -326,20 +326,6 @@ def test_bad_selection_for_corpus_figures(with_stats):
 # ---------------------------------------------------------------- the command line
 
 
-@pytest.fixture(scope="module")
-def cli():
-    from fastattn_cli.plot_cmd import register
-
-    app = typer.Typer()
-    register(app)
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(app, [str(a) for a in args])
-
-    return invoke
-
-
 def one_error_line(result) -> str:
     assert result.exit_code == 1, result.output
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
