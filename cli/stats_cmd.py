@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ._common import SCHEDULER_HELP, STORAGE_HELP, WORKERS_HELP, console, err, fail, run, storage_options
+from ._common import SCHEDULER_HELP, STORAGE_HELP, WORKERS_HELP, console, err, fail, progress_bar, run, storage_options
 
 
 #: Flagged heads listed under the table (all of them go to --format json).
@@ -54,11 +54,14 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)
         options = storage_options(storage_option)
 
-        def work():
+        def work(advance):
             with cluster.connect(scheduler, workers) as client:
-                return stats_mod.write_stats(store, k=k, jobs=jobs, storage_options=options, client=client)
+                return stats_mod.write_stats(
+                    store, k=k, jobs=jobs, storage_options=options, client=client, progress=advance
+                )
 
-        done = run(work)
+        with progress_bar("statistics") as advance:
+            done = run(work, advance)
         st = run(lambda: stats_mod.open_stats(store, storage_options=options))
         selection = {dim: values for dim, values in (("layer", layer), ("head", head)) if values}
         for dim, values in selection.items():

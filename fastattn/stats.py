@@ -3,8 +3,9 @@
 `compute_stats(ds)` is lazy: one fused kernel pass per dask chunk of whole `(query, key)`
 planes, so memory stays flat however many batches there are. Inside dask the kernels run
 single-threaded (dask's threads already use the cores); on in-memory arrays they run
-parallel. `write_stats(store)` computes only the batches that have no statistics yet and
-commits them through the manifest, like an ingest.
+parallel. `write_stats(store)` computes only the batches that have no statistics yet, in a
+plain loop over ~128 MB blocks (no dask graph), and commits them through the manifest, like
+an ingest.
 
 Pattern flags. The seed rules were written for 8 tokens, where a uniform row gives every
 key u = 1/8 and every key receives 1 in total. Each rule is rescaled so that at length 8
@@ -27,6 +28,7 @@ flags.
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import xarray as xr
@@ -65,13 +67,17 @@ def _lengths_for(attention: xr.DataArray, length: xr.DataArray | None) -> xr.Dat
     return xr.DataArray(np.full([attention.sizes[d] for d in dims], full, dtype=np.int64), dims=dims)
 
 
-def per_query_stats(attention: xr.DataArray, length: xr.DataArray | None = None, k: int = 5) -> xr.Dataset:
+def per_query_stats(
+    attention: xr.DataArray, length: xr.DataArray | None = None, k: int = 5, *, parallel: bool | None = None
+) -> xr.Dataset:
     """Per-query and per-key statistics of every plane, lazily on dask arrays.
 
     `row_sum[q] = Σ_k A[q,k]`, `entropy[q] = −Σ_k A ln A` (0·ln 0 = 0), `max_weight[q]`,
     `distance[q] = Σ_k A[q,k]·|q−k|`, `diag[q] = A[q,q]`, `sq_sum[q] = Σ_k A²`,
     `col_sum[k] = Σ_q A[q,k]`, and the top-`k` keys per query (descending, ties to the
     lower index, −1/NaN past the valid keys). NaN outside each plane's valid block.
+    `parallel`: the kernels' own threads; by default on for in-memory arrays, off inside
+    dask (whose threads already use the cores).
     """
     if not 1 <= k <= 64:
         raise ValueError(f"k must be between 1 and 64, not {k}")
@@ -83,7 +89,7 @@ def per_query_stats(attention: xr.DataArray, length: xr.DataArray | None = None,
         _kernel_block,
         attention,
         lengths,
-        kwargs={"k": k, "parallel": not lazy},
+        kwargs={"k": k, "parallel": (not lazy) if parallel is None else parallel},
         input_core_dims=[["query", "key"], []],
         output_core_dims=[["query"]] * len(PER_QUERY) + [["key"], ["query", "rank"], ["query", "rank"]],
         output_dtypes=[np.float32] * (len(PER_QUERY) + 1) + [np.int32, np.float32],
@@ -133,7 +139,7 @@ def plane_summaries(st: xr.Dataset, length: xr.DataArray | None, query: int, key
     return out
 
 
-def compute_stats(ds: xr.Dataset | xr.DataArray, k: int = 5) -> xr.Dataset:
+def compute_stats(ds: xr.Dataset | xr.DataArray, k: int = 5, *, parallel: bool | None = None) -> xr.Dataset:
     """Every statistic of every `(batch, layer, head)` plane, as a lazy `xarray.Dataset`.
 
     Takes a store (`open_store`) or any Dataset/DataArray with `query` and `key` dims
@@ -146,8 +152,10 @@ def compute_stats(ds: xr.Dataset | xr.DataArray, k: int = 5) -> xr.Dataset:
     """
     attention = ds if isinstance(ds, xr.DataArray) else ds["attention"]
     length = ds["length"] if isinstance(ds, xr.Dataset) and "length" in ds else None
-    st = per_query_stats(attention, length, k)
+    st = per_query_stats(attention, length, k, parallel=parallel)
     st = st.merge(plane_summaries(st, length, attention.sizes["query"], attention.sizes["key"]))
+    for var in st.data_vars.values():
+        var.attrs = {}  # not the attention's "attention weight"
     if length is not None:
         st["length"] = length
     return st
@@ -158,66 +166,184 @@ def compute_stats(ds: xr.Dataset | xr.DataArray, k: int = 5) -> xr.Dataset:
 GROUP = "stats"
 
 
-def _template(st: xr.Dataset) -> xr.Dataset:
+#: Attention bytes per block of `write_stats`: big enough that per-block costs (one write per
+#: variable, one kernel launch) vanish, small enough that two blocks in flight stay ~0.3 GB.
+BLOCK_BYTES = 128 << 20
+#: Threads writing one block's variables at once.
+WRITERS = 8
+
+
+def _block_batches(manifest, query: int, key: int) -> int:
+    """Batches per block, a multiple of the store's batch chunk (no chunk is read twice)."""
+    per_batch = manifest.layers * manifest.heads * query * key * np.dtype(manifest.dtype).itemsize
+    chunks = max(1, BLOCK_BYTES // (per_batch * manifest.batch_chunk))
+    return int(chunks * manifest.batch_chunk)
+
+
+def _blocks(start: int, stop: int, size: int) -> list[tuple[int, int]]:
+    """[start, stop) cut at multiples of `size`: each block covers whole stats chunks, except
+    a first one that completes the chunk an earlier run left partly filled."""
+    edges = [start, *range((start // size + 1) * size, stop, size), stop]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _read_block(group, b0: int, b1: int) -> xr.Dataset:
+    """Batches [b0, b1) of the store, in memory: zarr reads and decodes the chunks concurrently."""
+    dims = ("batch", "layer", "head", "query", "key")
+    attention = group["attention"][b0:b1]
+    coords = {dim: np.arange(size, dtype=np.int32) for dim, size in zip(dims, attention.shape)}
+    coords["batch"] = np.arange(b0, b1, dtype=np.int32)
+    return xr.Dataset({"attention": (dims, attention), "length": ("batch", group["length"][b0:b1])}, coords=coords)
+
+
+def _block_stats(block: xr.Dataset, k: int, parallel: bool) -> xr.Dataset:
+    """Every statistic of an in-memory block, without the coords that have no batch dim."""
+    st = compute_stats(block, k=k, parallel=parallel)
     return st.drop_vars([name for name in st.variables if "batch" not in st[name].dims])
 
 
+def _stats_arrays(loc) -> dict:
+    from . import store
+
+    return dict(store.open_group(loc)[GROUP].arrays())
+
+
+def _write_block(arrays: dict, st: xr.Dataset, b0: int, b1: int, pool) -> int:
+    """One write per variable, all at once: each zarr write mostly waits on its thread hops
+    (encode, then store), so 25 concurrent writes take little longer than one."""
+
+    def put(name: str) -> None:
+        arrays[name][b0:b1] = st[name].values
+
+    list(pool.map(put, st.data_vars))
+    return b1 - b0
+
+
+def _stats_task(loc, b0: int, b1: int, k: int) -> int:
+    """One block on a dask worker: read, compute (single-threaded: the worker's threads share
+    the cores), write. Blocks cover distinct stats chunks, so workers never write the same one."""
+    from . import store
+
+    st = _block_stats(_read_block(store.open_group(loc, "r"), b0, b1), k, parallel=False)
+    with ThreadPoolExecutor(WRITERS) as pool:
+        return _write_block(_stats_arrays(loc), st, b0, b1, pool)
+
+
+def _create_layout(loc, group, manifest, n: int, k: int, block: int) -> None:
+    """The stats group's arrays for `n` batches, empty, one chunk per block (replacing old ones)."""
+    import dask.array as da
+
+    from . import store
+
+    sample = _block_stats(_read_block(group, 0, 1), k, parallel=False)
+    layout = xr.Dataset(coords={"batch": np.arange(n, dtype=np.int32)})
+    for name, var in sample.data_vars.items():
+        shape = (n, *var.shape[1:])
+        layout[name] = (var.dims, da.zeros(shape, chunks=(block, *var.shape[1:]), dtype=var.dtype))
+    layout = layout.assign_coords({dim: sample[dim] for dim in sample.dims if dim != "batch"})
+    encoding = {name: {"compressors": store.compressors()} for name in layout.variables}
+    for name, var in layout.data_vars.items():
+        encoding[name]["chunks"] = (block, *var.shape[1:])  # not min(n, block): the group grows
+    layout.to_zarr(loc.zarr_store(), group=GROUP, mode="w", compute=False, consolidated=False, encoding=encoding)
+
+
 def write_stats(
-    location, *, k: int = 5, jobs: int | None = None, storage_options: dict | None = None, client=None
+    location,
+    *,
+    k: int = 5,
+    jobs: int | None = None,
+    storage_options: dict | None = None,
+    client=None,
+    progress=None,
 ) -> dict:
     """Compute statistics for the batches that have none yet and commit them to the store.
 
     Returns `{"computed": batches computed now, "total": batches with statistics}`. A `k`
     other than the stored one recomputes every batch. Crash-safe like an ingest: the
-    manifest's `stats_committed` moves only after the arrays are written. With a
-    `dask.distributed.Client` (passed or active) the chunks are computed on its workers.
-    """
-    import dask
+    manifest's `stats_committed` moves only after the arrays are written.
 
+    Why not `compute_stats(open_store(...)).to_zarr(...)`: dask's graph for that has ~60 tasks
+    per store chunk and 25 small writes per batch-chunk, which cost more than the kernels.
+    Here a plain loop takes blocks of ~128 MB: zarr reads the next block while the parallel
+    kernels run on this one, and a writer thread stores the last one, one write per variable.
+    With a `dask.distributed.Client` (passed or active) the blocks run on its workers instead.
+    `progress(batches done, batches to do)` is called after each block.
+    """
     from . import cluster, store
 
     loc = location if isinstance(location, store.Location) else store.Location(location, storage_options)
     store.check_store(loc)  # before the lock, which would create a missing store's folder
     with store.Lock(loc, "fastattn stats"), _disk_errors(loc):
         manifest = store.check_store(loc)
-        ds = store.open_store(loc)
         done = manifest.stats_committed if manifest.stats_k == k else 0
         n = manifest.committed
         if done >= n:
             return {"computed": 0, "total": n}
         group = store.open_group(loc)
-        fresh = done == 0 or GROUP not in group or _shape_changed(group[GROUP], ds, k)
-        if fresh:
-            done = 0
-        # all layers in one chunk: 25 small variables per batch-chunk, not 25 per (batch-chunk, layer)
-        st = compute_stats(ds.isel(batch=slice(done, n)), k=k).chunk({"layer": -1})
-        if fresh:
-            if manifest.stats_committed:  # uncommit first: the rewrite below drops the old arrays
+        _, _, _, query, key = group["attention"].shape
+        block = _block_batches(manifest, query, key)
+        old = group[GROUP] if GROUP in group else None
+        if done == 0 or old is None or _layout_changed(old, query, key, k, block):
+            if manifest.stats_committed:  # uncommit first: the new layout drops the old arrays
                 manifest.stats_committed = 0
                 store.commit(loc, manifest)
-            st.to_zarr(loc.zarr_store(), group=GROUP, mode="w", compute=False, consolidated=False)
+            done = 0
+            _create_layout(loc, group, manifest, n, k, block)
         else:
-            for name, array in group[GROUP].arrays():
+            for name, array in old.arrays():
                 if "batch" in (array.metadata.dimension_names or ()):
-                    array.resize((n,) + array.shape[1:])
+                    array.resize((n, *array.shape[1:]))
                     if name == "batch":
                         array[:] = np.arange(n, dtype=array.dtype)
+        blocks = _blocks(done, n, block)
         client = client if client is not None else cluster.active_client()
-        scheduler = {"scheduler": client} if client is not None else {"scheduler": "threads", "num_workers": jobs}
-        with dask.config.set(scheduler):
-            # Dask chunks here follow the store's batch chunks, the first starting at `done`: one
-            # dask chunk per zarr chunk, so the partial first one is safe to read-modify-write.
-            _template(st).to_zarr(
-                loc.zarr_store(),
-                group=GROUP,
-                region={"batch": slice(done, n)},
-                mode="r+",
-                consolidated=False,
-                safe_chunks=False,
-            )
+        if client is not None:
+            _run_distributed(client, loc, blocks, k, progress, n - done)
+        else:
+            _run_local(loc, group, blocks, k, jobs, progress, n - done)
         manifest.stats_committed, manifest.stats_k = n, k
         store.commit(loc, manifest)
     return {"computed": n - done, "total": n}
+
+
+def _run_local(loc, group, blocks, k, jobs, progress, total) -> None:
+    """Read block i+1 and write block i-1 in threads while the kernels run on block i."""
+    import numba
+
+    threads = numba.get_num_threads()
+    numba.set_num_threads(min(jobs or threads, numba.config.NUMBA_NUM_THREADS))
+    arrays = _stats_arrays(loc)
+    written = 0
+    try:
+        with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer, ThreadPoolExecutor(WRITERS) as pool:
+            reading = reader.submit(_read_block, group, *blocks[0])
+            writing = None
+            for i, (b0, b1) in enumerate(blocks):
+                data = reading.result()
+                if i + 1 < len(blocks):
+                    reading = reader.submit(_read_block, group, *blocks[i + 1])
+                st = _block_stats(data, k, parallel=True)
+                if writing is not None:
+                    written += writing.result()
+                    if progress:
+                        progress(written, total)
+                writing = writer.submit(_write_block, arrays, st, b0, b1, pool)
+            written += writing.result()
+            if progress:
+                progress(written, total)
+    finally:
+        numba.set_num_threads(threads)
+
+
+def _run_distributed(client, loc, blocks, k, progress, total) -> None:
+    from dask.distributed import as_completed
+
+    futures = [client.submit(_stats_task, loc, b0, b1, k, pure=False) for b0, b1 in blocks]
+    written = 0
+    for future in as_completed(futures):
+        written += future.result()
+        if progress:
+            progress(written, total)
 
 
 @contextlib.contextmanager
@@ -234,14 +360,15 @@ def _disk_errors(loc):
         ) from None
 
 
-def _shape_changed(group, ds: xr.Dataset, k: int) -> bool:
-    """A store that grew longer sequences needs its statistics laid out again."""
+def _layout_changed(group, query: int, key: int, k: int, block: int) -> bool:
+    """A store that grew longer sequences, another k or an older layout: lay the group out again."""
     arrays = dict(group.arrays())
     return (
         "entropy" not in arrays
-        or arrays["entropy"].shape[-1] != ds.sizes["query"]
-        or arrays["col_sum"].shape[-1] != ds.sizes["key"]
+        or arrays["entropy"].shape[-1] != query
+        or arrays["col_sum"].shape[-1] != key
         or arrays["topk_index"].shape[-1] != k
+        or arrays["entropy"].chunks[0] != block
     )
 
 

@@ -417,7 +417,7 @@ def test_streaming_summary_reads_one_chunk_at_a_time():
     fraction of the whole."""
     import dask.array as da
 
-    batches, chunk, layers, heads = 60_000, 2_000, 6, 12
+    batches, chunk, layers, heads = 150_000, 2_000, 6, 12
     seen = []
 
     def block(x, block_info=None):

@@ -738,7 +738,7 @@ def _same_stats(target: Path, clean) -> None:
     xr.testing.assert_equal(got, clean)
 
 
-@pytest.mark.parametrize("point,n", [("stats_torn", 40), ("manifest", 1)])  # half-way through a chunk; the commit
+@pytest.mark.parametrize("point,n", [("stats_torn", 20), ("manifest", 1)])  # half-way through the block's chunks; the commit
 def test_kill_during_stats_then_rerun(point, n, server, corpus, clean_stats, tmp_path):
     target = tmp_path / "s.zarr"
     shutil.copytree(corpus[1], target)

@@ -105,6 +105,17 @@ def test_topk_matches_reference(case, k):
     check_topk(a, k, lengths)
 
 
+@pytest.mark.parametrize("k", [1, 5, 8, 9])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_topk_threshold_path_with_ties(k, dtype):
+    """Rows of ≥ 8·k keys go through the group-maximum pre-filter: many exact ties (5 levels),
+    weights equal to the threshold, ragged lengths whose last group is partial, and k > groups."""
+    rng = np.random.default_rng(k)
+    a = (rng.integers(0, 5, (3, 4, 40, 70)) / 8).astype(dtype)
+    a[0, 1, :, ::8] = 0.5  # every group's maximum the same weight: all tie with the threshold
+    check_topk(a, k, np.array([70, 41, 9]))
+
+
 @pytest.mark.parametrize("path", FIXED, ids=lambda p: p.name)
 def test_real_fixed_samples(path):
     a = np.load(path, allow_pickle=False)["attention_weights"]  # (layer, head, q, k)

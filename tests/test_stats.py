@@ -153,7 +153,16 @@ def test_same_results_with_any_threads_and_scheduler(samples_store):
         xr.testing.assert_identical(results[0], other)
 
 
-def test_write_stats_is_incremental(tmp_path, rng):
+@pytest.fixture(params=["one block", "many blocks"])
+def blocks(request, monkeypatch):
+    """write_stats on one block, or on blocks of 2 store chunks of 2 batches (appends land mid-chunk)."""
+    if request.param == "many blocks":
+        monkeypatch.setattr(store, "CHUNK_BYTES", 2000)  # 3 heads x 9 x 9 float32: 2 batches a chunk
+        monkeypatch.setattr(stats, "BLOCK_BYTES", 8000)  # x 2 layers: 2 chunks a block
+    return request.param
+
+
+def test_write_stats_is_incremental(tmp_path, rng, blocks):
     folder = tmp_path / "d"
     for i in range(3):
         batched_dump(rng, folder / f"a{i}.npz", [9, 6], layers=2, heads=3, size=9)
@@ -164,7 +173,9 @@ def test_write_stats_is_incremental(tmp_path, rng):
     assert fastattn.write_stats(target) == {"computed": 0, "total": 6}
     batched_dump(rng, folder / "a3.npz", [8, 9, 4], layers=2, heads=3, size=9)
     ingest([folder], target)
-    assert fastattn.write_stats(target) == {"computed": 3, "total": 9}
+    seen = []
+    assert fastattn.write_stats(target, progress=lambda done, total: seen.append((done, total))) == {"computed": 3, "total": 9}
+    assert seen == ([(2, 3), (3, 3)] if blocks == "many blocks" else [(3, 3)])  # blocks [6, 8) and [8, 9)
     st = fastattn.open_stats(target).compute()
     xr.testing.assert_equal(st.isel(batch=slice(0, 6)), first)
     check_against_reference(st, fastattn.open_store(target))

@@ -281,16 +281,37 @@ _stats_serial = ngjit(_stats_planes)  # prange is plain range without parallel=T
 # --------------------------------------------------------------------------
 
 
-@ngjit
-def _plane_topk(a, p, n, k, index, weight, wbuf, ibuf):
-    """Top ``k`` keys of each valid row of plane ``p`` by insertion into a k-buffer.
+#: Keys per group of the top-k pre-filter: 8 float32 are one AVX2 vector, so a group's max is
+#: one vector reduction.
+_GROUP = 8
 
-    Why not a sort: k ≪ K and most keys fail the single compare against the
-    current k-th weight, so a row costs ~K compares plus a few short shifts
-    instead of K·log K.  The buffer starts as k entries of weight −inf, so the
-    first keys need no special case.  Descending by weight; an equal weight
-    never passes an earlier one (strict compares), so ties go to the lower key
-    index, the order of a stable argsort of −w.
+
+@ngjit
+def _insert(x, j, k, wbuf, ibuf):
+    """Insert weight x of key j into the descending k-buffer; an equal weight stays behind."""
+    last = k - 1
+    if x > wbuf[last]:
+        i = last
+        while i > 0 and wbuf[i - 1] < x:
+            wbuf[i] = wbuf[i - 1]
+            ibuf[i] = ibuf[i - 1]
+            i -= 1
+        wbuf[i] = x
+        ibuf[i] = j
+
+
+@ngjit
+def _plane_topk(a, p, n, k, index, weight, wbuf, ibuf, cand, gmax):
+    """Top ``k`` keys of each valid row of plane ``p``: a threshold, then insertion sort.
+
+    Why not a sort: k ≪ K.  Why not insertion over every key: on a softmax row about
+    k·ln(K/k) keys enter the buffer, each a mispredicted branch, which cost more than
+    the compares.  So first a lower bound on the k-th largest weight: the k-th largest of
+    the maxima of groups of 8 keys (k of those maxima are k distinct weights ≥ it).  Keys
+    below it cannot be in the top k; the others are gathered without a branch and only
+    they are inserted.  The buffer starts as k entries of weight −inf; descending by
+    weight; an equal weight never passes an earlier key (strict compares), so ties go to
+    the lower key index, the order of a stable argsort of −w.
     """
     Q = a.shape[1]
     nq, nk = _valid(n, Q, a.shape[2])
@@ -300,21 +321,30 @@ def _plane_topk(a, p, n, k, index, weight, wbuf, ibuf):
             weight[p, q, t] = np.nan
     if k == 0:
         return
-    last = k - 1
+    groups = nk // _GROUP
     for q in range(nq):
+        row = a[p, q]
+        threshold = -np.inf
+        if groups >= k:
+            for g in range(groups):
+                m = row[g * _GROUP]
+                for j in range(1, _GROUP):
+                    m = max(m, row[g * _GROUP + j])
+                gmax[g] = m
+            for t in range(k):
+                wbuf[t] = -np.inf
+            for g in range(groups):
+                _insert(np.float64(gmax[g]), g, k, wbuf, ibuf)
+            threshold = wbuf[k - 1]
+        count = 0
+        for j in range(nk):
+            cand[count] = j
+            count += np.float64(row[j]) >= threshold
         for t in range(k):
             wbuf[t] = -np.inf
             ibuf[t] = -1
-        for j in range(nk):
-            x = np.float64(a[p, q, j])
-            if x > wbuf[last]:
-                i = last
-                while i > 0 and wbuf[i - 1] < x:
-                    wbuf[i] = wbuf[i - 1]
-                    ibuf[i] = ibuf[i - 1]
-                    i -= 1
-                wbuf[i] = x
-                ibuf[i] = j
+        for c in range(count):
+            _insert(np.float64(row[cand[c]]), cand[c], k, wbuf, ibuf)
         for t in range(k):
             if ibuf[t] >= 0:
                 index[p, q, t] = ibuf[t]
@@ -325,7 +355,9 @@ def _topk_planes(a, lens, k, index, weight):
     for p in prange(a.shape[0]):
         wbuf = np.empty(k)
         ibuf = np.empty(k, dtype=np.int32)
-        _plane_topk(a, p, lens[p], k, index, weight, wbuf, ibuf)
+        cand = np.empty(a.shape[2], dtype=np.int64)
+        gmax = np.empty(a.shape[2] // _GROUP + 1, dtype=a.dtype)
+        _plane_topk(a, p, lens[p], k, index, weight, wbuf, ibuf, cand, gmax)
 
 
 _topk_parallel = ngjit_parallel(_topk_planes)
