@@ -36,6 +36,8 @@ INPUT_IDS = "input_ids"
 #: within ~1e-6; weights that miss by more than this are logits or were renormalised
 #: over padding. float16 dumps get the wider tolerance their 11-bit mantissa needs.
 ROW_SUM_TOLERANCE = {2: 1e-2, 4: 1e-3, 8: 1e-3}
+#: Magic, version, length field and the longest header NumPy reads (its max_header_size).
+NPY_HEADER_MAX = 12 + 10_000
 #: A member may not declare more than this many bytes uncompressed per compressed byte:
 #: deflated attention shrinks 1-3x (NaN padding a little more); zip bombs reach ~1000x.
 MAX_COMPRESSION_RATIO = 200
@@ -348,7 +350,7 @@ def _read_member(data: bytes, zf: zipfile.ZipFile, name: str, expected: Member) 
         member = memoryview(data)[start : start + info.compress_size]
         if len(member) != info.compress_size or zlib.crc32(member) != info.CRC:
             raise DumpError(f"corrupt zip archive (bad CRC-32 for '{name}')")
-        f = io.BytesIO(member)
+        f = io.BytesIO(member[:NPY_HEADER_MAX])  # the header only: BytesIO copies what it is given
         shape, fortran, dtype = _read_npy_header(f)
         if shape != expected.shape or dtype != expected.dtype:
             raise DumpError("changed while being ingested (its arrays differ from the scan)")
@@ -428,9 +430,15 @@ def _compact(attention, tokens, order, lengths):
 
 
 def _validate(attention: np.ndarray, lengths: np.ndarray, dtype: np.dtype) -> None:
-    """Finite, non-negative rows that sum to 1 over each sample's valid block."""
+    """Finite, non-negative rows that sum to 1 over each sample's valid block.
+
+    One Numba pass finds the bad samples (a hair stricter than the tolerance, so that NumPy
+    decides the borderline rows); NumPy then says what is wrong with the first, and where."""
+    from .kernels.validate import flagged_samples
+
     tolerance = ROW_SUM_TOLERANCE[dtype.itemsize]
-    for b, n in enumerate(lengths):
+    for b in flagged_samples(attention, lengths, tolerance * (1 - 1e-6)):
+        n = lengths[b]
         block = attention[b, :, :, :n, :n]
         finite = np.isfinite(block)
         if not finite.all():
