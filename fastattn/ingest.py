@@ -287,9 +287,9 @@ class _ChunkWriter:
     """Writes whole batch-chunks: new samples over whatever committed batches the chunk holds."""
 
     def __init__(self, group):
-        self.group = group
         self.attention = group["attention"]
         self.dtype = self.attention.dtype
+        self.per_batch = {name: group[name] for name in ("length", "source", "source_index", "token")}
 
     def write(self, start: int, samples: dict[int, _Sample], stop: int, committed: int) -> None:
         """Write batches [start, stop): `samples` by batch index, the rest from the store.
@@ -307,9 +307,8 @@ class _ChunkWriter:
         old = min(stop, committed) - start
         if old > 0:
             block[:, :old] = np.swapaxes(self.attention[start : start + old], 0, 1)
-            for name, values in (("length", length), ("source", source), ("source_index", source_index)):
-                values[:old] = self.group[name][start : start + old]
-            token[:old] = self.group["token"][start : start + old]
+            for name, values in (("length", length), ("source", source), ("source_index", source_index), ("token", token)):
+                values[:old] = self.per_batch[name][start : start + old]
         for batch, sample in samples.items():
             i = batch - start
             attention = sample.dump.attention[sample.index]
@@ -322,12 +321,16 @@ class _ChunkWriter:
             token[i] = ""
             if sample.dump.tokens is not None:
                 token[i, :q] = sample.dump.tokens[sample.index, :q]
-        for layer in range(layers):
-            self.attention[start:stop, layer : layer + 1] = block[layer][:, np.newaxis]
-        self.group["length"][start:stop] = length
-        self.group["source"][start:stop] = source.astype(str)
-        self.group["source_index"][start:stop] = source_index
-        self.group["token"][start:stop] = token.astype(str)
+        rows = slice(start, stop)
+        store.write_all(
+            [(self.attention, (rows, slice(layer, layer + 1)), block[layer][:, np.newaxis]) for layer in range(layers)]
+            + [
+                (self.per_batch["length"], rows, length),
+                (self.per_batch["source"], rows, source.astype(str)),
+                (self.per_batch["source_index"], rows, source_index),
+                (self.per_batch["token"], rows, token.astype(str)),
+            ]
+        )
 
 
 def _replace(group, manifest: store.Manifest, replacements, report: IngestReport) -> None:

@@ -169,8 +169,6 @@ GROUP = "stats"
 #: Attention bytes per block of `write_stats`: big enough that per-block costs (one write per
 #: variable, one kernel launch) vanish, small enough that two blocks in flight stay ~0.3 GB.
 BLOCK_BYTES = 128 << 20
-#: Threads writing one block's variables at once.
-WRITERS = 8
 
 
 def _block_batches(manifest, query: int, key: int) -> int:
@@ -208,14 +206,11 @@ def _stats_arrays(loc) -> dict:
     return dict(store.open_group(loc)[GROUP].arrays())
 
 
-def _write_block(arrays: dict, st: xr.Dataset, b0: int, b1: int, pool) -> int:
-    """One write per variable, all at once: each zarr write mostly waits on its thread hops
-    (encode, then store), so 25 concurrent writes take little longer than one."""
+def _write_block(arrays: dict, st: xr.Dataset, b0: int, b1: int) -> int:
+    """One write per variable, all at once (see store.write_all)."""
+    from . import store
 
-    def put(name: str) -> None:
-        arrays[name][b0:b1] = st[name].values
-
-    list(pool.map(put, st.data_vars))
+    store.write_all((arrays[name], slice(b0, b1), st[name].values) for name in st.data_vars)
     return b1 - b0
 
 
@@ -225,8 +220,7 @@ def _stats_task(loc, b0: int, b1: int, k: int) -> int:
     from . import store
 
     st = _block_stats(_read_block(store.open_group(loc, "r"), b0, b1), k, parallel=False)
-    with ThreadPoolExecutor(WRITERS) as pool:
-        return _write_block(_stats_arrays(loc), st, b0, b1, pool)
+    return _write_block(_stats_arrays(loc), st, b0, b1)
 
 
 def _create_layout(loc, group, manifest, n: int, k: int, block: int) -> None:
@@ -315,7 +309,7 @@ def _run_local(loc, group, blocks, k, jobs, progress, total) -> None:
     arrays = _stats_arrays(loc)
     written = 0
     try:
-        with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer, ThreadPoolExecutor(WRITERS) as pool:
+        with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
             reading = reader.submit(_read_block, group, *blocks[0])
             writing = None
             for i, (b0, b1) in enumerate(blocks):
@@ -327,7 +321,7 @@ def _run_local(loc, group, blocks, k, jobs, progress, total) -> None:
                     written += writing.result()
                     if progress:
                         progress(written, total)
-                writing = writer.submit(_write_block, arrays, st, b0, b1, pool)
+                writing = writer.submit(_write_block, arrays, st, b0, b1)
             written += writing.result()
             if progress:
                 progress(written, total)

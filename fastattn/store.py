@@ -25,6 +25,7 @@ import json
 import os
 import socket
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -293,6 +294,22 @@ def resize(group: zarr.Group, *, batch: int, query: int = 0, key: int = 0) -> No
             group[dim].resize((size,))
         if size:  # always: a run killed while writing them leaves the right size with a chunk missing
             group[dim][:] = np.arange(size, dtype=np.int32)
+
+
+#: Threads for `write_all`; created on first use, shared by every writer in the process.
+_WRITES = ThreadPoolExecutor(8, thread_name_prefix="fastattn-write")
+
+
+def write_all(writes) -> None:
+    """Several zarr writes `(array, selection, values)` at once, waiting for all of them.
+
+    Why: one zarr write spends most of its time waiting for its thread hops (encode, then
+    store), ~5 ms on this VM even for a small array, so ten writes one after another cost
+    ten times that, and ten at once barely more than one. Never call it from a task that is
+    itself running on this pool.
+    """
+    for future in [_WRITES.submit(array.__setitem__, selection, values) for array, selection, values in writes]:
+        future.result()
 
 
 def commit(location: Location, manifest: Manifest) -> None:
