@@ -425,7 +425,7 @@ def _append(group, manifest: store.Manifest, appends, pool, jobs, report: Ingest
 
     def flush(stop: int) -> None:
         nonlocal pending, chunk_start
-        writes.append(pool.submit(writer.write, chunk_start, pending, stop, committed))
+        writes.append(write_pool.submit(writer.write, chunk_start, pending, stop, committed))
         pending, chunk_start = {}, stop
         while len(writes) > jobs:
             writes.popleft().result()
@@ -438,26 +438,29 @@ def _append(group, manifest: store.Manifest, appends, pool, jobs, report: Ingest
             rel, header = item
             reads.append((rel, header, pool.submit(_read, header)))
 
-    refill()
-    done = 0
-    while reads:
-        rel, header, future = reads.popleft()
+    # Chunk writes get threads of their own: they mostly wait on zarr, and must not hold
+    # back the reads (on one pool, two waiting writes stalled every read).
+    with ThreadPoolExecutor(jobs, thread_name_prefix="fastattn-chunk") as write_pool:
         refill()
-        result = future.result()
-        done += 1
-        if progress:
-            progress(done, len(appends))
-        first = assigner.take(rel, header, result)
-        if first is None:
-            continue
-        for index in range(header.batch):
-            pending[first + index] = _Sample(result, index, rel)
-            if (first + index + 1) % chunk == 0:
-                flush(first + index + 1)
-    if pending:
-        flush(assigner.next)
-    while writes:
-        writes.popleft().result()
+        done = 0
+        while reads:
+            rel, header, future = reads.popleft()
+            refill()
+            result = future.result()
+            done += 1
+            if progress:
+                progress(done, len(appends))
+            first = assigner.take(rel, header, result)
+            if first is None:
+                continue
+            for index in range(header.batch):
+                pending[first + index] = _Sample(result, index, rel)
+                if (first + index + 1) % chunk == 0:
+                    flush(first + index + 1)
+        if pending:
+            flush(assigner.next)
+        while writes:
+            writes.popleft().result()
     _finish(group, manifest, report, assigner.next)
 
 
