@@ -189,3 +189,25 @@ def test_matches_torch():
     q32, k32 = q.astype(np.float32), k.astype(np.float32)
     t32 = torch.softmax(torch.from_numpy(q32) @ torch.from_numpy(k32).transpose(-1, -2) / 4.0, dim=-1)
     np.testing.assert_allclose(attention_weights(q32, k32), t32.numpy(), atol=1e-5, rtol=1.3e-6)
+
+
+@pytest.mark.parametrize("low, rtol", [(-1e-3, 3e-16), (-1.0, 5e-16), (-30.0, 2e-15), (-708.0, 4e-14)])
+def test_exp_of_shifted_scores_matches_numpy(low, rtol):
+    """The kernel's own vectorisable exp against np.exp on fresh random x in [low, 0]."""
+    import numba
+
+    from fastattn.kernels.sdpa import _exp_nonpositive
+
+    @numba.njit
+    def exp_all(x, out):
+        for i in range(x.size):
+            out[i] = _exp_nonpositive(x[i])
+
+    x = np.random.default_rng().uniform(low, 0.0, 200_000)
+    x[:3] = 0.0, -0.0, low
+    got = np.empty_like(x)
+    exp_all(x, got)
+    np.testing.assert_allclose(got, np.exp(x), rtol=rtol, atol=0)
+    below = np.array([-708.5, -745.2, -1e300, -np.inf])
+    exp_all(below, got[:4])
+    assert (got[:4] == 0.0).all()
