@@ -289,7 +289,7 @@ class _ChunkWriter:
     def __init__(self, group):
         self.attention = group["attention"]
         self.dtype = self.attention.dtype
-        self.per_batch = {name: group[name] for name in ("length", "source", "source_index", "token")}
+        self.per_batch = {name: group[name] for name in (*store.PER_BATCH, "token")}
 
     def write(self, start: int, samples: dict[int, _Sample], stop: int, committed: int) -> None:
         """Write batches [start, stop): `samples` by batch index, the rest from the store.

@@ -187,23 +187,18 @@ def _blocks(start: int, stop: int, size: int) -> list[tuple[int, int]]:
 
 def _read_block(group, b0: int, b1: int) -> xr.Dataset:
     """Batches [b0, b1) of the store, in memory: zarr reads and decodes the chunks concurrently."""
-    dims = ("batch", "layer", "head", "query", "key")
+    from .store import DIMS
+
     attention = group["attention"][b0:b1]
-    coords = {dim: np.arange(size, dtype=np.int32) for dim, size in zip(dims, attention.shape)}
+    coords = {dim: np.arange(size, dtype=np.int32) for dim, size in zip(DIMS, attention.shape)}
     coords["batch"] = np.arange(b0, b1, dtype=np.int32)
-    return xr.Dataset({"attention": (dims, attention), "length": ("batch", group["length"][b0:b1])}, coords=coords)
+    return xr.Dataset({"attention": (DIMS, attention), "length": ("batch", group["length"][b0:b1])}, coords=coords)
 
 
 def _block_stats(block: xr.Dataset, k: int, parallel: bool) -> xr.Dataset:
     """Every statistic of an in-memory block, without the coords that have no batch dim."""
     st = compute_stats(block, k=k, parallel=parallel)
     return st.drop_vars([name for name in st.variables if "batch" not in st[name].dims])
-
-
-def _stats_arrays(loc) -> dict:
-    from . import store
-
-    return dict(store.open_group(loc)[GROUP].arrays())
 
 
 def _write_block(arrays: dict, st: xr.Dataset, b0: int, b1: int) -> int:
@@ -219,11 +214,12 @@ def _stats_task(loc, b0: int, b1: int, k: int) -> int:
     the cores), write. Blocks cover distinct stats chunks, so workers never write the same one."""
     from . import store
 
-    st = _block_stats(_read_block(store.open_group(loc, "r"), b0, b1), k, parallel=False)
-    return _write_block(_stats_arrays(loc), st, b0, b1)
+    group = store.open_group(loc)
+    st = _block_stats(_read_block(group, b0, b1), k, parallel=False)
+    return _write_block(dict(group[GROUP].arrays()), st, b0, b1)
 
 
-def _create_layout(loc, group, manifest, n: int, k: int, block: int) -> None:
+def _create_layout(loc, group, n: int, k: int, block: int) -> None:
     """The stats group's arrays for `n` batches, empty, one chunk per block (replacing old ones)."""
     import dask.array as da
 
@@ -282,7 +278,7 @@ def write_stats(
                 manifest.stats_committed = 0
                 store.commit(loc, manifest)
             done = 0
-            _create_layout(loc, group, manifest, n, k, block)
+            _create_layout(loc, group, n, k, block)
         else:
             for name, array in old.arrays():
                 if "batch" in (array.metadata.dimension_names or ()):
@@ -306,7 +302,7 @@ def _run_local(loc, group, blocks, k, jobs, progress, total) -> None:
 
     threads = numba.get_num_threads()
     numba.set_num_threads(min(jobs or threads, numba.config.NUMBA_NUM_THREADS))
-    arrays = _stats_arrays(loc)
+    arrays = dict(group[GROUP].arrays())  # as laid out or resized just now
     written = 0
     try:
         with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:

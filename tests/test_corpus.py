@@ -11,9 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import typer
 import xarray as xr
-from typer.testing import CliRunner
 
 import corpus_reference as ref
 from conftest import SAMPLES, batched_dump, softmax_rows

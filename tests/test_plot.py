@@ -10,9 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import typer
 from matplotlib.image import imread
-from typer.testing import CliRunner
 
 from fastattn import plot, summary
 from fastattn.errors import FastattnError
