@@ -16,7 +16,7 @@ one `where: message` line:
   inside, and its rows sum to 1 within the ingest tolerance
   (`fastattn.dumps.ROW_SUM_TOLERANCE` for the store's dtype);
 - the `stats` group: no more batches committed than the store has, and its chunks decode;
-- leftovers: a lock left by a process that no longer runs, temporary files
+- leftovers: a lock file nobody holds (its writer died), temporary files
   (`*.partial`, `.*.tmp`) from an interrupted write.
 
 `repair=True` (under the store's lock) removes leftovers, shrinks the arrays to the
@@ -263,11 +263,10 @@ class _Checker:
         self.root = root
 
     def _check_lock(self) -> None:
-        problem = _lock_problem(self.loc)
+        self.writer = store.lock_holder(self.loc)
+        problem = _lock_problem(self.loc) if self.writer is None else None
         if problem is not None:
             self.result.problems.append(problem)
-        elif not self.loc.remote and os.path.exists(os.path.join(self.loc.root, store.LOCK)):
-            self.writer = _holder(self.loc) or {}
 
     def _check_stray(self) -> None:
         if self.loc.remote:
@@ -718,27 +717,17 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def _holder(location: store.Location) -> dict | None:
-    try:
-        with open(os.path.join(location.root, store.LOCK)) as f:
-            holder = json.load(f)
-        return holder if isinstance(holder, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
 def _lock_problem(location: store.Location) -> Problem | None:
-    """A lock left by a process that no longer runs (a live writer's lock is no problem)."""
-    if location.remote or not os.path.exists(os.path.join(location.root, store.LOCK)):
+    """A lock file nobody holds: left by a writer that died (a live writer's lock is no problem)."""
+    path = os.path.join(location.root, store.LOCK)
+    if location.remote or not os.path.exists(path) or store.lock_holder(location) is not None:
         return None
-    holder = _holder(location)
-    if holder is not None and store._alive(holder):
-        return None
+    holder = store._read_record(path)
     if holder is None:
         who = "a writer killed while taking it (the lock is empty or unreadable)"
     else:
         who = f"{holder.get('purpose', 'a writer')} (pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')})"
-    return Problem(store.LOCK, f"stale lock left by {who}, which no longer runs", fix=LOCK)
+    return Problem(store.LOCK, f"stale lock left by {who}, which no longer holds it", fix=LOCK)
 
 
 # ---------------------------------------------------------------- repairing
