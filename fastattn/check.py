@@ -492,6 +492,7 @@ class _Checker:
         starts = np.zeros(len(names), dtype=np.int64)
         for i, rel in enumerate(names):
             starts[i] = manifest.files[rel]["start"]
+        sources = [store.source_name(n, manifest.files[n]) for n in names]
         for name in ("source", "source_index"):
             array = self.arrays.get(name)
             if array is None:
@@ -503,7 +504,7 @@ class _Checker:
                 own = owner[region[0]]
                 batches = np.arange(region[0].start, region[0].stop)
                 if name == "source":
-                    want = np.array([names[o] if o >= 0 else "" for o in own], dtype=object)
+                    want = np.array([sources[o] if o >= 0 else "" for o in own], dtype=object)
                     got = np.asarray(values, dtype=object)
                 else:
                     want = np.where(own >= 0, batches - starts[np.maximum(own, 0)], -1)
@@ -834,7 +835,7 @@ def _rebuild_sources(location: store.Location, group: zarr.Group, manifest: stor
     index = np.full(committed, -1, dtype=np.int32)
     for rel, entry in manifest.files.items():
         if entry.get("status") == "ingested" and 0 <= entry["start"] < entry["stop"] <= committed:
-            source[entry["start"] : entry["stop"]] = rel
+            source[entry["start"] : entry["stop"]] = store.source_name(rel, entry)
             index[entry["start"] : entry["stop"]] = np.arange(entry["stop"] - entry["start"])
     for name, values in (("source", source.astype(str)), ("source_index", index)):
         for key in found.bad_chunks.get(name, []):

@@ -104,20 +104,46 @@ def natural_key(text: str) -> list:
 
 @dataclass
 class Found:
-    """The dump files named by the user's inputs, the folder their names are relative to,
-    and the inputs that could not be used."""
+    """The dump files named by the user's inputs, the folder their display names are
+    relative to, and the inputs that could not be used."""
 
     files: list[str]
     base: str
     problems: list[tuple[str, str]]
 
 
-def find_dumps(inputs: list[str | os.PathLike]) -> Found:
-    """Expand folders (recursive `*.npz`), files and glob patterns, in natural order.
+def file_key(path: str) -> str:
+    """A dump's identity in a store's manifest: its absolute path with symlinks resolved.
 
-    `base` is the common parent of the inputs (a folder counts as its own parent), so
-    names relative to it keep same-named files from two folders apart and stay the same
-    when the same folder is ingested again.
+    Names relative to each run's inputs (what `source` shows) collide across runs: a
+    second folder of same-named files looked like changed files, and replacing them
+    overwrote the first folder's batches."""
+    return os.path.realpath(path)
+
+
+def _walk_npz(folder: str, problems: list) -> list[str]:
+    """Every `*.npz` under `folder`, following symlinked folders (each real folder once,
+    so a link loop ends)."""
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        for name in dirnames:
+            if name.endswith(".npz"):
+                problems.append((os.path.join(dirpath, name), "is a directory, not an .npz file"))
+        found.extend(os.path.join(dirpath, name) for name in filenames if name.endswith(".npz"))
+    return sorted(found, key=natural_key)
+
+
+def find_dumps(inputs: list[str | os.PathLike]) -> Found:
+    """Expand folders (recursive `*.npz`, through symlinked folders too), files and glob
+    patterns, in natural order.
+
+    `base` is the common parent of the inputs (a folder counts as its own parent): names
+    relative to it are the `source` a store shows for each dump.
     """
     files: list[str] = []
     roots: list[str] = []
@@ -126,11 +152,7 @@ def find_dumps(inputs: list[str | os.PathLike]) -> Found:
         entry = os.fspath(raw)
         if os.path.isdir(entry):
             roots.append(os.path.abspath(entry))
-            for path in sorted(Path(entry).rglob("*.npz"), key=lambda p: natural_key(str(p))):
-                if path.is_dir():
-                    problems.append((str(path), "is a directory, not an .npz file"))
-                else:
-                    files.append(os.path.abspath(path))
+            files.extend(os.path.abspath(path) for path in _walk_npz(entry, problems))
         elif os.path.exists(entry):
             roots.append(os.path.dirname(os.path.abspath(entry)))
             files.append(os.path.abspath(entry))
@@ -144,6 +166,8 @@ def find_dumps(inputs: list[str | os.PathLike]) -> Found:
                     continue
                 roots.append(os.path.dirname(os.path.abspath(match)))
                 files.append(os.path.abspath(match))
+        elif os.path.islink(entry):
+            problems.append((entry, "a symbolic link to nothing (its target does not exist)"))
         else:
             problems.append((entry, "no such file or folder"))
     unique = list(dict.fromkeys(files))
@@ -231,9 +255,14 @@ def _scan_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Member:
     return Member(name=name, shape=tuple(int(n) for n in shape), dtype=dtype)
 
 
+def normalise_layout(layout: str) -> str:
+    """'L,B,H,Q,K' -> 'lbhqk'."""
+    return layout.lower().replace(",", "").replace(" ", "")
+
+
 def parse_layout(layout: str, ndim: int) -> str:
-    """Check a `--layout` like 'lbhqk' (letters: batch, layer, head, query, key)."""
-    letters = layout.lower().replace(",", "").replace(" ", "")
+    """Check a layout like 'lbhqk' (letters: batch, layer, head, query, key)."""
+    letters = normalise_layout(layout)
     if sorted(letters) not in (sorted(CANONICAL), sorted("lhqk")) or len(set(letters)) != len(letters):
         raise FastattnError(
             f"layout '{layout}' must name each of l(ayer), h(ead), q(uery), k(ey) once,"
@@ -407,7 +436,12 @@ def _lengths(header: DumpHeader, mask: np.ndarray | None) -> tuple[np.ndarray, l
     full = max(header.query, header.key)
     if mask is None:
         return np.full(header.batch, full, dtype=np.int32), None
-    mask = mask.reshape(header.batch, header.key).astype(bool)
+    mask = mask.reshape(header.batch, header.key)
+    odd = (mask != 0) & (mask != 1)
+    if odd.any():
+        b, k = np.argwhere(odd)[0]
+        raise DumpError(f"{MASK} holds {mask[b, k]} (sample {b}, token {k}); expected 1 for a token and 0 for padding")
+    mask = mask.astype(bool)
     lengths = mask.sum(axis=1).astype(np.int32)
     if np.any(lengths == 0):
         raise DumpError(f"{MASK} marks no valid token in sample {int(np.argmin(lengths))}")

@@ -11,3 +11,8 @@ class DumpError(FastattnError):
 
 class StoreError(FastattnError):
     """A store that is missing, foreign, locked or inconsistent."""
+
+
+def printable(text: str) -> str:
+    """`text` on one line: control characters (a newline in a file name) shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -24,7 +24,7 @@ import numpy as np
 import zarr
 
 from . import cluster, dumps, store
-from .errors import DumpError, FastattnError, StoreError
+from .errors import DumpError, FastattnError, StoreError, printable
 
 Progress = Callable[[int, int], None]  # (files done, files to read)
 
@@ -35,7 +35,7 @@ class Rejection:
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.reason}"
+        return printable(f"{self.path}: {self.reason}")
 
 
 @dataclass
@@ -69,6 +69,14 @@ class IngestReport:
             f" {len(self.rejected)} rejected), {self.batches_added} batches added, {self.committed} in store;"
             f" {self.bytes_read / 1e6:.1f} MB in {self.seconds:.2f} s ({self.mb_per_s:.0f} MB/s)"
         )
+
+
+@dataclass(frozen=True)
+class _Named:
+    """A dump as the store knows it: `key` in the manifest (its identity), `source` shown."""
+
+    key: str
+    source: str
 
 
 @dataclass
@@ -113,7 +121,8 @@ def ingest(
         raise FastattnError(f"no .npz dumps found in {', '.join(os.fspath(i) for i in inputs)}")
     location = store.Location(store_path, storage_options)
     location.check_reachable()
-    if not location.is_new() and not store.is_fastattn(location):
+    new_store = location.is_new()
+    if not new_store and not store.is_fastattn(location):
         raise StoreError(f"{location}: exists and is not a fastattn store; refusing to write into it")
     jobs = max(1, jobs or os.cpu_count() or 1)
     # write_empty_chunks: skip zarr's compare-every-chunk-to-the-fill-value pass; chunks are never empty.
@@ -127,6 +136,7 @@ def ingest(
         if strict:
             _validate_all(plan, pool, report)
             if report.rejected:
+                report.committed = manifest.committed if manifest else 0
                 report.seconds = time.perf_counter() - started
                 return report
         if plan.appends or plan.replacements:
@@ -143,6 +153,10 @@ def ingest(
                     f"{location}: writing failed ({exc.strerror or exc}); nothing was committed,"
                     " the store still opens at its last commit"
                 ) from None
+            if new_store and manifest.committed == 0:  # every file was rejected: leave no empty store behind
+                location.remove()
+                report.seconds = time.perf_counter() - started
+                return report
             report.seconds = time.perf_counter() - started
             manifest.ingests.append(
                 {
@@ -166,30 +180,31 @@ def ingest(
 # ---------------------------------------------------------------- planning
 
 
-def _relative(path: str, base: str) -> str:
-    return os.path.relpath(path, base).replace(os.sep, "/")
-
-
 def _plan(found: dumps.Found, manifest, layout, replace, report) -> _Plan:
-    """Classify every found file from its stat and header alone (no array data read)."""
+    """Classify every found file from its stat and header alone (no array data read).
+
+    A file is known by `dumps.file_key` (its absolute path, symlinks resolved), so a
+    same-named file in another folder is another file, and `replace` only ever rewrites
+    the batches of the very file it names."""
     plan = _Plan()
     known = manifest.files if manifest else {}
     shape = (manifest.layers, manifest.heads) if manifest and manifest.committed else None
     for path in found.files:
-        rel = _relative(path, found.base)
-        entry = known.get(rel)
+        key = dumps.file_key(path)
+        source = os.path.relpath(path, found.base).replace(os.sep, "/")
+        entry = known.get(key)
         if entry is not None:
-            stat = os.stat(path)
-            if stat.st_size == entry["size"] and stat.st_mtime_ns == entry["mtime_ns"]:
-                report.files_unchanged += 1
-                continue
-            if dumps.content_hash(path) == entry["content_hash"]:
+            relaid = layout is not None and entry.get("layout") not in (None, dumps.normalise_layout(layout))
+            if not relaid and _unchanged(path, entry):
                 report.files_unchanged += 1
                 continue
             if not replace:
-                report.rejected.append(
-                    Rejection(path, "changed since it was ingested (its content hash differs); pass --replace to re-ingest it")
+                why = (
+                    f"was ingested with layout '{entry.get('layout')}', now '{dumps.normalise_layout(layout)}'"
+                    if relaid
+                    else "changed since it was ingested (its content hash differs)"
                 )
+                report.rejected.append(Rejection(path, f"{why}; ingest it with replace to take the new content"))
                 continue
         try:
             header = dumps.scan(path, layout)
@@ -209,14 +224,22 @@ def _plan(found: dumps.Found, manifest, layout, replace, report) -> _Plan:
         if entry is not None:
             if header.batch != entry["stop"] - entry["start"]:
                 count = entry["stop"] - entry["start"]
-                reason = f"--replace needs the same number of samples ({count} ingested, {header.batch} now)"
+                reason = f"replacing needs the same number of samples ({count} ingested, {header.batch} now)"
                 report.rejected.append(Rejection(path, reason))
                 continue
-            plan.replacements.append((rel, header))
+            plan.replacements.append((_Named(key, source), header))
         else:
-            plan.appends.append((rel, header))
+            plan.appends.append((_Named(key, source), header))
     _check_cross_attention(plan, manifest, report)
     return plan
+
+
+def _unchanged(path: str, entry: dict) -> bool:
+    """Same size and mtime, or else the same content hash (read from the zip directory)."""
+    stat = os.stat(path)
+    if stat.st_size == entry["size"] and stat.st_mtime_ns == entry["mtime_ns"]:
+        return True
+    return dumps.content_hash(path) == entry["content_hash"]
 
 
 def _check_cross_attention(plan: _Plan, manifest, report) -> None:
@@ -231,9 +254,9 @@ def _check_cross_attention(plan: _Plan, manifest, report) -> None:
         return
     kept = {"appends": [], "replacements": []}
     for kind, items in kept.items():
-        for rel, h in getattr(plan, kind):
+        for name, h in getattr(plan, kind):
             if (h.query, h.key) == want or (want is None and h.query == h.key):
-                items.append((rel, h))
+                items.append((name, h))
                 continue
             shape = "query = key" if want is None else f"{want[0]} x {want[1]} (query x key)"
             report.rejected.append(Rejection(h.path, f"this store takes {shape}; this dump is {h.query} x {h.key}"))
@@ -336,33 +359,35 @@ class _ChunkWriter:
 def _replace(group, manifest: store.Manifest, replacements, report: IngestReport) -> None:
     """--replace: rewrite a changed file's batches in place, one whole chunk at a time."""
     writer = _ChunkWriter(group)
-    for rel, header in replacements:
+    for name, header in replacements:
         try:
             dump = dumps.read(header)
         except DumpError as exc:
             report.rejected.append(Rejection(header.path, str(exc)))
             continue
-        entry = manifest.files[rel]
+        entry = manifest.files[name.key]
         first, last = entry["start"], entry["stop"]
-        samples = {first + i: _Sample(dump, i, rel) for i in range(header.batch)}
+        samples = {first + i: _Sample(dump, i, name.source) for i in range(header.batch)}
         chunk = manifest.batch_chunk
         for start in range(first - first % chunk, last, chunk):
             stop = min(start + chunk, manifest.committed)
             mine = {b: s for b, s in samples.items() if start <= b < stop}
             writer.write(start, mine, stop, manifest.committed)
-        manifest.files[rel] = _entry(header, dump.content_hash, first, last)
+        manifest.files[name.key] = _entry(header, name, dump.content_hash, first, last)
         report.files_replaced += 1
         report.bytes_read += header.samples_bytes
 
 
-def _entry(header: dumps.DumpHeader, content_hash: str, start: int, stop: int, status: str = "ingested") -> dict:
+def _entry(header: dumps.DumpHeader, name: _Named, content_hash: str, start: int, stop: int, status: str = "ingested") -> dict:
     return {
+        "source": name.source,
         "size": header.size,
         "mtime_ns": header.mtime_ns,
         "content_hash": content_hash,
         "start": start,
         "stop": stop,
         "status": status,
+        "layout": header.layout,
     }
 
 
@@ -376,7 +401,7 @@ class _Assigner:
         files = manifest.files.items()
         self.seen = {entry["content_hash"]: rel for rel, entry in files if entry.get("status") == "ingested"}
 
-    def take(self, rel: str, header: dumps.DumpHeader, result) -> int | None:
+    def take(self, name: _Named, header: dumps.DumpHeader, result) -> int | None:
         """The first batch index for this file, or None when it is skipped."""
         if isinstance(result, Rejection):
             self.report.rejected.append(result)
@@ -386,11 +411,11 @@ class _Assigner:
         if original is not None:
             self.report.duplicates.append(Rejection(header.path, f"same content as {original}; skipped"))
             kept = self.manifest.files[original]
-            self.manifest.files[rel] = _entry(header, content_hash, kept["start"], kept["stop"], f"duplicate of {original}")
+            self.manifest.files[name.key] = _entry(header, name, content_hash, kept["start"], kept["stop"], f"duplicate of {original}")
             return None
-        self.seen[content_hash] = rel
+        self.seen[content_hash] = name.key
         first, self.next = self.next, self.next + header.batch
-        self.manifest.files[rel] = _entry(header, content_hash, first, self.next)
+        self.manifest.files[name.key] = _entry(header, name, content_hash, first, self.next)
         self.report.files_ingested += 1
         self.report.bytes_read += header.samples_bytes
         return first
@@ -435,8 +460,8 @@ def _append(group, manifest: store.Manifest, appends, pool, jobs, report: Ingest
             item = next(todo, None)
             if item is None:
                 return
-            rel, header = item
-            reads.append((rel, header, pool.submit(_read, header)))
+            name, header = item
+            reads.append((name, header, pool.submit(_read, header)))
 
     # Chunk writes get threads of their own: they mostly wait on zarr, and must not hold
     # back the reads (on one pool, two waiting writes stalled every read).
@@ -444,17 +469,17 @@ def _append(group, manifest: store.Manifest, appends, pool, jobs, report: Ingest
         refill()
         done = 0
         while reads:
-            rel, header, future = reads.popleft()
+            name, header, future = reads.popleft()
             refill()
             result = future.result()
             done += 1
             if progress:
                 progress(done, len(appends))
-            first = assigner.take(rel, header, result)
+            first = assigner.take(name, header, result)
             if first is None:
                 continue
             for index in range(header.batch):
-                pending[first + index] = _Sample(result, index, rel)
+                pending[first + index] = _Sample(result, index, name.source)
                 if (first + index + 1) % chunk == 0:
                     flush(first + index + 1)
         if pending:
@@ -482,13 +507,13 @@ def _write_chunk(url: str, storage_options: dict, start: int, stop: int, committ
     location = store.Location(url, storage_options)
     loaded: dict[str, dumps.Dump] = {}
     samples = {}
-    for rel, header, index, batch, content_hash in members:
+    for source, header, index, batch, content_hash in members:
         if header.path not in loaded:
             loaded[header.path] = dumps.read(header)
         dump = loaded[header.path]
         if dump.content_hash != content_hash:
             raise DumpError(f"{header.path}: changed while being ingested")
-        samples[batch] = _Sample(dump, index, rel)
+        samples[batch] = _Sample(dump, index, source)
     with zarr.config.set({"array.write_empty_chunks": True}):
         _ChunkWriter(store.open_group(location)).write(start, samples, stop, committed)
     return stop - start
@@ -504,16 +529,16 @@ def _append_distributed(client, location, group, manifest, appends, report: Inge
     chunk = manifest.batch_chunk
     futures = client.map(_hash_or_rejection, [h for _, h in appends], pure=False)
     members: dict[int, list] = {}
-    for done, ((rel, header), future) in enumerate(zip(appends, futures), start=1):
+    for done, ((name, header), future) in enumerate(zip(appends, futures), start=1):
         result = future.result()
         if progress:
             progress(done, 2 * len(appends))
-        first = assigner.take(rel, header, result)
+        first = assigner.take(name, header, result)
         if first is None:
             continue
         for index in range(header.batch):
             batch = first + index
-            members.setdefault(batch - batch % chunk, []).append((rel, header, index, batch, result))
+            members.setdefault(batch - batch % chunk, []).append((name.source, header, index, batch, result))
     writes = [
         client.submit(
             _write_chunk, location.url, location.storage_options, start, min(start + chunk, assigner.next),

@@ -4,7 +4,7 @@ Layout of `store.zarr` (Zarr v3, opened by plain `xarray.open_zarr` too):
 
     attention     (batch, layer, head, query, key)  float32/float16, NaN outside valid blocks
     length        (batch,)                          int32, valid tokens of each sample
-    source        (batch,)                          str, dump file relative to the ingest's base
+    source        (batch,)                          str, the dump it came from, relative to the common parent of its ingest's inputs
     source_index  (batch,)                          int32, position in that file's batch axis
     token         (batch, query)                    str, token strings when dumps carry them
     batch, layer, head, query, key                  int32 coordinates (positions)
@@ -81,7 +81,7 @@ class Manifest:
     max_length: int = 0
     dtype: str = "float32"
     batch_chunk: int = 1
-    files: dict | None = None  # relative path -> {size, mtime_ns, content_hash, start, stop, status}
+    files: dict | None = None  # absolute path -> {source, size, mtime_ns, content_hash, start, stop, status, layout}
     ingests: list | None = None  # one entry per ingest run
     cross: list | None = None  # [query, key] of a cross-attention store
     stats_committed: int = 0
@@ -101,6 +101,12 @@ class Manifest:
         manifest.files = manifest.files or {}
         manifest.ingests = manifest.ingests or []
         return manifest
+
+
+def source_name(key: str, entry: dict) -> str:
+    """The `source` a file entry's batches show: its name relative to its run's inputs
+    (entries of stores written before file keys were absolute paths: the key itself)."""
+    return entry.get("source", key)
 
 
 # ---------------------------------------------------------------- location
@@ -186,6 +192,21 @@ class Location:
             return True
         # a `*.partial` is zarr's temporary file of a write killed before its rename (the root zarr.json)
         return os.path.isdir(self.root) and {n for n in os.listdir(self.root) if not n.endswith(".partial")} <= {META}
+
+    def remove(self) -> None:
+        """Delete everything under the store (only ever a store this run created)."""
+        if self.remote:
+            if self.fs.exists(self.root):
+                self.fs.rm(self.root, recursive=True)
+            return
+        for dirpath, dirs, files in os.walk(self.root, topdown=False):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                if path != os.path.join(self.root, LOCK):  # the lock goes when it is released
+                    os.remove(path)
+            for name in dirs:
+                with contextlib.suppress(OSError):  # the lock's folder stays until then
+                    os.rmdir(os.path.join(dirpath, name))
 
     def nbytes(self, prefix: str = "") -> int:
         """Bytes stored under `prefix` (the size on disk of an array's chunks)."""

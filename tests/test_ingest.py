@@ -38,6 +38,8 @@ def test_samples_bit_for_bit(samples, tmp_path):
         assert np.isnan(values[:, :, n:, :]).all() and np.isnan(values[:, :, :n, n:]).all()
     assert len(seen) == 11
     assert {s.split("/")[0] for s, _ in seen} == {"fixed", "batched"}  # relative to the common parent
+    keys = store.read_manifest(store.Location(out)).files
+    assert sorted(keys) == sorted(os.path.realpath(samples / s) for s, _ in seen if _ == 0)  # known by absolute path
 
 
 def test_plain_xarray_opens_the_store(samples, tmp_path):
@@ -101,7 +103,7 @@ def test_changed_file_is_rejected_unless_replace(tmp_path, rng):
     before = store_snapshot(out)
     report = ingest([folder], out)
     assert [r.path for r in report.rejected] == [str(folder / "a.npz")]
-    assert "changed since it was ingested" in report.rejected[0].reason and "--replace" in report.rejected[0].reason
+    assert "changed since it was ingested" in report.rejected[0].reason and "with replace" in report.rejected[0].reason
     np.testing.assert_array_equal(store_snapshot(out)["attention"], before["attention"])
     report = ingest([folder], out, replace=True)
     assert report.ok and report.files_replaced == 1 and report.committed == 2
