@@ -13,6 +13,7 @@ import hashlib
 import io
 import lzma
 import math
+import mmap
 import os
 import re
 import struct
@@ -20,7 +21,7 @@ import tokenize
 import zipfile
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -41,6 +42,11 @@ NPY_HEADER_MAX = 12 + 10_000
 #: A member may not declare more than this many bytes uncompressed per compressed byte:
 #: deflated attention shrinks 1-3x (NaN padding a little more); zip bombs reach ~1000x.
 MAX_COMPRESSION_RATIO = 200
+#: Files larger than this are memory-mapped, not read, and their pages are handed back as
+#: they are used: ingest's memory is then a few chunks, whatever the size of one dump.
+MAP_BYTES = 64 << 20
+#: Bytes checked (CRC, values) between two hand-backs of a mapped file's pages.
+SLAB_BYTES = 16 << 20
 #: No single array may declare more than this (an absurd shape is refused unread).
 MAX_ARRAY_BYTES = 64 << 30
 
@@ -92,6 +98,7 @@ class Dump:
     attention: np.ndarray
     lengths: np.ndarray
     tokens: np.ndarray | None = None
+    release: Callable[[], None] = field(default=lambda: None, repr=False)  # hand a mapped file's pages back
 
 
 # ---------------------------------------------------------------- finding files
@@ -366,6 +373,24 @@ def _check_per_token(header: DumpHeader, name: str, *, integer_or_bool: bool) ->
 # ---------------------------------------------------------------- reading data
 
 
+def _releaser(data) -> Callable[[], None] | None:
+    """For a memory-mapped file: drop its pages from this process (the page cache keeps
+    them, and the next access maps them back), so what was read counts once, not for good."""
+    if not isinstance(data, mmap.mmap):
+        return None
+    return lambda: data.madvise(mmap.MADV_DONTNEED)
+
+
+def _crc32(member: memoryview, release: Callable[[], None] | None) -> int:
+    if release is None:
+        return zlib.crc32(member)
+    crc = 0
+    for offset in range(0, len(member), SLAB_BYTES):
+        crc = zlib.crc32(member[offset : offset + SLAB_BYTES], crc)
+        release()
+    return crc
+
+
 def _read_member(data: bytes, zf: zipfile.ZipFile, name: str, expected: Member) -> np.ndarray:
     """One member's array. A stored (uncompressed) member, as `np.savez` writes, is a
     zero-copy view of the file's bytes after one CRC check; a deflated one is decompressed."""
@@ -377,7 +402,7 @@ def _read_member(data: bytes, zf: zipfile.ZipFile, name: str, expected: Member) 
         name_len, extra_len = struct.unpack_from("<HH", data, local + 26)
         start = local + 30 + name_len + extra_len
         member = memoryview(data)[start : start + info.compress_size]
-        if len(member) != info.compress_size or zlib.crc32(member) != info.CRC:
+        if len(member) != info.compress_size or _crc32(member, _releaser(data)) != info.CRC:
             raise DumpError(f"corrupt zip archive (bad CRC-32 for '{name}')")
         f = io.BytesIO(member[:NPY_HEADER_MAX])  # the header only: BytesIO copies what it is given
         shape, fortran, dtype = _read_npy_header(f)
@@ -400,13 +425,16 @@ def _read_member(data: bytes, zf: zipfile.ZipFile, name: str, expected: Member) 
 def read(header: DumpHeader) -> Dump:
     """Load and validate a scanned dump; raise DumpError with the reason when it is bad."""
     try:
-        data = Path(header.path).read_bytes()
+        with open(header.path, "rb") as f:
+            big = header.size > MAP_BYTES and os.fstat(f.fileno()).st_size == header.size
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if big else f.read()
     except OSError as exc:
         raise DumpError(f"cannot read it ({exc.strerror})") from None
+    release = _releaser(data)
     if len(data) != header.size:
         raise DumpError("changed while being ingested (its size differs from the scan)")
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        with zipfile.ZipFile(data if release else io.BytesIO(data)) as zf:  # BytesIO would copy a map
             digest = _content_hash(zf)
             if digest != header.content_hash:
                 raise DumpError("changed while being ingested (its content hash differs from the scan)")
@@ -427,8 +455,11 @@ def read(header: DumpHeader) -> Dump:
         tokens = tokens.reshape(header.batch, header.key)
     if order is not None:
         attention, tokens = _compact(attention, tokens, order, lengths)
-    _validate(attention, lengths, header.dtype)
-    return Dump(header=header, content_hash=digest, attention=attention, lengths=lengths, tokens=tokens)
+    _validate(attention, lengths, header.dtype, release)
+    dump = Dump(header=header, content_hash=digest, attention=attention, lengths=lengths, tokens=tokens)
+    if release is not None:
+        dump.release = release
+    return dump
 
 
 def _lengths(header: DumpHeader, mask: np.ndarray | None) -> tuple[np.ndarray, list | None]:
@@ -463,15 +494,27 @@ def _compact(attention, tokens, order, lengths):
     return out, tok
 
 
-def _validate(attention: np.ndarray, lengths: np.ndarray, dtype: np.dtype) -> None:
+def _validate(attention: np.ndarray, lengths: np.ndarray, dtype: np.dtype, release=None) -> None:
     """Finite, non-negative rows that sum to 1 over each sample's valid block.
 
     One Numba pass finds the bad samples (a hair stricter than the tolerance, so that NumPy
-    decides the borderline rows); NumPy then says what is wrong with the first, and where."""
+    decides the borderline rows); NumPy then says what is wrong with the first, and where.
+    A mapped file is checked one sample's layer at a time, its pages handed back after each."""
     from .kernels.validate import flagged_samples
 
     tolerance = ROW_SUM_TOLERANCE[dtype.itemsize]
-    for b in flagged_samples(attention, lengths, tolerance * (1 - 1e-6)):
+    if release is None:
+        flagged = flagged_samples(attention, lengths, tolerance * (1 - 1e-6))
+    else:
+        flagged = []
+        for b in range(attention.shape[0]):
+            for layer in range(attention.shape[1]):
+                if len(flagged_samples(attention[b : b + 1, layer : layer + 1], lengths[b : b + 1], tolerance * (1 - 1e-6))):
+                    flagged.append(b)
+                release()
+                if flagged and flagged[-1] == b:
+                    break
+    for b in flagged:
         n = lengths[b]
         block = attention[b, :, :, :n, :n]
         finite = np.isfinite(block)

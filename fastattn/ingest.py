@@ -309,44 +309,62 @@ class _Sample:
 class _ChunkWriter:
     """Writes whole batch-chunks: new samples over whatever committed batches the chunk holds."""
 
+    #: Attention chunks written at once: zarr's per-write waits overlap, and memory stays a few chunks.
+    IN_FLIGHT = 8
+
     def __init__(self, group):
         self.attention = group["attention"]
         self.dtype = self.attention.dtype
         self.per_batch = {name: group[name] for name in (*store.PER_BATCH, "token")}
 
+    def _pieces(self):
+        """(layer, heads, queries) of every attention chunk in one batch-chunk row."""
+        _, layers, heads, query, _ = self.attention.shape
+        _, _, hc, qc, _ = self.attention.chunks
+        for layer in range(layers):
+            for h0 in range(0, heads, hc):
+                for q0 in range(0, query, qc):
+                    yield layer, slice(h0, min(h0 + hc, heads)), slice(q0, min(q0 + qc, query))
+
     def write(self, start: int, samples: dict[int, _Sample], stop: int, committed: int) -> None:
         """Write batches [start, stop): `samples` by batch index, the rest from the store.
 
-        The block is laid out layer-major, so each layer's slice is exactly one chunk,
-        contiguous: zarr then encodes it without another copy.
+        Chunk by chunk (a layer's planes, split by heads and queries as the store's chunks
+        are), a few at once: memory is a few chunks whatever the sequence length. Each piece
+        is exactly one chunk, contiguous, so zarr encodes it without another copy.
         """
         count = stop - start
-        layers, heads, query, key = self.attention.shape[1:]
-        block = np.empty((layers, count, heads, query, key), dtype=self.dtype)
+        key = self.attention.shape[4]
+        old = max(0, min(stop, committed) - start)
+        rows = slice(start, stop)
+        writes = []
+        for layer, heads, queries in self._pieces():
+            piece = np.empty((count, 1, heads.stop - heads.start, queries.stop - queries.start, key), dtype=self.dtype)
+            if old:
+                piece[:old] = self.attention[start : start + old, layer : layer + 1, heads, queries]
+            for batch, sample in samples.items():
+                _fill(piece[batch - start, 0], sample, layer, heads, queries)
+            writes.append((self.attention, (rows, slice(layer, layer + 1), heads, queries), piece))
+            if len(writes) == self.IN_FLIGHT:
+                store.write_all(writes)
+                writes = []
+                for sample in samples.values():
+                    sample.dump.release()  # a large dump's pages: read again only where needed
         length = np.zeros(count, dtype=np.int32)
         source = np.full(count, "", dtype=object)
         source_index = np.full(count, -1, dtype=np.int32)
-        token = np.full((count, query), "", dtype=object)
-        old = min(stop, committed) - start
-        if old > 0:
-            block[:, :old] = np.swapaxes(self.attention[start : start + old], 0, 1)
+        token = np.full((count, self.attention.shape[3]), "", dtype=object)
+        if old:
             for name, values in (("length", length), ("source", source), ("source_index", source_index), ("token", token)):
                 values[:old] = self.per_batch[name][start : start + old]
         for batch, sample in samples.items():
             i = batch - start
-            attention = sample.dump.attention[sample.index]
-            n = int(sample.dump.lengths[sample.index])
-            q, k = min(n, attention.shape[-2]), min(n, attention.shape[-1])
-            block[:, i, :, :q, :k] = attention[:, :, :q, :k]
-            block[:, i, :, q:, :] = np.nan
-            block[:, i, :, :q, k:] = np.nan
-            length[i], source[i], source_index[i] = n, sample.source, sample.index
-            token[i] = ""
+            length[i], source[i], source_index[i] = int(sample.dump.lengths[sample.index]), sample.source, sample.index
             if sample.dump.tokens is not None:
+                q = min(length[i], sample.dump.attention.shape[-2])
                 token[i, :q] = sample.dump.tokens[sample.index, :q]
-        rows = slice(start, stop)
         store.write_all(
-            [(self.attention, (rows, slice(layer, layer + 1)), block[layer][:, np.newaxis]) for layer in range(layers)]
+            writes
             + [
                 (self.per_batch["length"], rows, length),
                 (self.per_batch["source"], rows, source.astype(str)),
@@ -354,6 +372,19 @@ class _ChunkWriter:
                 (self.per_batch["token"], rows, token.astype(str)),
             ]
         )
+        for sample in samples.values():
+            sample.dump.release()
+
+
+def _fill(out: np.ndarray, sample: _Sample, layer: int, heads: slice, queries: slice) -> None:
+    """`out` (heads, queries, key) from one sample: its valid block, NaN everywhere else."""
+    attention = sample.dump.attention[sample.index, layer, heads]
+    n = int(sample.dump.lengths[sample.index])
+    q = max(0, min(queries.stop, n, attention.shape[-2]) - queries.start)
+    k = min(n, attention.shape[-1])
+    out[:, :q, :k] = attention[:, queries.start : queries.start + q, :k]
+    out[:, q:, :] = np.nan
+    out[:, :q, k:] = np.nan
 
 
 def _replace(group, manifest: store.Manifest, replacements, report: IngestReport) -> None:

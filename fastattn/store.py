@@ -257,17 +257,28 @@ def check_store(location: Location) -> Manifest:
     return manifest
 
 
-def batch_chunk_for(heads: int, length: int, itemsize: int) -> int:
-    """Batches per chunk so one (batch-chunk, layer) chunk is about CHUNK_BYTES."""
-    per_sample = heads * length * length * itemsize
-    return int(max(1, min(MAX_BATCH_CHUNK, CHUNK_BYTES // per_sample)))
+def attention_chunks(heads: int, query: int, key: int, itemsize: int) -> tuple[int, int, int, int, int]:
+    """The attention's chunk shape: about CHUNK_BYTES at any sequence length, whole key rows.
+
+    Short sequences: one layer's planes of all heads, for as many batches as fit. When one
+    sample's layer is larger than that, heads are split, and when one plane is, queries:
+    (2 layers, 16 heads, 2048 x 2048) float32 gets (1, 1, 1, 256, 2048) chunks of 2 MB, not
+    one of 256 MB. Readers take the shape from the array, so stores of any chunking open.
+    """
+    row = key * itemsize
+    plane = query * row
+    if heads * plane <= CHUNK_BYTES:
+        return (int(min(MAX_BATCH_CHUNK, CHUNK_BYTES // (heads * plane))), 1, heads, query, key)
+    if plane <= CHUNK_BYTES:
+        return (1, 1, int(CHUNK_BYTES // plane), query, key)
+    return (1, 1, 1, int(max(1, CHUNK_BYTES // row)), key)
 
 
 def create(location: Location, *, layers: int, heads: int, query: int, key: int, dtype: str) -> Manifest:
     """Lay out an empty store (batch 0), replacing the arrays an uncommitted crash left
     (array by array, so the lock file beside them stays)."""
-    itemsize = np.dtype(dtype).itemsize
-    chunk = batch_chunk_for(heads, max(query, key), itemsize)
+    chunks = attention_chunks(heads, query, key, np.dtype(dtype).itemsize)
+    chunk = chunks[0]
     attrs = {"format_version": FORMAT_VERSION, "created": now()}
     # the root's first write already carries the attributes: a kill right after it leaves a store
     # the next ingest recognises as its own, not a foreign folder it must refuse
@@ -281,7 +292,7 @@ def create(location: Location, *, layers: int, heads: int, query: int, key: int,
     new_array(
         "attention",
         shape=(0, layers, heads, query, key),
-        chunks=(chunk, 1, heads, query, key),
+        chunks=chunks,
         dtype=dtype,
         fill_value=np.nan,
         dimension_names=DIMS,
