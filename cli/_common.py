@@ -23,13 +23,19 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def run(work: Callable, *args):
-    """Call the library; its deliberate errors become one line and exit code 1."""
+    """Call the library; its deliberate errors become one line and exit code 1.
+
+    An OSError the library did not foresee is one line too, `path: reason`: a last resort
+    (each known cause has its own message), never a reason to skip one."""
     try:
         return work(*args)
     except FastattnError as exc:
         fail(str(exc))
     except MemoryError:
         fail("out of memory; try fewer --jobs")
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        fail(f"{exc.filename}: {reason}" if exc.filename else reason.splitlines()[0])
 
 
 def storage_options(pairs: list[str] | None) -> dict:
@@ -38,13 +44,17 @@ def storage_options(pairs: list[str] | None) -> dict:
     options: dict = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
-            fail(f"--storage-option takes KEY=VALUE, not '{pair}'")
+        if not sep or not key or "" in key.split("."):
+            fail(f"--storage-option takes KEY=VALUE (KEY may be a.b for a nested option), not '{pair}'", 2)
         parsed = {"true": True, "false": False}.get(value.lower(), value)
         *parents, leaf = key.split(".")
         target = options
-        for parent in parents:
+        for depth, parent in enumerate(parents, start=1):
             target = target.setdefault(parent, {})
+            if not isinstance(target, dict):
+                fail(f"--storage-option {pair}: {'.'.join(parents[:depth])} was given a value, so it cannot hold options", 2)
+        if isinstance(target.get(leaf), dict):
+            fail(f"--storage-option {pair}: {key} holds nested options ({key}.NAME=VALUE), it cannot be a value", 2)
         target[leaf] = parsed
     return options
 

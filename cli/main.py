@@ -138,9 +138,19 @@ def info(
     A store: batches, shape, length histogram, size on disk and compression, sources, last ingest.
     A dump: its arrays, shapes, dtypes and the layout detected."""
     from fastattn import dumps, summary
+    from fastattn.errors import DumpError
 
     is_dump = Path(path).is_file()
-    body = run(lambda: dumps.describe(path, layout) if is_dump else summary.store_info(path))
+
+    def describe():
+        try:
+            return dumps.describe(path, layout)
+        except DumpError as exc:  # its message is the reason alone
+            if path.lower().endswith(".npz"):
+                fail(f"{path}: {exc}")
+            fail(f"{path}: a file that is neither a store (a folder) nor an .npz dump: {exc}")
+
+    body = run(describe if is_dump else lambda: summary.store_info(path))
     if json_out:
         print(json.dumps(body, indent=1))
     else:

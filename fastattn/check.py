@@ -136,6 +136,7 @@ def run_check(path, *, repair: bool = False, force: bool = False, storage_option
     if first.problems:  # not a fastattn store: nothing to repair, and nothing to lock
         return first
     stale = _lock_problem(location)
+    location.check_writable()
     with store.Lock(location, "fastattn check --repair"):
         found = _Checker(location, own_lock=True)
         result = found.run()

@@ -119,6 +119,8 @@ def write_rollout(location, *, keep_matrix: bool = False, jobs: int | None = Non
     from . import store
 
     loc = location if isinstance(location, store.Location) else store.Location(location, storage_options)
+    store.check_store(loc)  # before the lock, which would create a missing store's folder
+    loc.check_writable()
     with store.Lock(loc, "fastattn rollout"):
         manifest = store.check_store(loc)
         ds = store.open_store(loc)
@@ -127,13 +129,16 @@ def write_rollout(location, *, keep_matrix: bool = False, jobs: int | None = Non
             r["rollout"] = r["rollout"].astype(np.float32)
         for var in r.variables.values():
             var.encoding = {}
-        with dask.config.set(scheduler="threads", num_workers=jobs):
-            r.to_zarr(loc.zarr_store(), group=ROLLOUT_GROUP, mode="w", consolidated=False)
-        group = zarr.open_group(loc.zarr_store(), path=ROLLOUT_GROUP, mode="r+", use_consolidated=False)
-        group.attrs["fastattn_rollout"] = {
-            "batches": manifest.committed, "ingests": len(manifest.ingests or []),
-            "keep_matrix": keep_matrix, "time": store.now(),
-        }
+        try:
+            with dask.config.set(scheduler="threads", num_workers=jobs):
+                r.to_zarr(loc.zarr_store(), group=ROLLOUT_GROUP, mode="w", consolidated=False)
+            group = zarr.open_group(loc.zarr_store(), path=ROLLOUT_GROUP, mode="r+", use_consolidated=False)
+            group.attrs["fastattn_rollout"] = {
+                "batches": manifest.committed, "ingests": len(manifest.ingests or []),
+                "keep_matrix": keep_matrix, "time": store.now(),
+            }
+        except OSError as exc:  # a full disk, a store turned read-only: open_rollout refuses the unfinished group
+            raise StoreError(f"{loc}: writing the rollout failed ({exc.strerror or exc}); run fastattn rollout again") from None
     return {"batches": manifest.committed, "keep_matrix": keep_matrix}
 
 
@@ -376,7 +381,7 @@ def corpus_stats(source, *, k: int = 5) -> xr.Dataset:
         return source
     if isinstance(source, (str, os.PathLike, store.Location)):
         loc = source if isinstance(source, store.Location) else store.Location(source)
-        manifest = store.check_store(loc)
+        manifest = store.require_batches(loc, store.check_store(loc))
         ds = store.open_store(loc)
         if manifest.stats_committed == manifest.committed and manifest.committed:
             from .stats import open_stats
@@ -386,6 +391,8 @@ def corpus_stats(source, *, k: int = 5) -> xr.Dataset:
             st = compute_stats(ds, k=k)
     elif isinstance(source, xr.Dataset):
         ds = source
+        if not ds.sizes.get("batch", 1):
+            raise FastattnError(f"{ds.attrs.get('store', 'the dataset')}: no batches to analyse")
         st = compute_stats(ds, k=k)
     else:
         raise TypeError(f"need a store path or an xarray Dataset, not {type(source).__name__}")

@@ -124,6 +124,7 @@ def ingest(
     new_store = location.is_new()
     if not new_store and not store.is_fastattn(location):
         raise StoreError(f"{location}: exists and is not a fastattn store; refusing to write into it")
+    location.check_writable()
     jobs = max(1, jobs or os.cpu_count() or 1)
     # write_empty_chunks: skip zarr's compare-every-chunk-to-the-fill-value pass; chunks are never empty.
     with (

@@ -262,10 +262,13 @@ def write_stats(
     from . import cluster, store
 
     loc = location if isinstance(location, store.Location) else store.Location(location, storage_options)
-    store.check_store(loc)  # before the lock, which would create a missing store's folder
+    manifest = store.check_store(loc)  # before the lock, which would create a missing store's folder
+    if _done(manifest, k) >= manifest.committed:  # nothing to do: no lock, no write (a read-only store is fine)
+        return {"computed": 0, "total": manifest.committed}
+    loc.check_writable()
     with store.Lock(loc, "fastattn stats"), _disk_errors(loc):
-        manifest = store.check_store(loc)
-        done = manifest.stats_committed if manifest.stats_k == k else 0
+        manifest = store.check_store(loc)  # again: another writer may have committed meanwhile
+        done = _done(manifest, k)
         n = manifest.committed
         if done >= n:
             return {"computed": 0, "total": n}
@@ -294,6 +297,11 @@ def write_stats(
         manifest.stats_committed, manifest.stats_k = n, k
         store.commit(loc, manifest)
     return {"computed": n - done, "total": n}
+
+
+def _done(manifest, k: int) -> int:
+    """Batches whose statistics are committed with this `k` (another k recomputes them all)."""
+    return manifest.stats_committed if manifest.stats_k == k else 0
 
 
 def _run_local(loc, group, blocks, k, jobs, progress, total) -> None:
@@ -368,7 +376,7 @@ def open_stats(location, *, storage_options: dict | None = None) -> xr.Dataset:
     from .errors import StoreError
 
     loc = location if isinstance(location, store.Location) else store.Location(location, storage_options)
-    manifest = store.check_store(loc)
+    manifest = store.require_batches(loc, store.check_store(loc))
     if not manifest.stats_committed:
         raise StoreError(f"{loc}: no statistics yet (run fastattn stats)")
     st = store.open_committed(loc, {"batch": manifest.stats_committed}, group=GROUP)  # survives a killed resize

@@ -26,6 +26,7 @@ import functools
 import json
 import os
 import socket
+import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -93,9 +94,17 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
-        body = json.loads(data)
-        if body.get("format") != "fastattn-manifest":
-            raise StoreError(f"{MANIFEST} is not a fastattn manifest")
+        """Parse and validate a manifest; a damaged one (cut short, not JSON, a field of the
+        wrong type) is a StoreError saying what is wrong, without the path (callers add it)."""
+        try:
+            body = json.loads(data)
+        except ValueError as exc:  # also bytes that are not UTF-8
+            raise StoreError(f"damaged: not valid JSON ({exc})") from None
+        if not isinstance(body, dict) or body.get("format") != "fastattn-manifest":
+            raise StoreError("not a fastattn manifest")
+        problem = _manifest_problem(body)
+        if problem:
+            raise StoreError(f"damaged: {problem}")
         fields = {k: v for k, v in body.items() if k in cls.__dataclass_fields__}
         manifest = cls(**fields)
         manifest.files = manifest.files or {}
@@ -109,6 +118,58 @@ def source_name(key: str, entry: dict) -> str:
     return entry.get("source", key)
 
 
+#: Readers trust the manifest, so every field is checked once, here, before anyone uses it.
+_COUNTS = ("committed", "layers", "heads", "max_length", "batch_chunk", "stats_committed", "stats_k")
+_REQUIRED = ("committed", "layers", "heads", "max_length", "dtype", "batch_chunk", "files")
+_FILE_ENTRY = {"size": int, "mtime_ns": int, "content_hash": str, "start": int, "stop": int, "status": str}
+_INGEST_ENTRY = {"time": str, "files": int, "batches": int, "rejected": int, "seconds": (int, float)}
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry_problem(where: str, entry, spec: dict) -> str | None:
+    if not isinstance(entry, dict):
+        return f"{where} must be a mapping, not {type(entry).__name__}"
+    for name, kind in spec.items():
+        value = entry.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"{where}['{name}'] is {value!r:.40}, not {getattr(kind, '__name__', 'a number')}"
+    return None
+
+
+def _manifest_problem(body: dict) -> str | None:
+    """The first thing wrong with a parsed manifest, or None."""
+    for name in _COUNTS:
+        if name in body and not _is_count(body[name]):
+            return f"'{name}' is {body[name]!r:.40}, not a count (a whole number >= 0)"
+    if body.get("dtype", "float32") not in ("float32", "float16"):
+        return f"'dtype' is {body['dtype']!r:.40}, not float32 or float16"
+    missing = [name for name in _REQUIRED if name not in body]
+    if missing:
+        return f"{', '.join(repr(name) for name in missing)} missing"
+    if body["batch_chunk"] < 1 or (body["committed"] and min(body["layers"], body["heads"], body["max_length"]) < 1):
+        return "'batch_chunk', 'layers', 'heads' and 'max_length' must be at least 1"
+    if not isinstance(body["files"], dict):
+        return f"'files' is a {type(body['files']).__name__}, not a mapping of file entries"
+    for rel, entry in body["files"].items():
+        problem = _entry_problem(f"files['{rel}']", entry, _FILE_ENTRY)
+        if problem:
+            return problem
+    ingests = body.get("ingests") or []
+    if not isinstance(ingests, list):
+        return f"'ingests' is a {type(ingests).__name__}, not a list"
+    for i, entry in enumerate(ingests):
+        problem = _entry_problem(f"ingests[{i}]", entry, _INGEST_ENTRY)
+        if problem:
+            return problem
+    cross = body.get("cross")
+    if cross is not None and not (isinstance(cross, list) and len(cross) == 2 and all(_is_count(v) for v in cross)):
+        return f"'cross' is {cross!r:.40}, not [query, key]"
+    return None
+
+
 # ---------------------------------------------------------------- location
 
 
@@ -120,18 +181,42 @@ class Location:
         self.storage_options = storage_options or {}
         self.remote = is_url(self.url)
         if self.remote:
-            import fsspec
-
-            self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+            self.fs, self.root = self._filesystem()
         else:
+            if self.storage_options:
+                raise StoreError(f"{self.url}: storage_options apply to store URLs (s3://...), not to a local path")
             self.fs, self.root = None, os.path.abspath(self.url)
+
+    def _filesystem(self):
+        """The fsspec filesystem of the URL, or one line on an unknown protocol, a missing
+        package or a nested storage option given as a plain value."""
+        import fsspec
+
+        for protocol in self.url.split("://", 1)[0].split("::"):
+            if protocol not in fsspec.available_protocols():
+                raise StoreError(f"{self.url}: unknown protocol '{protocol}://' (fsspec has no filesystem for it)")
+        for name, value in self.storage_options.items():
+            if name.endswith("_kwargs") and not isinstance(value, dict):
+                raise StoreError(
+                    f"{self.url}: storage_options['{name}'] must be a mapping of options, not {value!r:.40}"
+                    f" (e.g. {{'{name}': {{'region_name': ...}}}})"
+                )
+        try:
+            return fsspec.core.url_to_fs(self.url, **self.storage_options)
+        except ImportError as exc:  # e.g. "Install s3fs to access S3"
+            raise StoreError(f"{self.url}: {_first_line(exc)}") from None
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"{self.url}: storage options not accepted ({_first_line(exc)})") from None
 
     def __str__(self) -> str:
         return self.url
 
     def check_reachable(self) -> None:
-        """For an object store: one clear line for a missing bucket or refused credentials."""
+        """One clear line for a store that cannot be reached: locally a path that is a file, a
+        broken symbolic link or a loop; remotely a missing bucket, no or refused credentials,
+        an endpoint that does not answer, storage options the filesystem rejects."""
         if not self.remote:
+            _check_local_path(self.url, self.root)
             return
         bucket = self.root.split("/", 1)[0]
         try:
@@ -142,6 +227,29 @@ class Location:
             raise StoreError(f"{self.url}: access denied ({_first_line(exc)}); check the credentials") from None
         except OSError as exc:
             raise StoreError(f"{self.url}: cannot reach the store ({_first_line(exc)})") from None
+        except (TypeError, AttributeError) as exc:  # an option of the wrong kind, found when the client is made
+            raise StoreError(f"{self.url}: storage options not accepted ({_first_line(exc)})") from None
+        except Exception as exc:  # each backend has its own errors (botocore's NoCredentialsError, ...)
+            if "credential" in type(exc).__name__.lower():
+                raise StoreError(f"{self.url}: no credentials found ({_first_line(exc)}); give key and secret in the"
+                                 " storage options, or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") from None
+            raise StoreError(f"{self.url}: cannot reach the store ({type(exc).__name__}: {_first_line(exc)})") from None
+
+    def check_writable(self) -> None:
+        """Before a writer takes the lock: one line for a local store that cannot be written (a
+        read-only mount, no permission), instead of the first write failing. Object stores
+        have no cheap probe; their first write reports it."""
+        if self.remote:
+            return
+        target = self.root
+        while not os.path.exists(target):  # a new store: its nearest existing parent must be writable
+            target = os.path.dirname(target)
+        folders = [target, os.path.join(target, META)] if target == self.root else [target]
+        for folder in folders:
+            if os.path.isdir(folder) and not os.access(folder, os.W_OK):
+                why = "it is on a read-only file system" if os.statvfs(folder).f_flag & os.ST_RDONLY else "no permission to write it"
+                where = "" if folder == self.root else f" ({folder})"
+                raise StoreError(f"{self.url}: cannot write the store{where}: {why}; nothing was changed")
 
     def zarr_store(self, read_only: bool = False):
         if self.remote:
@@ -222,23 +330,55 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc) or type(exc).__name__).strip().splitlines()[0]
 
 
+def _check_local_path(url: str, root: str) -> None:
+    """A local store path must be a folder or not exist yet (ingest creates it)."""
+    try:
+        mode = os.stat(root).st_mode
+    except FileNotFoundError:
+        if os.path.islink(root):
+            raise StoreError(f"{url}: a symbolic link to {os.readlink(root)}, which does not exist") from None
+        return
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreError(f"{url}: a loop of symbolic links, which leads to no folder") from None
+        if exc.errno == errno.ENOTDIR:
+            raise StoreError(f"{url}: a part of the path is a file, not a folder") from None
+        raise StoreError(f"{url}: cannot be opened ({exc.strerror or exc})") from None
+    if not stat.S_ISDIR(mode):
+        raise StoreError(f"{url}: a file, not a store (a store is a folder)")
+
+
 # ---------------------------------------------------------------- store
 
 
+def _key_url(location: Location, key: str) -> str:
+    return f"{str(location).rstrip('/')}/{key}"
+
+
 def read_manifest(location: Location) -> Manifest | None:
+    """The committed manifest, None before the first commit; a damaged one is a StoreError naming it."""
     data = location.read(MANIFEST)
-    return None if data is None else Manifest.from_json(data)
+    if data is None:
+        return None
+    try:
+        return Manifest.from_json(data)
+    except StoreError as exc:
+        raise StoreError(f"{_key_url(location, MANIFEST)}: {exc}") from None
+
+
+def _read_json(location: Location, key: str):
+    """A metadata file as JSON, None when missing or not JSON."""
+    data = location.read(key)
+    try:
+        return None if data is None else json.loads(data)
+    except ValueError:
+        return None
 
 
 def is_fastattn(location: Location) -> bool:
-    data = location.read("zarr.json")
-    if data is None:
-        return False
-    try:
-        attrs = json.loads(data).get("attributes", {})
-    except ValueError:
-        return False
-    return isinstance(attrs.get("fastattn"), dict)
+    root = _read_json(location, "zarr.json")
+    attrs = root.get("attributes") if isinstance(root, dict) else None
+    return isinstance(attrs, dict) and isinstance(attrs.get("fastattn"), dict)
 
 
 def check_store(location: Location) -> Manifest:
@@ -251,10 +391,34 @@ def check_store(location: Location) -> Manifest:
     manifest = read_manifest(location)
     if manifest is None:
         raise StoreError(f"{location}: store has no committed ingest yet (run fastattn ingest)")
-    version = json.loads(location.read("zarr.json"))["attributes"]["fastattn"].get("format_version")
+    version = _read_json(location, "zarr.json")["attributes"]["fastattn"].get("format_version")
     if version != FORMAT_VERSION:
         raise StoreError(f"{location}: store format {version}, this fastattn reads {FORMAT_VERSION}")
+    _check_attention_metadata(location, manifest)
     return manifest
+
+
+def require_batches(location: Location, manifest: Manifest) -> Manifest:
+    """The manifest, or a StoreError for a store that commits no batch (nothing to analyse)."""
+    if not manifest.committed:
+        raise StoreError(f"{location}: the store has no committed batches (run fastattn ingest)")
+    return manifest
+
+
+def _check_attention_metadata(location: Location, manifest: Manifest) -> None:
+    """The attention array's metadata must agree with the manifest: an edited `data_type`
+    would otherwise decode the chunks as other numbers, or fail deep inside zarr."""
+    key = "attention/zarr.json"
+    meta = _read_json(location, key)
+    if not isinstance(meta, dict) or meta.get("node_type") != "array":
+        raise StoreError(f"{_key_url(location, key)}: missing or not valid Zarr array metadata")
+    if meta.get("data_type") != manifest.dtype:
+        raise StoreError(
+            f"{_key_url(location, key)}: data_type is {meta.get('data_type')!r:.40}, but the manifest says"
+            f" {manifest.dtype} (restore data_type to {manifest.dtype})"
+        )
+    if tuple(meta.get("dimension_names") or ()) != DIMS:
+        raise StoreError(f"{_key_url(location, key)}: dimension_names are {meta.get('dimension_names')!r:.60}, not {list(DIMS)}")
 
 
 def attention_chunks(heads: int, query: int, key: int, itemsize: int) -> tuple[int, int, int, int, int]:

@@ -204,7 +204,7 @@ def test_info_on_a_bad_dump_and_a_foreign_store(tmp_path, rng):
     bad = tmp_path / "bad.npz"
     make_not_zip(bad, rng)
     result = runner.invoke(app, ["info", str(bad)])
-    assert result.exit_code == 1 and result.stderr.startswith("error: not an .npz archive")
+    assert result.exit_code == 1 and result.stderr.startswith(f"error: {bad}: not an .npz archive")
     result = runner.invoke(app, ["info", str(tmp_path)])
     assert result.exit_code == 1 and "not a fastattn store" in result.stderr
 
