@@ -357,3 +357,15 @@ def test_an_edited_dtype(cli, built, path, tmp_path, dtype):
     meta["data_type"] = "float32"  # restored, the store reads as before: nothing was damaged
     meta_path.write_text(json.dumps(meta))
     np.testing.assert_array_equal(fastattn.open_store(path).attention.values, fastattn.open_store(built).attention.values)
+
+
+def test_an_unforeseen_os_error_is_still_one_line(cli, built, monkeypatch):
+    """The CLI's last resort (every case above has its own message): an OSError from the
+    library becomes `path: reason`."""
+    from fastattn import summary
+
+    def unreadable(path, **kwargs):
+        raise PermissionError(13, "Permission denied", f"{path}/attention/zarr.json")
+
+    monkeypatch.setattr(summary, "store_info", unreadable)
+    _one_line(cli("info", built), f"{built}/attention/zarr.json: Permission denied")
