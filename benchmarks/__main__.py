@@ -1,10 +1,12 @@
 """Benchmarks against what users would otherwise write.
 
-    python -m benchmarks [--quick] [--out results.json] [--only NAME ...] [--keep] [--data DIR]
+    python -m benchmarks [--quick] [--out results.json] [--only NAME ...] [--keep] [--data DIR] [--dumps N]
 
-Figures, in the order they run: kernels, sdpa, ingest, stats, scaling, memory.
-Each comparison is measured in this one run, interleaved (A B A B …), after a
-warm-up, and the median is reported. Prints a table and writes the same rows as
+Figures, in the order they run: whole, whole-long, kernels, sdpa, ingest, stats, scaling,
+memory. `whole` and `whole-long` time `fastattn` commands as whole processes, first and
+second run (benchmarks/whole.py); the others call the library in this process, after
+a warm-up. Each comparison is measured in this one run, interleaved (A B A B …), and
+the median is reported. Prints a table and writes the same rows as
 JSON (default benchmarks/results/latest.json). Synthetic dumps are cached in
 benchmarks/results/data/ (keyed by their parameters); the ≥ 5 GB memory corpus and
 every store are deleted at the end unless --keep.
@@ -17,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import ingest_bench, memory, sdpa_bench, stats_bench
+from . import ingest_bench, memory, sdpa_bench, stats_bench, whole
 from .runner import DEFAULT_DATA, DEFAULT_OUT, NUMBA_CACHE, Config, Context, markdown_table, print_table, row, run, skipped, write_json
 
 
@@ -46,6 +48,8 @@ def kernels_figure(ctx: Context) -> list[dict]:
 
 
 FIGURES = {
+    "whole": whole.figure,
+    "whole-long": whole.long_figure,
     "kernels": kernels_figure,
     "sdpa": sdpa_bench.figure,
     "ingest": ingest_bench.figure,
@@ -66,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the memory corpus and the stores after the run")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder for cached dumps and scratch stores")
     parser.add_argument("--jobs", type=int, default=None, help="threads for fastattn (default: all cores)")
+    parser.add_argument("--dumps", type=int, default=None, metavar="N",
+                        help="whole: only the stats and ingest rows at N dumps (default: stats at 10, 1000, 5000; ingest at 1000)")
     args = parser.parse_args(argv)
 
     if args.quick:
@@ -76,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     config = Config.quick_config() if args.quick else Config()
     if args.jobs:
         config.jobs = args.jobs
+    if args.dumps:
+        config.whole_stats_files, config.whole_ingest_files = (args.dumps,), args.dumps
     args.data.mkdir(parents=True, exist_ok=True)
     ctx = Context(config=config, data=args.data, keep=args.keep)
     result = run(FIGURES, ctx, only=args.only)

@@ -9,7 +9,9 @@ fewer statistics), which favours them.
 
 from __future__ import annotations
 
+import glob
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -51,6 +53,23 @@ def xarray_ingest(paths: list[str], store_path: str | os.PathLike, group_size: i
 
 
 # ---------------------------------------------------------------- statistics
+
+
+def guide_stats(paths: list[str], out_path: str | os.PathLike) -> None:
+    """The attention guide's per-file loop, as written there: for each dump, `np.load`, row and
+    column sums, entropy with a 1e-10 epsilon, the top 5 keys per query by `np.argsort`
+    (ascending, so the last five), the mean of the diagonal; results kept in lists and saved
+    at the end with `np.savez` (which stacks each list into one array)."""
+    row_sums, col_sums, entropies, top5, diag_means = [], [], [], [], []
+    for f in paths:
+        a = np.load(f, allow_pickle=False)["attention_weights"]  # allow_pickle=False is np.load's default
+        row_sums.append(a.sum(-1))
+        col_sums.append(a.sum(-2))
+        entropies.append(-(a * np.log(a + 1e-10)).sum(-1))
+        top5.append(np.argsort(a, -1)[..., -5:])
+        diag_means.append(np.diagonal(a, axis1=-2, axis2=-1).mean(-1))
+    np.savez(out_path, row_sum=row_sums, col_sum=col_sums, entropy=entropies, top5=top5, diag_mean=diag_means)
+
 
 
 def per_file_stats(paths: list[str], out_path: str | os.PathLike, k: int = 5) -> None:
@@ -114,3 +133,21 @@ def torch_sdpa(q, k, v):
 def numpy_sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     """softmax(q·kᵀ/√d)·v in float32 NumPy."""
     return numpy_attention_weights(q, k) @ v
+
+
+# ---------------------------------------------------------------- as a whole process
+
+#: `python -m benchmarks.baselines NAME DUMPS OUT`: the baseline over DUMPS/*.npz, sorted by name.
+COMMANDS = {"guide": guide_stats, "per-file": per_file_stats, "xarray-ingest": xarray_ingest}
+
+
+def main(argv: list[str]) -> None:
+    """Run one baseline as its own process, as a user runs a script (the whole-process figures)."""
+    if len(argv) != 3 or argv[0] not in COMMANDS:
+        raise SystemExit(f"usage: python -m benchmarks.baselines {{{','.join(COMMANDS)}}} DUMPS OUT")
+    name, dumps, out = argv
+    COMMANDS[name](sorted(glob.glob(os.path.join(dumps, "*.npz"))), out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

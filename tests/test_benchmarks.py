@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-FIGURES = {"kernels", "sdpa", "ingest", "stats", "scaling", "memory"}
+FIGURES = {"whole", "whole-long", "kernels", "sdpa", "ingest", "stats", "scaling", "memory"}
 
 
 def _positive(value) -> bool:
@@ -32,6 +32,12 @@ def quick_run(tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads(out.read_text()), proc.stdout, tmp
+
+
+def _float64_softmax(rng, shape) -> np.ndarray:
+    logits = rng.standard_normal(shape)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    return (w / w.sum(-1, keepdims=True)).astype(np.float32)
 
 
 def test_every_figure_has_positive_times(quick_run):
@@ -126,3 +132,131 @@ def test_baselines_compute_what_they_claim(tmp_path):
     baselines.xarray_ingest(paths, tmp_path / "b.zarr", group_size=2)
     stored = xr.open_zarr(tmp_path / "b.zarr").attention.values
     np.testing.assert_array_equal(stored, a.astype(np.float32))
+
+
+def test_whole_process_rows(quick_run):
+    """The whole-process figures come first and every row has the fields the table promises:
+    seconds, baseline, ratio, GB/s, CPU seconds, peak RSS, goal and met."""
+    result, stdout, _ = quick_run
+    rows = result["rows"]
+    assert result["figures"][:2] == ["whole", "whole-long"]
+    assert [r["figure"] for r in rows[:9]] == ["whole"] * 6 + ["whole-long"] * 3  # shown first
+    whole = [r for r in rows if r["figure"] == "whole"]
+    names = [r["name"] for r in whole]
+    assert len(whole) == 6, names  # stats: second vs (a), first vs (a), second vs (b); ingest: second, first; help
+    # --quick shares one Numba cache, so its first runs are skipped rows that say why
+    first = [r for r in whole if "first run" in r["name"]]
+    assert len(first) == 2 and all(r.get("skipped") and "--quick" in r["note"] for r in first)
+    measured = [r for r in whole if not r.get("skipped")]
+    for r in measured + [r for r in rows if r["figure"] == "whole-long" and r["unit"] == "s"]:
+        assert r["unit"] == "s" and _positive(r["fastattn"]), r
+        assert _positive(r["fastattn_cpu_s"]) and r["fastattn_peak_rss_mb"] > 10, r  # a Python process at least
+        assert r["goal"] and r["met"] in (True, False) or not r["goal"] and r["met"] is None, r
+        assert all(_positive(t) for t in r["times"]["fastattn"]), r
+    compared = [r for r in measured if r["baseline"] is not None]
+    assert len(compared) == 3
+    for r in compared:
+        assert _positive(r["baseline"]) and r["ratio"] == pytest.approx(r["baseline"] / r["fastattn"])
+        assert r["fastattn_gb_s"] == pytest.approx(r["nbytes"] / r["fastattn"] / 1e9)
+        assert r["baseline_gb_s"] == pytest.approx(r["nbytes"] / r["baseline"] / 1e9)
+        assert r["nbytes"] == 10 * 2 * 4 * 32 * 32 * 4  # --quick: 10 dumps of (2, 4, 32, 32) float32
+        assert _positive(r["baseline_cpu_s"]) and r["baseline_peak_rss_mb"] > 10
+    stats_a = next(r for r in compared if r["name"].startswith("`fastattn stats STORE`, second run, vs the guide"))
+    assert stats_a["goal"] == "≤ 1.5 s" and stats_a["met"] == (stats_a["fastattn"] <= 1.5)  # the 10-batch goal
+    help_row = next(r for r in measured if "--help" in r["name"])
+    assert help_row["baseline"] is None and help_row["met"] == (help_row["fastattn"] <= 0.4)
+    long = [r for r in rows if r["figure"] == "whole-long"]
+    assert [r["unit"] for r in long] == ["s", "s", "MB"]
+    assert all(r["met"] == (r["fastattn_peak_rss_mb"] <= 1000) for r in long[:2])
+    chunk = long[2]
+    assert chunk["chunk_bytes"] > 0 and chunk["met"] == (chunk["chunk_bytes"] <= 16 << 20)
+    assert "peak RSS MB" in stdout
+
+
+def test_run_process_measures_the_child_alone():
+    """Peak RSS and CPU are the command's own, not this (bigger) process's: Linux hands a
+    child its parent's RSS high-water mark at fork and exec, which a plain
+    getrusage(RUSAGE_CHILDREN) here would report."""
+    from benchmarks.whole import run_process
+
+    ballast = np.ones(400_000_000 // 8)  # this process: > 400 MB resident
+    child = ("import time; b = bytearray(150_000_000); b[::4096] = b'x' * len(b[::4096]); t = time.process_time()\n"
+             "while time.process_time() - t < 0.3: pass")
+    p = run_process([sys.executable, "-c", child])
+    assert 150e6 <= p.peak_rss_bytes < 300e6, p.peak_rss_bytes
+    assert 0.3 <= p.cpu_s < 5 and p.seconds >= 0.3
+    assert ballast.sum() == ballast.size
+    with pytest.raises(RuntimeError, match="exit 3"):
+        run_process([sys.executable, "-c", "import sys; sys.exit(3)"])
+
+
+def test_first_runs_get_an_empty_cache(tmp_path, monkeypatch):
+    """Outside --quick each first run gets a new empty folder as both NUMBA_CACHE_DIR and
+    XDG_CACHE_HOME, whatever fastattn's default cache is, and fastattn's own caching default."""
+    from benchmarks.runner import Config, Context
+    from benchmarks.whole import child_env, new_cache
+
+    monkeypatch.setenv("FASTATTN_NUMBA_CACHE", "1")
+    ctx = Context(config=Config(), data=tmp_path)
+    a, b = new_cache(ctx, "stats"), new_cache(ctx, "stats")
+    assert a != b and a.is_dir() and not any(a.iterdir()) and a.is_relative_to(tmp_path / "scratch")
+    env = child_env(ctx, a)
+    assert env["NUMBA_CACHE_DIR"] == env["XDG_CACHE_HOME"] == str(a) and "FASTATTN_NUMBA_CACHE" not in env
+    assert child_env(ctx).get("NUMBA_CACHE_DIR") == os.environ.get("NUMBA_CACHE_DIR")  # baselines: untouched
+
+
+def test_softmax_dumps(tmp_path, rng):
+    """The generator's dumps: float32 softmax rows (sum 1 against float64), the diagonal
+    favoured by the bias, written whole by np.savez or streamed plane by plane with the same
+    content, cached by their parameters."""
+    from benchmarks.runner import Config, Context, softmax_dumps, write_softmax_dump
+
+    ctx = Context(config=Config(), data=tmp_path, log=lambda message: None)
+    folder = softmax_dumps(ctx, 3, (2, 3, 16, 16), bias=2.0, seed=5)
+    paths = sorted(folder.glob("*.npz"))
+    assert len(paths) == 3
+    a = np.stack([np.load(p, allow_pickle=False)["attention_weights"] for p in paths])
+    assert a.dtype == np.float32 and a.shape == (3, 2, 3, 16, 16)
+    np.testing.assert_allclose(a.astype(np.float64).sum(-1), 1.0, atol=1e-5)
+    diagonal = np.diagonal(a, axis1=-2, axis2=-1).astype(np.float64)
+    off = (a.astype(np.float64).sum(-1) - diagonal) / 15
+    assert diagonal.mean() > 3 * off.mean()  # e^2 ≈ 7.4 times a typical key, before normalising
+    assert len({p.read_bytes() for p in paths}) == 3  # a different draw per file
+    mtimes = [p.stat().st_mtime_ns for p in paths]
+    assert softmax_dumps(ctx, 3, (2, 3, 16, 16), bias=2.0, seed=5) == folder  # cached: not rewritten
+    assert [p.stat().st_mtime_ns for p in paths] == mtimes
+    assert softmax_dumps(ctx, 3, (2, 3, 16, 16), bias=0.0, seed=5) != folder  # keyed by the parameters
+
+    seed = int(rng.integers(1 << 30))
+    whole, streamed = tmp_path / "whole.npz", tmp_path / "streamed.npz"
+    write_softmax_dump(whole, (2, 3, 24, 24), 2.0, np.random.default_rng(seed), stream=False)
+    write_softmax_dump(streamed, (2, 3, 24, 24), 2.0, np.random.default_rng(seed), stream=True)
+    with np.load(whole, allow_pickle=False) as w, np.load(streamed, allow_pickle=False) as s:
+        assert s.files == w.files == ["attention_weights"]
+        np.testing.assert_array_equal(s["attention_weights"], w["attention_weights"])
+
+
+@pytest.mark.parametrize("source", ["random", "minilm"])
+def test_guide_loop_computes_what_it_claims(tmp_path, rng, source):
+    """Baseline (a), the guide's loop, against float64 NumPy on fresh random dumps and on the
+    real MiniLM samples."""
+    from benchmarks import baselines
+
+    if source == "random":
+        (tmp_path / "d").mkdir()
+        paths = []
+        for i in range(4):
+            paths.append(str(tmp_path / "d" / f"{i}.npz"))
+            np.savez(paths[-1], attention_weights=_float64_softmax(rng, (2, 3, 12, 12)))
+    else:
+        paths = sorted(str(p) for p in (Path(__file__).parent / "data" / "minilm" / "fixed").glob("*.npz"))
+        assert paths
+    baselines.main(["guide", str(Path(paths[0]).parent), str(tmp_path / "out.npz")])
+    got = np.load(tmp_path / "out.npz", allow_pickle=False)
+    a = np.stack([np.load(p, allow_pickle=False)["attention_weights"] for p in paths]).astype(np.float64)
+    np.testing.assert_allclose(got["row_sum"], a.sum(-1), rtol=1e-5)
+    np.testing.assert_allclose(got["col_sum"], a.sum(-2), rtol=1e-5)
+    np.testing.assert_allclose(got["entropy"], -(a * np.log(a + 1e-10)).sum(-1), rtol=1e-4, atol=1e-5)
+    top = np.take_along_axis(a, got["top5"].astype(np.int64), -1)
+    np.testing.assert_array_equal(np.sort(top, -1), np.sort(a, -1)[..., -5:])
+    np.testing.assert_allclose(got["diag_mean"], np.diagonal(a, axis1=-2, axis2=-1).mean(-1), rtol=1e-5)
