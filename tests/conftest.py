@@ -65,8 +65,10 @@ def store_snapshot(path) -> dict:
 
     ds = store.open_store(path).compute()
     manifest = json.loads((Path(path) / store.MANIFEST).read_text())
+    # by source name, not by key (the absolute path): stores of copies of the same dumps compare equal
     files = {
-        rel: {k: v for k, v in entry.items() if k != "mtime_ns"} for rel, entry in manifest["files"].items()
+        entry.get("source", rel): {k: v for k, v in entry.items() if k != "mtime_ns"}
+        for rel, entry in manifest["files"].items()
     }
     return {
         "attention": ds.attention.values,
