@@ -162,15 +162,10 @@ def patch(point, n, arg):
         def fsync(fd):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         store.os.fsync = fsync
-    elif point == "enospc_lock":
-        real_fdopen = os.fdopen
-        def fdopen(fd, *args, **kwargs):
-            f = real_fdopen(fd, *args, **kwargs)
-            def write(text):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            f.write = write
-            return f
-        store.os.fdopen = fdopen
+    elif point == "enospc_lock":  # writing the lock's pid record
+        def pwrite(fd, data, offset):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        store.os.pwrite = pwrite
     elif point == "modify":  # rewrite a dump between the scan and the read
         victim, replacement = arg
         original = dumps.read
