@@ -363,6 +363,7 @@ def _entry(header: dumps.DumpHeader, content_hash: str, start: int, stop: int, s
         "start": start,
         "stop": stop,
         "status": status,
+        "dtype": header.dtype.name,  # the dump's own: check applies the row-sum tolerance ingest applied to it
     }
 
 
