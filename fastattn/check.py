@@ -228,6 +228,7 @@ class _Checker:
         self.arrays: dict[str, zarr.Array] = {}
         self.unreadable: set[str] = set()  # arrays whose shape or chunks make their values unreadable as they are
         self.dims: dict[str, int] = {}  # the sizes the attention's dims should have
+        self.trusted = True  # False while the attention's shape or chunks contradict the manifest unrepaired
         self.claimed = 0  # end of the batches the manifest's file entries claim
         self.lengths = np.zeros(0, dtype=np.int64)  # per committed batch; -1 where unknown
         self.tolerance = np.zeros(0)  # row-sum tolerance per committed batch
@@ -493,6 +494,7 @@ class _Checker:
         # restorable when the chunks on disk show the metadata is what is wrong: the chunk grid is
         # the manifest's, and the last layer the manifest has holds data
         evident = grid and (not n or layers >= want_l or self._exists(attention, (0, want_l - 1, 0, 0, 0)))
+        self.trusted = grid and (not wrong or evident)  # else nothing may be sized after the attention
         if wrong:
             self.unreadable.add("attention")
             if not evident and (layers, heads) != (want_l, want_h):
@@ -562,6 +564,8 @@ class _Checker:
                 continue
             if dim == "batch":  # past the commit it only has to follow the arrays, which --repair shrinks
                 size = array.shape[0] if array.shape[0] >= n else attention.shape[0]
+            elif not self.trusted:
+                continue  # the attention's shape is reported; a coordinate cannot be judged against it
             else:
                 size = self.dims[dim]
             if array.shape != (size,):
@@ -825,10 +829,11 @@ class _Checker:
                 want = ", ".join(_span(*sizes[d]) for d in dims)
                 self.add(where, f"shape {tuple(array.shape)}, the store needs ({want})", fix=fix)
                 continue
-            if dims == (name,):  # a coordinate: missing chunks read as 0, which only a 0 may be
-                for region, values in self._values(array, upto if name == "batch" else None, fix=fix):
+            if dims == (name,):  # a coordinate: a missing chunk reads as 0s, which only a 0 may be
+                extent = min(upto, array.shape[0]) if name == "batch" else array.shape[0]
+                for region, values in self._values(array, extent, fix=fix):
                     if values is not None and not np.array_equal(values, np.arange(region[0].start, region[0].stop)):
-                        self.add(where, "coordinate values are not 0..n-1", fix=fix)
+                        self.add(where, f"coordinate values are not 0..{extent - 1}", fix=fix)
                         break
                 continue
             for region, values in self._values(array, upto, fix=fix, required=True):
@@ -1053,13 +1058,15 @@ def _repair_store(location: store.Location, found: _Checker, manifest: store.Man
             p.repaired = note
     group = store.open_group(location, "r+")
     with zarr.config.set({"array.write_empty_chunks": True}):
+        if not found.trusted:  # the attention's shape is wrong and cannot be restored: size nothing after it
+            found.coords_to_rebuild &= {"batch"}
         if found.coords_to_rebuild and "attention" in group:
             _rebuild_coordinates(group, manifest, found.coords_to_rebuild)
             for p in by_fix[COORD]:
                 p.repaired = "rebuilt"
         keep = max(manifest.committed, _claimed(manifest))  # a batch a file entry claims stays
         names = (*BATCHED, *store.DIMS)
-        if all(name in group for name in names):
+        if found.trusted and all(name in group for name in names):
             batched = [group[name] for name in (*BATCHED, "batch")]
             if all(a.shape[0] >= keep for a in batched) and (any(a.shape[0] != keep for a in batched) or by_fix[PAST]):
                 store.resize(group, batch=keep)
