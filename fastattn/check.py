@@ -207,6 +207,9 @@ def _same(a: Problem, b: Problem) -> bool:
     return a.where == b.where and a.message == b.message
 
 
+BROKEN = object()  # a derived group zarr cannot open
+
+
 class _Stop(Exception):
     """Nothing further can be checked."""
 
@@ -309,6 +312,7 @@ class _Checker:
         self._guarded("token", self._check_tokens)
         self._guarded("stats", self._check_stats)
         self._guarded(ROLLOUT_GROUP, self._check_rollout)
+        self._guarded("zarr.json", self._check_hierarchy)
 
     def _check_root(self) -> None:
         if not self.loc.exists():
@@ -430,12 +434,25 @@ class _Checker:
                 self.coords_to_rebuild.add(name)
                 continue
             self.arrays[name] = array
+        self._check_own_group()
         if "attention" in self.arrays:
             codecs = [type(c).__name__ for c in self.arrays["attention"].metadata.codecs]
             if "Crc32cCodec" not in codecs:
                 self.add("attention", "no crc32c checksum among its codecs: flipped bits would be read as data")
         if any(name not in self.arrays for name in ("attention", "length")):
             raise _Stop  # nothing more can be read
+
+    def _check_own_group(self) -> None:
+        """`_fastattn/zarr.json`, when there, must be a group's: every commit's consolidation reads it."""
+        raw = self.loc.read(f"{store.META}/zarr.json")
+        try:
+            body = json.loads(raw) if raw is not None else None
+        except ValueError:
+            body = {}
+        if body is None or (isinstance(body, dict) and (body.get("zarr_format"), body.get("node_type")) == (3, "group")):
+            return
+        self.add(f"{store.META}/zarr.json", "not a Zarr v3 group's metadata: committing would fail", fix=META, subject=store.META)
+        self.restore[store.META] = ({"zarr_format": 3, "node_type": "group", "attributes": {}}, "rewritten as the empty group it is")
 
     def _restore_all(self, name: str, where: str, what: str) -> None:
         """An array whose metadata is missing or unreadable: restorable from the consolidated copy in
@@ -762,15 +779,15 @@ class _Checker:
     # -- the derived groups
 
     def _derived(self, name: str, fix: str):
-        """The group `name`, or None; one zarr cannot open is a problem (--repair removes it)."""
+        """The group `name`, None when there is none, or BROKEN (a problem: zarr cannot open it)."""
         try:
             group = self.group[name] if name in self.group else None
         except Exception as exc:
             self.add(f"{name}/zarr.json", f"unreadable ({_reason(exc)})", fix=fix)
-            return False
+            return BROKEN
         if group is not None and not isinstance(group, zarr.Group):
             self.add(name, "is an array, not a group", fix=fix)
-            return False
+            return BROKEN
         return group
 
     def _check_stats(self) -> None:
@@ -779,7 +796,7 @@ class _Checker:
         group = self._derived("stats", STATS)
         if group is None and done:
             self.add("stats", f"missing, but statistics are committed for {done} batches", fix=STATS)
-        if not group or not done or done > manifest.committed:
+        if group is None or group is BROKEN or not done or done > manifest.committed:
             return  # uncommitted statistics: nothing trusts them (too many committed is reported with the manifest)
         known = self.lengths[:done][self.lengths[:done] > 0]
         longest = int(known.max()) if known.size else 1
@@ -793,7 +810,7 @@ class _Checker:
     def _check_rollout(self) -> None:
         manifest = self.manifest
         group = self._derived(ROLLOUT_GROUP, ROLLOUT)
-        if not group:
+        if group is None or group is BROKEN:
             return
         record = dict(group.attrs).get("fastattn_rollout")
         n = manifest.committed
@@ -845,6 +862,30 @@ class _Checker:
                     b = region[0].start + int(differ[0])
                     self.add(where, f"batch {b} has length {values[differ[0]]}, the store {store_lengths[differ[0]]}", fix=fix)
                     break
+
+    def _check_hierarchy(self) -> None:
+        """Every other node's metadata parses: every commit consolidates the whole hierarchy, and
+        one unreadable `zarr.json` anywhere (an uncommitted group's too) would make it fail."""
+        named = {p.where for p in self.result.problems}
+        for key in self._metadata_keys():
+            if key in named or key == "zarr.json":
+                continue
+            try:
+                _parse_metadata(self.loc.read(key))
+            except Exception as exc:
+                group = key.split("/", 1)[0]
+                fix = {"stats": STATS, ROLLOUT_GROUP: ROLLOUT}.get(group)
+                self.add(key, f"unreadable metadata ({_reason(exc)}); every commit consolidates it, and would fail", fix=fix)
+
+    def _metadata_keys(self) -> list[str]:
+        if self.loc.remote:
+            root = self.loc.root.rstrip("/")
+            return sorted(p[len(root) + 1 :] for p in self.loc.fs.find(root) if p.endswith("/zarr.json"))
+        keys = []
+        for dirpath, _dirs, files in os.walk(self.loc.root):
+            if "zarr.json" in files:
+                keys.append(os.path.relpath(os.path.join(dirpath, "zarr.json"), self.loc.root).replace(os.sep, "/"))
+        return sorted(keys)
 
     # -- reading chunk by chunk
 
@@ -942,6 +983,19 @@ def _claimed(manifest: store.Manifest) -> int:
         if isinstance(e, dict) and e.get("status") == "ingested" and _count(e.get("start")) and _count(e.get("stop"))
     ]
     return max(stops, default=0)
+
+
+def _parse_metadata(raw: bytes | None) -> None:
+    """Raise unless `raw` is a Zarr v3 node's metadata, as consolidation reads it."""
+    from zarr.core.metadata.v3 import ArrayV3Metadata
+
+    body = json.loads(raw)
+    if not isinstance(body, dict) or body.get("zarr_format") != 3:
+        raise ValueError("not Zarr v3 metadata")
+    if body.get("node_type") == "array":
+        ArrayV3Metadata.from_dict(dict(body))
+    elif body.get("node_type") != "group":
+        raise ValueError(f"node_type {body.get('node_type')!r}")
 
 
 def _memory_array(meta) -> zarr.Array | None:
@@ -1052,7 +1106,7 @@ def _repair_store(location: store.Location, found: _Checker, manifest: store.Man
     if by_fix[DROP] and force:
         before = manifest.committed
         cut, dropped, end = _rewind(manifest, min((p.batch for p in by_fix[DROP] if p.batch is not None), default=0))
-        store.commit(location, manifest)  # the commit point: from here the damaged batches are gone
+        _commit(location, manifest)  # the commit point: from here the damaged batches are gone
         note = _drop_note(cut, before, end, dropped)
         for p in by_fix[DROP]:
             p.repaired = note
@@ -1083,18 +1137,27 @@ def _repair_store(location: store.Location, found: _Checker, manifest: store.Man
         for p in by_fix[ENTRY]:
             manifest.files.pop(p.subject, None)
             p.repaired = "entry removed (the file's batches were never stored twice)"
-    store.commit(location, manifest)  # also refreshes the consolidated metadata
-    for p in by_fix[CONSOLIDATED]:
-        p.repaired = "refreshed"
-    # derived data is removed only after the commit that stops anything trusting it
+    _commit(location, manifest)
+    # derived data goes only once the manifest no longer commits it, and before the consolidation
+    # (which reads every node's metadata, a broken one's too)
     if by_fix[STATS]:
         _remove(location, "stats")
     if by_fix[ROLLOUT]:
         _remove(location, ROLLOUT_GROUP)
         for p in by_fix[ROLLOUT]:
             p.repaired = "rollout removed; fastattn rollout recomputes it"
-    if by_fix[STATS] or by_fix[ROLLOUT]:
-        store.refresh_consolidated(location)
+    store.refresh_consolidated(location)
+    for p in by_fix[CONSOLIDATED]:
+        p.repaired = "refreshed"
+
+
+def _commit(location: store.Location, manifest: store.Manifest) -> None:
+    """The manifest's atomic write alone (`store.commit` without the consolidation, which
+    `_repair_store` does once, at the end)."""
+    try:
+        location.write_atomic(store.MANIFEST, manifest.to_json())
+    except OSError as exc:
+        raise StoreError(f"writing the manifest failed ({exc.strerror or exc}); nothing was committed") from None
 
 
 def _drop_note(cut: int, before: int, end: int, dropped: list[str]) -> str:
