@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import typer
 
-from ._common import err, fail, run
+from ._common import STORAGE_HELP, err, fail, run, storage_options
 
 
 def register(app: typer.Typer) -> None:
@@ -15,8 +17,10 @@ def register(app: typer.Typer) -> None:
             False,
             "--repair",
             help="Fix what can be fixed without losing committed data: remove a stale lock and temporary files, "
-            "drop data past the last commit, rebuild source/source_index and coordinates from the manifest, "
-            "refresh the consolidated metadata, uncommit broken statistics. Takes the store's lock.",
+            "restore array metadata the chunks on disk contradict, drop data past the last commit that no file "
+            "claims, rebuild source/source_index and coordinates from the manifest, refresh the consolidated "
+            "metadata, uncommit broken statistics and remove a broken rollout (both are recomputed). "
+            "Takes the store's lock.",
         ),
         force: bool = typer.Option(
             False,
@@ -24,16 +28,18 @@ def register(app: typer.Typer) -> None:
             help="With --repair: also drop committed batches that are damaged (a corrupt chunk, bad values), "
             "from the first damaged file onwards, and rewind the manifest; ingesting again restores them.",
         ),
+        storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help=STORAGE_HELP),
     ) -> None:
-        """Verify a store: metadata, manifest against arrays, every chunk decodes, NaN exactly
-        outside each valid block, rows summing to 1, the stats group.
+        """Verify a store: metadata, shapes and chunks against the manifest, every chunk decodes, NaN
+        exactly outside each valid block, rows summing to 1, the stats and rollout groups.
 
         Prints one line per problem (`where: what`) and a summary; exit code 1 while problems remain."""
         from fastattn import check as check_mod
 
         if force and not repair:
             fail("--force only works with --repair")
-        result = run(lambda: check_mod.run_check(store, repair=repair, force=force))
+        options = storage_options(storage_option)
+        result = run(lambda: check_mod.run_check(store, repair=repair, force=force, storage_options=options))
         for problem in result.problems:
             err.print(str(problem), markup=False, highlight=False)
         err.print(result.summary(), markup=False, highlight=False)

@@ -69,7 +69,11 @@ def register(app: typer.Typer) -> None:
             for value in values:
                 if not 0 <= value < size:
                     fail(f"--{dim} {value} out of range: the store has {size} {dim}s (0-{size - 1})")
-        table = summary.head_table(st.sel(selection))
+        def read_table():
+            with stats_mod.read_errors(store):
+                return summary.head_table(st.sel(selection))
+
+        table = run(read_table)
         rows = summary.head_rows(table)
         notes = summary.flag_sentences(table)
         err.print(f"statistics: {done['computed']} batches computed now, {done['total']} in store", highlight=False)

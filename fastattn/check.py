@@ -1,30 +1,40 @@
 """Verify a store end to end, and repair what can be repaired (`fastattn check`).
 
 `check_store(path)` reads everything a reader would trust and reports each problem as
-one `where: message` line:
+one `where: message` line; whatever a broken store makes a read raise becomes such a
+line too, never a traceback:
 
 - metadata: the root `zarr.json` (Zarr v3 group, fastattn attributes, format version),
   every array of the schema present with its dims and dtype, the consolidated metadata
   plain `xarray.open_zarr` reads agreeing with the arrays;
-- the commit record: a readable manifest; arrays holding at least the committed batches
-  (and nothing past them, which an interrupted run leaves); `length` in `1..max_length`;
-  every committed batch claimed by exactly one file; `source` / `source_index` agreeing
-  with the files' batch ranges; duplicates pointing at an ingested file;
+- shapes against the manifest: `attention` is `(>= committed, layers, heads, query, key)`
+  with `query = key >= max_length` (or the manifest's cross-attention shape), chunked
+  `(batch_chunk, 1, heads, q, k)`; the per-batch arrays and `token` match it;
+- the commit record: a readable manifest; every committed batch claimed by exactly one
+  file; `source` / `source_index` agreeing with the files' batch ranges; duplicates
+  pointing at an ingested file; nothing past the commit (which an interrupted run leaves);
 - data: every chunk of every array decodes (read chunk by chunk, never a whole array;
-  a bad chunk is named by its key, e.g. `attention/c/3/2/0/0/0`); committed chunks exist;
+  a bad chunk is named by its key, e.g. `attention/c/3/2/0/0/0`); committed chunks exist
+  (zarr would silently read a missing chunk as fill values); `length` in `1..max_length`;
   each sample is NaN exactly outside its `length x length` block, finite and non-negative
-  inside, and its rows sum to 1 within the ingest tolerance
-  (`fastattn.dumps.ROW_SUM_TOLERANCE` for the store's dtype);
-- the `stats` group: no more batches committed than the store has, and its chunks decode;
+  inside, and its rows sum to 1 within the tolerance ingest applied to the dump it came
+  from (`fastattn.dumps.row_sum_tolerance` of the dtype its manifest entry records);
+- the derived groups, when committed: `stats` (`stats_committed` in the manifest) and
+  `rollout` (its `fastattn_rollout` record): every variable present with its dims and a
+  shape that fits the store, every chunk within the committed batches present and
+  decoding, their `length` equal to the store's;
 - leftovers: a lock file nobody holds (its writer died), temporary files
   (`*.partial`, `.*.tmp`) from an interrupted write.
 
-`repair=True` (under the store's lock) removes leftovers, shrinks the arrays to the
-committed batches, rebuilds what the manifest determines (`source`, `source_index`,
-coordinates, consolidated metadata), uncommits statistics that are broken (recomputed by
-`fastattn stats`), and never deletes a committed batch unless `force=True`: then every
-batch from the first damaged file onwards is dropped and the manifest rewound, so
-ingesting the same folders again restores them.
+`repair=True` (under the store's lock) removes leftovers; restores an array's metadata
+(its shape from the manifest, or all of it from the consolidated copy) where the chunks
+on disk show it is the metadata, not the data, that is wrong; shrinks the arrays to the
+batches the manifest commits or a file entry claims; rebuilds what the manifest
+determines (`source`, `source_index`, coordinates, consolidated metadata); uncommits a
+broken `stats` group and removes a broken `rollout` (both are recomputed); and never
+drops a batch that is committed or claimed by a file entry unless `force=True`: then
+every batch from the first damaged file onwards is dropped, with the entries of the
+files that held them, so ingesting the same folders again restores them.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -41,18 +52,24 @@ import zarr
 
 from . import dumps, store
 from .errors import StoreError
+from .stats import FLAGS, PER_QUERY, PLANE_DIMS
 
 #: At most this many lines per kind of problem (bad values, bad chunks...); the rest are counted.
 MAX_PER_KIND = 10
+#: check, repair, check again: a repair can reveal what it could not see before (chunks behind
+#: restored metadata), so `--repair` goes round at most this many times.
+REPAIR_ROUNDS = 3
 
 # What --repair can do about a problem.
 LOCK = "lock"  # remove a stale lock
 STRAY = "stray"  # delete temporary files
-PAST = "past"  # shrink the arrays to the committed batches
+PAST = "past"  # shrink the arrays to the committed (or claimed) batches
+META = "meta"  # restore an array's metadata: its shape from the manifest, the rest from the consolidated copy
 SOURCE = "source"  # rebuild source / source_index from the manifest
 COORD = "coord"  # rebuild a coordinate array
 CONSOLIDATED = "consolidated"  # refresh the consolidated metadata
 STATS = "stats"  # uncommit the statistics (fastattn stats recomputes them)
+ROLLOUT = "rollout"  # remove the rollout (fastattn rollout recomputes it)
 ENTRY = "entry"  # remove a manifest entry that stores nothing (a broken duplicate record)
 DROP = "drop"  # committed data is damaged: only --force drops it
 
@@ -69,6 +86,31 @@ SCHEMA = {
 BATCHED = ("attention", "length", "source", "source_index", "token")
 FORCE_HINT = "; --repair --force drops the batches from its file onwards"
 
+#: The `stats` group as `fastattn.stats.write_stats` lays it out: variable -> dims.
+STATS_SCHEMA = {
+    **{name: (*PLANE_DIMS, "query") for name in PER_QUERY},
+    "col_sum": (*PLANE_DIMS, "key"),
+    "topk_index": (*PLANE_DIMS, "query", "rank"),
+    "topk_weight": (*PLANE_DIMS, "query", "rank"),
+    **{
+        name: PLANE_DIMS
+        for name in ("entropy_mean", "entropy_norm", "self_attention", "diag_share", "peak_key", "peak_incoming",
+                     "confidence", "distance_mean", "row_sum_error", *FLAGS)
+    },
+    "length": ("batch",),
+    **{dim: (dim,) for dim in (*store.DIMS, "rank")},
+}
+ROLLOUT_GROUP = "rollout"  # fastattn.corpus.ROLLOUT_GROUP (not imported: corpus pulls in plotting code)
+
+
+def rollout_schema(keep_matrix: bool) -> dict[str, tuple]:
+    """The `rollout` group as `fastattn.corpus.write_rollout` writes it: variable -> dims."""
+    schema = {"rollout_incoming": ("batch", "layer", "key"), "length": ("batch",), "batch": ("batch",),
+              "layer": ("layer",), "key": ("key",)}
+    if keep_matrix:
+        schema.update(rollout=("batch", "layer", "query", "key"), query=("query",))
+    return schema
+
 
 @dataclass
 class Problem:
@@ -79,7 +121,7 @@ class Problem:
     repaired: str = ""  # what --repair did about it; empty while it remains
     fix: str | None = field(default=None, repr=False, compare=False)
     batch: int | None = field(default=None, repr=False, compare=False)  # first committed batch it affects
-    subject: str | None = field(default=None, repr=False, compare=False)  # the manifest entry it is about
+    subject: str | None = field(default=None, repr=False, compare=False)  # the manifest entry or array it is about
 
     def __str__(self) -> str:
         line = f"{self.where}: {self.message}"
@@ -137,16 +179,25 @@ def run_check(path, *, repair: bool = False, force: bool = False, storage_option
         return first
     stale = _lock_problem(location)
     location.check_writable()
-    with store.Lock(location, "fastattn check --repair"):
-        found = _Checker(location, own_lock=True)
-        result = found.run()
-        _repair(location, found, force)
-        after = _Checker(location, own_lock=True).run()
-    problems = ([stale] if stale else []) + result.problems
+    problems = [stale] if stale else []
     if stale:
         stale.repaired = "taken over and removed"
+    with store.Lock(location, "fastattn check --repair"):
+        for _round in range(REPAIR_ROUNDS):
+            found = _Checker(location, own_lock=True)
+            found.run()
+            done = _repair(location, found, force)
+            for p in found.result.problems:
+                known = next((q for q in problems if _same(p, q)), None)
+                if known is None:
+                    problems.append(p)
+                elif p.repaired:
+                    known.repaired = p.repaired
+            if not done:
+                break
+        after = _Checker(location, own_lock=True).run()
     for p in problems:
-        if p.repaired and any(_same(p, q) for q in after.problems):
+        if p.repaired and p is not stale and any(_same(p, q) for q in after.problems):
             p.repaired = ""  # the repair did not take
     problems += [q for q in after.problems if not any(_same(p, q) for p in problems)]
     after.problems = problems
@@ -155,6 +206,9 @@ def run_check(path, *, repair: bool = False, force: bool = False, storage_option
 
 def _same(a: Problem, b: Problem) -> bool:
     return a.where == b.where and a.message == b.message
+
+
+BROKEN = object()  # a derived group zarr cannot open
 
 
 class _Stop(Exception):
@@ -172,13 +226,21 @@ class _Checker:
         self.result = CheckResult(store=str(location))
         self.counts: dict[str, int] = defaultdict(int)
         self.hidden: dict[str, Problem] = {}
+        self.root: dict = {}
         self.manifest: store.Manifest | None = None
         self.group: zarr.Group | None = None
         self.arrays: dict[str, zarr.Array] = {}
+        self.unreadable: set[str] = set()  # arrays whose shape or chunks make their values unreadable as they are
+        self.dims: dict[str, int] = {}  # the sizes the attention's dims should have
+        self.trusted = True  # False while the attention's shape or chunks contradict the manifest unrepaired
+        self.claimed = 0  # end of the batches the manifest's file entries claim
+        self.lengths = np.zeros(0, dtype=np.int64)  # per committed batch; -1 where unknown
+        self.tolerance = np.zeros(0)  # row-sum tolerance per committed batch
         self.writer: dict | None = None  # the lock's holder, when a live writer works
         self.stray: list[str] = []
         self.bad_chunks: dict[str, list[str]] = defaultdict(list)
         self.coords_to_rebuild: set[str] = set()
+        self.restore: dict[str, tuple[dict, str]] = {}  # array -> (metadata --repair writes, what it says)
 
     # -- bookkeeping
 
@@ -200,12 +262,26 @@ class _Checker:
             self._check()
         except _Stop:
             pass
+        except Exception as exc:  # a broken store can make any read fail: one line, never a traceback
+            self.add(str(self.loc), f"cannot be read further ({_reason(exc)})")
         for kind, hidden in self.hidden.items():
             more = self.counts[kind] - MAX_PER_KIND
             hidden.where = kind
             hidden.message = f"{more} more problems of this kind (only the first {MAX_PER_KIND} are listed)"
             self.result.problems.append(hidden)
         return self.result
+
+    def _guarded(self, where: str, work, *args, essential: bool = False):
+        """Run one pass; what it did not foresee becomes a problem naming `where`."""
+        try:
+            return work(*args)
+        except _Stop:
+            raise
+        except Exception as exc:
+            self.add(where, f"could not be checked ({_reason(exc)})")
+            if essential:
+                raise _Stop from None
+            return None
 
     # -- the passes
 
@@ -225,17 +301,19 @@ class _Checker:
         except Exception as exc:  # a zarr.json that zarr cannot read
             self.add("zarr.json", f"zarr cannot open the store ({_reason(exc)})")
             raise _Stop from None
-        self._check_schema()
         self.result.committed = manifest.committed
-        self._check_shapes(manifest)
-        self._check_coordinates()
+        self._guarded("zarr.json", self._check_schema, essential=True)
+        self._guarded("attention", self._check_shapes, essential=True)
+        self._guarded("coordinates", self._check_coordinates)
         if self.writer is None:
-            self._check_consolidated()
-        owner, names = self._check_files(manifest)
-        lengths = self._check_per_batch(manifest, owner, names)
-        self._check_attention(manifest, lengths)
-        self._check_tokens(manifest)
-        self._check_stats(manifest)
+            self._guarded("zarr.json", self._check_consolidated)
+        owner, names = self._guarded(store.MANIFEST, self._check_files, essential=True)
+        self._guarded("length", self._check_per_batch, owner, names, essential=True)
+        self._guarded("attention", self._check_attention)
+        self._guarded("token", self._check_tokens)
+        self._guarded("stats", self._check_stats)
+        self._guarded(ROLLOUT_GROUP, self._check_rollout)
+        self._guarded("zarr.json", self._check_hierarchy)
 
     def _check_root(self) -> None:
         if not self.loc.exists():
@@ -289,13 +367,13 @@ class _Checker:
             return None
         try:
             manifest = store.Manifest.from_json(raw)
-        except (ValueError, TypeError, StoreError) as exc:
+        except Exception as exc:  # not JSON, not an object, unknown fields...
             self.add(store.MANIFEST, f"unreadable ({_reason(exc)})")
             return None
         counts = ("committed", "layers", "heads", "max_length", "batch_chunk", "stats_committed", "stats_k")
         for name in counts:
             value = getattr(manifest, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if not _count(value):
                 self.add(store.MANIFEST, f"'{name}' is {value!r}, not a count")
                 return None
         if manifest.dtype not in ("float32", "float16"):
@@ -304,9 +382,14 @@ class _Checker:
         if manifest.batch_chunk < 1 or (manifest.committed and min(manifest.layers, manifest.heads, manifest.max_length) < 1):
             self.add(store.MANIFEST, "batch_chunk, layers, heads and max_length must be at least 1")
             return None
+        cross = manifest.cross
+        if cross is not None and not (isinstance(cross, list) and len(cross) == 2 and all(_count(v) and v for v in cross)):
+            self.add(store.MANIFEST, f"'cross' is {cross!r}, not [query, key]")
+            return None
         if not isinstance(manifest.files, dict):
             self.add(store.MANIFEST, "'files' is not a mapping")
             return None
+        self.claimed = _claimed(manifest)
         if manifest.stats_committed > manifest.committed:
             self.add(
                 store.MANIFEST,
@@ -315,36 +398,43 @@ class _Checker:
             )
         return manifest
 
+    def _schema_problem(self, name: str, array) -> str | None:
+        """What is wrong with an array's dims or dtype, if anything."""
+        dims, dtype = SCHEMA[name]
+        dtype = self.manifest.dtype if name == "attention" else dtype
+        names = tuple(array.metadata.dimension_names or ())
+        if names != dims:
+            return f"dims {names}, expected {dims}"
+        kind = array.dtype.kind if hasattr(array.dtype, "kind") else "?"
+        if (dtype == STR and kind not in "TUO") or (dtype not in (None, STR) and array.dtype != np.dtype(dtype)):
+            return f"dtype {array.dtype}, expected {'a string' if dtype == STR else dtype}"
+        return None
+
     def _check_schema(self) -> None:
-        dtype_of = {"attention": self.manifest.dtype}
-        for name, (dims, dtype) in SCHEMA.items():
-            dtype = dtype_of.get(name, dtype)
-            fix = COORD if name in store.DIMS else None
+        for name in SCHEMA:
+            coordinate = name in store.DIMS
             try:
                 array = self.group[name]
-            except KeyError:
-                self.add(name, "missing array", fix=fix)
-                self.coords_to_rebuild.add(name)
-                continue
             except Exception as exc:
-                self.add(f"{name}/zarr.json", f"unreadable array metadata ({_reason(exc)})", fix=fix)
-                self.coords_to_rebuild.add(name)
+                unreadable = not isinstance(exc, KeyError) or self.loc.exists(f"{name}/zarr.json")
+                where, what = (f"{name}/zarr.json", f"unreadable array metadata ({_reason(exc)})") if unreadable else (name, "missing array")
+                if coordinate:
+                    self.add(where, what, fix=COORD)
+                    self.coords_to_rebuild.add(name)
+                else:
+                    self._restore_all(name, where, what)
                 continue
             if not isinstance(array, zarr.Array):
-                self.add(name, "is a group, not an array", fix=fix)
+                self.add(name, "is a group, not an array", fix=COORD if coordinate else None)
                 self.coords_to_rebuild.add(name)
                 continue
-            names = tuple(array.metadata.dimension_names or ())
-            if names != dims:
-                self.add(name, f"dims {names}, expected {dims}", fix=fix)
-                self.coords_to_rebuild.add(name)
-                continue
-            kind = array.dtype.kind if hasattr(array.dtype, "kind") else "?"
-            if (dtype == STR and kind not in "TUO") or (dtype not in (None, STR) and array.dtype != np.dtype(dtype)):
-                self.add(name, f"dtype {array.dtype}, expected {'a string' if dtype == STR else dtype}", fix=fix)
+            problem = self._schema_problem(name, array)
+            if problem:
+                self.add(name, problem, fix=COORD if coordinate else None)
                 self.coords_to_rebuild.add(name)
                 continue
             self.arrays[name] = array
+        self._check_own_group()
         if "attention" in self.arrays:
             codecs = [type(c).__name__ for c in self.arrays["attention"].metadata.codecs]
             if "Crc32cCodec" not in codecs:
@@ -352,56 +442,155 @@ class _Checker:
         if any(name not in self.arrays for name in ("attention", "length")):
             raise _Stop  # nothing more can be read
 
-    def _check_shapes(self, manifest: store.Manifest) -> None:
+    def _check_own_group(self) -> None:
+        """`_fastattn/zarr.json`, when there, must be a group's: every commit's consolidation reads it."""
+        raw = self.loc.read(f"{store.META}/zarr.json")
+        try:
+            body = json.loads(raw) if raw is not None else None
+        except ValueError:
+            body = {}
+        if body is None or (isinstance(body, dict) and (body.get("zarr_format"), body.get("node_type")) == (3, "group")):
+            return
+        self.add(f"{store.META}/zarr.json", "not a Zarr v3 group's metadata: committing would fail", fix=META, subject=store.META)
+        self.restore[store.META] = ({"zarr_format": 3, "node_type": "group", "attributes": {}}, "rewritten as the empty group it is")
+
+    def _restore_all(self, name: str, where: str, what: str) -> None:
+        """An array whose metadata is missing or unreadable: restorable from the consolidated copy in
+        the root zarr.json (chunking and codecs never change; the shape comes from the manifest)."""
+        m = self.manifest
+        meta = ((self.root.get("consolidated_metadata") or {}).get("metadata") or {}).get(name)
+        try:
+            template = _memory_array(meta)
+        except Exception:
+            template = None
+        if template is None or self._schema_problem(name, template) or template.chunks[0] != m.batch_chunk:
+            if name in ("source", "source_index"):  # rebuildable from the manifest, once the array exists
+                self.add(where, f"{what}, and no copy of it in the consolidated metadata")
+            else:
+                self.add(where, f"{what}; its committed values cannot be read", fix=DROP, batch=0)
+            return
+        shape = list(template.shape)
+        shape[0] = m.committed
+        if name == "attention":
+            tokens = m.cross or [max(m.max_length, *template.shape[3:])] * 2
+            shape[1:] = [m.layers, m.heads, *tokens]
+        elif name == "token":
+            shape[1] = m.cross[0] if m.cross else max(m.max_length, template.shape[1])
+        meta = {**meta, "shape": shape}
+        self.add(where, f"{what}; the consolidated metadata has a copy", fix=META, subject=name)
+        self.restore[name] = (meta, "restored from the consolidated metadata, shape from the manifest")
+
+    def _restore_shape(self, name: str, array, shape) -> None:
+        meta = json.loads(self.loc.read(f"{array.path}/zarr.json"))
+        meta["shape"] = [int(s) for s in shape]
+        self.restore[name] = (meta, f"shape restored to {tuple(int(s) for s in shape)} from the manifest (the chunks were intact)")
+
+    def _check_shapes(self) -> None:
+        """Every batched array's shape and chunking against the manifest."""
+        m = self.manifest
+        n, bc = m.committed, m.batch_chunk
         attention = self.arrays["attention"]
-        _, layers, heads, query, key = attention.shape
-        committed = manifest.committed
-        if committed and (layers, heads) != (manifest.layers, manifest.heads):
-            self.add("attention", f"has {layers} layers x {heads} heads; the manifest says {manifest.layers} x {manifest.heads}")
-            raise _Stop
-        if committed and manifest.max_length > max(query, key):
-            self.add("attention", f"holds {query} x {key} tokens, but the manifest's longest sample has {manifest.max_length}")
-            raise _Stop
-        if attention.chunks[0] != manifest.batch_chunk or attention.chunks[1] != 1:
-            self.add(
-                "attention",
-                f"chunks {attention.chunks}; writers expect {manifest.batch_chunk} batches and one layer per chunk",
-            )
-        for name in BATCHED:
+        b, layers, heads, query, key = attention.shape
+        cq, ck = attention.chunks[3:]
+        want_l, want_h = (m.layers, m.heads) if n else (layers, heads)
+        if m.cross:
+            want_q, want_k = m.cross
+        else:  # self-attention: square, and at least the longest committed sample (a killed run may have grown it)
+            want_q = want_k = max(m.max_length, query, key)
+        grid = tuple(attention.chunks[:3]) == (bc, 1, want_h) and ((cq, ck) == (want_q, want_k) if m.cross else cq == ck)
+        if not grid:
+            planes = f"{want_q}, {want_k}" if m.cross else "n, n"
+            self.add("attention", f"chunks {tuple(attention.chunks)}; the manifest's layout is ({bc}, 1, {want_h}, {planes})")
+            self.unreadable.add("attention")
+        target = [b, want_l, want_h, want_q, want_k]
+        wrong = []
+        if (layers, heads) != (want_l, want_h):
+            wrong.append(f"has {layers} layers x {heads} heads; the manifest says {want_l} x {want_h}")
+        if (query, key) != (want_q, want_k):
+            wrong.append(f"holds {query} x {key} tokens (query x key); the manifest needs {want_q} x {want_k}")
+        # restorable when the chunks on disk show the metadata is what is wrong: the chunk grid is
+        # the manifest's, and the last layer the manifest has holds data
+        evident = grid and (not n or layers >= want_l or self._exists(attention, (0, want_l - 1, 0, 0, 0)))
+        self.trusted = grid and (not wrong or evident)  # else nothing may be sized after the attention
+        if wrong:
+            self.unreadable.add("attention")
+            if not evident and (layers, heads) != (want_l, want_h):
+                self.add("attention", "; ".join(wrong))
+                raise _Stop  # the manifest and the arrays disagree about what a batch is
+            self.add("attention", "; ".join(wrong), fix=META if evident else None, subject="attention")
+        self.dims = dict(zip(store.DIMS[1:], target[1:] if evident else attention.shape[1:]))
+        short = self._short_of_commit("attention", attention, grid)
+        target[0] = n if short else b
+        if (wrong and evident) or short:
+            self._restore_shape("attention", attention, target)
+        for name in store.PER_BATCH:
             array = self.arrays.get(name)
-            if array is not None and array.shape[0] < committed:
-                self.add(
-                    name,
-                    f"holds {array.shape[0]} batches but {committed} are committed: committed data is missing",
-                    fix=DROP,
-                    batch=array.shape[0],
-                )
+            if array is None:
+                continue
+            if tuple(array.chunks) != (bc,):
+                self.add(name, f"chunks {tuple(array.chunks)}; the manifest's layout is ({bc},)")
+                self.unreadable.add(name)
+            if self._short_of_commit(name, array, name not in self.unreadable):
+                self._restore_shape(name, array, (n,))
         token = self.arrays.get("token")
-        if token is not None and token.shape[1] != query:
-            self.add("token", f"has {token.shape[1]} query positions, attention {query}")
-        longest = max(a.shape[0] for n, a in self.arrays.items() if n in BATCHED or n == "batch")
-        if longest > committed and self.writer is None:
+        if token is not None:
+            grid = tuple(token.chunks) == (bc, cq)
+            if not grid:
+                self.add("token", f"chunks {tuple(token.chunks)}; the attention's layout makes them ({bc}, {cq})")
+                self.unreadable.add("token")
+            width, need = token.shape[1], (want_q if m.cross else m.max_length)
+            narrow = width != need if m.cross else bool(n) and width < need
+            if narrow:
+                self.add("token", f"has {width} query positions; the manifest needs {need}", fix=META if grid else None, subject="token")
+            short = self._short_of_commit("token", token, grid)
+            if grid and (narrow or short):
+                self._restore_shape("token", token, (n if short else token.shape[0], self.dims["query"] if narrow else width))
+        longest = max(a.shape[0] for name, a in self.arrays.items() if name in BATCHED or name == "batch")
+        keep = max(n, self.claimed)  # batches a file entry claims are never cut without --force
+        if longest > keep and self.writer is None:
             self.add(
                 "attention",
-                f"{longest - committed} batches past the last commit ({committed} committed), left by an interrupted run",
+                f"{longest - keep} batches past the last commit ({n} committed), left by an interrupted run",
                 fix=PAST,
             )
 
+    def _short_of_commit(self, name: str, array, grid_ok: bool) -> bool:
+        """An array holding fewer batches than committed: a restorable shape when the chunk of the last
+        committed batch is on disk (the metadata lost them), else committed data that is gone."""
+        n = self.manifest.committed
+        if array.shape[0] >= n:
+            return False
+        last = ((n - 1) // array.chunks[0], *([0] * (array.ndim - 1)))
+        if grid_ok and self._exists(array, last):
+            self.add(name, f"holds {array.shape[0]} batches but {n} are committed: its metadata lost them,"
+                     " their chunks are on disk", fix=META, subject=name)
+            return True
+        self.add(name, f"holds {array.shape[0]} batches but {n} are committed: committed data is missing",
+                 fix=DROP, batch=array.shape[0])
+        return False
+
+    def _exists(self, array, coords) -> bool:
+        return self.loc.exists(_key(array, coords))
+
     def _check_coordinates(self) -> None:
         attention = self.arrays["attention"]
-        for axis, dim in enumerate(store.DIMS):
+        n = self.manifest.committed
+        for dim in store.DIMS:
             array = self.arrays.get(dim)
             if array is None:
                 continue
-            size = attention.shape[axis]
             if dim == "batch":  # past the commit it only has to follow the arrays, which --repair shrinks
-                size = array.shape[0] if array.shape[0] >= self.manifest.committed else size
+                size = array.shape[0] if array.shape[0] >= n else attention.shape[0]
+            elif not self.trusted:
+                continue  # the attention's shape is reported; a coordinate cannot be judged against it
+            else:
+                size = self.dims[dim]
             if array.shape != (size,):
                 if self.writer is None:  # a writer resizes the coordinates with the arrays
                     self.add(dim, f"coordinate of length {array.shape[0]}, the dimension has {size}", fix=COORD)
                     self.coords_to_rebuild.add(dim)
                 continue
-            upto = self.manifest.committed if dim == "batch" else None  # past the commit is a writer's business
+            upto = n if dim == "batch" else None  # past the commit is a writer's business
             for region, values in self._values(array, upto, fix=COORD):
                 if values is None:
                     self.coords_to_rebuild.add(dim)
@@ -428,16 +617,19 @@ class _Checker:
                 )
                 return
 
-    def _check_files(self, manifest: store.Manifest):
-        """Every committed batch claimed by exactly one ingested file; duplicates point at one."""
+    def _check_files(self):
+        """Every committed batch claimed by exactly one ingested file; duplicates point at one.
+        Also sets each committed batch's row-sum tolerance from its file's recorded dtype."""
+        manifest = self.manifest
         committed = manifest.committed
         owner = np.full(committed, -1, dtype=np.int64)
+        self.tolerance = np.full(committed, dumps.row_sum_tolerance(None, manifest.dtype))
         names: list[str] = []
         where = store.MANIFEST
         for rel, entry in sorted(manifest.files.items(), key=lambda item: _start(item[1])):
             status = entry.get("status") if isinstance(entry, dict) else None
             start, stop = (entry.get("start"), entry.get("stop")) if isinstance(entry, dict) else (None, None)
-            if not all(isinstance(v, int) for v in (start, stop)) or not isinstance(status, str):
+            if not all(_count(v) for v in (start, stop)) or start >= stop or not isinstance(status, str):
                 self.add(where, f"{rel}: malformed entry {entry!r}", fix=DROP, batch=min(committed, _start(entry)))
                 continue
             if status.startswith("duplicate of "):
@@ -451,14 +643,12 @@ class _Checker:
             if status != "ingested":
                 self.add(where, f"{rel}: unknown status {status!r}")
                 continue
-            if not 0 <= start < stop <= committed:
-                self.add(
-                    where,
-                    f"{rel}: batches {start}..{stop - 1} are not within the {committed} committed",
-                    fix=DROP,
-                    batch=max(0, min(start, committed)),
-                )
-                continue
+            if stop > committed:  # claims batches the manifest does not commit: its batches up to there still count as its own
+                self.add(where, f"{rel}: batches {start}..{stop - 1} are not within the {committed} committed",
+                         fix=DROP, batch=committed)
+                stop = committed
+                if start >= stop:
+                    continue
             claimed = owner[start:stop]
             if (claimed >= 0).any():
                 other = names[int(claimed[claimed >= 0][0])]
@@ -467,6 +657,7 @@ class _Checker:
                 continue
             owner[start:stop] = len(names)
             names.append(rel)
+            self.tolerance[start:stop] = dumps.row_sum_tolerance(entry.get("dtype"), manifest.dtype)
         free = np.flatnonzero(owner < 0)
         if free.size:
             runs = np.split(free, np.flatnonzero(np.diff(free) > 1) + 1)
@@ -474,15 +665,21 @@ class _Checker:
             self.add(where, f"{free.size} committed batches are claimed by no file ({shown})", fix=DROP, batch=int(free[0]))
         return owner, names
 
-    def _check_per_batch(self, manifest: store.Manifest, owner: np.ndarray, names: list[str]) -> np.ndarray:
-        """`length` in range, `source`/`source_index` as the manifest's ranges say; returns the lengths
-        (-1 where unreadable)."""
+    def _held(self, name: str) -> int:
+        """Committed batches of `name` whose values can be read as the array is."""
+        array = self.arrays.get(name)
+        if array is None or name in self.unreadable:
+            return 0
+        return min(self.manifest.committed, array.shape[0])
+
+    def _check_per_batch(self, owner: np.ndarray, names: list[str]) -> None:
+        """`length` in range, `source`/`source_index` as the manifest's ranges say; keeps the lengths
+        (-1 where unreadable) for the later passes."""
+        manifest = self.manifest
         committed = manifest.committed
-        lengths = np.full(committed, -1, dtype=np.int64)
-        _, _, _, query, key = self.arrays["attention"].shape
-        top = min(manifest.max_length, max(query, key))
-        length = self.arrays["length"]
-        for region, values in self._values(length, committed, fix=DROP, required=True):
+        lengths = self.lengths = np.full(committed, -1, dtype=np.int64)
+        top = min(manifest.max_length, max(self.dims["query"], self.dims["key"]))
+        for region, values in self._values(self.arrays["length"], self._held("length"), fix=DROP, required=True):
             if values is None:
                 continue
             lengths[region[0]] = values
@@ -490,16 +687,14 @@ class _Checker:
                 b = region[0].start + int(i)
                 self.add(f"length[{b}]", f"{values[i]} outside 1..{top}", fix=DROP, batch=b, kind="length")
                 lengths[b] = -1
-        starts = np.zeros(len(names), dtype=np.int64)
-        for i, rel in enumerate(names):
-            starts[i] = manifest.files[rel]["start"]
+        starts = np.array([manifest.files[rel]["start"] for rel in names], dtype=np.int64)
         sources = [store.source_name(n, manifest.files[n]) for n in names]
         for name in ("source", "source_index"):
             array = self.arrays.get(name)
             if array is None:
                 continue
             wrong, example = 0, None
-            for region, values in self._values(array, committed, fix=SOURCE, required=True):
+            for region, values in self._values(array, self._held(name), fix=SOURCE, required=True):
                 if values is None:
                     continue
                 own = owner[region[0]]
@@ -508,7 +703,7 @@ class _Checker:
                     want = np.array([sources[o] if o >= 0 else "" for o in own], dtype=object)
                     got = np.asarray(values, dtype=object)
                 else:
-                    want = np.where(own >= 0, batches - starts[np.maximum(own, 0)], -1)
+                    want = np.where(own >= 0, batches - starts[np.maximum(own, 0)], -1) if names else np.full(own.shape, -1)
                     got = np.asarray(values)
                 bad = np.flatnonzero((got != want) & (own >= 0))
                 wrong += bad.size
@@ -517,17 +712,16 @@ class _Checker:
                     example = f"batch {batches[i]} says {_plain(got[i])!r}, the manifest {_plain(want[i])!r}"
             if wrong:
                 self.add(name, f"{wrong} batch{'es' * (wrong != 1)} disagree{'s' * (wrong == 1)} with the manifest's file ranges (first: {example})", fix=SOURCE)
-        return lengths
 
-    def _check_attention(self, manifest: store.Manifest, lengths: np.ndarray) -> None:
+    def _check_attention(self) -> None:
         attention = self.arrays["attention"]
         _, layers, heads, query, key = attention.shape
-        tolerance = dumps.ROW_SUM_TOLERANCE[np.dtype(manifest.dtype).itemsize]
+        held = self._held("attention")
         step = attention.chunks[0]
         q_index, k_index = np.arange(query), np.arange(key)
-        for start in range(0, manifest.committed, step):
-            stop = min(start + step, manifest.committed)
-            n = lengths[start:stop]
+        for start in range(0, held, step):
+            stop = min(start + step, held)
+            n = self.lengths[start:stop]
             rows = np.minimum(n, query)[:, None]  # valid queries of each sample
             cols = np.minimum(n, key)[:, None]
             valid = (q_index[None, :, None] < rows[:, :, None]) & (k_index[None, None, :] < cols[:, :, None])
@@ -536,11 +730,12 @@ class _Checker:
                 block = self._read_region(attention, region, f"committed batches {start}..{stop - 1} of layer {layer}")
                 if block is None:
                     continue
-                self._check_values(block[:, 0], valid, n, start, layer, tolerance)
+                self._check_values(block[:, 0], valid, n, start, layer, self.tolerance[start:stop])
             self.result.batches += stop - start
 
     def _check_values(self, block, valid, lengths, start, layer, tolerance) -> None:
-        """NaN exactly outside each valid block; finite, non-negative rows summing to 1 inside."""
+        """NaN exactly outside each valid block; finite, non-negative rows summing to 1 inside
+        (within each sample's own `tolerance`)."""
         nan = np.isnan(block)
         inside = valid[:, None]  # (batch, 1, query, key) against (batch, head, query, key)
         outside_bad = ~nan & ~inside
@@ -549,7 +744,7 @@ class _Checker:
         sums = np.where(inside, block, 0).sum(axis=-1, dtype=np.float64)
         row_valid = inside.any(axis=-1)
         error = np.where(row_valid, np.abs(sums - 1.0), 0.0)
-        off = error > tolerance
+        off = error > tolerance[:, None, None]
         for i in np.flatnonzero((lengths < 1) | outside_bad.any(axis=(1, 2, 3)) | inside_bad.any(axis=(1, 2, 3))
                                 | negative.any(axis=(1, 2, 3)) | off.any(axis=(1, 2))):
             b = start + int(i)
@@ -573,38 +768,125 @@ class _Checker:
             else:
                 h, q = np.unravel_index(np.argmax(error[i]), error[i].shape)
                 self.add(where, f"rows do not sum to 1 (off by {error[i, h, q]:.3g} at head {h}, query {q};"
-                         f" tolerance {tolerance:g})", fix=DROP, batch=b, kind="values")
+                         f" tolerance {tolerance[i]:.3g})", fix=DROP, batch=b, kind="values")
 
-    def _check_tokens(self, manifest: store.Manifest) -> None:
+    def _check_tokens(self) -> None:
         token = self.arrays.get("token")
         if token is None:
             return
-        for _ in self._values(token, manifest.committed, fix=DROP):
+        for _ in self._values(token, self._held("token"), fix=DROP):
             pass
 
-    def _check_stats(self, manifest: store.Manifest) -> None:
-        done = manifest.stats_committed
+    # -- the derived groups
+
+    def _derived(self, name: str, fix: str):
+        """The group `name`, None when there is none, or BROKEN (a problem: zarr cannot open it)."""
         try:
-            group = self.group["stats"] if "stats" in self.group else None
+            group = self.group[name] if name in self.group else None
         except Exception as exc:
-            self.add("stats/zarr.json", f"unreadable ({_reason(exc)})", fix=STATS if done else None)
+            self.add(f"{name}/zarr.json", f"unreadable ({_reason(exc)})", fix=fix)
+            return BROKEN
+        if group is not None and not isinstance(group, zarr.Group):
+            self.add(name, "is an array, not a group", fix=fix)
+            return BROKEN
+        return group
+
+    def _check_stats(self) -> None:
+        manifest = self.manifest
+        done = manifest.stats_committed
+        group = self._derived("stats", STATS)
+        if group is None and done:
+            self.add("stats", f"missing, but statistics are committed for {done} batches", fix=STATS)
+        if group is None or group is BROKEN or not done or done > manifest.committed:
+            return  # uncommitted statistics: nothing trusts them (too many committed is reported with the manifest)
+        known = self.lengths[:done][self.lengths[:done] > 0]
+        longest = int(known.max()) if known.size else 1
+        query, key = self.dims["query"], self.dims["key"]
+        # laid out at the attention's size when they were computed: the store may have grown since
+        tokens = {"query": (query, query), "key": (key, key)} if manifest.cross else {"query": (longest, query), "key": (longest, key)}
+        sizes = {"batch": (done, None), "layer": (manifest.layers,) * 2, "head": (manifest.heads,) * 2,
+                 "rank": (manifest.stats_k,) * 2, **tokens}
+        self._check_group("stats", group, STATS_SCHEMA, sizes, done, STATS, f"statistics are committed for {done} batches")
+
+    def _check_rollout(self) -> None:
+        manifest = self.manifest
+        group = self._derived(ROLLOUT_GROUP, ROLLOUT)
+        if group is None or group is BROKEN:
             return
-        if group is None:
-            if done:
-                self.add("stats", f"missing, but statistics are committed for {done} batches", fix=STATS)
-            return
-        if not done:
-            return  # uncommitted statistics: nothing trusts them
-        for name, array in sorted(group.arrays()):
-            dims = tuple(array.metadata.dimension_names or ())
-            if "batch" not in dims:
+        record = dict(group.attrs).get("fastattn_rollout")
+        n = manifest.committed
+        if not isinstance(record, dict) or (record.get("batches"), record.get("ingests")) != (n, len(manifest.ingests or [])):
+            return  # never finished, or older than the last ingest: open_rollout refuses it, nothing trusts it
+        size = manifest.max_length
+        sizes = {"batch": (n, n), "layer": (manifest.layers,) * 2, "query": (size, size), "key": (size, size)}
+        self._check_group(ROLLOUT_GROUP, group, rollout_schema(bool(record.get("keep_matrix"))), sizes, n, ROLLOUT,
+                          f"the rollout of {n} batches is committed")
+
+    def _check_group(self, prefix: str, group, schema: dict, sizes: dict, upto: int, fix: str, committed: str) -> None:
+        """Every variable of a derived group: present, its dims, a shape within `sizes` (dim ->
+        (least, most or None)), coordinates 0..n-1, and every chunk below `upto` batches present and
+        decoding; its `length` equal to the store's."""
+        for name, dims in schema.items():
+            where = f"{prefix}/{name}"
+            try:
+                array = group[name]
+            except KeyError:
+                self.add(where, f"missing array; {committed}", fix=fix)
                 continue
-            axis = dims.index("batch")
-            if array.shape[axis] < done:
-                self.add(f"stats/{name}", f"holds {array.shape[axis]} batches, {done} are committed", fix=STATS)
+            except Exception as exc:
+                self.add(f"{where}/zarr.json", f"unreadable array metadata ({_reason(exc)})", fix=fix)
                 continue
-            for _ in self._values(array, done, fix=STATS, axis=axis):
-                pass
+            if not isinstance(array, zarr.Array):
+                self.add(where, "is a group, not an array", fix=fix)
+                continue
+            got = tuple(array.metadata.dimension_names or ())
+            if got != dims:
+                self.add(where, f"dims {got}, expected {dims}", fix=fix)
+                continue
+            if any(not _within(s, *sizes[d]) for s, d in zip(array.shape, dims)):
+                want = ", ".join(_span(*sizes[d]) for d in dims)
+                self.add(where, f"shape {tuple(array.shape)}, the store needs ({want})", fix=fix)
+                continue
+            if dims == (name,):  # a coordinate: a missing chunk reads as 0s, which only a 0 may be
+                extent = min(upto, array.shape[0]) if name == "batch" else array.shape[0]
+                for region, values in self._values(array, extent, fix=fix):
+                    if values is not None and not np.array_equal(values, np.arange(region[0].start, region[0].stop)):
+                        self.add(where, f"coordinate values are not 0..{extent - 1}", fix=fix)
+                        break
+                continue
+            for region, values in self._values(array, upto, fix=fix, required=True):
+                if name != "length" or values is None:
+                    continue
+                store_lengths = self.lengths[region[0]]
+                differ = np.flatnonzero((store_lengths > 0) & (np.asarray(values) != store_lengths))
+                if differ.size:
+                    b = region[0].start + int(differ[0])
+                    self.add(where, f"batch {b} has length {values[differ[0]]}, the store {store_lengths[differ[0]]}", fix=fix)
+                    break
+
+    def _check_hierarchy(self) -> None:
+        """Every other node's metadata parses: every commit consolidates the whole hierarchy, and
+        one unreadable `zarr.json` anywhere (an uncommitted group's too) would make it fail."""
+        named = {p.where for p in self.result.problems}
+        for key in self._metadata_keys():
+            if key in named or key == "zarr.json":
+                continue
+            try:
+                _parse_metadata(self.loc.read(key))
+            except Exception as exc:
+                group = key.split("/", 1)[0]
+                fix = {"stats": STATS, ROLLOUT_GROUP: ROLLOUT}.get(group)
+                self.add(key, f"unreadable metadata ({_reason(exc)}); every commit consolidates it, and would fail", fix=fix)
+
+    def _metadata_keys(self) -> list[str]:
+        if self.loc.remote:
+            root = self.loc.root.rstrip("/")
+            return sorted(p[len(root) + 1 :] for p in self.loc.fs.find(root) if p.endswith("/zarr.json"))
+        keys = []
+        for dirpath, _dirs, files in os.walk(self.loc.root):
+            if "zarr.json" in files:
+                keys.append(os.path.relpath(os.path.join(dirpath, "zarr.json"), self.loc.root).replace(os.sep, "/"))
+        return sorted(keys)
 
     # -- reading chunk by chunk
 
@@ -622,7 +904,6 @@ class _Checker:
         for members in groups.values():
             for i in range(0, len(members), per_read):
                 part = members[i : i + per_read]
-                batch = part[0][1][axis].start if fix == DROP else None
                 missing = required and any(not self.loc.exists(_key(array, c)) for c, _ in part)
                 if not missing and len(part) > 1:
                     first, last = part[0][1], part[-1][1]
@@ -684,6 +965,50 @@ class _Checker:
         return values
 
 
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _within(size: int, least: int, most: int | None) -> bool:
+    return size >= least and (most is None or size <= most)
+
+
+def _span(least: int, most: int | None) -> str:
+    return str(least) if least == most else f">= {least}" if most is None else f"{least}..{most}"
+
+
+def _claimed(manifest: store.Manifest) -> int:
+    """End of the batch ranges the ingested files claim (0 when none)."""
+    stops = [
+        e["stop"] for e in manifest.files.values()
+        if isinstance(e, dict) and e.get("status") == "ingested" and _count(e.get("start")) and _count(e.get("stop"))
+    ]
+    return max(stops, default=0)
+
+
+def _parse_metadata(raw: bytes | None) -> None:
+    """Raise unless `raw` is a Zarr v3 node's metadata, as consolidation reads it."""
+    from zarr.core.metadata.v3 import ArrayV3Metadata
+
+    body = json.loads(raw)
+    if not isinstance(body, dict) or body.get("zarr_format") != 3:
+        raise ValueError("not Zarr v3 metadata")
+    if body.get("node_type") == "array":
+        ArrayV3Metadata.from_dict(dict(body))
+    elif body.get("node_type") != "group":
+        raise ValueError(f"node_type {body.get('node_type')!r}")
+
+
+def _memory_array(meta) -> zarr.Array | None:
+    """The array a metadata document describes, opened in memory (None if it is not one)."""
+    if not isinstance(meta, dict):
+        return None
+    from zarr.core.buffer import default_buffer_prototype
+
+    body = default_buffer_prototype().buffer.from_bytes(json.dumps(meta).encode())
+    return zarr.open_array(zarr.storage.MemoryStore({"zarr.json": body}), mode="r")
+
+
 def _bounds(array, region) -> list[slice]:
     return [slice(*s.indices(n)[:2]) for s, n in zip(region, array.shape)]
 
@@ -735,8 +1060,9 @@ def _lock_problem(location: store.Location) -> Problem | None:
 # ---------------------------------------------------------------- repairing
 
 
-def _repair(location: store.Location, found: _Checker, force: bool) -> None:
-    """Fix what `found` reported that can be fixed; called under the store's lock."""
+def _repair(location: store.Location, found: _Checker, force: bool) -> bool:
+    """Fix what `found` reported that can be fixed; called under the store's lock. Returns
+    whether anything was done (then the store is checked again)."""
     problems = found.result.problems
     by_fix: dict[str, list[Problem]] = defaultdict(list)
     for p in problems:
@@ -749,35 +1075,52 @@ def _repair(location: store.Location, found: _Checker, force: bool) -> None:
             pass
     for p in by_fix[STRAY]:
         p.repaired = "deleted"
-    if manifest is None or "attention" not in found.arrays:
-        return
+    if manifest is None:
+        return bool(by_fix[STRAY])
+    try:
+        _repair_store(location, found, manifest, by_fix, force)
+    except Exception as exc:  # a store broken beyond what was foreseen: say so, in one line
+        found.result.problems.append(Problem("repair", f"stopped: {_reason(exc)}"))
+        return False
+    return any(p.repaired for p in problems)
+
+
+def _repair_store(location: store.Location, found: _Checker, manifest: store.Manifest, by_fix, force: bool) -> None:
+    # metadata first (one atomic file each): everything after reads the arrays through it
+    for name, (meta, note) in found.restore.items():
+        if not location.remote:
+            os.makedirs(os.path.join(location.root, name), exist_ok=True)
+        location.write_atomic(f"{name}/zarr.json", json.dumps(meta, indent=2).encode())
+        for p in by_fix[META]:
+            if p.subject == name:
+                p.repaired = note
+    if by_fix[DROP] and force:
+        before = manifest.committed
+        cut, dropped, end = _rewind(manifest, min((p.batch for p in by_fix[DROP] if p.batch is not None), default=0))
+        _commit(location, manifest)  # the commit point: from here the damaged batches are gone
+        note = _drop_note(cut, before, end, dropped)
+        for p in by_fix[DROP]:
+            p.repaired = note
     group = store.open_group(location, "r+")
     with zarr.config.set({"array.write_empty_chunks": True}):
-        if by_fix[DROP] and force:
-            before = manifest.committed
-            cut, dropped = _rewind(manifest, min(p.batch for p in by_fix[DROP] if p.batch is not None))
-            store.commit(location, manifest)  # the commit point: from here the damaged batches are gone
-            note = (
-                f"--force: dropped committed batches {cut}..{before - 1} and rewound the manifest to {cut} batches;"
-                f" ingest again to restore {len(dropped)} file{'s' * (len(dropped) != 1)}"
-                + (f" ({', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''})" if dropped else "")
-            )
-            for p in by_fix[DROP]:
-                p.repaired = note
-        batched = [group[n] for n in (*BATCHED, "batch") if n in found.arrays]
-        if batched and all(a.shape[0] >= manifest.committed for a in batched):
-            if any(a.shape[0] != manifest.committed for a in batched) or by_fix[PAST]:
-                store.resize(group, batch=manifest.committed)
-            for p in by_fix[PAST]:
-                p.repaired = f"arrays shrunk to the {manifest.committed} committed batches"
-        if by_fix[SOURCE] and "source" in found.arrays and "source_index" in found.arrays:
-            _rebuild_sources(location, group, manifest, found)
-            for p in by_fix[SOURCE]:
-                p.repaired = "rebuilt from the manifest"
-        if found.coords_to_rebuild:
+        if not found.trusted:  # the attention's shape is wrong and cannot be restored: size nothing after it
+            found.coords_to_rebuild &= {"batch"}
+        if found.coords_to_rebuild and "attention" in group:
             _rebuild_coordinates(group, manifest, found.coords_to_rebuild)
             for p in by_fix[COORD]:
                 p.repaired = "rebuilt"
+        keep = max(manifest.committed, _claimed(manifest))  # a batch a file entry claims stays
+        names = (*BATCHED, *store.DIMS)
+        if found.trusted and all(name in group for name in names):
+            batched = [group[name] for name in (*BATCHED, "batch")]
+            if all(a.shape[0] >= keep for a in batched) and (any(a.shape[0] != keep for a in batched) or by_fix[PAST]):
+                store.resize(group, batch=keep)
+                for p in by_fix[PAST]:
+                    p.repaired = f"arrays shrunk to the {keep} batches the manifest commits"
+        if by_fix[SOURCE] and all(group[n].shape[0] >= manifest.committed for n in ("source", "source_index") if n in group):
+            _rebuild_sources(location, group, manifest, found)
+            for p in by_fix[SOURCE]:
+                p.repaired = "rebuilt from the manifest"
         if by_fix[STATS]:
             manifest.stats_committed = 0
             for p in by_fix[STATS]:
@@ -785,14 +1128,48 @@ def _repair(location: store.Location, found: _Checker, force: bool) -> None:
         for p in by_fix[ENTRY]:
             manifest.files.pop(p.subject, None)
             p.repaired = "entry removed (the file's batches were never stored twice)"
-    store.commit(location, manifest)  # also refreshes the consolidated metadata
+    _commit(location, manifest)
+    # derived data goes only once the manifest no longer commits it, and before the consolidation
+    # (which reads every node's metadata, a broken one's too)
+    if by_fix[STATS]:
+        _remove(location, "stats")
+    if by_fix[ROLLOUT]:
+        _remove(location, ROLLOUT_GROUP)
+        for p in by_fix[ROLLOUT]:
+            p.repaired = "rollout removed; fastattn rollout recomputes it"
+    store.refresh_consolidated(location)
     for p in by_fix[CONSOLIDATED]:
         p.repaired = "refreshed"
 
 
-def _rewind(manifest: store.Manifest, batch: int) -> tuple[int, list[str]]:
-    """Uncommit every batch from the file that holds `batch` onwards; returns the new
-    committed count and the files dropped from the manifest (ingesting again restores them)."""
+def _commit(location: store.Location, manifest: store.Manifest) -> None:
+    """The manifest's atomic write alone (`store.commit` without the consolidation, which
+    `_repair_store` does once, at the end)."""
+    try:
+        location.write_atomic(store.MANIFEST, manifest.to_json())
+    except OSError as exc:
+        raise StoreError(f"writing the manifest failed ({exc.strerror or exc}); nothing was committed") from None
+
+
+def _drop_note(cut: int, before: int, end: int, dropped: list[str]) -> str:
+    """What --force did, with the ranges it really dropped."""
+    parts = []
+    if before > cut:
+        parts.append(f"committed batches {cut}..{before - 1}")
+    if end > max(cut, before):
+        parts.append(f"batches {max(cut, before)}..{end - 1} that file entries claimed past the commit")
+    what = " and ".join(parts) or "no batch"
+    note = f"--force: dropped {what} and rewound the manifest to {cut} batches"
+    if dropped:
+        files = f"{len(dropped)} file{'s' * (len(dropped) != 1)}"
+        note += f"; ingest again to restore {files} ({', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''})"
+    return note
+
+
+def _rewind(manifest: store.Manifest, batch: int) -> tuple[int, list[str], int]:
+    """Uncommit every batch from the file that holds `batch` onwards, and remove the entries of the
+    files that held them (so ingesting again restores them). Returns the new committed count, the
+    files dropped, and the end of the batches they claimed."""
     files = manifest.files
     cut = min(batch, manifest.committed)
     moved = True
@@ -801,23 +1178,24 @@ def _rewind(manifest: store.Manifest, batch: int) -> tuple[int, list[str]]:
         for entry in files.values():
             if isinstance(entry, dict) and entry.get("status") == "ingested":
                 start, stop = entry.get("start"), entry.get("stop")
-                if isinstance(start, int) and isinstance(stop, int) and start < cut < stop:
+                if _count(start) and _count(stop) and start < cut < stop:
                     cut, moved = start, True
-    dropped = []
+    dropped, end = [], cut
     for rel, entry in list(files.items()):
-        if not isinstance(entry, dict) or not isinstance(entry.get("stop"), int) or not isinstance(entry.get("start"), int):
+        if not isinstance(entry, dict) or not _count(entry.get("stop")) or not _count(entry.get("start")):
             dropped.append(rel)
         elif entry.get("status") == "ingested" and entry["stop"] > cut:
             dropped.append(rel)
+            end = max(end, entry["stop"])
     for rel in dropped:
         del files[rel]
     for rel, entry in list(files.items()):
         status = entry.get("status", "")
-        if status.startswith("duplicate of ") and status.removeprefix("duplicate of ") not in files:
+        if isinstance(status, str) and status.startswith("duplicate of ") and status.removeprefix("duplicate of ") not in files:
             del files[rel]
     manifest.committed = cut
     manifest.stats_committed = min(manifest.stats_committed, cut)
-    return cut, dropped
+    return cut, dropped, end
 
 
 def _delete(location: store.Location, key: str) -> None:
@@ -830,12 +1208,23 @@ def _delete(location: store.Location, key: str) -> None:
             pass
 
 
+def _remove(location: store.Location, prefix: str) -> None:
+    """Delete a whole group (derived data that is recomputed)."""
+    if location.remote:
+        if location.fs.exists(location._path(prefix)):
+            location.fs.rm(location._path(prefix), recursive=True)
+    else:
+        shutil.rmtree(os.path.join(location.root, prefix), ignore_errors=True)
+
+
 def _rebuild_sources(location: store.Location, group: zarr.Group, manifest: store.Manifest, found: _Checker) -> None:
     committed = manifest.committed
     source = np.full(committed, "", dtype=object)
     index = np.full(committed, -1, dtype=np.int32)
     for rel, entry in manifest.files.items():
-        if entry.get("status") == "ingested" and 0 <= entry["start"] < entry["stop"] <= committed:
+        if not isinstance(entry, dict) or entry.get("status") != "ingested":
+            continue
+        if _count(entry.get("start")) and _count(entry.get("stop")) and entry["start"] < entry["stop"] <= committed:
             source[entry["start"] : entry["stop"]] = store.source_name(rel, entry)
             index[entry["start"] : entry["stop"]] = np.arange(entry["stop"] - entry["start"])
     for name, values in (("source", source.astype(str)), ("source_index", index)):

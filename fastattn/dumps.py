@@ -494,6 +494,22 @@ def _compact(attention, tokens, order, lengths):
     return out, tok
 
 
+def row_sum_tolerance(dtype=None, stored_as=None) -> float:
+    """|row sum - 1| allowed over a sample's valid block: the one rule ingest and check share.
+
+    Ingest allows a dump of `dtype` ROW_SUM_TOLERANCE by its itemsize; a dtype that is not
+    known (a manifest entry written before dtypes were recorded) gets the loosest, so a check
+    never flags what some ingest accepted. `stored_as`, the store's dtype, adds what rounding
+    each weight to it can add to a row sum (at most one epsilon per unit of sum).
+    """
+    try:
+        size = np.dtype(dtype).itemsize if dtype is not None else None
+    except TypeError:
+        size = None
+    tolerance = ROW_SUM_TOLERANCE.get(size, max(ROW_SUM_TOLERANCE.values()))
+    return tolerance + (float(np.finfo(stored_as).eps) if stored_as is not None else 0.0)
+
+
 def _validate(attention: np.ndarray, lengths: np.ndarray, dtype: np.dtype, release=None) -> None:
     """Finite, non-negative rows that sum to 1 over each sample's valid block.
 
@@ -502,7 +518,7 @@ def _validate(attention: np.ndarray, lengths: np.ndarray, dtype: np.dtype, relea
     A mapped file is checked one sample's layer at a time, its pages handed back after each."""
     from .kernels.validate import flagged_samples
 
-    tolerance = ROW_SUM_TOLERANCE[dtype.itemsize]
+    tolerance = row_sum_tolerance(dtype)
     if release is None:
         flagged = flagged_samples(attention, lengths, tolerance * (1 - 1e-6))
     else:

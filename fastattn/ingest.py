@@ -420,6 +420,7 @@ def _entry(header: dumps.DumpHeader, name: _Named, content_hash: str, start: int
         "stop": stop,
         "status": status,
         "layout": header.layout,
+        "dtype": header.dtype.name,  # the dump's own: check applies the row-sum tolerance ingest applied to it
     }
 
 

@@ -202,9 +202,11 @@ def _block_stats(block: xr.Dataset, k: int, parallel: bool) -> xr.Dataset:
 
 
 def _write_block(arrays: dict, st: xr.Dataset, b0: int, b1: int) -> int:
-    """One write per variable, all at once (see store.write_all)."""
+    """One write per variable, all at once (see store.write_all). Every chunk is written, even
+    one equal to the fill value (an all-False flag), so a missing chunk is always damage."""
     from . import store
 
+    arrays = {name: arrays[name].with_config({"write_empty_chunks": True}) for name in st.data_vars}
     store.write_all((arrays[name], slice(b0, b1), st[name].values) for name in st.data_vars)
     return b1 - b0
 
@@ -373,6 +375,7 @@ def _layout_changed(group, query: int, key: int, k: int, block: int) -> bool:
 def open_stats(location, *, storage_options: dict | None = None) -> xr.Dataset:
     """The committed statistics of a store (its `stats` group), lazily."""
     from . import store
+    from .check import STATS_SCHEMA
     from .errors import StoreError
 
     loc = location if isinstance(location, store.Location) else store.Location(location, storage_options)
@@ -380,5 +383,25 @@ def open_stats(location, *, storage_options: dict | None = None) -> xr.Dataset:
     if not manifest.stats_committed:
         raise StoreError(f"{loc}: no statistics yet (run fastattn stats)")
     st = store.open_committed(loc, {"batch": manifest.stats_committed}, group=GROUP)  # survives a killed resize
+    missing = [name for name in STATS_SCHEMA if name not in st.variables]
+    if missing:
+        raise StoreError(f"{loc}: the statistics lack {', '.join(missing)}; run fastattn check")
     st.attrs = {"store": str(loc), "k": manifest.stats_k, "batches": manifest.stats_committed}
     return st
+
+
+@contextlib.contextmanager
+def read_errors(location):
+    """Reading committed statistics: a chunk that fails its crc32c checksum is one line naming
+    the store, not a traceback (`fastattn check` names the chunk)."""
+    from .errors import StoreError
+
+    try:
+        yield
+    except ValueError as exc:
+        if "checksum" not in str(exc).lower():
+            raise
+        raise StoreError(
+            f"{location}: a chunk of the statistics fails its crc32c checksum (the bytes on disk changed);"
+            " fastattn check names it, and repairing the store has fastattn stats recompute them"
+        ) from None

@@ -22,6 +22,7 @@ from fastattn import check, store
 from fastattn.check import check_store, run_check
 from fastattn.errors import StoreError
 from fastattn.ingest import ingest
+from fastattn.stats import write_stats
 from fastattn_cli.check_cmd import register
 
 runner = CliRunner()
@@ -239,17 +240,19 @@ def test_bad_values_name_batch_and_layer(built):
     assert all(p.fix == check.DROP for p in problems)
 
 
-def test_float16_stores_use_the_float16_tolerance(tmp_path, rng):
+def test_float16_dumps_are_checked_at_the_float16_tolerance(tmp_path, rng):
     att = softmax_rows(rng, (2, 3, 8, 8))
-    att[0, 0, 0] *= 1.004  # off by 4e-3: fine for float16, not for float32
+    att[0, 0, 0] *= 1.004  # off by 4e-3: fine for a float16 dump, not for a float32 one
     write_dump(tmp_path / "d" / "a.npz", att.astype(np.float16))
     half = tmp_path / "half.zarr"
     assert ingest([tmp_path / "d"], half, dtype="float16").ok
     assert check_store(half) == []
     full = tmp_path / "full.zarr"
-    assert ingest([tmp_path / "d"], full).ok  # the dump is float16, validated at 1e-2
+    assert ingest([tmp_path / "d"], full).ok  # the dump is float16, validated at 1e-2...
     _group(full)["attention"][0, 0, 0, 0, :] = att[0, 0, 0]
-    assert "rows do not sum to 1" in _lines(check_store(full))
+    assert check_store(full) == []  # ...and checked at 1e-2 in a float32 store too
+    _group(full)["attention"][0, 0, 0, 0, :] = att[0, 0, 0] * 1.01  # now off by ~1.4e-2
+    assert "rows do not sum to 1 (off by 0.014" in _lines(check_store(full))
 
 
 def test_many_problems_are_capped(built):
@@ -346,19 +349,12 @@ def test_unclaimed_batches_and_stats_count(built):
 
 def test_stats_group_is_checked(built):
     _, path, _ = built
-    group = _group(path)
-    stats = group.require_group("stats")
-    entropy = stats.create_array(
-        "entropy", shape=(24, 2), chunks=(8, 2), dtype="float32", dimension_names=("batch", "layer"), compressors=store.compressors()
-    )
-    entropy[:] = np.ones((24, 2), dtype=np.float32)
-    body = _manifest(path)
-    body["stats_committed"], body["stats_k"] = 24, 5
-    _write_manifest(path, body)
+    write_stats(path)
+    assert _manifest(path)["stats_committed"] == 24
     assert check_store(path) == []
-    _flip(path / "stats/entropy/c/1/0")
+    _flip(path / "stats/entropy/c/0/0/0/0")
     problems = check_store(path)
-    assert [p.where for p in problems] == ["stats/entropy/c/1/0"]
+    assert [p.where for p in problems] == ["stats/entropy/c/0/0/0/0"]
     problems = check_store(path, repair=True)  # statistics can be recomputed: no --force needed
     assert problems[0].repaired.startswith("statistics uncommitted")
     assert _manifest(path)["stats_committed"] == 0 and _manifest(path)["committed"] == 24
