@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -154,10 +153,6 @@ for _module in ("stats_cmd", "plot_cmd", "capture_cmd", "check_cmd", "corpus_cmd
 
 
 def main() -> None:
-    # dask looks for a dask.distributed Client on every compute unless a scheduler is configured,
-    # which imports distributed (~1 s). None exists in this process unless --scheduler/--workers
-    # makes one, and that Client then takes over as dask's scheduler anyway.
-    os.environ.setdefault("DASK_SCHEDULER", "threads")
     try:
         app()
     except KeyboardInterrupt:

@@ -122,6 +122,17 @@ def test_cache_off_leaves_nothing(tmp_path, rng):
     assert not (tmp_path / "xdg").exists() and not (tmp_path / "nb").exists()
 
 
+def test_damaged_cache_files_mean_compiling_again(tmp_path, rng):
+    env, seed = environment(NUMBA_CACHE_DIR=tmp_path), int(rng.integers(2**32))
+    assert finish(start_worker(seed, "float64", "log", tmp_path / "first.npz", env)) == {"hits": 0, "misses": 1}
+    files = cache_files(tmp_path)
+    assert {p.suffix for p in files} == {".nbi", ".nbc"}
+    for path in files:
+        path.write_bytes(b"not a cache file")
+    assert finish(start_worker(seed, "float64", "log", tmp_path / "second.npz", env)) == {"hits": 0, "misses": 1}
+    check_against_reference(load(tmp_path / "second.npz"), seed, "float64")
+
+
 def test_parallel_and_serial_variants_never_share_compiled_code(tmp_path, rng):
     """Numba's own cache keys both dispatchers of one function alike, so the parallel kernel
     would load the serial code compiled before it (or the reverse)."""

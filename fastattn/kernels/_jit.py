@@ -125,9 +125,23 @@ def _locked(folder: str) -> Iterator[None]:
 
 
 class _IndexFile(caching.IndexDataCacheFile):
-    """Numba's index and data files, saved as the module docstring says."""
+    """Numba's index and data files, saved as the module docstring says.  A cache file that
+    cannot be read or written (a full disk, a file damaged by hand, a file system without
+    locks) means compiling again, never a failed run."""
+
+    def load(self, key):
+        try:
+            return super().load(key)
+        except Exception:
+            return None
 
     def save(self, key, data):
+        try:
+            self._save_locked(key, data)
+        except Exception:
+            pass
+
+    def _save_locked(self, key, data):
         with _locked(self._cache_path):
             overloads = self._load_index()
             name = overloads.get(key)
