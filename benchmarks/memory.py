@@ -32,7 +32,7 @@ def run_child(args: list[str], log, quick: bool = False) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     if not quick:
         # As a user's first `fastattn stats` runs: the JIT compilation (and its memory) included.
-        env.pop("FASTATTN_NUMBA_CACHE", None)
+        env["FASTATTN_NUMBA_CACHE"] = "0"
     proc = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.memory", *args], cwd=REPO, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import xarray as xr
 
-from .stats import compute_stats, per_query_stats
+# fastattn.stats is imported by the methods: registering the accessor needs xarray only, so it
+# can run from the hook in fastattn/__init__ while fastattn.stats is itself importing xarray.
 
 
 class _AttentionAccessor:
@@ -31,6 +32,8 @@ class _AttentionAccessor:
         return obj, None
 
     def _per_query(self, k: int = 1) -> xr.Dataset:
+        from .stats import per_query_stats
+
         attention, length = self._parts()
         return per_query_stats(attention, length, k=k)
 
@@ -52,6 +55,8 @@ class _AttentionAccessor:
 
     def stats(self, k: int = 5) -> xr.Dataset:
         """Every statistic and flag of `fastattn.compute_stats`."""
+        from .stats import compute_stats
+
         attention, length = self._parts()
         obj = xr.Dataset({"attention": attention}) if length is None else xr.Dataset({"attention": attention, "length": length})
         return compute_stats(obj, k=k)

@@ -5,12 +5,15 @@ in the notebook. No home-made distribution: dask schedules, Zarr and fsspec stor
 from __future__ import annotations
 
 import contextlib
+import sys
 
 from .errors import FastattnError
 
 
 def active_client():
     """The `dask.distributed.Client` the user made current, or None."""
+    if "distributed" not in sys.modules:
+        return None  # no Client can exist; and importing distributed takes a second
     try:
         from distributed import get_client
     except ImportError:

@@ -221,13 +221,15 @@ def _stats_task(loc, b0: int, b1: int, k: int) -> int:
     return _write_block(dict(group[GROUP].arrays()), st, b0, b1)
 
 
-def _create_layout(loc, group, n: int, k: int, block: int) -> None:
-    """The stats group's arrays for `n` batches, empty, one chunk per block (replacing old ones)."""
+def _create_layout(loc, group, n: int, k: int, block: int, parallel: bool) -> None:
+    """The stats group's arrays for `n` batches, empty, one chunk per block (replacing old ones).
+
+    `parallel`: the kernel variant the run itself uses, so that a run compiles only that one."""
     import dask.array as da
 
     from . import store
 
-    sample = _block_stats(_read_block(group, 0, 1), k, parallel=False)
+    sample = _block_stats(_read_block(group, 0, 1), k, parallel)
     layout = xr.Dataset(coords={"batch": np.arange(n, dtype=np.int32)})
     for name, var in sample.data_vars.items():
         shape = (n, *var.shape[1:])
@@ -274,6 +276,7 @@ def write_stats(
         n = manifest.committed
         if done >= n:
             return {"computed": 0, "total": n}
+        client = client if client is not None else cluster.active_client()
         group = store.open_group(loc)
         _, _, _, query, key = group["attention"].shape
         block = _block_batches(manifest, query, key)
@@ -283,7 +286,7 @@ def write_stats(
                 manifest.stats_committed = 0
                 store.commit(loc, manifest)
             done = 0
-            _create_layout(loc, group, n, k, block)
+            _create_layout(loc, group, n, k, block, parallel=client is None)
         else:
             for name, array in old.arrays():
                 if "batch" in (array.metadata.dimension_names or ()):
@@ -291,7 +294,6 @@ def write_stats(
                     if name == "batch":
                         array[:] = np.arange(n, dtype=array.dtype)
         blocks = _blocks(done, n, block)
-        client = client if client is not None else cluster.active_client()
         if client is not None:
             _run_distributed(client, loc, blocks, k, progress, n - done)
         else:

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +17,17 @@ import pytest
 
 DATA = Path(__file__).parent / "data"
 SAMPLES = DATA / "minilm"
+
+
+def pytest_configure(config):
+    """Compiled kernels go to a cache of this test session (set before fastattn is imported, and
+    inherited by the CLI and worker processes the tests start), never to the user's cache: runs
+    stay hermetic, and each kernel compiles once per session instead of once per process."""
+    os.environ["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastattn-test-numba-")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(os.environ["NUMBA_CACHE_DIR"], ignore_errors=True)
 
 
 def softmax_rows(rng, shape, dtype=np.float32) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Numba kernels: plain NumPy arrays in, arrays out; no xarray, no I/O.
 
-Nothing is compiled at import: each kernel compiles on its first call
-(set FASTATTN_NUMBA_CACHE=1 to cache compiled code on disk).
+Nothing is compiled at import: each kernel compiles on its first call, for the
+signature of that call only, and the compiled code is cached on disk (see _jit).
 """
 
 from .sdpa import attention_weights, sdpa

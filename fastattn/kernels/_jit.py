@@ -1,4 +1,5 @@
-"""How every kernel compiles, and the argument plumbing the kernels share.
+"""How every kernel compiles, where compiled code is cached, and the argument plumbing
+the kernels share.
 
 Two jit aliases are used everywhere (the datashader/numbagg pattern) so that
 compile options live in one place:
@@ -9,35 +10,210 @@ compile options live in one place:
   over independent planes only, so each output element is written by one thread
   and results do not depend on the thread count.
 
-Both compile lazily, on the first call with a new type signature; importing
-``fastattn`` compiles nothing.  On-disk caching is opt-in with
-``FASTATTN_NUMBA_CACHE=1`` (off by default: ``cache=True`` has known crashes
-with multiprocessing and stale caches on shared file systems).
+Both compile lazily, on the first call with a new type signature, and only that
+signature; importing ``fastattn`` compiles nothing.
 
 Fast-math is limited to ``reassoc`` (reductions may be reordered, which is what
 lets LLVM vectorise them), ``contract`` (FMA) and ``nsz``.  ``nnan``/``ninf``
 stay off because NaN is a real value here: it marks everything outside a
 plane's valid block.  ``error_model="numpy"`` drops Python's division-by-zero
 checks, which would otherwise put a branch in every vectorised loop.
+
+The disk cache.  Compiling the statistics kernels takes ~10 s, so compiled code
+is kept on disk and a machine pays that once, not every command:
+``$NUMBA_CACHE_DIR/fastattn/<tag>`` if the user set ``NUMBA_CACHE_DIR``, else
+``$XDG_CACHE_HOME/fastattn/numba/<tag>`` (``~/.cache/fastattn/numba/<tag>``).
+``FASTATTN_NUMBA_CACHE=0`` turns it off.  It is off on Windows (no ``flock``)
+and, with a warning, when the directory cannot be written.
+
+Numba's own ``cache=True`` has known failures, and the reason this project kept
+it off; each is closed here rather than by turning the cache off:
+
+- *Stale code* (numba keys a function's cache on its own source file only, so an
+  edit to a helper module, to the jit options in this file, or a NumPy upgrade
+  goes unnoticed): ``<tag>`` is the fastattn, Numba and NumPy versions plus a
+  hash of every kernel source file, so any of those changes starts a fresh
+  directory.  Old ones are never read again (``rm -r ~/.cache/fastattn`` frees them).
+- *A parallel and a serial dispatcher of the same Python function* (``_stats_planes``
+  is both) share one index under numba's key (signature, CPU, bytecode), so the
+  serial variant would load the ``prange`` code or the reverse: nested parallelism
+  inside dask threads, the workqueue layer's abort.  The key here includes the variant.
+- *Processes compiling at once* (dask workers, parallel test runs; numba issues
+  #4807 and #10128): numba writes each file atomically (a temporary file, then
+  ``os.replace``), but saves an overload as read index → write index → write
+  data, so two processes adding different signatures of one function can leave
+  an index entry that names the other signature's code, a wrong-type load and a
+  crash on every later run.  Here a save holds an ``flock`` on the cache
+  directory, re-reads the index under it, writes the data file before the index
+  entry that names it, and never rewrites an entry, so a reader that sees an entry
+  always finds that entry's complete code.  Compilation itself is not under the
+  lock: processes compile side by side and the last one just finds its entry there.
+- #10128 itself is about ``guvectorize`` (its wrapper and kernel live in two files);
+  fastattn has only ``njit`` functions, each cached as one self-contained file.
+- A non-parallel cached function that calls a ``parallel=True`` one segfaults when
+  loaded from the cache (numba #8578, #10184): no kernel here does that; parallel
+  kernels call serial helpers only, never the reverse.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import os
 import threading
+import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import numba
 import numpy as np
+from numba.core import caching
 
-CACHE = os.environ.get("FASTATTN_NUMBA_CACHE", "").strip() == "1"
+from .. import __version__
+
 FASTMATH = {"reassoc", "contract", "nsz"}
+_OPTIONS = {"nogil": True, "fastmath": FASTMATH, "error_model": "numpy"}
 
-ngjit = numba.njit(nogil=True, cache=CACHE, fastmath=FASTMATH, error_model="numpy")
-ngjit_parallel = numba.njit(
-    nogil=True, cache=CACHE, fastmath=FASTMATH, error_model="numpy", parallel=True
-)
+
+def _sources_hash() -> str:
+    """A hash of every kernel source file (this one included)."""
+    sources = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        sources.update(path.name.encode() + b"\0" + path.read_bytes())
+    return sources.hexdigest()[:16]
+
+
+def _cache_dir() -> Path | None:
+    """The directory compiled kernels are cached in, created; None when caching is off."""
+    if os.environ.get("FASTATTN_NUMBA_CACHE", "").strip() == "0" or os.name != "posix":
+        return None
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        root = Path(os.environ["NUMBA_CACHE_DIR"]) / "fastattn"
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastattn" / "numba"
+    path = root / f"{__version__}-numba{numba.__version__}-numpy{np.__version__}-{SOURCES}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(f"cannot write to {path}")
+    except OSError as exc:
+        warnings.warn(
+            f"fastattn: compiled kernels are not cached ({exc}), so every run compiles them; "
+            "set NUMBA_CACHE_DIR to a writable folder, or FASTATTN_NUMBA_CACHE=0 to silence this",
+            stacklevel=2,
+        )
+        return None
+    return path
+
+
+SOURCES = _sources_hash()
+CACHE_DIR = _cache_dir()
+
+
+@contextmanager
+def _locked(folder: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``folder/lock``, between processes and between threads."""
+    import fcntl
+
+    fd = os.open(os.path.join(folder, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+class _IndexFile(caching.IndexDataCacheFile):
+    """Numba's index and data files, saved as the module docstring says.  A cache file that
+    cannot be read or written (a full disk, a file damaged by hand, a file system without
+    locks) means compiling again, never a failed run."""
+
+    def load(self, key):
+        try:
+            return super().load(key)
+        except Exception:
+            return None
+
+    def save(self, key, data):
+        try:
+            self._save_locked(key, data)
+        except Exception:
+            pass
+
+    def _save_locked(self, key, data):
+        with _locked(self._cache_path):
+            overloads = self._load_index()
+            name = overloads.get(key)
+            if name is not None and os.path.exists(self._data_path(name)):
+                return  # another process saved this overload meanwhile
+            if name is None:
+                taken = set(overloads.values())
+                name = next(n for n in map(self._data_name, itertools.count(1)) if n not in taken)
+            self._save_data(name, data)
+            if key not in overloads:
+                overloads[key] = name
+                self._save_index(overloads)
+
+
+class _Locator(caching._CacheLocator):
+    """Every kernel's files in CACHE_DIR, under numba's names (module.function-line.pyXY)."""
+
+    def __init__(self, py_func):
+        self._lineno = py_func.__code__.co_firstlineno
+
+    def get_cache_path(self):
+        return str(CACHE_DIR)
+
+    def get_source_stamp(self):
+        return SOURCES  # constant within a directory: its name already has the sources' hash
+
+    def get_disambiguator(self):
+        return str(self._lineno)
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        return cls(py_func)
+
+
+class _CacheImpl(caching.CompileResultCacheImpl):
+    _locator_classes = [_Locator]
+
+
+class _Cache(caching.FunctionCache):
+    """A dispatcher's disk cache: CACHE_DIR, the locked save, and the variant in every key."""
+
+    _impl_class = _CacheImpl
+
+    def __init__(self, py_func, variant: str):
+        super().__init__(py_func)
+        self._variant = variant
+        self._cache_file = _IndexFile(self._cache_path, self._impl.filename_base, SOURCES)
+
+    def _index_key(self, sig, codegen):
+        return (*super()._index_key(sig, codegen), self._variant)
+
+
+def _jit(function, parallel: bool, signature=None):
+    dispatcher = numba.njit(parallel=parallel, **_OPTIONS)(function)
+    if CACHE_DIR is not None:
+        dispatcher._cache = _Cache(function, "parallel" if parallel else "serial")
+    if signature is not None:
+        dispatcher.compile(signature)
+        dispatcher.disable_compile()
+    return dispatcher
+
+
+def ngjit(function, signature=None):
+    """Single-threaded kernel.  With ``signature``: compiled for exactly that one, now, and
+    calls with other array layouts are converted to it instead of compiling again."""
+    return _jit(function, False, signature)
+
+
+def ngjit_parallel(function):
+    """The ``prange`` variant: threads split the outer loop."""
+    return _jit(function, True)
+
 
 # One parallel kernel at a time per process.  A second caller (another Python
 # thread) runs the single-threaded variant instead of waiting: threads never

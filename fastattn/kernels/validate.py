@@ -7,26 +7,19 @@ negative weight, or a row whose sum is off 1 by more than ``tolerance``.
 
 from __future__ import annotations
 
+import functools
+import threading
+
 import numba
 import numpy as np
 from numba import types
 
-from ._jit import CACHE, FASTMATH
+from ._jit import ngjit
 
 __all__ = ["flagged_samples"]
 
 
-#: Compiled for any layout (C, Fortran, a transposed view) and read-only buffers up front, when
-#: this module is first imported: one compile per dtype, not one per layout of each new dump,
-#: and nothing compiled (or allocated) while the first dumps are read.
-_SIGNATURES = [
-    types.void(types.Array(dtype, 5, "A", readonly=True), types.int64[::1], types.float64, types.boolean[::1])
-    for dtype in (types.float32, types.float64)
-]
-
-
-@numba.njit(_SIGNATURES, nogil=True, cache=CACHE, fastmath=FASTMATH, error_model="numpy")
-def _flags(a, lengths, tolerance, out):
+def _flags_py(a, lengths, tolerance, out):
     B, L, H = a.shape[0], a.shape[1], a.shape[2]
     for b in range(B):
         n = lengths[b]
@@ -47,6 +40,25 @@ def _flags(a, lengths, tolerance, out):
         out[b] = bad
 
 
+_COMPILING = threading.Lock()  # ingest validates dumps on several threads
+
+
+@functools.cache
+def _compiled(dtype: np.dtype):
+    array = types.Array(numba.from_dtype(dtype), 5, "A", readonly=True)
+    return ngjit(_flags_py, types.void(array, types.int64[::1], types.float64, types.boolean[::1]))
+
+
+def _flags(dtype: np.dtype):
+    """The kernel for one dtype, compiled (or loaded from the cache) on its first use.
+
+    Its one signature takes any layout (C, Fortran, a transposed view) and read-only buffers:
+    one compile per dtype, not one per layout of each new dump.  Only the dtypes a run meets
+    are compiled (float32 dumps never pay for the float64 kernel)."""
+    with _COMPILING:
+        return _compiled(dtype)
+
+
 def flagged_samples(attention: np.ndarray, lengths: np.ndarray, tolerance: float) -> np.ndarray:
     """Indices of the samples of `(batch, layer, head, query, key)` attention that are bad.
 
@@ -55,5 +67,5 @@ def flagged_samples(attention: np.ndarray, lengths: np.ndarray, tolerance: float
     if attention.dtype not in (np.float32, np.float64):
         attention = attention.astype(np.float32)
     out = np.zeros(attention.shape[0], dtype=np.bool_)
-    _flags(attention, np.asarray(lengths, dtype=np.int64), float(tolerance), out)
+    _flags(attention.dtype)(attention, np.asarray(lengths, dtype=np.int64), float(tolerance), out)
     return np.flatnonzero(out)
