@@ -94,7 +94,7 @@ def test_cache_dir_is_per_user_and_versioned(tmp_path):
     numba_dir = Path(python(code, env=environment(NUMBA_CACHE_DIR=tmp_path / "nb", XDG_CACHE_HOME=tmp_path / "x2")))
     assert numba_dir.parent == tmp_path / "nb" / "fastattn"  # the user's numba-wide choice wins
     # An upgrade of fastattn, Numba or NumPy, or any change to a kernel source, starts a fresh directory.
-    versions = python("import numba, numpy, fastattn; print(fastattn.__version__, numba.__version__, numpy.__version__)", env=environment())
+    versions = python("import numba, numpy, fastattn; print(fastattn.__version__, numba.__version__, numpy.__version__)", env=environment(NUMBA_CACHE_DIR=SESSION_CACHE))
     fastattn_version, numba_version, numpy_version = versions.split()
     assert xdg.name.startswith(f"{fastattn_version}-numba{numba_version}-numpy{numpy_version}-")
     assert xdg.name == home.name == numba_dir.name

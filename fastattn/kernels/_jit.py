@@ -38,18 +38,18 @@ it off; each is closed here rather than by turning the cache off:
   is both) share one index under numba's key (signature, CPU, bytecode), so the
   serial variant would load the ``prange`` code or the reverse: nested parallelism
   inside dask threads, the workqueue layer's abort.  The key here includes the variant.
-- *Processes compiling at once* (dask workers, parallel test runs; numba issues
-  #4807 and #10128): numba writes each file atomically (a temporary file, then
+- *Processes compiling at once* (dask workers, parallel test runs; numba #4807
+  reports segfaults from caches written in parallel): numba writes each file atomically (a temporary file, then
   ``os.replace``), but saves an overload as read index → write index → write
   data, so two processes adding different signatures of one function can leave
   an index entry that names the other signature's code, a wrong-type load and a
   crash on every later run.  Here a save holds an ``flock`` on the cache
   directory, re-reads the index under it, writes the data file before the index
-  entry that names it, and never rewrites an entry, so a reader that sees an entry
+  entry that names it, and never changes an entry, so a reader that sees an entry
   always finds that entry's complete code.  Compilation itself is not under the
-  lock: processes compile side by side and the last one just finds its entry there.
-- #10128 itself is about ``guvectorize`` (its wrapper and kernel live in two files);
-  fastattn has only ``njit`` functions, each cached as one self-contained file.
+  lock: processes compile side by side and the later ones find their entry saved.
+  (numba #10128, a ``guvectorize`` wrapper and its kernel saved by two processes to
+  two files, cannot happen: fastattn has only ``njit`` functions, one file each.)
 - A non-parallel cached function that calls a ``parallel=True`` one segfaults when
   loaded from the cache (numba #8578, #10184): no kernel here does that; parallel
   kernels call serial helpers only, never the reverse.
@@ -195,6 +195,7 @@ class _Cache(caching.FunctionCache):
 
 
 def _jit(function, parallel: bool, signature=None):
+    """A lazy dispatcher with this module's options and disk cache (set before any compile)."""
     dispatcher = numba.njit(parallel=parallel, **_OPTIONS)(function)
     if CACHE_DIR is not None:
         dispatcher._cache = _Cache(function, "parallel" if parallel else "serial")
