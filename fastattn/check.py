@@ -497,9 +497,13 @@ class _Checker:
             want_q, want_k = m.cross
         else:  # self-attention: square, and at least the longest committed sample (a killed run may have grown it)
             want_q = want_k = max(m.max_length, query, key)
-        grid = tuple(attention.chunks[:3]) == (bc, 1, want_h) and ((cq, ck) == (want_q, want_k) if m.cross else cq == ck)
+        # store.attention_chunks: whole planes of all heads, or heads split, or a plane's queries split
+        ch = attention.chunks[2]
+        grid = tuple(attention.chunks[:2]) == (bc, 1) and 1 <= ch <= want_h and (
+            (cq, ck) == (want_q, want_k) if m.cross else (cq == ck or (ch == 1 and cq < ck))
+        )
         if not grid:
-            planes = f"{want_q}, {want_k}" if m.cross else "n, n"
+            planes = f"{want_q}, {want_k}" if m.cross else "n, n; or heads or queries split"
             self.add("attention", f"chunks {tuple(attention.chunks)}; the manifest's layout is ({bc}, 1, {want_h}, {planes})")
             self.unreadable.add("attention")
         target = [b, want_l, want_h, want_q, want_k]

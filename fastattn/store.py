@@ -465,7 +465,7 @@ def create(location: Location, *, layers: int, heads: int, query: int, key: int,
     for name, dt, fill in (("length", "int32", 0), ("source_index", "int32", -1)):
         new_array(name, shape=(0,), chunks=(chunk,), dtype=dt, fill_value=fill, dimension_names=("batch",))
     new_array("source", shape=(0,), chunks=(chunk,), dtype=str, dimension_names=("batch",))
-    new_array("token", shape=(0, query), chunks=(chunk, query), dtype=str, dimension_names=("batch", "query"))
+    new_array("token", shape=(0, query), chunks=(chunk, chunks[3]), dtype=str, dimension_names=("batch", "query"))
     for dim, size in zip(DIMS, (0, layers, heads, query, key)):
         new_array(dim, shape=(size,), chunks=(max(size, chunk),), dtype="int32", dimension_names=(dim,))
         if size:
