@@ -182,20 +182,24 @@ def run_check(path, *, repair: bool = False, force: bool = False, storage_option
     problems = [stale] if stale else []
     if stale:
         stale.repaired = "taken over and removed"
+    after = None
     with store.Lock(location, "fastattn check --repair"):
         for _round in range(REPAIR_ROUNDS):
             found = _Checker(location, own_lock=True)
-            found.run()
+            result = found.run()
             done = _repair(location, found, force)
-            for p in found.result.problems:
+            for p in result.problems:
                 known = next((q for q in problems if _same(p, q)), None)
                 if known is None:
                     problems.append(p)
                 elif p.repaired:
                     known.repaired = p.repaired
-            if not done:
+            if not done:  # nothing left that repair can do: this check is the last word
+                after = CheckResult(result.store, [Problem(p.where, p.message, fix=p.fix) for p in result.problems],
+                                    result.committed, result.chunks, result.batches)
                 break
-        after = _Checker(location, own_lock=True).run()
+        if after is None:
+            after = _Checker(location, own_lock=True).run()
     for p in problems:
         if p.repaired and p is not stale and any(_same(p, q) for q in after.problems):
             p.repaired = ""  # the repair did not take
@@ -1072,6 +1076,8 @@ def _repair(location: store.Location, found: _Checker, force: bool) -> bool:
     for p in problems:
         by_fix[p.fix].append(p)
     manifest = found.manifest
+    if not any(p.fix not in (None, DROP) or (p.fix == DROP and force) for p in problems):
+        return False  # nothing to do: leave the store untouched
     for rel in found.stray:
         try:
             os.remove(os.path.join(location.root, rel))

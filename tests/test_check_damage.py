@@ -429,18 +429,32 @@ def test_check_takes_storage_options(built, cli, monkeypatch):
 # ---------------------------------------------------------------- never a traceback, whatever metadata is broken
 
 
+#: Statistics arrays broken in turn: a per-query variable, a flag, a coordinate (all ~30 are laid
+#: out alike; every one's missing chunk is tested above).
+STATS_SAMPLE = ("stats/entropy/zarr.json", "stats/uniform/zarr.json", "stats/rank/zarr.json")
+
+
 def _metadata_files(root: Path) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("zarr.json") if p.parent != root)
+    """Every node's zarr.json but the root's, with the statistics arrays sampled."""
+    every = sorted(p.relative_to(root).as_posix() for p in root.rglob("zarr.json") if p.parent != root)
+    assert len(every) == 10 + 1 + 1 + len(STATS_SCHEMA) + 1 + 5  # the schema, _fastattn, stats, rollout
+    return [rel for rel in every if not rel.startswith("stats/") or rel.count("/") == 1 or rel in STATS_SAMPLE]
 
 
-@pytest.mark.parametrize("damage", ["{}", "not json", "deleted"])
-def test_any_broken_metadata_is_lines_and_repair_recovers(built, cli, damage):
-    """Every array and group metadata file of the store broken in turn: check and repair give
-    lines, never a traceback; what repair cannot restore, --force and a re-ingest can."""
+DAMAGE = ("{}", "not json", "deleted")
+
+
+def test_any_broken_metadata_is_lines_and_repair_recovers(built, cli):
+    """Every array and group metadata file of the store (statistics sampled) broken in turn (as `{}`, as text
+    that is not JSON, or deleted, by turns): check and repair give lines, never a traceback;
+    what repair cannot restore, --force and a re-ingest can."""
     folder, path, clean = built
     pristine = path.parent / "pristine.zarr"
     shutil.copytree(path, pristine)
-    for rel in _metadata_files(pristine):
+    files = _metadata_files(pristine)
+    assert len(files) == 21
+    for i, rel in enumerate(files):
+        damage = DAMAGE[i % len(DAMAGE)]
         shutil.rmtree(path)
         shutil.copytree(pristine, path)
         target = path / rel
@@ -451,11 +465,12 @@ def test_any_broken_metadata_is_lines_and_repair_recovers(built, cli, damage):
         result = run_check(path)
         # without its metadata a rollout group has no record (uncommitted: nothing trusts it), and
         # fastattn's own group is no group (nothing reads it as one)
-        assert not result.ok or (rel in ("rollout/zarr.json", f"{store.META}/zarr.json") and damage == "deleted"), rel
+        harmless = rel in ("rollout/zarr.json", f"{store.META}/zarr.json") and damage == "deleted"
+        assert not result.ok or harmless, (rel, damage)
         out = cli("check", path, "--repair", "--force")
         _one_line_each(out)
-        assert out.exit_code in (0, 1), (rel, out.output)
-        assert ingest([folder], path).ok, rel
+        assert out.exit_code in (0, 1), (rel, damage, out.output)
+        assert ingest([folder], path).ok, (rel, damage)
         remaining = check_store(path)
-        assert remaining == [], (rel, _lines(remaining))
+        assert remaining == [], (rel, damage, _lines(remaining))
         assert_same_store(path, clean)
