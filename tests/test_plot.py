@@ -613,3 +613,15 @@ def test_layers_memory_is_one_chunk_not_the_sample(long_store):
     whole_sample = traced_peak(lambda: ds.attention.isel(batch=0).values)
     peak = traced_peak(lambda: plot.layers(ds, 0, dpi=50))
     assert peak < one_chunk + 3 * chunk < whole_sample, (peak, one_chunk, whole_sample)
+
+
+def test_nan_quantiles_match_numpy(rng):
+    values = rng.standard_normal((37, 300))
+    values[rng.random(values.shape) < 0.4] = np.nan  # ragged: keys past a sample's length
+    values[:, 7] = np.nan  # a key no batch reaches
+    values[:-1, 8] = np.nan  # one batch only
+    with pytest.warns(RuntimeWarning):
+        expected = np.nanquantile(values, [0.1, 0.5, 0.9], axis=0)
+    np.testing.assert_allclose(plot.nan_quantiles(values, [0.1, 0.5, 0.9]), expected, rtol=1e-12, atol=1e-15)
+    full = rng.random((1, 50))
+    np.testing.assert_allclose(plot.nan_quantiles(full, [0.1, 0.9]), np.quantile(full, [0.1, 0.9], axis=0), rtol=1e-12)
