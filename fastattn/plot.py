@@ -163,12 +163,20 @@ def _fill(image, cells: np.ndarray, factor: int, n: int) -> None:
     image.axes.set_ylim(n - 0.5, -0.5)
 
 
-def _map_pixels(fig: Figure, axes) -> int:
-    """Pixels along the shorter side of the smallest of `axes` once the figure is laid out
-    at its dpi: about what a heatmap drawn there gets."""
-    fig.get_layout_engine().execute(fig)
+def _shorter_side(axes) -> int:
+    """Pixels along the shorter side of the smallest of `axes`, at the figure's dpi."""
     boxes = [ax.get_window_extent() for ax in axes]
     return max(1, int(min(min(box.width, box.height) for box in boxes)))
+
+
+def _map_factor(fig: Figure, axes, n: int) -> int:
+    """The block size for n × n maps drawn in `axes`: 1 when they fit even with matplotlib's
+    default margins (the constrained layout usually leaves more room), else measured on the
+    laid-out figure (a layout pass costs a few tenths of a second, so only when needed)."""
+    if n <= _shorter_side(axes):
+        return 1
+    fig.get_layout_engine().execute(fig)
+    return block_factor(n, _shorter_side(axes))
 
 
 def block_factor(n: int, pixels: int) -> int:
@@ -302,7 +310,7 @@ class Overview:
         for ax in (self.ax_in, self.ax_rows):
             _set_ticks(ax, "x", n, sample.tokens)
             ax.set_xlabel("Key position")
-        self.factor = block_factor(n, _map_pixels(self.fig, [self.ax_map]))
+        self.factor = _map_factor(self.fig, [self.ax_map], n)
         self.step = max(1, math.ceil(n / MAX_ROW_LINES))
         self.rows = np.arange(0, n, self.step)
         self.map = np.zeros((math.ceil(n / self.factor),) * 2)
@@ -388,7 +396,7 @@ class Layers:
             if i >= count - ncols:
                 ax.set_xlabel("Key position")
         self.colorbar = self.fig.colorbar(self.images[-1], ax=self.axes, label=_blocks_label(0), shrink=0.8)
-        self.factor = block_factor(n, _map_pixels(self.fig, self.axes))
+        self.factor = _map_factor(self.fig, self.axes, n)
         self.sums = np.zeros((count,) + (math.ceil(n / self.factor),) * 2)
 
     def add(self, layer: int, head: int, plane: np.ndarray) -> None:
@@ -433,7 +441,7 @@ class Heads:
             if i >= count - ncols:
                 ax.set_xlabel("Key position")
         self.colorbar = self.fig.colorbar(self.images[-1], ax=self.axes, label=_blocks_label(0), shrink=0.8)
-        self.factor = block_factor(n, _map_pixels(self.fig, self.axes))
+        self.factor = _map_factor(self.fig, self.axes, n)
         self.maps = [None] * count
         self.entropy = None if entropy is None else np.asarray(entropy, dtype=np.float64)
         self.computed = np.zeros(count)
