@@ -205,13 +205,13 @@ def block_means(plane: np.ndarray, factor: int) -> np.ndarray:
 
 
 def _blocks_label(factor: int) -> str:
-    """What a downsampled map's colour bar adds to its label (nothing for an exact map).
-
-    Factor 0 gives a stand-in as wide as the longest label, for measuring the layout before
-    the factor is known (an exact map's shorter label then only leaves it more room)."""
-    if factor == 0:
-        return "Attention weight (mean over heads)\n(mean of 99 × 99 blocks)"
+    """What a downsampled map's colour bar adds to its label (nothing for an exact map)."""
     return "" if factor == 1 else f"\n(mean of {factor} × {factor} blocks)"
+
+
+#: The colour bar label while the layout is measured, as wide as any final one, so the
+#: measured map is never larger than the drawn one.
+_WIDEST_LABEL = "Attention weight (mean over heads)" + _blocks_label(99)
 
 
 def mean_row_entropy(plane: np.ndarray, rows: int = 256) -> float:
@@ -306,13 +306,21 @@ class Overview:
         self.fig = new_figure((17, 5.4), dpi=dpi)
         self.ax_map, self.ax_in, self.ax_rows = self.fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.2, 1, 1]})
         self.image = _heatmap(self.ax_map, n, cmap="hot", tokens=sample.tokens)
-        self.colorbar = self.fig.colorbar(self.image, ax=self.ax_map, label=_blocks_label(0), shrink=0.9)
+        self.colorbar = self.fig.colorbar(self.image, ax=self.ax_map, label=_WIDEST_LABEL, shrink=0.9)
+        self.step = max(1, math.ceil(n / MAX_ROW_LINES))
+        self.rows = np.arange(0, n, self.step)
+        # every text that does not depend on the data goes in before the layout is measured
         for ax in (self.ax_in, self.ax_rows):
             _set_ticks(ax, "x", n, sample.tokens)
             ax.set_xlabel("Key position")
+        self.ax_in.set_ylabel("Incoming attention (column sum)")
+        self.ax_in.set_title("Incoming attention per key")
+        self.ax_rows.set_ylabel("Attention weight")
+        every = self.rows.size == n
+        self.ax_rows.set_title(f"Attention distribution ({n} queries)" if every else f"Attention distribution ({self.rows.size} of {n} queries drawn)")
+        which = f"mean of {sample.heads} heads" if self.head is None else f"head {self.head}"
+        self.fig.suptitle(f"{sample.title}: layer {self.layer}, {which}")
         self.factor = _map_factor(self.fig, [self.ax_map], n)
-        self.step = max(1, math.ceil(n / MAX_ROW_LINES))
-        self.rows = np.arange(0, n, self.step)
         self.map = np.zeros((math.ceil(n / self.factor),) * 2)
         self.incoming = np.zeros(n)
         self.lines = np.zeros((self.rows.size, n))
@@ -327,7 +335,7 @@ class Overview:
         counts = _block_counts(n, factor)
         _fill(self.image, self.map / (self.count * np.outer(counts, counts)), factor, n)
         self.image.autoscale()
-        self.ax_map.set_title("Attention matrix" + ("" if factor == 1 else f" (mean of {factor} × {factor} blocks)"))
+        self.ax_map.set_title("Attention matrix" + _blocks_label(factor).replace("\n", " "))
         self.colorbar.set_label("Attention weight" + _blocks_label(factor))
 
         incoming = self.incoming / self.count
@@ -343,8 +351,6 @@ class Overview:
         peak_label = f"Peak (t={peak})" if tokens is None or not tokens[peak] else f"Peak (t={peak}, {tokens[peak]!r})"
         ax_in.axvline(peak, color="tab:red", linestyle="--", linewidth=1.5, label=peak_label, zorder=1.5)  # under the line
         ax_in.set_xlim(-0.7, n - 0.3)
-        ax_in.set_ylabel("Incoming attention (column sum)")
-        ax_in.set_title("Incoming attention per key")
         ax_in.legend(loc="best")
 
         ax_rows, lines = self.ax_rows, self.lines / self.count
@@ -355,12 +361,8 @@ class Overview:
         mean_label = "Mean over queries" if every else f"Mean over all {n} queries"
         ax_rows.plot(keys, incoming / n, color="black", linewidth=2.5, label=mean_label)
         ax_rows.set_xlim(0, max(n - 1, 1))
-        ax_rows.set_ylabel("Attention weight")
-        ax_rows.set_title(f"Attention distribution ({n} queries)" if every else f"Attention distribution ({len(lines)} of {n} queries drawn)")
         ax_rows.legend(loc="upper right")
 
-        which = f"mean of {self.sample.heads} heads" if self.head is None else f"head {self.head}"
-        fig.suptitle(f"{self.sample.title}: layer {self.layer}, {which}")
         return fig
 
 
@@ -395,7 +397,9 @@ class Layers:
                 ax.set_ylabel("Query position")
             if i >= count - ncols:
                 ax.set_xlabel("Key position")
-        self.colorbar = self.fig.colorbar(self.images[-1], ax=self.axes, label=_blocks_label(0), shrink=0.8)
+        self.colorbar = self.fig.colorbar(self.images[-1], ax=self.axes, label=_WIDEST_LABEL, shrink=0.8)
+        separator = "\n" if count < 3 else " "  # a narrow figure gets its title on two lines
+        self.fig.suptitle(f"{sample.title}:{separator}every layer, mean over {sample.heads} heads")
         self.factor = _map_factor(self.fig, self.axes, n)
         self.sums = np.zeros((count,) + (math.ceil(n / self.factor),) * 2)
 
@@ -409,8 +413,6 @@ class Layers:
             _fill(image, cells, self.factor, self.n)
         self.norm.vmax = float(means.max()) or 1.0
         self.colorbar.set_label("Attention weight (mean over heads)" + _blocks_label(self.factor))
-        narrow = len(self.axes) < 3  # the title on two lines
-        self.fig.suptitle(f"{self.sample.title}:{chr(10) if narrow else ' '}every layer, mean over {self.sample.heads} heads")
         return self.fig
 
 
@@ -440,7 +442,11 @@ class Heads:
                 ax.set_ylabel("Query position")
             if i >= count - ncols:
                 ax.set_xlabel("Key position")
-        self.colorbar = self.fig.colorbar(self.images[-1], ax=self.axes, label=_blocks_label(0), shrink=0.8)
+        self.colorbar = self.fig.colorbar(self.images[-1], ax=self.axes, label=_WIDEST_LABEL, shrink=0.8)
+        self.fig.suptitle(
+            f"{sample.title}: layer {self.layer}, every head"
+            f" (H = mean row entropy; uniform would be ln {n} = {math.log(n):.2f})"
+        )
         self.factor = _map_factor(self.fig, self.axes, n)
         self.maps = [None] * count
         self.entropy = None if entropy is None else np.asarray(entropy, dtype=np.float64)
@@ -459,10 +465,6 @@ class Heads:
             ax.set_title(f"Head {i}: H = {entropy[i]:.2f} nats", fontsize=10)
         self.norm.vmax = float(max(cells.max() for cells in self.maps)) or 1.0
         self.colorbar.set_label("Attention weight" + _blocks_label(self.factor))
-        self.fig.suptitle(
-            f"{self.sample.title}: layer {self.layer}, every head"
-            f" (H = mean row entropy; uniform would be ln {n} = {math.log(n):.2f})"
-        )
         return self.fig
 
 
