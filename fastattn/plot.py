@@ -317,7 +317,8 @@ class Overview:
         self.ax_in.set_title("Incoming attention per key")
         self.ax_rows.set_ylabel("Attention weight")
         every = self.rows.size == n
-        self.ax_rows.set_title(f"Attention distribution ({n} queries)" if every else f"Attention distribution ({self.rows.size} of {n} queries drawn)")
+        drawn = f"{n} queries" if every else f"{self.rows.size} of {n} queries drawn"
+        self.ax_rows.set_title(f"Attention distribution ({drawn})")
         which = f"mean of {sample.heads} heads" if self.head is None else f"head {self.head}"
         self.fig.suptitle(f"{sample.title}: layer {self.layer}, {which}")
         self.factor = _map_factor(self.fig, [self.ax_map], n)

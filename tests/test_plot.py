@@ -573,7 +573,7 @@ def test_figures_read_only_the_chunks_they_draw(long_store, monkeypatch):
     ds = open_store(long_store)
     assert ds.attention.encoding["chunks"] == (1, 1, LONG_HEADS, LONG, LONG)  # one chunk per (batch, layer)
     chunk_bytes = {
-        f"attention/c/{b}/{layer}/0/0/0": os.path.getsize(Path(long_store, "attention", "c", str(b), str(layer), "0", "0", "0"))
+        f"attention/c/{b}/{layer}/0/0/0": os.path.getsize(Path(long_store, f"attention/c/{b}/{layer}/0/0/0"))
         for b in range(2)
         for layer in range(LONG_LAYERS)
     }
@@ -585,7 +585,8 @@ def test_figures_read_only_the_chunks_they_draw(long_store, monkeypatch):
     assert read == [("attention/c/1/2/0/0/0", chunk_bytes["attention/c/1/2/0/0/0"])]
     read.clear()
     sample = plot.Sample(ds, 0)
-    sample.draw([plot.Overview(sample, 0, dpi=50), plot.Layers(sample, dpi=50)] + [plot.Heads(sample, i, dpi=50) for i in range(LONG_LAYERS)])
+    heads_grids = [plot.Heads(sample, layer, dpi=50) for layer in range(LONG_LAYERS)]
+    sample.draw([plot.Overview(sample, 0, dpi=50), plot.Layers(sample, dpi=50), *heads_grids])
     assert sorted(read) == sorted((key, size) for key, size in chunk_bytes.items() if key.startswith("attention/c/0/"))
 
 
