@@ -25,7 +25,7 @@ KIND is one of:
   entropy   all batches: layer x head normalised entropy, flagged heads
             marked (needs fastattn stats)
 
-Only each sample's valid tokens are drawn; tick labels are the token strings when the dumps had them, else positions.
+Only each sample's valid tokens are drawn; tick labels are the token strings when the dumps had them, else positions. Long samples are drawn at the image's resolution: a heatmap with more tokens than pixels shows means of square blocks (its colour bar says so), and the row panel of overview draws every k-th query above 64.
 
 \b
 Examples:
@@ -61,11 +61,11 @@ def plot(
 
         ds = open_store(store)
         if kind == "overview":
-            fig = plot_mod.overview(ds, batch, layer, head)
+            fig = plot_mod.overview(ds, batch, layer, head, dpi=dpi)
         elif kind == "layers":
-            fig = plot_mod.layers(ds, batch)
+            fig = plot_mod.layers(ds, batch, dpi=dpi)
         elif kind == "heads":
-            fig = plot_mod.heads(ds, batch, layer)
+            fig = plot_mod.heads(ds, batch, layer, dpi=dpi)
         elif kind == "batches":
             fig = plot_mod.batches(ds, layer, head)
         else:

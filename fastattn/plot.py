@@ -13,6 +13,13 @@ shown, no display is needed and no figure is left registered anywhere. Save one 
 
 Only each sample's valid `length x length` block is drawn; tick labels are token
 positions, or the token strings when the store has them.
+
+Figures of one sample are drawn at their resolution, so long sequences cost what the
+figure shows, not length²: a heatmap with more tokens than pixels shows the means of
+square blocks (its colour bar says "mean of f × f blocks"; smaller maps are exact), the
+row panel draws every k-th query above `MAX_ROW_LINES`, and each plane is read once, one
+stored chunk at a time (`Sample.draw` shares one read among several figures). Pass the
+`dpi` the figure will be saved at: it sets how many pixels a map gets.
 """
 
 from __future__ import annotations
@@ -34,15 +41,18 @@ from .summary import FLAG_SHARE, FLAG_WORDS
 
 FORMATS = ("png", "svg", "pdf")
 KINDS = ("overview", "layers", "heads", "batches", "entropy")
-
+#: Up to this many queries the row panel of `overview` draws one line per query; above, every k-th.
+MAX_ROW_LINES = 64
+#: Up to this many keys incoming attention is one bar per key; above, one line through them all.
+MAX_BARS = 128
 
 
 # ---------------------------------------------------------------- helpers
 
 
-def new_figure(figsize) -> Figure:
+def new_figure(figsize, dpi: float = 100) -> Figure:
     """A pyplot-free figure with an Agg canvas (savefig works for png, svg and pdf)."""
-    fig = Figure(figsize=figsize, layout="constrained")
+    fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
@@ -96,10 +106,15 @@ def _tokens(ds: xr.Dataset, batch: int, n: int) -> list[str] | None:
 
 
 def _set_ticks(ax, axis: str, n: int, tokens: list[str] | None, most: int = 32) -> None:
-    """Integer position ticks, or token strings (thinned to at most `most` labels)."""
+    """Integer position ticks, or token strings (thinned to at most `most` labels).
+
+    Positions get fewer labels as they get longer (12 of up to 2 digits, 7 of 4), so
+    they do not run into each other."""
     if tokens is None:
-        step = max(1, math.ceil(n / min(most, 12)))
-        step = next(s for s in (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, step) if s >= step)
+        fit = min(most, 12) * 3 // (len(str(max(n - 1, 0))) + 1)
+        step = max(1, math.ceil(n / max(2, min(most, 12, fit))))
+        nice = (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 2500, 5000, 10000)
+        step = next((s for s in nice if s >= step), step)
         positions = list(range(0, n, step))
         labels = [str(p) for p in positions]
         fontsize, rotation = None, 0
@@ -114,26 +129,6 @@ def _set_ticks(ax, axis: str, n: int, tokens: list[str] | None, most: int = 32) 
         ax.set_yticks(positions, labels, fontsize=fontsize, rotation=rotation)
 
 
-def _heatmap(ax, matrix, *, cmap, norm=None, tokens=None, most=32, labels=True):
-    n_q, n_k = matrix.shape
-    image = ax.imshow(matrix, cmap=cmap, norm=norm, interpolation="nearest", aspect="equal")
-    _set_ticks(ax, "x", n_k, tokens, most)
-    _set_ticks(ax, "y", n_q, tokens, most)
-    if labels:
-        ax.set_xlabel("Key position")
-        ax.set_ylabel("Query position")
-    return image
-
-
-def _planes(ds: xr.Dataset, batch: int, layer: int | None, n: int) -> np.ndarray:
-    """The valid block of one sample: (head, n, n) for one layer, (layer, head, n, n) for all."""
-    attention = ds["attention"].isel(batch=batch)
-    if layer is not None:
-        attention = attention.isel(layer=layer)
-    values = np.asarray(attention.isel(query=slice(0, n), key=slice(0, n)).values, dtype=np.float64)
-    return np.nan_to_num(values, nan=0.0)
-
-
 def _title(ds: xr.Dataset, batch: int, n: int) -> str:
     source = ""
     if "source" in ds:
@@ -143,120 +138,354 @@ def _title(ds: xr.Dataset, batch: int, n: int) -> str:
     return f"Batch {batch}{source}, length {n}"
 
 
-def row_entropy(planes: np.ndarray) -> np.ndarray:
-    """−Σ_k A ln A per query row (natural log, 0 ln 0 = 0) over the last axis."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(planes > 0, planes * np.log(np.where(planes > 0, planes, 1.0)), 0.0)
-    return -terms.sum(axis=-1)
+def _heatmap(ax, n, *, cmap, norm=None, tokens=None, most=32, labels=True):
+    """An n × n heatmap on token positions, still empty: `_fill` puts the data in once the
+    laid-out figure says how many pixels the map gets."""
+    image = ax.imshow(
+        np.zeros((1, 1)), cmap=cmap, norm=norm, interpolation="nearest", aspect="equal",
+        extent=(-0.5, n - 0.5, n - 0.5, -0.5),
+    )  # fmt: skip
+    _set_ticks(ax, "x", n, tokens, most)
+    _set_ticks(ax, "y", n, tokens, most)
+    if labels:
+        ax.set_xlabel("Key position")
+        ax.set_ylabel("Query position")
+    return image
+
+
+def _fill(image, cells: np.ndarray, factor: int, n: int) -> None:
+    """Show `cells` (each the mean of a `factor × factor` block) over positions 0..n-1; the
+    last, partial block is cropped by the axes limits, so every cell sits where its tokens are."""
+    span = cells.shape[0] * factor
+    image.set_data(cells)
+    image.set_extent((-0.5, span - 0.5, span - 0.5, -0.5))
+    image.axes.set_xlim(-0.5, n - 0.5)
+    image.axes.set_ylim(n - 0.5, -0.5)
+
+
+def _shorter_side(axes) -> int:
+    """Pixels along the shorter side of the smallest of `axes`, at the figure's dpi."""
+    boxes = [ax.get_window_extent() for ax in axes]
+    return max(1, int(min(min(box.width, box.height) for box in boxes)))
+
+
+def _map_factor(fig: Figure, axes, n: int) -> int:
+    """The block size for n × n maps drawn in `axes`: 1 when they fit even with matplotlib's
+    default margins (the constrained layout usually leaves more room), else measured on the
+    laid-out figure (a layout pass costs a few tenths of a second, so only when needed)."""
+    if n <= _shorter_side(axes):
+        return 1
+    fig.get_layout_engine().execute(fig)
+    return block_factor(n, _shorter_side(axes))
+
+
+def block_factor(n: int, pixels: int) -> int:
+    """The smallest block size that leaves at most `pixels` cells along n positions (1: exact)."""
+    return max(1, math.ceil(n / max(1, pixels)))
+
+
+def _block_counts(size: int, factor: int) -> np.ndarray:
+    """Positions in each block along an axis of `size` (the last block may be partial)."""
+    return np.minimum(factor, size - np.arange(0, size, factor))
+
+
+def block_sums(plane: np.ndarray, factor: int) -> np.ndarray:
+    """Sums of the `factor × factor` blocks of a 2-D array, float64; the last block row and
+    column are partial when `factor` does not divide the shape. Keys are summed first (the
+    contiguous axis, in the array's dtype: at most `factor` terms each), then queries."""
+    starts_q, starts_k = (np.arange(0, size, factor) for size in plane.shape)
+    by_key = np.add.reduceat(plane, starts_k, axis=1) if factor > 1 else plane
+    return np.add.reduceat(by_key, starts_q, axis=0, dtype=np.float64) if factor > 1 else by_key.astype(np.float64)
+
+
+def block_means(plane: np.ndarray, factor: int) -> np.ndarray:
+    """Means of the `factor × factor` blocks of a 2-D array (float64); factor 1 is the array itself."""
+    counts = np.outer(_block_counts(plane.shape[0], factor), _block_counts(plane.shape[1], factor))
+    return block_sums(plane, factor) / counts
+
+
+def _blocks_label(factor: int) -> str:
+    """What a downsampled map's colour bar adds to its label (nothing for an exact map)."""
+    return "" if factor == 1 else f"\n(mean of {factor} × {factor} blocks)"
+
+
+#: The colour bar label while the layout is measured, as wide as any final one, so the
+#: measured map is never larger than the drawn one.
+_WIDEST_LABEL = "Attention weight (mean over heads)" + _blocks_label(99)
+
+
+def mean_row_entropy(plane: np.ndarray, rows: int = 256) -> float:
+    """Mean over the rows of −Σ_k A ln A (natural log, 0 ln 0 = 0), `rows` rows at a time so
+    the temporaries stay small; logs in the plane's precision, sums in float64."""
+    total = 0.0
+    tiny = np.finfo(plane.dtype).smallest_subnormal  # ln of it is finite, and times 0 gives 0
+    for start in range(0, plane.shape[0], rows):
+        part = plane[start : start + rows]
+        terms = np.log(np.maximum(part, tiny))
+        terms *= part
+        total -= float(terms.sum(dtype=np.float64))
+    return total / plane.shape[0]
 
 
 # ---------------------------------------------------------------- one sample
 
 
-def overview(ds: xr.Dataset, batch: int, layer: int, head: int | None = None) -> Figure:
-    """Heatmap, incoming attention (column sums) and row distributions of one plane.
+class Sample:
+    """One sample of a store: its checked batch index, valid length, tokens and title.
 
-    `head=None` averages the heads of the layer."""
-    batch = _check_index(ds, "batch", batch)
-    layer = _check_index(ds, "layer", layer)
-    if head is not None:
-        head = _check_index(ds, "head", head)
-    n = _length(ds, batch)
-    tokens = _tokens(ds, batch, n)
-    planes = _planes(ds, batch, layer, n)
-    matrix = planes.mean(axis=0) if head is None else planes[head]
-    which = f"mean of {ds.sizes['head']} heads" if head is None else f"head {head}"
+    `draw` makes several figures of it while reading each `(query, key)` plane they need
+    once, one stored chunk at a time; only the valid `length × length` block is read."""
 
-    fig = new_figure((17, 5.4))
-    ax_map, ax_in, ax_rows = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.2, 1, 1]})
-    image = _heatmap(ax_map, matrix, cmap="hot", tokens=tokens)
-    ax_map.set_title("Attention matrix")
-    fig.colorbar(image, ax=ax_map, label="Attention weight", shrink=0.9)
+    def __init__(self, ds: xr.Dataset, batch: int):
+        self.ds = ds
+        self.batch = _check_index(ds, "batch", batch)
+        self.n = _length(ds, self.batch)
+        self.tokens = _tokens(ds, self.batch, self.n)
+        self.title = _title(ds, self.batch, self.n)
+        self.heads = int(ds.sizes["head"])
 
-    incoming = matrix.sum(axis=0)
-    peak = int(np.argmax(incoming))
-    keys = np.arange(n)
-    ax_in.bar(keys, incoming, color="tab:blue", width=0.8)
-    peak_label = f"Peak (t={peak})" if tokens is None or not tokens[peak] else f"Peak (t={peak}, {tokens[peak]!r})"
-    ax_in.axvline(peak, color="tab:red", linestyle="--", linewidth=1.5, label=peak_label)
-    ax_in.set_xlim(-0.7, n - 0.3)
-    _set_ticks(ax_in, "x", n, tokens)
-    ax_in.set_xlabel("Key position")
-    ax_in.set_ylabel("Incoming attention (column sum)")
-    ax_in.set_title("Incoming attention per key")
-    ax_in.legend(loc="best")
+    def draw(self, figures: list) -> list[Figure]:
+        """Feed every plane that one of `figures` (Overview, Layers, Heads) wants to each that
+        wants it, then finish them; returns their Figures in the same order."""
+        wanted: dict[int, set[int]] = {}
+        for figure in figures:
+            for layer, heads in figure.wanted.items():
+                wanted.setdefault(layer, set()).update(heads)
+        for layer in sorted(wanted):
+            self._feed(figures, layer, sorted(wanted[layer]))
+        return [figure.finish() for figure in figures]
 
-    for row in matrix:
-        ax_rows.plot(keys, row, linewidth=0.7, alpha=0.3)
-    ax_rows.plot(keys, matrix.mean(axis=0), color="black", linewidth=2.5, label="Mean over queries")
-    ax_rows.set_xlim(0, max(n - 1, 1))
-    _set_ticks(ax_rows, "x", n, tokens)
-    ax_rows.set_xlabel("Key position")
-    ax_rows.set_ylabel("Attention weight")
-    ax_rows.set_title(f"Attention distribution ({n} queries)")
-    ax_rows.legend(loc="upper right")
+    def _feed(self, figures: list, layer: int, heads: list[int]) -> None:
+        # a function of its own, so no plane of this layer outlives it while the next one is read
+        for head, plane in self.planes(layer, heads):
+            for figure in figures:
+                if head in figure.wanted.get(layer, ()):
+                    figure.add(layer, head, plane)
 
-    fig.suptitle(f"{_title(ds, batch, n)}: layer {layer}, {which}")
-    return fig
+    def planes(self, layer: int, heads: list[int]):
+        """Yield `(head, plane)`: the valid n × n block, float32 (float64 stays), NaN as 0.
+
+        The heads held by one stored chunk are read together: the chunk is decoded once, and
+        at most one chunk's worth of planes is in memory."""
+        n = self.n
+        attention = self.ds["attention"].isel(batch=self.batch, layer=layer, query=slice(0, n), key=slice(0, n))
+        for group in _chunk_groups(attention, "head", heads):
+            contiguous = group == list(range(group[0], group[-1] + 1))
+            block = attention.isel(head=slice(group[0], group[-1] + 1) if contiguous else group).values  # a slice: no copy
+            for head, plane in zip(group, block):
+                plane = plane.astype(np.promote_types(plane.dtype, np.float32), copy=False)
+                if np.isnan(plane).any():  # never inside an ingested block; a copy, so the dataset is unchanged
+                    plane = np.nan_to_num(plane, nan=0.0)
+                yield head, plane
 
 
-def layers(ds: xr.Dataset, batch: int) -> Figure:
-    """One heatmap per layer (mean over heads) on one shared colour scale."""
-    batch = _check_index(ds, "batch", batch)
-    n = _length(ds, batch)
-    tokens = _tokens(ds, batch, n)
-    means = _planes(ds, batch, None, n).mean(axis=1)  # (layer, n, n)
-    count = means.shape[0]
-    ncols = min(count, 4 if count not in (5, 6, 9) else 3)
-    nrows = math.ceil(count / ncols)
-    fig = new_figure((3.2 * ncols + 1.4, 3.3 * nrows + 0.7))
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    norm = Normalize(vmin=0.0, vmax=float(means.max()) or 1.0)
-    for i, ax in enumerate(axes):
-        if i >= count:
-            ax.remove()
-            continue
-        image = _heatmap(ax, means[i], cmap="hot", norm=norm, tokens=tokens, most=16, labels=False)
-        ax.set_title(f"Layer {i}")
-        if i % ncols == 0:
-            ax.set_ylabel("Query position")
-        if i >= count - ncols:
+def _chunk_groups(array: xr.DataArray, dim: str, indices: list[int]) -> list[list[int]]:
+    """`indices` along `dim` grouped by the array's dask chunks (one group for in-memory data)."""
+    sizes = array.chunksizes.get(dim) or (array.sizes[dim],)
+    edges = np.cumsum((0, *sizes))
+    groups = [[i for i in indices if lo <= i < hi] for lo, hi in zip(edges[:-1], edges[1:])]
+    return [group for group in groups if group]
+
+
+class Overview:
+    """Heatmap, incoming attention (column sums) and row distributions of one plane, or of
+    the mean of a layer's heads (`head=None`). Drawn at the figure's resolution: the heatmap
+    holds block means when it has more tokens than pixels, the row panel draws every k-th
+    query (with the mean over all of them) above `MAX_ROW_LINES` queries, and incoming
+    attention is a line, not bars, above `MAX_BARS` keys."""
+
+    def __init__(self, sample: Sample, layer: int, head: int | None = None, *, dpi: float = 100):
+        ds, n = sample.ds, sample.n
+        self.sample, self.n = sample, n
+        self.layer = _check_index(ds, "layer", layer)
+        self.head = None if head is None else _check_index(ds, "head", head)
+        heads = range(sample.heads) if head is None else [self.head]
+        self.wanted = {self.layer: set(heads)}
+        self.count = len(heads)
+
+        self.fig = new_figure((17, 5.4), dpi=dpi)
+        self.ax_map, self.ax_in, self.ax_rows = self.fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.2, 1, 1]})
+        self.image = _heatmap(self.ax_map, n, cmap="hot", tokens=sample.tokens)
+        self.colorbar = self.fig.colorbar(self.image, ax=self.ax_map, label=_WIDEST_LABEL, shrink=0.9)
+        self.step = max(1, math.ceil(n / MAX_ROW_LINES))
+        self.rows = np.arange(0, n, self.step)
+        # every text that does not depend on the data goes in before the layout is measured
+        for ax in (self.ax_in, self.ax_rows):
+            _set_ticks(ax, "x", n, sample.tokens)
             ax.set_xlabel("Key position")
-    fig.colorbar(image, ax=list(axes[:count]), label="Attention weight (mean over heads)", shrink=0.8)
-    fig.suptitle(f"{_title(ds, batch, n)}: every layer, mean over {ds.sizes['head']} heads")
-    return fig
+        self.ax_in.set_ylabel("Incoming attention (column sum)")
+        self.ax_in.set_title("Incoming attention per key")
+        self.ax_rows.set_ylabel("Attention weight")
+        every = self.rows.size == n
+        drawn = f"{n} queries" if every else f"{self.rows.size} of {n} queries drawn"
+        self.ax_rows.set_title(f"Attention distribution ({drawn})")
+        which = f"mean of {sample.heads} heads" if self.head is None else f"head {self.head}"
+        self.fig.suptitle(f"{sample.title}: layer {self.layer}, {which}")
+        self.factor = _map_factor(self.fig, [self.ax_map], n)
+        self.map = np.zeros((math.ceil(n / self.factor),) * 2)
+        self.incoming = np.zeros(n)
+        self.lines = np.zeros((self.rows.size, n))
+
+    def add(self, layer: int, head: int, plane: np.ndarray) -> None:
+        self.map += block_sums(plane, self.factor)
+        self.incoming += plane.sum(axis=0, dtype=np.float64)
+        self.lines += plane[self.rows]
+
+    def finish(self) -> Figure:
+        fig, n, tokens, factor = self.fig, self.n, self.sample.tokens, self.factor
+        counts = _block_counts(n, factor)
+        _fill(self.image, self.map / (self.count * np.outer(counts, counts)), factor, n)
+        self.image.autoscale()
+        self.ax_map.set_title("Attention matrix" + _blocks_label(factor).replace("\n", " "))
+        self.colorbar.set_label("Attention weight" + _blocks_label(factor))
+
+        incoming = self.incoming / self.count
+        peak = int(np.argmax(incoming))
+        keys = np.arange(n)
+        ax_in = self.ax_in
+        if n <= MAX_BARS:
+            ax_in.bar(keys, incoming, color="tab:blue", width=0.8)
+        else:  # thinner than a pixel as bars: one line through every key's value
+            ax_in.fill_between(keys, incoming, color="tab:blue", alpha=0.3, linewidth=0)
+            ax_in.plot(keys, incoming, color="tab:blue", linewidth=0.8)
+            ax_in.set_ylim(bottom=0)
+        peak_label = f"Peak (t={peak})" if tokens is None or not tokens[peak] else f"Peak (t={peak}, {tokens[peak]!r})"
+        ax_in.axvline(peak, color="tab:red", linestyle="--", linewidth=1.5, label=peak_label, zorder=1.5)  # under the line
+        ax_in.set_xlim(-0.7, n - 0.3)
+        ax_in.legend(loc="best")
+
+        ax_rows, lines = self.ax_rows, self.lines / self.count
+        every = lines.shape[0] == n
+        for i, row in enumerate(lines):
+            label = None if every or i else f"{len(lines)} of {n} queries, {self.step} apart"
+            ax_rows.plot(keys, row, linewidth=0.7, alpha=0.3, label=label)
+        mean_label = "Mean over queries" if every else f"Mean over all {n} queries"
+        ax_rows.plot(keys, incoming / n, color="black", linewidth=2.5, label=mean_label)
+        ax_rows.set_xlim(0, max(n - 1, 1))
+        ax_rows.legend(loc="upper right")
+
+        return fig
 
 
-def heads(ds: xr.Dataset, batch: int, layer: int) -> Figure:
+def _grid(fig: Figure, count: int, ncols: int):
+    """`count` axes in rows of `ncols` (the unused cells removed)."""
+    nrows = math.ceil(count / ncols)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for ax in axes[count:]:
+        ax.remove()
+    return list(axes[:count])
+
+
+class Layers:
+    """One heatmap per layer (mean over heads) on one shared colour scale; block means when
+    a map has more tokens than pixels."""
+
+    def __init__(self, sample: Sample, *, dpi: float = 100):
+        ds, n = sample.ds, sample.n
+        self.sample, self.n = sample, n
+        count = int(ds.sizes["layer"])
+        self.wanted = {layer: set(range(sample.heads)) for layer in range(count)}
+        ncols = min(count, 4 if count not in (5, 6, 9) else 3)
+        nrows = math.ceil(count / ncols)
+        self.fig = new_figure((max(6.4, 3.2 * ncols + 1.4), 3.3 * nrows + 0.7), dpi=dpi)  # room for the title
+        self.axes = _grid(self.fig, count, ncols)
+        self.norm = Normalize(vmin=0.0, vmax=1.0)
+        self.images = []
+        for i, ax in enumerate(self.axes):
+            self.images.append(_heatmap(ax, n, cmap="hot", norm=self.norm, tokens=sample.tokens, most=16, labels=False))
+            ax.set_title(f"Layer {i}")
+            if i % ncols == 0:
+                ax.set_ylabel("Query position")
+            if i >= count - ncols:
+                ax.set_xlabel("Key position")
+        self.colorbar = self.fig.colorbar(self.images[-1], ax=self.axes, label=_WIDEST_LABEL, shrink=0.8)
+        separator = "\n" if count < 3 else " "  # a narrow figure gets its title on two lines
+        self.fig.suptitle(f"{sample.title}:{separator}every layer, mean over {sample.heads} heads")
+        self.factor = _map_factor(self.fig, self.axes, n)
+        self.sums = np.zeros((count,) + (math.ceil(n / self.factor),) * 2)
+
+    def add(self, layer: int, head: int, plane: np.ndarray) -> None:
+        self.sums[layer] += block_sums(plane, self.factor)
+
+    def finish(self) -> Figure:
+        counts = _block_counts(self.n, self.factor)
+        means = self.sums / (self.sample.heads * np.outer(counts, counts))
+        for image, cells in zip(self.images, means):
+            _fill(image, cells, self.factor, self.n)
+        self.norm.vmax = float(means.max()) or 1.0
+        self.colorbar.set_label("Attention weight (mean over heads)" + _blocks_label(self.factor))
+        return self.fig
+
+
+class Heads:
+    """Every head of one layer (viridis) on one colour scale, each titled with its mean row
+    entropy; block means when a map has more tokens than pixels.
+
+    `entropy` (one value per head) skips computing the entropies when the caller has them
+    (the statistics' `entropy_mean` is the same number)."""
+
+    def __init__(self, sample: Sample, layer: int, *, dpi: float = 100, entropy=None):
+        ds, n = sample.ds, sample.n
+        self.sample, self.n = sample, n
+        self.layer = _check_index(ds, "layer", layer)
+        count = sample.heads
+        self.wanted = {self.layer: set(range(count))}
+        ncols = min(count, 4 if count <= 16 else 6)
+        nrows = math.ceil(count / ncols)
+        self.fig = new_figure((2.9 * ncols + 1.4, 3.0 * nrows + 0.9), dpi=dpi)
+        self.axes = _grid(self.fig, count, ncols)
+        self.norm = Normalize(vmin=0.0, vmax=1.0)
+        self.images = []
+        for i, ax in enumerate(self.axes):
+            self.images.append(_heatmap(ax, n, cmap="viridis", norm=self.norm, tokens=sample.tokens, most=12, labels=False))
+            ax.set_title(f"Head {i}: H = 0.00 nats", fontsize=10)  # the real value comes with the data
+            if i % ncols == 0:
+                ax.set_ylabel("Query position")
+            if i >= count - ncols:
+                ax.set_xlabel("Key position")
+        self.colorbar = self.fig.colorbar(self.images[-1], ax=self.axes, label=_WIDEST_LABEL, shrink=0.8)
+        self.fig.suptitle(
+            f"{sample.title}: layer {self.layer}, every head"
+            f" (H = mean row entropy; uniform would be ln {n} = {math.log(n):.2f})"
+        )
+        self.factor = _map_factor(self.fig, self.axes, n)
+        self.maps = [None] * count
+        self.entropy = None if entropy is None else np.asarray(entropy, dtype=np.float64)
+        self.computed = np.zeros(count)
+
+    def add(self, layer: int, head: int, plane: np.ndarray) -> None:
+        self.maps[head] = block_means(plane, self.factor)
+        if self.entropy is None:
+            self.computed[head] = mean_row_entropy(plane)
+
+    def finish(self) -> Figure:
+        n = self.n
+        entropy = self.computed if self.entropy is None else self.entropy
+        for i, (ax, image, cells) in enumerate(zip(self.axes, self.images, self.maps)):
+            _fill(image, cells, self.factor, n)
+            ax.set_title(f"Head {i}: H = {entropy[i]:.2f} nats", fontsize=10)
+        self.norm.vmax = float(max(cells.max() for cells in self.maps)) or 1.0
+        self.colorbar.set_label("Attention weight" + _blocks_label(self.factor))
+        return self.fig
+
+
+def overview(ds: xr.Dataset, batch: int, layer: int, head: int | None = None, *, dpi: float = 100) -> Figure:
+    """Heatmap, incoming attention (column sums) and row distributions of one plane;
+    `head=None` averages the heads of the layer. Reads that one plane (or that layer)."""
+    sample = Sample(ds, batch)
+    return sample.draw([Overview(sample, layer, head, dpi=dpi)])[0]
+
+
+def layers(ds: xr.Dataset, batch: int, *, dpi: float = 100) -> Figure:
+    """One heatmap per layer (mean over heads) on one shared colour scale; reads one layer at a time."""
+    sample = Sample(ds, batch)
+    return sample.draw([Layers(sample, dpi=dpi)])[0]
+
+
+def heads(ds: xr.Dataset, batch: int, layer: int, *, dpi: float = 100) -> Figure:
     """Every head of one layer (viridis), each titled with its entropy."""
-    batch = _check_index(ds, "batch", batch)
-    layer = _check_index(ds, "layer", layer)
-    n = _length(ds, batch)
-    tokens = _tokens(ds, batch, n)
-    planes = _planes(ds, batch, layer, n)  # (head, n, n)
-    entropy = row_entropy(planes).mean(axis=-1)
-    count = planes.shape[0]
-    ncols = min(count, 4 if count <= 16 else 6)
-    nrows = math.ceil(count / ncols)
-    fig = new_figure((2.9 * ncols + 1.4, 3.0 * nrows + 0.9))
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    norm = Normalize(vmin=0.0, vmax=float(planes.max()) or 1.0)
-    for i, ax in enumerate(axes):
-        if i >= count:
-            ax.remove()
-            continue
-        image = _heatmap(ax, planes[i], cmap="viridis", norm=norm, tokens=tokens, most=12, labels=False)
-        ax.set_title(f"Head {i}: H = {entropy[i]:.2f} nats", fontsize=10)
-        if i % ncols == 0:
-            ax.set_ylabel("Query position")
-        if i >= count - ncols:
-            ax.set_xlabel("Key position")
-    fig.colorbar(image, ax=list(axes[:count]), label="Attention weight", shrink=0.8)
-    fig.suptitle(
-        f"{_title(ds, batch, n)}: layer {layer}, every head"
-        f" (H = mean row entropy; uniform would be ln {n} = {math.log(n):.2f})"
-    )
-    return fig
+    sample = Sample(ds, batch)
+    return sample.draw([Heads(sample, layer, dpi=dpi)])[0]
 
 
 # ---------------------------------------------------------------- the corpus (stats group only)
@@ -281,6 +510,23 @@ def _valid_keys(stats: xr.Dataset, values: np.ndarray) -> np.ndarray:
         lengths = np.asarray(stats["length"].values)
         values[np.arange(values.shape[1])[None, :] >= lengths[:, None]] = np.nan
     return values
+
+
+def nan_quantiles(values: np.ndarray, qs) -> np.ndarray:
+    """`np.nanquantile(values, qs, axis=0)` (linear interpolation), vectorised: NumPy loops
+    over the columns in Python, which takes seconds for thousands of keys. NaN when a
+    column has no value."""
+    ordered = np.sort(values, axis=0)  # NaN sorts last
+    counts = (~np.isnan(values)).sum(axis=0)
+    last = np.maximum(counts - 1, 0)
+    result = np.full((len(qs), values.shape[1]), np.nan)
+    for i, q in enumerate(qs):
+        position = q * last
+        below = np.floor(position).astype(np.int64)
+        low = np.take_along_axis(ordered, below[None], axis=0)[0]
+        high = np.take_along_axis(ordered, np.minimum(below + 1, last)[None], axis=0)[0]
+        result[i] = np.where(counts > 0, low + (high - low) * (position - below), np.nan)
+    return result
 
 
 def batches(ds_or_stats: xr.Dataset, layer: int, head: int | None = None) -> Figure:
@@ -311,7 +557,7 @@ def batches(ds_or_stats: xr.Dataset, layer: int, head: int | None = None) -> Fig
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN keys (no batch that long)
             mean = np.nanmean(values, axis=0)
-            low, high = np.nanquantile(values, [0.1, 0.9], axis=0)
+            low, high = nan_quantiles(values, [0.1, 0.9])
     peaks = np.nanargmax(np.where(present[:, :n_keys], values, -np.inf), axis=1)[present[:, :n_keys].any(axis=1)]
     total = int(stats.sizes["batch"])
     which = f"mean of {stats.sizes['head']} heads" if head is None else f"head {head}"
@@ -319,7 +565,8 @@ def batches(ds_or_stats: xr.Dataset, layer: int, head: int | None = None) -> Fig
     fig = new_figure((14, 4.8))
     ax_mean, ax_peak = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.5, 1]})
     ax_mean.fill_between(positions, low, high, color="tab:blue", alpha=0.25, linewidth=0, label="10-90% of batches")
-    ax_mean.plot(positions, mean, color="tab:blue", linewidth=2, marker="o", markersize=3, label="Mean over batches")
+    marker = "o" if n_keys <= MAX_BARS else None  # markers closer than a pixel would only blot the line
+    ax_mean.plot(positions, mean, color="tab:blue", linewidth=2, marker=marker, markersize=3, label="Mean over batches")
     ax_mean.set_xlim(-0.5, n_keys - 0.5)
     ax_mean.set_ylim(bottom=0)
     _set_ticks(ax_mean, "x", n_keys, None, most=24)
@@ -337,10 +584,15 @@ def batches(ds_or_stats: xr.Dataset, layer: int, head: int | None = None) -> Fig
         labels.append("Batches this long (right axis)")
     ax_mean.legend(handles, labels, loc="upper right")
 
-    ax_peak.hist(peaks, bins=np.arange(n_keys + 1) - 0.5, color="tab:orange", edgecolor="white", linewidth=0.5)
+    width = math.ceil(n_keys / MAX_BARS)  # keys per bin: one bin per key up to MAX_BARS keys
+    bins = np.arange(0, n_keys + width, width) - 0.5
+    if width == 1:
+        ax_peak.hist(peaks, bins=bins, color="tab:orange", edgecolor="white", linewidth=0.5)
+    else:  # one outline, not a patch per bin
+        ax_peak.stairs(np.histogram(peaks, bins)[0], bins, fill=True, color="tab:orange")
     ax_peak.set_xlim(-0.5, n_keys - 0.5)
     _set_ticks(ax_peak, "x", n_keys, None, most=16)
-    ax_peak.set_xlabel("Peak key position")
+    ax_peak.set_xlabel("Peak key position" + ("" if width == 1 else f" (bins of {width} keys)"))
     ax_peak.set_ylabel("Batches")
     common = int(np.bincount(peaks, minlength=n_keys).argmax()) if peaks.size else 0
     share = float(np.mean(peaks == common)) if peaks.size else 0.0

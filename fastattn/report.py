@@ -181,9 +181,17 @@ def write_report(
     # the layer shown in the overview: the most focused one (lowest mean normalised entropy)
     by_layer = np.nanmean(np.where(np.isfinite(table["entropy_norm"]), table["entropy_norm"], np.inf), axis=1)
     focus = int(np.argmin(by_layer))
+    # one read of each plane serves the overview, the layers figure and the heads grids;
+    # the heads' entropies come from the statistics (the same numbers)
+    sample = plot.Sample(ds, batch)
+    entropy = np.asarray(stats["entropy_mean"].isel(batch=batch).transpose("layer", "head").values)
+    overview_fig, layers_fig, *heads_figs = sample.draw(
+        [plot.Overview(sample, focus, dpi=dpi), plot.Layers(sample, dpi=dpi)]
+        + [plot.Heads(sample, layer, dpi=dpi, entropy=entropy[layer]) for layer in picked]
+    )
     sample_figures = [
         _figure(
-            plot.overview(ds, batch, focus),
+            overview_fig,
             dpi,
             f"overview of batch {batch}, layer {focus}",
             f"Batch {batch}, layer {focus} (the layer with the lowest mean normalised entropy), mean over heads: "
@@ -191,16 +199,16 @@ def write_report(
             "each query's distribution over the keys (black: their mean).",
         ),
         _figure(
-            plot.layers(ds, batch),
+            layers_fig,
             dpi,
             f"every layer of batch {batch}",
             f"Batch {batch}, every layer, mean over heads, on one colour scale.",
         ),
     ]
-    for layer in picked:
+    for layer, fig in zip(picked, heads_figs):
         sample_figures.append(
             _figure(
-                plot.heads(ds, batch, layer),
+                fig,
                 dpi,
                 f"heads of layer {layer}, batch {batch}",
                 f"Batch {batch}, layer {layer}: every head; H is the head's mean row entropy in nats.",

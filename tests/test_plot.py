@@ -5,7 +5,9 @@ bad selections are one clear line."""
 from __future__ import annotations
 
 import glob
+import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -391,3 +393,236 @@ def test_cli_bad_format_and_store(cli, stores, tmp_path):
     if not STATS_MISSING:  # the corpus figures need statistics, and say so (the tokens store never gets any)
         line = one_error_line(cli("plot", stores["tokens"], "entropy", "-o", tmp_path / "fig.png"))
         assert "no statistics" in line and "fastattn stats" in line
+
+
+# ---------------------------------------------------------------- long sequences: drawn at the figure's resolution
+
+LONG, SHORT, LONG_LAYERS, LONG_HEADS = 1000, 300, 4, 2
+
+
+def diagonal_softmax(rng, layers: int, heads: int, n: int) -> np.ndarray:
+    """Softmax rows of random logits plus a diagonal bias, float32 (layer, head, n, n)."""
+    logits = rng.standard_normal((layers, heads, n, n), dtype=np.float32) * 1.5
+    logits += 4.0 * np.eye(n, dtype=np.float32)
+    logits -= logits.max(axis=-1, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=-1, keepdims=True)
+    return logits
+
+
+@pytest.fixture(scope="module")
+def long_store(tmp_path_factory) -> str:
+    """Batch 0 of LONG tokens, batch 1 of SHORT (NaN-padded to LONG); one chunk per (batch, layer)."""
+    from conftest import write_dump
+
+    root = tmp_path_factory.mktemp("long")
+    rng = np.random.default_rng()
+    write_dump(root / "d" / "a_long.npz", diagonal_softmax(rng, LONG_LAYERS, LONG_HEADS, LONG))
+    write_dump(root / "d" / "b_short.npz", diagonal_softmax(rng, LONG_LAYERS, LONG_HEADS, SHORT))
+    path = str(root / "long.zarr")
+    assert ingest([str(root / "d")], path, jobs=2).ok
+    return path
+
+
+def reference_block_means(a: np.ndarray, factor: int) -> np.ndarray:
+    """float64 block means by padding with NaN to whole blocks and taking nanmean (independent of plot)."""
+    q, k = (math.ceil(s / factor) * factor for s in a.shape)
+    padded = np.full((q, k), np.nan)
+    padded[: a.shape[0], : a.shape[1]] = a
+    return np.nanmean(padded.reshape(q // factor, factor, k // factor, factor), axis=(1, 3))
+
+
+def block_factor_of(label: str) -> int:
+    """The f of "(mean of f × f blocks)" in a colour bar label; 1 when the map is exact."""
+    found = re.search(r"mean of (\d+) × (\d+) blocks", label)
+    if not found:
+        return 1
+    assert found[1] == found[2]
+    return int(found[1])
+
+
+@pytest.mark.parametrize("shape, factor", [((1000, 1000), 8), ((1003, 997), 7), ((64, 64), 1), ((50, 40), 64), ((1, 9), 2)])
+def test_block_means_match_a_numpy_reference(shape, factor, rng):
+    a = rng.random(shape, dtype=np.float32)
+    got = plot.block_means(a, factor)
+    expected = reference_block_means(a.astype(np.float64), factor)
+    assert got.shape == expected.shape == tuple(math.ceil(s / factor) for s in shape)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    if factor == 1:
+        assert np.array_equal(got, a.astype(np.float64))  # small maps: the values themselves
+    # the sums keep the total: nothing is dropped at the ragged edge
+    assert math.isclose(plot.block_sums(a, factor).sum(), a.astype(np.float64).sum(), rel_tol=1e-6)
+    assert plot.block_factor(1000, 483) == 3 and plot.block_factor(300, 483) == 1
+
+
+def test_mean_row_entropy_matches_float64(rng, samples):
+    """Random softmax rows with exact zeros, and a real MiniLM plane."""
+    a = rng.random((300, 257), dtype=np.float32) ** 6
+    a[rng.random(a.shape) < 0.2] = 0.0
+    a /= a.sum(axis=1, keepdims=True)
+    real = np.load(sorted(samples.rglob("*.npz"))[0], allow_pickle=False)["attention_weights"]
+    real = real.reshape(-1, *real.shape[-2:])[3]
+    for plane in (a, real):
+        p = plane.astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            expected = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1).mean()
+        assert math.isclose(plot.mean_row_entropy(plane, rows=64), expected, rel_tol=1e-6)
+
+
+def drawn_pixels(fig, ax, dpi) -> int:
+    """Pixels along the shorter side of `ax` as saved at `dpi` (after the final layout)."""
+    import io
+
+    fig.savefig(io.BytesIO(), format="png", dpi=dpi)
+    box = ax.get_window_extent()
+    return int(min(box.width, box.height))
+
+
+def test_long_sample_heatmap_holds_block_means(long_store):
+    ds = open_store(long_store)
+    fig = plot.overview(ds, 0, 1, dpi=80)
+    heat, bars, lines, cbar = fig.get_axes()
+    cells = heat.images[0].get_array()
+    factor = block_factor_of(cbar.get_ylabel())
+    assert factor > 1 and f"(mean of {factor} × {factor} blocks)" in heat.get_title()
+    # about one cell per pixel: never more cells than pixels, never fewer than half
+    pixels = drawn_pixels(fig, heat, 80)
+    assert cells.shape == (math.ceil(LONG / factor),) * 2
+    assert pixels / 2 < cells.shape[0] <= pixels + 1
+    stored = ds.attention.isel(batch=0, layer=1).values.astype(np.float64).mean(axis=0)
+    np.testing.assert_allclose(cells, reference_block_means(stored, factor), rtol=1e-5)
+    # on token positions: the last partial block is cropped at the sample's end
+    assert heat.get_xlim() == (-0.5, LONG - 0.5) and heat.get_ylim() == (LONG - 0.5, -0.5)
+    left, right, bottom, top = heat.images[0].get_extent()
+    assert (left, top) == (-0.5, -0.5) and right == bottom == cells.shape[0] * factor - 0.5
+
+    # incoming attention: every key's exact column sum, as one line (no bar per key)
+    assert not bars.patches
+    (incoming,) = [ln for ln in bars.get_lines() if len(ln.get_xdata()) == LONG]
+    np.testing.assert_allclose(incoming.get_ydata(), stored.sum(axis=0), rtol=1e-5)
+    assert legend_texts(bars) == [f"Peak (t={int(np.argmax(stored.sum(axis=0)))})"]
+
+    # rows: every step-th query, at most MAX_ROW_LINES, and the mean over all of them
+    step = math.ceil(LONG / plot.MAX_ROW_LINES)
+    thin = [ln for ln in lines.get_lines() if ln.get_alpha() == 0.3]
+    assert len(thin) == len(range(0, LONG, step)) <= plot.MAX_ROW_LINES
+    np.testing.assert_allclose(np.array([ln.get_ydata() for ln in thin]), stored[::step], rtol=1e-5)
+    mean_line = [ln for ln in lines.get_lines() if ln.get_label() == f"Mean over all {LONG} queries"][0]
+    np.testing.assert_allclose(mean_line.get_ydata(), stored.mean(axis=0), rtol=1e-5)
+    assert f"{len(thin)} of {LONG} queries, {step} apart" in legend_texts(lines)
+
+
+def test_short_sample_is_drawn_exactly(long_store):
+    """The 300-token sample of the same store gets one cell per token where it has the
+    pixels (the overview), block means where it has not (a heads grid at low dpi)."""
+    ds = open_store(long_store)
+    stored = ds.attention.isel(batch=1, layer=2).values[:, :SHORT, :SHORT].astype(np.float64)
+    fig = plot.overview(ds, 1, 2, head=1, dpi=100)
+    heat, _, lines, cbar = fig.get_axes()
+    assert cbar.get_ylabel() == "Attention weight" and heat.get_title() == "Attention matrix"
+    np.testing.assert_array_equal(heat.images[0].get_array(), stored[1])
+    assert drawn_pixels(fig, heat, 100) >= SHORT
+    fig = plot.heads(ds, 1, 2, dpi=40)
+    factor = block_factor_of(fig.get_axes()[-1].get_ylabel())
+    assert factor > 1
+    for head in range(LONG_HEADS):
+        cells = fig.get_axes()[head].images[0].get_array()
+        np.testing.assert_allclose(cells, reference_block_means(stored[head], factor), rtol=1e-5)
+        assert cells.shape[0] <= drawn_pixels(fig, fig.get_axes()[head], 40) + 1
+
+
+def test_report_style_figures_share_one_read(long_store):
+    """Several figures of one sample from one read: the same maps and titles as drawn
+    alone; the statistics' entropy gives the same titles as computing it."""
+    ds = open_store(long_store)
+    sample = plot.Sample(ds, 0)
+    together = sample.draw([plot.Overview(sample, 2, dpi=60), plot.Layers(sample, dpi=60), plot.Heads(sample, 2, dpi=60)])
+    alone = [plot.overview(ds, 0, 2, dpi=60), plot.layers(ds, 0, dpi=60), plot.heads(ds, 0, 2, dpi=60)]
+    for a, b in zip(together, alone):
+        for ax_a, ax_b in zip(a.get_axes(), b.get_axes()):
+            assert ax_a.get_title() == ax_b.get_title()
+            for im_a, im_b in zip(ax_a.images, ax_b.images):
+                np.testing.assert_array_equal(im_a.get_array(), im_b.get_array())
+    computed = [ax.get_title() for ax in together[2].get_axes()[:LONG_HEADS]]
+    planes = ds.attention.isel(batch=0, layer=2).values.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.where(planes > 0, planes * np.log(planes), 0.0).sum(-1).mean(-1)
+    assert computed == [f"Head {h}: H = {entropy[h]:.2f} nats" for h in range(LONG_HEADS)]
+    given = sample.draw([plot.Heads(sample, 2, dpi=60, entropy=entropy)])[0]
+    assert [ax.get_title() for ax in given.get_axes()[:LONG_HEADS]] == computed
+
+
+def attention_reads(monkeypatch) -> list[tuple[str, int]]:
+    """(key, bytes) of every attention chunk read from a local store from now on."""
+    import zarr.storage
+
+    read: list[tuple[str, int]] = []
+    original = zarr.storage.LocalStore.get
+
+    async def counting_get(self, key, *args, **kwargs):
+        value = await original(self, key, *args, **kwargs)
+        if key.startswith("attention/c/"):
+            read.append((key, len(value) if value is not None else 0))
+        return value
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "get", counting_get)
+    return read
+
+
+def test_figures_read_only_the_chunks_they_draw(long_store, monkeypatch):
+    ds = open_store(long_store)
+    assert ds.attention.encoding["chunks"] == (1, 1, LONG_HEADS, LONG, LONG)  # one chunk per (batch, layer)
+    chunk_bytes = {
+        f"attention/c/{b}/{layer}/0/0/0": os.path.getsize(Path(long_store, f"attention/c/{b}/{layer}/0/0/0"))
+        for b in range(2)
+        for layer in range(LONG_LAYERS)
+    }
+    read = attention_reads(monkeypatch)
+    plot.overview(ds, 0, 1, head=1, dpi=50)
+    assert read == [("attention/c/0/1/0/0/0", chunk_bytes["attention/c/0/1/0/0/0"])]  # one plane: its chunk, once
+    read.clear()
+    plot.heads(ds, 1, 2, dpi=50)
+    assert read == [("attention/c/1/2/0/0/0", chunk_bytes["attention/c/1/2/0/0/0"])]
+    read.clear()
+    sample = plot.Sample(ds, 0)
+    heads_grids = [plot.Heads(sample, layer, dpi=50) for layer in range(LONG_LAYERS)]
+    sample.draw([plot.Overview(sample, 0, dpi=50), plot.Layers(sample, dpi=50), *heads_grids])
+    assert sorted(read) == sorted((key, size) for key, size in chunk_bytes.items() if key.startswith("attention/c/0/"))
+
+
+def traced_peak(call) -> int:
+    """Peak bytes traced by tracemalloc while `call()` runs."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_layers_memory_is_one_chunk_not_the_sample(long_store):
+    """`layers` holds one layer's chunk at a time: its peak is what reading one chunk costs
+    (zarr's own buffers included) plus a little, far under reading the whole sample."""
+    ds = open_store(long_store)
+    chunk = LONG_HEADS * LONG * LONG * 4
+    plot.layers(ds, 0, dpi=50)  # warm: imports and caches outside the measurement
+    one_chunk = traced_peak(lambda: ds.attention.isel(batch=0, layer=1).values)
+    whole_sample = traced_peak(lambda: ds.attention.isel(batch=0).values)
+    peak = traced_peak(lambda: plot.layers(ds, 0, dpi=50))
+    assert peak < one_chunk + 3 * chunk < whole_sample, (peak, one_chunk, whole_sample)
+
+
+def test_nan_quantiles_match_numpy(rng):
+    values = rng.standard_normal((37, 300))
+    values[rng.random(values.shape) < 0.4] = np.nan  # ragged: keys past a sample's length
+    values[:, 7] = np.nan  # a key no batch reaches
+    values[:-1, 8] = np.nan  # one batch only
+    with pytest.warns(RuntimeWarning):
+        expected = np.nanquantile(values, [0.1, 0.5, 0.9], axis=0)
+    np.testing.assert_allclose(plot.nan_quantiles(values, [0.1, 0.5, 0.9]), expected, rtol=1e-12, atol=1e-15)
+    full = rng.random((1, 50))
+    np.testing.assert_allclose(plot.nan_quantiles(full, [0.1, 0.9]), np.quantile(full, [0.1, 0.9], axis=0), rtol=1e-12)

@@ -101,6 +101,27 @@ def test_report_content(built):
         assert f"<li>{sentence}</li>" in text.replace("&#x27;", "'")
 
 
+def test_report_reads_each_attention_chunk_of_its_sample_once(built, tmp_path, monkeypatch):
+    """The overview, the layers figure and the heads grids share one read of each plane:
+    each chunk holding the sample is read once (its statistics are in the store already)."""
+    import zarr.storage
+
+    read = []
+    original = zarr.storage.LocalStore.get
+
+    async def counting_get(self, key, *args, **kwargs):
+        if key.startswith("attention/c/"):
+            read.append(key)
+        return await original(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "get", counting_get)
+    report.write_report(built["store"], tmp_path / "again.html", dpi=40)
+    ds = store.open_store(built["store"])
+    batch = report.representative_batch(ds.length.values)
+    chunk = batch // ds.attention.encoding["chunks"][0]
+    assert sorted(read) == [f"attention/c/{chunk}/{layer}/0/0/0" for layer in range(LAYERS)]
+
+
 def test_flag_sentences_read_plainly():
     batches = 25
     names = ("dominant_key", "critical_key", "uniform", "weak", "strong_self")
