@@ -156,14 +156,16 @@ def _lazy_arrays(data, lengths: np.ndarray | None, k: int, parallel: bool) -> di
         }
     if grid.ndim == 0:
         return grid[()]
-    return {name: da.block(_nested(grid, name)) for name in schema}
+    return {name: _joined(grid, name) for name in schema}
 
 
-def _nested(grid: np.ndarray, name: str):
-    """`grid`'s arrays of one variable as the nested lists `da.block` takes."""
+def _joined(grid: np.ndarray, name: str, axis: int = 0):
+    """One variable of a grid of blocks as one dask array, joined along the leading dims."""
+    import dask.array as da
+
     if grid.ndim == 1:
-        return [cell[name] for cell in grid]
-    return [_nested(sub, name) for sub in grid]
+        return da.concatenate([cell[name] for cell in grid], axis=axis)
+    return da.concatenate([_joined(sub, name, axis + 1) for sub in grid], axis=axis)
 
 
 def compute_stats(ds: xr.Dataset | xr.DataArray, k: int = 5, *, parallel: bool | None = None) -> xr.Dataset:
