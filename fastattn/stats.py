@@ -290,13 +290,13 @@ def write_stats(
     """Compute statistics for the batches that have none yet and commit them to the store.
 
     Returns `{"computed": batches computed now, "total": batches with statistics}`. A `k`
-    other than the stored one recomputes every batch. Crash-safe like an ingest: the
-    manifest's `stats_committed` moves only after the arrays are written.
+    other than the stored one, or statistics laid out by an older version (other variables),
+    recompute every batch. Crash-safe like an ingest: the manifest's `stats_committed` moves
+    only after the arrays are written.
 
-    Why not `compute_stats(open_store(...)).to_zarr(...)`: dask's graph for that has ~60 tasks
-    per store chunk and 25 small writes per batch-chunk, which cost more than the kernels.
-    Here a plain loop takes blocks of ~128 MB: zarr reads the next block while the parallel
-    kernels run on this one, and a writer thread stores the last one, one write per variable.
+    The same kernel over the same blocks as `compute_stats`, without dask: a plain loop takes
+    blocks of ~128 MB, zarr reads the next block while the parallel kernel runs on this one,
+    and a writer thread stores the last one, one write per variable.
     With a `dask.distributed.Client` (passed or active) the blocks run on its workers instead.
     `progress(batches done, batches to do)` is called after each block.
     """
@@ -308,13 +308,16 @@ def write_stats(
         manifest = store.check_store(loc)
         done = manifest.stats_committed if manifest.stats_k == k else 0
         n = manifest.committed
-        if done >= n:
-            return {"computed": 0, "total": n}
+        if n == 0:
+            return {"computed": 0, "total": 0}
         group = store.open_group(loc)
         _, _, _, query, key = group["attention"].shape
         block = _block_batches(manifest, query, key)
         old = group[GROUP] if GROUP in group else None
-        if done == 0 or old is None or _layout_changed(old, query, key, k, block):
+        stale = done == 0 or old is None or _layout_changed(old, query, key, k, block)
+        if done >= n and not stale:
+            return {"computed": 0, "total": n}
+        if stale:
             if manifest.stats_committed:  # uncommit first: the new layout drops the old arrays
                 manifest.stats_committed = 0
                 store.commit(loc, manifest)

@@ -217,6 +217,19 @@ def test_write_stats_is_incremental(tmp_path, rng, blocks):
     assert fastattn.open_stats(target).sizes["rank"] == 3
 
 
+def test_statistics_of_an_older_layout_are_computed_again(samples_store, tmp_path):
+    """A stats group without this version's variables (or with other dtypes) is laid out again
+    and recomputed, even when every batch has statistics."""
+    target = tmp_path / "s.zarr"
+    shutil.copytree(samples_store, target)
+    assert fastattn.write_stats(target) == {"computed": 11, "total": 11}
+    shutil.rmtree(target / "stats" / "prev_token")  # as written before prev_token existed
+    assert "prev_token" not in fastattn.open_stats(target)
+    assert fastattn.write_stats(target) == {"computed": 11, "total": 11}
+    assert fastattn.write_stats(target) == {"computed": 0, "total": 11}
+    check_against_reference(fastattn.open_stats(target), fastattn.open_store(target))
+
+
 def test_longer_sequences_lay_statistics_out_again(tmp_path, rng):
     batched_dump(rng, tmp_path / "d" / "a.npz", [5, 4], layers=1, heads=2)
     ingest([tmp_path / "d"], tmp_path / "s.zarr")

@@ -354,9 +354,11 @@ def _row_topk_packed(a, p, q, nk, k, keys, lanes, index, weight, d):
         for lane in range(_LANES):
             lanes[lane] = max(lanes[lane], keys[g * _LANES + lane])
     for t in range(min(k, nk)):
-        m = lanes[0]
-        for lane in range(1, _LANES):
-            m = max(m, lanes[lane])
+        # Trees, not chains, of maxima: each rank waits on the last, so latency is the cost.
+        m = max(
+            max(max(lanes[0], lanes[1]), max(lanes[2], lanes[3])),
+            max(max(lanes[4], lanes[5]), max(lanes[6], lanes[7])),
+        )
         if m == _NO_KEY:
             return  # only NaN/−inf left
         j = _LOW32 - (m & _LOW32)
@@ -364,10 +366,13 @@ def _row_topk_packed(a, p, q, nk, k, keys, lanes, index, weight, d):
         weight[d, q, t] = a[p, q, j]
         keys[j] = _NO_KEY
         lane = j % _LANES
-        m = keys[lane]
-        for g in range(1, groups):
-            m = max(m, keys[g * _LANES + lane])
-        lanes[lane] = m
+        even, odd = keys[lane], _NO_KEY
+        for g in range(1, groups - 1, 2):
+            odd = max(odd, keys[g * _LANES + lane])
+            even = max(even, keys[(g + 1) * _LANES + lane])
+        if groups % 2 == 0:
+            odd = max(odd, keys[(groups - 1) * _LANES + lane])
+        lanes[lane] = max(even, odd)
 
 
 @_inline
