@@ -68,11 +68,11 @@ def _block_arrays(pieces, lengths, shape: tuple[int, ...], k: int, parallel: boo
 
     Q, K = pieces[0][0].shape[-2:]
     out = kernel.empty_buffers(math.prod(shape), Q, K, k, np.float32)
+    planes = np.arange(math.prod(shape)).reshape(shape)  # a block plane's index in the outputs
     for array, offset in pieces:
-        piece = array.shape[:-2]
-        where = tuple(slice(o, o + n) for o, n in zip(offset, piece))
-        dest = np.ravel_multi_index(tuple(np.indices(piece).reshape(len(piece), -1) + np.array(offset).reshape(-1, 1)), shape)
-        kernel.fill(out, array, None if lengths is None else lengths[where], dest, parallel=parallel)
+        where = tuple(slice(o, o + n) for o, n in zip(offset, array.shape[:-2]))
+        lens = None if lengths is None else lengths[where]
+        kernel.fill(out, array, lens, planes[where].ravel(), parallel=parallel)
     return kernel.named(out, shape)
 
 

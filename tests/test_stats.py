@@ -170,6 +170,8 @@ def test_lazy_stats_on_any_chunking(rng):
         got = fastattn.compute_stats(ds.chunk(chunks))
         xr.testing.assert_identical(got.compute(), want)
     check_against_reference(want.transpose("batch", "layer", "head", ...), ds.transpose("batch", "layer", "head", ...))
+    plane = da.isel(batch=0, head=0, layer=0)  # no leading dims at all
+    xr.testing.assert_identical(fastattn.compute_stats(plane.chunk()).compute(), want.isel(batch=0, head=0, layer=0).drop_vars("length"))
 
 
 def test_blocks_are_runs_of_whole_chunks(monkeypatch):
