@@ -99,6 +99,24 @@ def per_file_stats(paths: list[str], out_path: str | os.PathLike, k: int = 5) ->
     )
 
 
+def guide_ops(a: np.ndarray, k: int = 5) -> tuple:
+    """The user guide's NumPy statistics of one array, verbatim: row and column sums, entropy
+    with an epsilon, the top-`k` keys by `argsort`, and the mean of the diagonal."""
+    return (
+        a.sum(-1),
+        a.sum(-2),
+        -(a * np.log(a + 1e-10)).sum(-1),
+        np.argsort(a, -1)[..., -k:],
+        np.diagonal(a, axis1=-2, axis2=-1).mean(-1),
+    )
+
+
+def guide_loop(paths: list[str], k: int = 5) -> list[tuple]:
+    """The user guide's per-file loop: `np.load` each dump, then `guide_ops`. Nothing is saved;
+    the results are kept (and returned) so every one is really computed."""
+    return [guide_ops(np.load(path, allow_pickle=False)["attention_weights"], k) for path in paths]
+
+
 # ---------------------------------------------------------------- attention weights
 
 

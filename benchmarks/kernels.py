@@ -14,7 +14,12 @@ times every contender once, so machine noise hits all of them alike), medians:
   stay small (a stronger baseline than whole-array temporaries);
 - ``topk`` against ``np.argsort`` (stable, on −w) + ``take_along_axis``;
 - ``plane_stats`` against a plain ``a.sum()``: one read of the array, the
-  memory-bandwidth floor any single pass must pay.
+  memory-bandwidth floor any single pass must pay;
+- ``attention_stats``: every statistic, the per-plane summaries, the flags
+  and the top-5 in one kernel call, float32 outputs (what ``compute_stats``
+  runs), against the user guide's NumPy ops on the same array (row and column
+  sums, ``np.log(a + 1e-10)`` entropy, ``np.argsort`` top-5, diagonal mean;
+  ``baselines.guide_ops``), and against ``a.sum()``.
 
 Each row: figure, fastattn_s, baseline_s, ratio (= baseline_s / fastattn_s,
 the speed-up; < 1 for the floor row), gbps (array bytes / fastattn_s),
@@ -39,10 +44,14 @@ import numba
 import numpy as np
 
 from fastattn.kernels import plane_stats, topk
+from fastattn.kernels.stats import attention_stats
+
+from . import baselines
 
 SAMPLE_SHAPE = (6, 12, 64, 64)  # layer, head, query, key
 CHUNK = 16  # samples per NumPy chunk (~19 MB of float32)
 TOPK = 8
+GUIDE_K = 5  # the user guide's top-k
 
 
 def make_attention(gb: float, seed: int = 0) -> np.ndarray:
@@ -127,6 +136,12 @@ def _check(a: np.ndarray) -> None:
         np.testing.assert_allclose(getattr(ours, name), want, rtol=1e-5, atol=1e-9, err_msg=name)
     index, _ = topk(part, TOPK)
     np.testing.assert_array_equal(index, numpy_topk(part)[0])
+    fused = attention_stats(part, GUIDE_K, dtype=np.float32)
+    for name, want in theirs.items():
+        np.testing.assert_allclose(fused[name], want, rtol=1e-5, atol=1e-9, err_msg=name)
+    guide = baselines.guide_ops(part, GUIDE_K)
+    np.testing.assert_allclose(fused["diag"].mean(-1), guide[4], rtol=1e-5)
+    np.testing.assert_array_equal(fused["topk_index"][..., 0], guide[3][..., -1])  # no ties in random weights
 
 
 def run(gb: float = 1.0, repeats: int = 3, seed: int = 0) -> list[dict]:
@@ -134,6 +149,7 @@ def run(gb: float = 1.0, repeats: int = 3, seed: int = 0) -> list[dict]:
     a = make_attention(gb, seed)
     _check(a)  # also compiles (warms) every kernel variant used below
     plane_stats(a[:1], parallel=False)
+    attention_stats(a[:1], GUIDE_K, dtype=np.float32)
     contenders = {
         "plane_stats": lambda: plane_stats(a),
         "plane_stats_1thread": lambda: plane_stats(a, parallel=False),
@@ -141,6 +157,8 @@ def run(gb: float = 1.0, repeats: int = 3, seed: int = 0) -> list[dict]:
         "topk": lambda: topk(a, TOPK),
         "numpy_topk": lambda: numpy_topk(a),
         "np_sum": lambda: a.sum(),
+        "all_stats": lambda: attention_stats(a, GUIDE_K, dtype=np.float32),
+        "guide_ops": lambda: baselines.guide_ops(a, GUIDE_K),
     }
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
     for _ in range(repeats):
@@ -178,6 +196,9 @@ def run(gb: float = 1.0, repeats: int = 3, seed: int = 0) -> list[dict]:
             "fastattn_cpu_s": cpu["plane_stats"] + cpu["topk"],
             "baseline_cpu_s": cpu["numpy_stats"] + cpu["numpy_topk"],
         },
+        row(f"all statistics + top-{GUIDE_K}, one kernel ({threads} threads)", "all_stats", "guide_ops",
+            "the guide's NumPy ops"),
+        row(f"all statistics + top-{GUIDE_K} vs floor ({threads} threads)", "all_stats", "np_sum", "a.sum(): one read"),
         row("np.sum (bandwidth floor)", "np_sum", "np_sum", "itself"),
     ]
 

@@ -52,7 +52,7 @@ import zarr
 
 from . import dumps, store
 from .errors import StoreError
-from .stats import FLAGS, PER_QUERY, PLANE_DIMS
+from .stats import variables as stats_variables
 
 #: At most this many lines per kind of problem (bad values, bad chunks...); the rest are counted.
 MAX_PER_KIND = 10
@@ -87,16 +87,9 @@ BATCHED = ("attention", "length", "source", "source_index", "token")
 FORCE_HINT = "; --repair --force drops the batches from its file onwards"
 
 #: The `stats` group as `fastattn.stats.write_stats` lays it out: variable -> dims.
+#: The `stats` group as `fastattn.stats.write_stats` lays it out: variable -> dims.
 STATS_SCHEMA = {
-    **{name: (*PLANE_DIMS, "query") for name in PER_QUERY},
-    "col_sum": (*PLANE_DIMS, "key"),
-    "topk_index": (*PLANE_DIMS, "query", "rank"),
-    "topk_weight": (*PLANE_DIMS, "query", "rank"),
-    **{
-        name: PLANE_DIMS
-        for name in ("entropy_mean", "entropy_norm", "self_attention", "diag_share", "peak_key", "peak_incoming",
-                     "confidence", "distance_mean", "row_sum_error", *FLAGS)
-    },
+    **{name: dims for name, (dims, _) in stats_variables(("batch", "layer", "head"), 1).items()},
     "length": ("batch",),
     **{dim: (dim,) for dim in (*store.DIMS, "rank")},
 }

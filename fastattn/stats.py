@@ -1,161 +1,204 @@
-"""Store → statistics: xarray/dask around the Numba kernels, per-plane summaries, pattern flags.
+"""Store → statistics: one fused Numba kernel call per block of planes, for notebooks and the store.
 
-`compute_stats(ds)` is lazy: one fused kernel pass per dask chunk of whole `(query, key)`
-planes, so memory stays flat however many batches there are. Inside dask the kernels run
-single-threaded (dask's threads already use the cores); on in-memory arrays they run
-parallel. `write_stats(store)` computes only the batches that have no statistics yet, in a
-plain loop over ~128 MB blocks (no dask graph), and commits them through the manifest, like
-an ingest.
+`compute_stats(ds)` is lazy: one dask task per block of ~128 MB of attention (whole store
+chunks, never copied into one array) runs the fused kernel (`fastattn.kernels.stats`), which
+gives every per-query, per-key and per-plane statistic, the top-k and the pattern flags in one
+pass; nothing is computed afterwards in xarray or NumPy. Inside dask the kernel runs
+single-threaded (dask's threads already use the cores); on in-memory arrays it runs parallel.
+`write_stats(store)` runs the same kernel over the same blocks for the batches that have no
+statistics yet, in a plain loop (no dask graph), and commits them through the manifest, like
+an ingest. The formulas and the pattern flags' thresholds are in the kernel module's docstring.
 
-Pattern flags. The seed rules were written for 8 tokens, where a uniform row gives every
-key u = 1/8 and every key receives 1 in total. Each rule is rescaled so that at length 8
-it gives exactly the seed's number:
-
-- ``uniform``:        std of the valid weights < 0.08·u             (seed: std < 0.01)
-- ``diagonal_only``:  diagonal sum / total > 0.8                     (a share already)
-- ``dominant_key``:   peak incoming / length > 3.0/8 of all attention (seed: peak incoming > 3.0)
-- ``critical_key``:   peak incoming / length > 1.5/8                  (seed: peak incoming > 1.5)
-- ``weak``:           largest weight < 1.2·u                          (seed: max < 0.15)
-- ``strong_self``:    mean of the diagonal > 1.2·u                    (seed: diagonal mean > 0.15)
-
-Incoming attention is scaled as a share of all attention (the total is `length`), not as
-a multiple of the uniform column sum (which is 1 at any length): "3× a fair share" of 512
-keys is 0.6% of the attention, which is not one key dominating. Length-1 planes and
-cross-attention (query ≠ key, no diagonal) give NaN statistics where undefined and False
-flags.
+`FLAGS`, `PER_QUERY` and `PER_PLANE` (the variable names) are the kernel's, read lazily so that
+importing this module does not load Numba.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import xarray as xr
 
+#: Attention bytes per block of `compute_stats` and `write_stats`: big enough that per-block costs
+#: (a kernel launch, one write per variable, a dask task) vanish, small enough that two blocks
+#: in flight stay ~0.3 GB.
+BLOCK_BYTES = 128 << 20
 
-PER_QUERY = ("row_sum", "entropy", "max_weight", "distance", "diag", "sq_sum")
-PLANE_DIMS = ("batch", "layer", "head")
-FLAGS = ("uniform", "diagonal_only", "dominant_key", "weak", "critical_key", "strong_self")
-SEED_LENGTH = 8
-
-#: The seed's thresholds at 8 tokens (see the module docstring for how each scales).
-UNIFORM_STD = 0.01
-DIAGONAL_SHARE = 0.8
-DOMINANT_INCOMING = 3.0
-CRITICAL_INCOMING = 1.5
-WEAK_MAX = 0.15
-STRONG_SELF = 0.15
+_KERNEL_NAMES = {"FLAGS": "FLAGS", "PER_QUERY": "ROW_STATS", "PER_PLANE": "PLANE_STATS"}
 
 
-def _kernel_block(attention: np.ndarray, lengths: np.ndarray, k: int, parallel: bool):
-    """All per-query/per-key outputs of one block of planes."""
-    from .kernels import plane_stats, topk  # numba loads on first use, not on `import fastattn`
+def __getattr__(name: str):
+    if name in _KERNEL_NAMES:
+        from .kernels import stats as kernel
 
-    lengths = np.broadcast_to(lengths, attention.shape[:-2])
-    stats = plane_stats(attention, lengths, parallel=parallel)
-    index, weight = topk(attention, k, lengths, parallel=parallel)
-    per_query = [getattr(stats, name).astype(np.float32) for name in PER_QUERY]
-    return (*per_query, stats.col_sum.astype(np.float32), index, weight.astype(np.float32))
+        return getattr(kernel, _KERNEL_NAMES[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _lengths_for(attention: xr.DataArray, length: xr.DataArray | None) -> xr.DataArray:
-    if length is not None:
-        return length.astype(np.int64)
-    full = max(attention.sizes["query"], attention.sizes["key"])
-    dims = [d for d in attention.dims if d not in ("query", "key")]
-    return xr.DataArray(np.full([attention.sizes[d] for d in dims], full, dtype=np.int64), dims=dims)
+def variables(lead: tuple[str, ...], k: int) -> dict[str, tuple[tuple[str, ...], np.dtype]]:
+    """Every variable of the kernel's output: its dims and dtype (per-query values are float32,
+    the input's precision and most of the bytes; per-plane summaries float64)."""
+    from .kernels import stats as kernel
 
-
-def per_query_stats(
-    attention: xr.DataArray, length: xr.DataArray | None = None, k: int = 5, *, parallel: bool | None = None
-) -> xr.Dataset:
-    """Per-query and per-key statistics of every plane, lazily on dask arrays.
-
-    `row_sum[q] = Σ_k A[q,k]`, `entropy[q] = −Σ_k A ln A` (0·ln 0 = 0), `max_weight[q]`,
-    `distance[q] = Σ_k A[q,k]·|q−k|`, `diag[q] = A[q,q]`, `sq_sum[q] = Σ_k A²`,
-    `col_sum[k] = Σ_q A[q,k]`, and the top-`k` keys per query (descending, ties to the
-    lower index, −1/NaN past the valid keys). NaN outside each plane's valid block.
-    `parallel`: the kernels' own threads; by default on for in-memory arrays, off inside
-    dask (whose threads already use the cores).
-    """
-    if not 1 <= k <= 64:
-        raise ValueError(f"k must be between 1 and 64, not {k}")
-    lengths = _lengths_for(attention, length)
-    lazy = attention.chunks is not None
-    if lazy:
-        attention = attention.chunk({"query": -1, "key": -1})
-    outputs = xr.apply_ufunc(
-        _kernel_block,
-        attention,
-        lengths,
-        kwargs={"k": k, "parallel": (not lazy) if parallel is None else parallel},
-        input_core_dims=[["query", "key"], []],
-        output_core_dims=[["query"]] * len(PER_QUERY) + [["key"], ["query", "rank"], ["query", "rank"]],
-        output_dtypes=[np.float32] * (len(PER_QUERY) + 1) + [np.int32, np.float32],
-        dask="parallelized",
-        dask_gufunc_kwargs={"output_sizes": {"rank": k}},
-    )
-    names = (*PER_QUERY, "col_sum", "topk_index", "topk_weight")
-    ds = xr.Dataset(dict(zip(names, outputs)))
-    return ds.assign_coords(rank=np.arange(k, dtype=np.int32))
-
-
-def plane_summaries(st: xr.Dataset, length: xr.DataArray | None, query: int, key: int) -> xr.Dataset:
-    """Per-plane numbers and flags from the per-query/per-key statistics (all lazy)."""
-    if length is None:
-        length = xr.full_like(st.row_sum.isel(query=0, drop=True), max(query, key), dtype=np.int64)
-    n = length.astype(np.float64)
-    cross = query != key
-    queries = float(query) if cross else n
-    keys = float(key) if cross else n
-    total = st.row_sum.sum("query")
-    out = xr.Dataset()
-    out["entropy_mean"] = st.entropy.mean("query")
-    out["entropy_norm"] = out.entropy_mean / np.log(xr.where(keys > 1, keys, np.nan))
-    out["self_attention"] = st.diag.mean("query")
-    out["diag_share"] = st.diag.sum("query", min_count=1) / total
-    filled = st.col_sum.fillna(-np.inf)
-    out["peak_key"] = filled.argmax("key").astype(np.int32)
-    out["peak_incoming"] = st.col_sum.max("key")
-    out["confidence"] = st.max_weight.mean("query")
-    out["distance_mean"] = st.distance.mean("query")
-    out["row_sum_error"] = abs(st.row_sum - 1.0).max("query")
-    # std over the valid block: mean weight is total/count, mean square is Σ A²/count
-    count = queries * keys
-    mean = total / count
-    variance = (st.sq_sum.sum("query") / count - mean**2).clip(min=0.0)
-    std = np.sqrt(variance)
-    uniform_weight = 1.0 / keys
-    scale = uniform_weight * SEED_LENGTH  # 1 at 8 tokens
-    share = out.peak_incoming / queries
-    valid = n > 1
-    out["uniform"] = valid & (std < UNIFORM_STD * scale)
-    out["diagonal_only"] = valid & (out.diag_share > DIAGONAL_SHARE)
-    out["dominant_key"] = valid & (share > DOMINANT_INCOMING / SEED_LENGTH)
-    out["weak"] = valid & (st.max_weight.max("query") < WEAK_MAX * scale)
-    out["critical_key"] = valid & (share > CRITICAL_INCOMING / SEED_LENGTH)
-    out["strong_self"] = valid & (out.self_attention > STRONG_SELF * scale)
+    f32 = np.dtype(np.float32)
+    out = {name: (lead + ("query",), f32) for name in kernel.ROW_STATS}
+    out["col_sum"] = (lead + ("key",), f32)
+    out["topk_index"] = (lead + ("query", "rank"), np.dtype(np.int32))
+    out["topk_weight"] = (lead + ("query", "rank"), f32)
+    planes = {name: (lead, np.dtype(np.float64)) for name in kernel.PLANE_STATS}
+    for name in ("entropy_mean", "entropy_norm", "self_attention", "diag_share"):
+        out[name] = planes.pop(name)
+    out["peak_key"] = (lead, np.dtype(np.int32))
+    out.update(planes)
+    out.update({name: (lead, np.dtype(bool)) for name in kernel.FLAGS})
     return out
 
 
-def compute_stats(ds: xr.Dataset | xr.DataArray, k: int = 5, *, parallel: bool | None = None) -> xr.Dataset:
-    """Every statistic of every `(batch, layer, head)` plane, as a lazy `xarray.Dataset`.
+def _block_arrays(pieces, lengths, shape: tuple[int, ...], k: int, parallel: bool) -> dict[str, np.ndarray]:
+    """The fused kernel over one block of planes, `shape` of them (the leading dims).
 
-    Takes a store (`open_store`) or any Dataset/DataArray with `query` and `key` dims
-    (`length` is used when the Dataset has it, else whole planes are valid). Variables:
-    per query `row_sum, entropy, max_weight, distance` (and `diag`, `sq_sum`); per key
-    `col_sum`; `topk_index, topk_weight` (…, query, rank); per plane `entropy_mean,
-    entropy_norm, self_attention, diag_share, peak_key, peak_incoming, confidence,
-    distance_mean, row_sum_error`, and the boolean flags `uniform, diagonal_only,
-    dominant_key, weak, critical_key, strong_self`.
+    `pieces` are `(array (*piece, Q, K), offset)` pairs tiling the block (e.g. its store chunks);
+    each is written straight into the block's outputs, so they are never concatenated.
+    `lengths` holds one length per plane of the block (None: every plane whole)."""
+    from .kernels import stats as kernel
+
+    Q, K = pieces[0][0].shape[-2:]
+    out = kernel.empty_buffers(math.prod(shape), Q, K, k, np.float32)
+    planes = np.arange(math.prod(shape)).reshape(shape)  # a block plane's index in the outputs
+    for array, offset in pieces:
+        where = tuple(slice(o, o + n) for o, n in zip(offset, array.shape[:-2]))
+        lens = None if lengths is None else lengths[where]
+        kernel.fill(out, array, lens, planes[where].ravel(), parallel=parallel)
+    return kernel.named(out, shape)
+
+
+def _dataset(arrays: dict, lead: tuple[str, ...], k: int, coords) -> xr.Dataset:
+    """The kernel's arrays (NumPy or dask) as a Dataset with the attention's coordinates."""
+    st = xr.Dataset({name: (dims, arrays[name]) for name, (dims, _) in variables(lead, k).items()}, coords=coords)
+    return st.assign_coords(rank=np.arange(k, dtype=np.int32))
+
+
+def _plane_lengths(length: xr.DataArray | None, lead: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray | None:
+    """One length per plane (int64, `shape`), from a `length` over some of the leading dims."""
+    if length is None:
+        return None
+    extra = set(length.dims) - set(lead)
+    if extra:
+        raise ValueError(f"length has dims {sorted(extra)} that the attention's planes do not")
+    values = np.asarray(length.transpose(*[d for d in lead if d in length.dims]).values)
+    if values.dtype.kind not in "iu":
+        raise ValueError(f"length must hold integers, not {values.dtype}")
+    expanded = values.reshape([length.sizes.get(d, 1) for d in lead]).astype(np.int64)
+    return np.broadcast_to(expanded, shape)
+
+
+def _runs(chunks: tuple[tuple[int, ...], ...], plane_bytes: int) -> list[list[tuple[int, int]]]:
+    """Blocks of whole chunks: per leading dim, runs `[i, j)` of chunk indices.
+
+    Inner dims are taken whole while the block stays within BLOCK_BYTES; the first dim that
+    does not fit is cut into runs of consecutive chunks up to BLOCK_BYTES (at least one),
+    and dims outside it keep their own chunks. For a store this is `write_stats`' blocks:
+    all layers and heads, and as many batch chunks as fit in ~128 MB."""
+    runs: list[list[tuple[int, int]]] = []
+    step, whole = plane_bytes, True
+    for sizes in reversed(chunks):
+        if not whole:
+            runs.append([(i, i + 1) for i in range(len(sizes))])
+        elif step * sum(sizes) <= BLOCK_BYTES:
+            runs.append([(0, len(sizes))])
+            step *= sum(sizes)
+        else:
+            cut, start, size = [], 0, 0
+            for i, n in enumerate(sizes):
+                if i > start and (size + n) * step > BLOCK_BYTES:
+                    cut.append((start, i))
+                    start, size = i, 0
+                size += n
+            runs.append(cut + [(start, len(sizes))])
+            whole = False
+    return runs[::-1]
+
+
+def _lazy_arrays(data, lengths: np.ndarray | None, k: int, parallel: bool) -> dict:
+    """Dask arrays of every output: one task per block of whole chunks (see `_runs`), its pieces
+    handed over as they are, plus one cheap `getitem` per variable and block."""
+    import dask
+    import dask.array as da
+
+    if len(data.chunks[-2]) > 1 or len(data.chunks[-1]) > 1:
+        data = data.rechunk({data.ndim - 2: -1, data.ndim - 1: -1})  # the kernel needs whole planes
+    lead_chunks = data.chunks[:-2]
+    starts = [np.cumsum((0,) + c) for c in lead_chunks]
+    parts = data.to_delayed().reshape(data.numblocks[:-2])
+    runs = _runs(lead_chunks, data.shape[-2] * data.shape[-1] * data.dtype.itemsize)
+    schema = variables(tuple(f"d{i}" for i in range(len(lead_chunks))), k)
+    trailing = {"query": data.shape[-2], "key": data.shape[-1], "rank": k}
+    grid = np.empty([len(r) for r in runs], dtype=object)
+    for at in itertools.product(*[range(len(r)) for r in runs]):
+        spans = [r[i] for r, i in zip(runs, at)]
+        origin = [int(s[a]) for s, (a, _) in zip(starts, spans)]
+        shape = tuple(int(s[b] - s[a]) for s, (a, b) in zip(starts, spans))
+        pieces = [
+            (parts[index], tuple(int(s[i]) - o for s, i, o in zip(starts, index, origin)))
+            for index in itertools.product(*[range(a, b) for a, b in spans])
+        ]
+        where = tuple(slice(o, o + n) for o, n in zip(origin, shape))
+        block = dask.delayed(_block_arrays, pure=True)(
+            pieces, None if lengths is None else np.ascontiguousarray(lengths[where]), shape, k, parallel
+        )
+        grid[at] = {
+            name: da.from_delayed(block[name], shape + tuple(trailing[d] for d in dims[len(shape):]), dtype=dtype)
+            for name, (dims, dtype) in schema.items()
+        }
+    if grid.ndim == 0:
+        return grid[()]
+    return {name: _joined(grid, name) for name in schema}
+
+
+def _joined(grid: np.ndarray, name: str, axis: int = 0):
+    """One variable of a grid of blocks as one dask array, joined along the leading dims."""
+    import dask.array as da
+
+    if grid.ndim == 1:
+        return da.concatenate([cell[name] for cell in grid], axis=axis)
+    return da.concatenate([_joined(sub, name, axis + 1) for sub in grid], axis=axis)
+
+
+def compute_stats(ds: xr.Dataset | xr.DataArray, k: int = 5, *, parallel: bool | None = None) -> xr.Dataset:
+    """Every statistic of every plane (e.g. `(batch, layer, head)`), as an `xarray.Dataset`.
+
+    Takes a store (`open_store`) or any Dataset/DataArray with `query` and `key` dims (`length`
+    is used when the Dataset has it, else whole planes are valid). Lazy on dask-backed data:
+    one fused kernel task per ~128 MB block of whole chunks, the same kernel and blocks as
+    `write_stats`; immediate on in-memory data. Variables: per query `row_sum, entropy,
+    max_weight, distance, diag, sq_sum`; per key `col_sum`; `topk_index, topk_weight` (…,
+    query, rank); per plane `entropy_mean, entropy_norm, self_attention, diag_share, peak_key,
+    peak_incoming, confidence, distance_mean, row_sum_error, prev_token, next_token,
+    first_token, last_token` and the boolean flags `uniform, diagonal_only, dominant_key,
+    weak, critical_key, strong_self` (formulas: `fastattn.kernels.stats`).
+    `parallel`: the kernel's own threads; by default on for in-memory arrays, off inside dask
+    (whose threads already use the cores).
     """
+    if not 1 <= k <= 64:
+        raise ValueError(f"k must be between 1 and 64, not {k}")
     attention = ds if isinstance(ds, xr.DataArray) else ds["attention"]
     length = ds["length"] if isinstance(ds, xr.Dataset) and "length" in ds else None
-    st = per_query_stats(attention, length, k, parallel=parallel)
-    st = st.merge(plane_summaries(st, length, attention.sizes["query"], attention.sizes["key"]))
-    for var in st.data_vars.values():
-        var.attrs = {}  # not the attention's "attention weight"
+    if "query" not in attention.dims or "key" not in attention.dims:
+        raise ValueError(f"attention needs 'query' and 'key' dims, this has {attention.dims}")
+    lead = tuple(d for d in attention.dims if d not in ("query", "key"))
+    attention = attention.transpose(*lead, "query", "key")
+    shape = attention.shape[:-2]
+    lengths = _plane_lengths(length, lead, shape)
+    if attention.chunks is None:
+        values = attention.values
+        arrays = _block_arrays([(values, (0,) * len(lead))], lengths, shape, k, True if parallel is None else parallel)
+    else:
+        arrays = _lazy_arrays(attention.data, lengths, k, False if parallel is None else parallel)
+    st = _dataset(arrays, lead, k, attention.coords)
     if length is not None:
         st["length"] = length
     return st
@@ -166,13 +209,9 @@ def compute_stats(ds: xr.Dataset | xr.DataArray, k: int = 5, *, parallel: bool |
 GROUP = "stats"
 
 
-#: Attention bytes per block of `write_stats`: big enough that per-block costs (one write per
-#: variable, one kernel launch) vanish, small enough that two blocks in flight stay ~0.3 GB.
-BLOCK_BYTES = 128 << 20
-
-
 def _block_batches(manifest, query: int, key: int) -> int:
-    """Batches per block, a multiple of the store's batch chunk (no chunk is read twice)."""
+    """Batches per block, a multiple of the store's batch chunk (no chunk is read twice): the
+    blocks `_runs` gives `compute_stats` on the same store."""
     per_batch = manifest.layers * manifest.heads * query * key * np.dtype(manifest.dtype).itemsize
     chunks = max(1, BLOCK_BYTES // (per_batch * manifest.batch_chunk))
     return int(chunks * manifest.batch_chunk)
@@ -185,29 +224,28 @@ def _blocks(start: int, stop: int, size: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _read_block(group, b0: int, b1: int) -> xr.Dataset:
+def _read_block(group, b0: int, b1: int) -> tuple[np.ndarray, np.ndarray]:
     """Batches [b0, b1) of the store, in memory: zarr reads and decodes the chunks concurrently."""
-    from .store import DIMS
-
-    attention = group["attention"][b0:b1]
-    coords = {dim: np.arange(size, dtype=np.int32) for dim, size in zip(DIMS, attention.shape)}
-    coords["batch"] = np.arange(b0, b1, dtype=np.int32)
-    return xr.Dataset({"attention": (DIMS, attention), "length": ("batch", group["length"][b0:b1])}, coords=coords)
+    return group["attention"][b0:b1], group["length"][b0:b1]
 
 
-def _block_stats(block: xr.Dataset, k: int, parallel: bool) -> xr.Dataset:
-    """Every statistic of an in-memory block, without the coords that have no batch dim."""
-    st = compute_stats(block, k=k, parallel=parallel)
-    return st.drop_vars([name for name in st.variables if "batch" not in st[name].dims])
+def _block_stats(block: tuple[np.ndarray, np.ndarray], k: int, parallel: bool) -> dict[str, np.ndarray]:
+    """Every statistic of an in-memory block (batch, layer, head, query, key), and its lengths."""
+    attention, length = block
+    shape = attention.shape[:-2]
+    lengths = np.broadcast_to(length.astype(np.int64).reshape(-1, 1, 1), shape)
+    arrays = _block_arrays([(attention, (0, 0, 0))], lengths, shape, k, parallel)
+    arrays["length"] = length
+    return arrays
 
 
-def _write_block(arrays: dict, st: xr.Dataset, b0: int, b1: int) -> int:
+def _write_block(arrays: dict, st: dict, b0: int, b1: int) -> int:
     """One write per variable, all at once (see store.write_all). Every chunk is written, even
     one equal to the fill value (an all-False flag), so a missing chunk is always damage."""
     from . import store
 
-    arrays = {name: arrays[name].with_config({"write_empty_chunks": True}) for name in st.data_vars}
-    store.write_all((arrays[name], slice(b0, b1), st[name].values) for name in st.data_vars)
+    arrays = {name: arrays[name].with_config({"write_empty_chunks": True}) for name in st}
+    store.write_all((arrays[name], slice(b0, b1), values) for name, values in st.items())
     return b1 - b0
 
 
@@ -230,6 +268,9 @@ def _create_layout(loc, group, n: int, k: int, block: int, parallel: bool) -> No
     from . import store
 
     sample = _block_stats(_read_block(group, 0, 1), k, parallel)
+    length = sample.pop("length")
+    coords = {dim: np.arange(size, dtype=np.int32) for dim, size in zip(store.DIMS[1:], group["attention"].shape[1:])}
+    sample = _dataset(sample, store.DIMS[:3], k, coords).assign(length=("batch", length))
     layout = xr.Dataset(coords={"batch": np.arange(n, dtype=np.int32)})
     for name, var in sample.data_vars.items():
         shape = (n, *var.shape[1:])
@@ -253,13 +294,13 @@ def write_stats(
     """Compute statistics for the batches that have none yet and commit them to the store.
 
     Returns `{"computed": batches computed now, "total": batches with statistics}`. A `k`
-    other than the stored one recomputes every batch. Crash-safe like an ingest: the
-    manifest's `stats_committed` moves only after the arrays are written.
+    other than the stored one, or statistics laid out by an older version (other variables),
+    recompute every batch. Crash-safe like an ingest: the manifest's `stats_committed` moves
+    only after the arrays are written.
 
-    Why not `compute_stats(open_store(...)).to_zarr(...)`: dask's graph for that has ~60 tasks
-    per store chunk and 25 small writes per batch-chunk, which cost more than the kernels.
-    Here a plain loop takes blocks of ~128 MB: zarr reads the next block while the parallel
-    kernels run on this one, and a writer thread stores the last one, one write per variable.
+    The same kernel over the same blocks as `compute_stats`, without dask: a plain loop takes
+    blocks of ~128 MB, zarr reads the next block while the parallel kernel runs on this one,
+    and a writer thread stores the last one, one write per variable.
     With a `dask.distributed.Client` (passed or active) the blocks run on its workers instead.
     `progress(batches done, batches to do)` is called after each block.
     """
@@ -267,21 +308,24 @@ def write_stats(
 
     loc = location if isinstance(location, store.Location) else store.Location(location, storage_options)
     manifest = store.check_store(loc)  # before the lock, which would create a missing store's folder
-    if _done(manifest, k) >= manifest.committed:  # nothing to do: no lock, no write (a read-only store is fine)
+    if _up_to_date(store.open_group(loc, "r"), manifest, k):  # nothing to do: no lock, no write (read-only is fine)
         return {"computed": 0, "total": manifest.committed}
     loc.check_writable()
     with store.Lock(loc, "fastattn stats"), _disk_errors(loc):
         manifest = store.check_store(loc)  # again: another writer may have committed meanwhile
         done = _done(manifest, k)
         n = manifest.committed
-        if done >= n:
-            return {"computed": 0, "total": n}
+        if n == 0:
+            return {"computed": 0, "total": 0}
         client = client if client is not None else cluster.active_client()
         group = store.open_group(loc)
         _, _, _, query, key = group["attention"].shape
         block = _block_batches(manifest, query, key)
         old = group[GROUP] if GROUP in group else None
-        if done == 0 or old is None or _layout_changed(old, query, key, k, block):
+        stale = done == 0 or old is None or _layout_changed(old, query, key, k, block)
+        if done >= n and not stale:
+            return {"computed": 0, "total": n}
+        if stale:
             if manifest.stats_committed:  # uncommit first: the new layout drops the old arrays
                 manifest.stats_committed = 0
                 store.commit(loc, manifest)
@@ -306,6 +350,16 @@ def write_stats(
 def _done(manifest, k: int) -> int:
     """Batches whose statistics are committed with this `k` (another k recomputes them all)."""
     return manifest.stats_committed if manifest.stats_k == k else 0
+
+
+def _up_to_date(group, manifest, k: int) -> bool:
+    """Every committed batch has statistics with this `k`, in this version's layout."""
+    if _done(manifest, k) < manifest.committed:
+        return False
+    if not manifest.committed:
+        return True
+    _, _, _, query, key = group["attention"].shape
+    return GROUP in group and not _layout_changed(group[GROUP], query, key, k, _block_batches(manifest, query, key))
 
 
 def _run_local(loc, group, blocks, k, jobs, progress, total) -> None:
@@ -363,10 +417,14 @@ def _disk_errors(loc):
 
 
 def _layout_changed(group, query: int, key: int, k: int, block: int) -> bool:
-    """A store that grew longer sequences, another k or an older layout: lay the group out again."""
+    """A store that grew longer sequences, another k or an older layout (another set of
+    variables, or other dtypes): lay the group out again."""
+    from .store import DIMS
+
     arrays = dict(group.arrays())
+    schema = variables(DIMS[:3], k)
     return (
-        "entropy" not in arrays
+        any(name not in arrays or arrays[name].dtype != dtype for name, (_, dtype) in schema.items())
         or arrays["entropy"].shape[-1] != query
         or arrays["col_sum"].shape[-1] != key
         or arrays["topk_index"].shape[-1] != k

@@ -114,6 +114,74 @@ def topk(a, k, lengths=None):
     return index, weight
 
 
+def plane_summary(block, n: int, square: bool) -> dict:
+    """Every per-plane summary and flag of one plane's float64 valid block, plainly.
+
+    ``n`` is the plane's length (clipped to max(Q, K)), ``square`` whether Q == K.  Formulas as
+    in fastattn.kernels.stats' docstring: means over the valid queries, NaN where undefined,
+    peak_key −1 and every flag False for an empty plane, flags False for lengths ≤ 1.
+    """
+    out = {name: np.nan for name in PLANE_STATS}
+    out["peak_key"] = -1
+    out.update({flag: False for flag in FLAGS})
+    if not block.size:
+        return out
+    nq, nk = block.shape
+    logs = np.log(np.where(block > 0, block, 1.0))
+    entropy = -(block * logs).sum(axis=1)
+    col = block.sum(axis=0)
+    rows = block.sum(axis=1)
+    distance = (block * np.abs(np.arange(nq)[:, None] - np.arange(nk)[None, :])).sum(axis=1)
+    out["entropy_mean"] = entropy.mean()
+    out["entropy_norm"] = entropy.mean() / np.log(nk) if nk > 1 else np.nan
+    out["peak_key"] = int(np.argmax(col))
+    out["peak_incoming"] = col.max()
+    out["confidence"] = block.max(axis=1).mean()
+    out["distance_mean"] = distance.mean()
+    out["row_sum_error"] = np.abs(rows - 1.0).max()
+    out["first_token"] = col[0] / nq
+    out["last_token"] = col[nk - 1] / nq
+    if square:
+        diagonal = np.diagonal(block)
+        out["self_attention"] = diagonal.mean()
+        out["diag_share"] = diagonal.sum() / block.sum()
+        out["prev_token"] = sum(block[q, q - 1] for q in range(1, n)) / n
+        out["next_token"] = sum(block[q, q + 1] for q in range(0, n - 1)) / n
+    if n > 1:
+        scale = 8.0 / nk  # the uniform weight 1/nk over the seed's 1/8
+        share = col.max() / nq
+        out["uniform"] = bool(block.std() < 0.01 * scale)
+        out["diagonal_only"] = bool(out["diag_share"] > 0.8)
+        out["dominant_key"] = bool(share > 3.0 / 8)
+        out["weak"] = bool(block.max() < 0.15 * scale)
+        out["critical_key"] = bool(share > 1.5 / 8)
+        out["strong_self"] = bool(out["self_attention"] > 0.15 * scale)
+    return out
+
+
+PLANE_STATS = (
+    "entropy_mean", "entropy_norm", "self_attention", "diag_share", "peak_incoming", "confidence",
+    "distance_mean", "row_sum_error", "prev_token", "next_token", "first_token", "last_token",
+)
+FLAGS = ("uniform", "diagonal_only", "dominant_key", "weak", "critical_key", "strong_self")
+
+
+def summaries(a, lengths=None) -> dict:
+    """``plane_summary`` of every plane: arrays of the leading shape, by name."""
+    a = np.asarray(a)
+    Q, K = a.shape[-2:]
+    lead = a.shape[:-2]
+    out = {name: np.full(lead, np.nan) for name in PLANE_STATS}
+    out["peak_key"] = np.full(lead, -1, dtype=np.int32)
+    out.update({flag: np.zeros(lead, dtype=bool) for flag in FLAGS})
+    for index, block in _planes(a, lengths):
+        n = plane_length(lengths, index)
+        n = max(Q, K) if n is None else min(n, max(Q, K))
+        for name, value in plane_summary(block, n, Q == K).items():
+            out[name][index] = value
+    return out
+
+
 STATISTICS = {
     "row_sum": row_sum,
     "col_sum": col_sum,

@@ -1,4 +1,5 @@
-"""plane_stats and topk against the plain float64 references in tests/reference.py."""
+"""The fused kernel (plane_stats, topk, attention_stats) against the plain float64 references in
+tests/reference.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastattn.kernels import PlaneStats, plane_stats, topk
-from fastattn.kernels.stats import MAX_TOPK, fast_log
+from fastattn.kernels.stats import FLAGS, MAX_TOPK, PLANE_STATS, attention_stats, empty_buffers, fast_log, fill
 
 SAMPLES = Path(__file__).parent / "data" / "minilm"
 FIXED = sorted((SAMPLES / "fixed").glob("attention_batch_000[01].npz"))
@@ -48,6 +49,21 @@ def check_stats(a, lengths=None, **kw):
             np.testing.assert_array_equal(value, want, err_msg=name)
         else:
             np.testing.assert_allclose(value, want, rtol=RTOL, atol=ATOL, err_msg=name)
+    return got
+
+
+def check_summaries(a, lengths=None, **kw):
+    """Every per-plane summary and flag of the fused kernel against ref.summaries."""
+    got = attention_stats(a, 0, lengths, **kw)
+    want = ref.summaries(a, lengths)
+    for name in PLANE_STATS:
+        assert got[name].dtype == np.float64 and got[name].shape == want[name].shape, name
+        np.testing.assert_allclose(got[name], want[name], rtol=RTOL, atol=ATOL, err_msg=name)
+    assert got["peak_key"].dtype == np.int32
+    np.testing.assert_array_equal(got["peak_key"], want["peak_key"])
+    for flag in FLAGS:
+        assert got[flag].dtype == np.bool_
+        np.testing.assert_array_equal(got[flag], want[flag], err_msg=flag)
     return got
 
 
@@ -96,6 +112,7 @@ def attention_cases(draw):
 def test_stats_match_reference(case):
     a, lengths = case
     check_stats(a, lengths)
+    check_summaries(a, lengths)
 
 
 @HYPOTHESIS
@@ -122,6 +139,8 @@ def test_real_fixed_samples(path):
     got = check_stats(a)
     np.testing.assert_allclose(got.row_sum, 1.0, atol=1e-5)  # real softmax rows
     check_topk(a, 8)
+    summary = check_summaries(a)
+    assert (summary["prev_token"] > 0).all() and (summary["first_token"] > 0).all()  # real heads attend there
 
 
 @pytest.mark.parametrize("path", BATCHED, ids=lambda p: p.name)
@@ -132,10 +151,12 @@ def test_real_batched_samples(path):
     assert (lengths < a.shape[-1]).any(), "sample should have padding"
     got = check_stats(a, lengths)
     check_topk(a, 8, lengths)
+    check_summaries(a, lengths)
     # Padding is never read: NaN there changes nothing.
     padded = ref.fill_outside_valid(a, lengths)
     assert_same(plane_stats(padded, lengths), got)
     assert_same(topk(padded, 8, lengths), topk(a, 8, lengths))
+    assert_same(list(attention_stats(padded, 8, lengths).values()), list(attention_stats(a, 8, lengths).values()))
 
 
 @pytest.mark.parametrize("dtype, rtol", [(np.float32, RTOL), (np.float64, 1e-15)])
@@ -195,6 +216,80 @@ def test_log_of_zero_is_finite():
     # so x·ln x is exactly 0 at x = 0 with no branch
     assert np.isfinite(fast_log(np.zeros(3))).all()
     assert np.isfinite(fast_log(np.zeros(3, dtype=np.float32))).all()
+
+
+def test_neighbour_and_edge_tokens_by_hand():
+    """prev/next/first/last token on a ragged plane: sums over the valid block divided by its length."""
+    rng = np.random.default_rng(7)
+    a = softmax(rng, (2, 5, 5), np.float64)
+    got = attention_stats(a, 0, np.array([3, 1]))
+    block = a[0, :3, :3]
+    assert got["prev_token"][0] == pytest.approx((block[1, 0] + block[2, 1]) / 3, rel=1e-15)
+    assert got["next_token"][0] == pytest.approx((block[0, 1] + block[1, 2]) / 3, rel=1e-15)
+    assert got["first_token"][0] == pytest.approx(block[:, 0].sum() / 3, rel=1e-15)
+    assert got["last_token"][0] == pytest.approx(block[:, 2].sum() / 3, rel=1e-15)
+    # length 1: no neighbours (0), the one key is both first and last
+    assert got["prev_token"][1] == 0.0 and got["next_token"][1] == 0.0
+    assert got["first_token"][1] == got["last_token"][1] == a[1, 0, 0]
+    cross = attention_stats(a[:, :2, :], 0)  # Q = 2 ≠ K = 5: no diagonal neighbours
+    assert np.isnan(cross["prev_token"]).all() and np.isnan(cross["next_token"]).all()
+    np.testing.assert_allclose(cross["last_token"], a[:, :2, 4].sum(axis=1) / 2, rtol=1e-15)
+    empty = attention_stats(a, 0, np.array([0, 0]))
+    for name in PLANE_STATS:
+        assert np.isnan(empty[name]).all(), name
+    assert (empty["peak_key"] == -1).all() and not any(empty[f].any() for f in FLAGS)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_topk_special_weights(dtype):
+    """NaN and −inf are never selected, +inf is, −0.0 ties with +0.0 (lower index first)."""
+    row = np.array([0.0, -0.0, np.nan, 0.5, -np.inf, np.inf, 0.5, -0.0, 1e-45, -1.0, np.nan], dtype=dtype)
+    selectable = [j for j in range(row.size) if not np.isnan(row[j]) and row[j] != -np.inf]
+    order = sorted(selectable, key=lambda j: (-row[j], j))  # a stable sort of −w; −0.0 == 0.0
+    want = np.array(order + [-1] * (row.size - len(order)), dtype=np.int32)
+    a = np.stack([row, row[::-1]])[:, None, :]  # (2 planes, 1 query, 11 keys)
+    index, weight = topk(a, row.size)
+    np.testing.assert_array_equal(index[0, 0], want)
+    np.testing.assert_array_equal(weight[0, 0, : len(order)], row[order])
+    assert np.isnan(weight[0, 0, len(order) :]).all()
+    reversed_order = sorted(selectable, key=lambda j: (-row[j], -j))  # the same row, keys reversed
+    np.testing.assert_array_equal(index[1, 0, : len(order)], [row.size - 1 - j for j in reversed_order])
+    fused = attention_stats(a, row.size, dtype=dtype)
+    np.testing.assert_array_equal(fused["topk_index"], index)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_outputs_are_the_separate_ones(dtype):
+    """One kernel: attention_stats gives plane_stats' and topk's arrays bit for bit, and its
+    float32 outputs are the float64 ones rounded once."""
+    a, lengths = _big_case(dtype)
+    wide = attention_stats(a, 5, lengths)
+    narrow = attention_stats(a, 5, lengths, dtype=np.float32)
+    assert_same([wide[name] for name in PlaneStats._fields], plane_stats(a, lengths))
+    assert_same([wide["topk_index"], wide["topk_weight"]], topk(a, 5, lengths))
+    assert wide.keys() == narrow.keys()
+    for name, value in wide.items():
+        rounded = value.astype(np.float32) if value.dtype == np.float64 and narrow[name].dtype == np.float32 else value
+        assert_same([narrow[name]], [rounded])
+    assert {name for name, v in narrow.items() if v.dtype == np.float32} == set(PlaneStats._fields) | {"topk_weight"}
+
+
+def test_dest_writes_each_plane_where_told():
+    a, lengths = _big_case(np.float32)
+    planes, lens = a.reshape(-1, 20, 20), np.repeat(lengths, 12)
+    dest = np.random.default_rng(0).permutation(len(planes))
+    got = empty_buffers(len(planes), 20, 20, 5, np.float32)
+    fill(got, planes, lens, dest)
+    want = empty_buffers(len(planes), 20, 20, 5, np.float32)
+    order = np.argsort(dest)
+    fill(want, planes[order], lens[order])  # output plane j holds input plane order[j]
+    assert_same(got, want)
+    with pytest.raises(ValueError, match="dest"):
+        fill(got, planes, lens, dest[:-1])
+    with pytest.raises(ValueError, match="dest"):
+        fill(got, planes, lens, dest + 1)  # one index past the outputs
+    with pytest.raises(ValueError, match="outputs"):
+        fill(got, a[..., :10, :], None)
 
 
 # ------------------------------------------------------------- masking

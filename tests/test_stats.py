@@ -10,6 +10,7 @@ import numba
 import numpy as np
 import pytest
 import xarray as xr
+import reference as ref
 from conftest import SAMPLES, batched_dump, softmax_rows, write_dump
 from typer.testing import CliRunner
 
@@ -24,63 +25,45 @@ FLAGS = stats.FLAGS
 def reference_plane(a: np.ndarray, n: int) -> dict:
     """Every statistic of one plane, written plainly in float64 from the valid block."""
     q_size, k_size = a.shape
-    cross = q_size != k_size
-    nq, nk = (q_size, k_size) if cross else (n, n)
+    nq, nk = ref.valid_block(q_size, k_size, n)
     block = a[:nq, :nk].astype(np.float64)
     logs = np.log(np.where(block > 0, block, 1.0))
-    entropy = -(block * logs).sum(axis=1)
-    col = block.sum(axis=0)
-    diag = np.full(nq, np.nan) if cross else np.diag(block)
-    distance = (block * np.abs(np.arange(nq)[:, None] - np.arange(nk)[None, :])).sum(axis=1)
-    u = 1.0 / nk
-    scale = 8 * u
-    valid = n > 1
     out = {
         "row_sum": block.sum(axis=1),
-        "entropy": entropy,
+        "entropy": -(block * logs).sum(axis=1),
         "max_weight": block.max(axis=1),
-        "distance": distance,
-        "col_sum": col,
-        "entropy_mean": entropy.mean(),
-        "entropy_norm": entropy.mean() / np.log(nk) if nk > 1 else np.nan,
-        "self_attention": diag.mean(),
-        "diag_share": diag.sum() / block.sum() if not cross else np.nan,
-        "peak_key": int(np.argmax(col)),
-        "peak_incoming": col.max(),
-        "confidence": block.max(axis=1).mean(),
-        "distance_mean": distance.mean(),
-        "row_sum_error": np.abs(block.sum(axis=1) - 1).max(),
+        "distance": (block * np.abs(np.arange(nq)[:, None] - np.arange(nk)[None, :])).sum(axis=1),
+        "col_sum": block.sum(axis=0),
     }
-    out["uniform"] = valid and block.std() < 0.01 * scale
-    out["diagonal_only"] = valid and not cross and out["diag_share"] > 0.8
-    out["dominant_key"] = valid and col.max() / nq > 3.0 / 8
-    out["weak"] = valid and block.max() < 0.15 * scale
-    out["critical_key"] = valid and col.max() / nq > 1.5 / 8
-    out["strong_self"] = valid and not cross and diag.mean() > 0.15 * scale
+    out.update(ref.plane_summary(block, min(n, max(q_size, k_size)), q_size == k_size))
     return out
 
 
 def check_against_reference(st: xr.Dataset, ds: xr.Dataset) -> None:
+    """Per-query values are float32 (rtol 1e-6); per-plane ones float64, exact sums but for the
+    entropy's float32 log (a float32 weight is only known to 6e-8 anyway)."""
     st = st.compute()
     attention, lengths = ds.attention.values, ds.length.values
     for b in range(attention.shape[0]):
         n = int(lengths[b])
         for layer in range(attention.shape[1]):
             for head in range(attention.shape[2]):
-                ref = reference_plane(attention[b, layer, head], n)
+                want = reference_plane(attention[b, layer, head], n)
                 got = st.isel(batch=b, layer=layer, head=head)
                 for name in ("row_sum", "entropy", "max_weight", "distance"):
                     values = got[name].values
-                    np.testing.assert_allclose(values[: len(ref[name])], ref[name], rtol=1e-6, atol=1e-7, err_msg=name)
-                    assert np.isnan(values[len(ref[name]) :]).all()
-                np.testing.assert_allclose(got.col_sum.values[: len(ref["col_sum"])], ref["col_sum"], rtol=1e-6)
-                for name in ("entropy_mean", "entropy_norm", "self_attention", "diag_share", "peak_incoming",
-                             "confidence", "distance_mean"):
-                    np.testing.assert_allclose(float(got[name]), ref[name], rtol=1e-6, atol=1e-7, err_msg=name)
-                np.testing.assert_allclose(float(got.row_sum_error), ref["row_sum_error"], atol=2e-7)
-                assert int(got.peak_key) == ref["peak_key"]
+                    np.testing.assert_allclose(values[: len(want[name])], want[name], rtol=1e-6, atol=1e-7, err_msg=name)
+                    assert np.isnan(values[len(want[name]) :]).all()
+                np.testing.assert_allclose(got.col_sum.values[: len(want["col_sum"])], want["col_sum"], rtol=1e-6)
+                for name in ("entropy_mean", "entropy_norm"):
+                    np.testing.assert_allclose(float(got[name]), want[name], rtol=1e-6, err_msg=name)
+                for name in ("self_attention", "diag_share", "peak_incoming", "confidence", "distance_mean",
+                             "prev_token", "next_token", "first_token", "last_token"):
+                    np.testing.assert_allclose(float(got[name]), want[name], rtol=1e-12, atol=1e-15, err_msg=name)
+                np.testing.assert_allclose(float(got.row_sum_error), want["row_sum_error"], atol=1e-12)
+                assert int(got.peak_key) == want["peak_key"]
                 for flag in FLAGS:
-                    assert bool(got[flag]) == ref[flag], (flag, b, layer, head)
+                    assert bool(got[flag]) == want[flag], (flag, b, layer, head)
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +136,59 @@ def test_same_results_with_any_threads_and_scheduler(samples_store):
         xr.testing.assert_identical(results[0], other)
 
 
+def test_the_notebook_path_is_the_command(samples_store, tmp_path, monkeypatch):
+    """compute_stats on a store (lazy, dask), on it in memory, and write_stats give the same
+    statistics, bit for bit, with one block or many."""
+    target = tmp_path / "s.zarr"
+    shutil.copytree(samples_store, target)
+    ds = fastattn.open_store(target)
+    lazy = fastattn.compute_stats(ds)
+    assert lazy.entropy.chunks is not None and set(lazy.data_vars) >= {"prev_token", "next_token", "first_token", "last_token"}
+    lazy = lazy.compute()
+    check_against_reference(lazy, ds)
+    xr.testing.assert_identical(lazy, fastattn.compute_stats(ds.compute()))
+    fastattn.write_stats(target)
+    stored = fastattn.open_stats(target).compute()
+    stored.attrs = {}
+    xr.testing.assert_identical(stored, lazy)
+    monkeypatch.setattr(stats, "BLOCK_BYTES", ds.attention.nbytes // 5)  # several blocks, several tasks
+    many = fastattn.compute_stats(ds.chunk({"batch": 2, "layer": 1}))
+    assert many.entropy.chunks[:2] == ((2, 2, 2, 2, 2, 1), (6,))
+    xr.testing.assert_identical(many.compute(), lazy)
+
+
+def test_lazy_stats_on_any_chunking(rng):
+    """A DataArray chunked along several leading dims (and query/key, which are joined) gives
+    the in-memory result; blocks of whole chunks, tiling it."""
+    a = softmax_rows(rng, (4, 3, 5, 9, 9))
+    a[1, :, :, 6:, :] = np.nan  # a shorter sample: its padding is never read
+    a[1, :, :, :, 6:] = np.nan
+    da = xr.DataArray(a, dims=("batch", "head", "layer", "query", "key"), coords={"batch": [10, 11, 12, 13]})
+    ds = xr.Dataset({"attention": da, "length": ("batch", np.array([9, 6, 9, 9]))})
+    want = fastattn.compute_stats(ds)
+    for chunks in ({"batch": 1}, {"batch": 3, "head": 2, "layer": 4}, {"head": 1, "query": 4, "key": 5}):
+        got = fastattn.compute_stats(ds.chunk(chunks))
+        xr.testing.assert_identical(got.compute(), want)
+    check_against_reference(want.transpose("batch", "layer", "head", ...), ds.transpose("batch", "layer", "head", ...))
+    plane = da.isel(batch=0, head=0, layer=0)  # no leading dims at all
+    xr.testing.assert_identical(fastattn.compute_stats(plane.chunk()).compute(), want.isel(batch=0, head=0, layer=0).drop_vars("length"))
+
+
+def test_blocks_are_runs_of_whole_chunks(monkeypatch):
+    monkeypatch.setattr(stats, "BLOCK_BYTES", 130)
+    # planes of 10 bytes; heads (2 chunks of 2: 40 bytes) and layers (3 chunks: 120) whole; a batch a block
+    assert stats._runs(((1, 1, 1, 1), (1, 1, 1), (2, 2)), 10) == [[(0, 1), (1, 2), (2, 3), (3, 4)], [(0, 3)], [(0, 2)]]
+    # a chunk of 2 batches (240 bytes) is a block of its own, too big or not
+    assert stats._runs(((1, 2, 1), (1, 1, 1), (2, 2)), 10)[0] == [(0, 1), (1, 2), (2, 3)]
+    # 60 bytes a batch: two batch chunks a block
+    assert stats._runs(((1, 1, 1, 1, 1), (3,), (2,)), 10)[0] == [(0, 2), (2, 4), (4, 5)]
+    monkeypatch.setattr(stats, "BLOCK_BYTES", 100)
+    # layers do not fit whole: cut there, batches keep their own chunks
+    assert stats._runs(((1, 1), (1, 1, 1), (2, 2)), 10) == [[(0, 1), (1, 2)], [(0, 2), (2, 3)], [(0, 2)]]
+    # heads alone exceed a block: cut there
+    assert stats._runs(((2,), (3,), (6, 6, 6)), 10) == [[(0, 1)], [(0, 1)], [(0, 1), (1, 2), (2, 3)]]
+
+
 @pytest.fixture(params=["one block", "many blocks"])
 def blocks(request, monkeypatch):
     """write_stats on one block, or on blocks of 2 store chunks of 2 batches (appends land mid-chunk)."""
@@ -181,6 +217,19 @@ def test_write_stats_is_incremental(tmp_path, rng, blocks):
     check_against_reference(st, fastattn.open_store(target))
     assert fastattn.write_stats(target, k=3) == {"computed": 9, "total": 9}  # another k: all again
     assert fastattn.open_stats(target).sizes["rank"] == 3
+
+
+def test_statistics_of_an_older_layout_are_computed_again(samples_store, tmp_path):
+    """A stats group without this version's variables (or with other dtypes) is laid out again
+    and recomputed, even when every batch has statistics."""
+    target = tmp_path / "s.zarr"
+    shutil.copytree(samples_store, target)
+    assert fastattn.write_stats(target) == {"computed": 11, "total": 11}
+    shutil.rmtree(target / "stats" / "prev_token")  # as written before prev_token existed
+    assert "prev_token" not in fastattn.open_stats(target)
+    assert fastattn.write_stats(target) == {"computed": 11, "total": 11}
+    assert fastattn.write_stats(target) == {"computed": 0, "total": 11}
+    check_against_reference(fastattn.open_stats(target), fastattn.open_store(target))
 
 
 def test_longer_sequences_lay_statistics_out_again(tmp_path, rng):

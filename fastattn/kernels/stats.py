@@ -1,32 +1,116 @@
-"""Per-plane attention statistics in one fused pass, and top-k keys per query.
+"""Every per-plane attention statistic, top-k and pattern flag in one fused pass.
 
 Input ``a`` has shape ``(..., Q, K)``: any number of leading dims (e.g. batch,
 layer, head), each trailing ``(Q, K)`` plane a matrix of attention weights whose
 rows are softmaxes.  ``lengths`` (None, or an integer array whose shape is a
 prefix of ``a.shape[:-2]``) gives each plane's valid block
-``A[:min(L, Q), :min(L, K)]``.  Nothing outside the valid block is read, so
-padding may hold anything (NaN in the store); every output position outside it
-is NaN (top-k: index -1, weight NaN).
+``A[:nq, :nk]``, ``nq = min(L, Q)``, ``nk = min(L, K)``.  Nothing outside the
+valid block is read, so padding may hold anything (NaN in the store); every
+output position outside it is NaN (top-k: index -1, weight NaN).
+
+One kernel call reads each row once (from memory; the row then stays in L1 for
+the log, the sums and the top-k) and writes, per plane:
+
+- per query (``ROW_STATS``), per key (``col_sum``) and the top-k keys per query;
+- the per-plane summaries (``PLANE_STATS``), ``peak_key`` and the pattern flags
+  (``FLAGS``), from running sums over the rows: no second pass over the
+  per-query arrays.
 
 Accumulation is in float64 whatever the input dtype.  Planes are independent:
 the parallel variant splits planes between threads (``prange``), each row is
 reduced by one thread in a fixed order, so results are bit-identical for any
 thread count and for ``parallel=False``.
+
+Per-plane summaries (n = the plane's length, nq/nk its valid queries/keys; for
+self-attention nq = nk = n; NaN where undefined, e.g. for an empty plane):
+
+    entropy_mean   = Σ_q entropy[q] / nq
+    entropy_norm   = entropy_mean / ln nk                 (NaN if nk ≤ 1)
+    self_attention = Σ_q A[q,q] / nq                      (NaN for Q ≠ K)
+    diag_share     = Σ_q A[q,q] / Σ_qk A[q,k]             (NaN for Q ≠ K)
+    peak_key       = argmax_k col_sum[k], first on ties   (-1 for an empty plane)
+    peak_incoming  = max_k col_sum[k]
+    confidence     = Σ_q max_weight[q] / nq
+    distance_mean  = Σ_q distance[q] / nq
+    row_sum_error  = max_q |row_sum[q] − 1|
+    prev_token     = Σ_{q=1}^{n−1} A[q,q−1] / n           (NaN for Q ≠ K)
+    next_token     = Σ_{q=0}^{n−2} A[q,q+1] / n           (NaN for Q ≠ K)
+    first_token    = col_sum[0] / nq
+    last_token     = col_sum[nk−1] / nq
+
+Pattern flags.  The seed rules were written for 8 tokens, where a uniform row
+gives every key u = 1/8 and every key receives 1 in total.  Each rule is
+rescaled so that at length 8 it gives exactly the seed's number (u = 1/nk):
+
+    uniform        std of the valid weights < 0.08·u         (seed: std < 0.01)
+    diagonal_only  diag_share > 0.8                          (a share already)
+    dominant_key   peak_incoming / nq > 3.0/8 of all attention (seed: > 3.0)
+    critical_key   peak_incoming / nq > 1.5/8                (seed: > 1.5)
+    weak           largest weight < 1.2·u                    (seed: max < 0.15)
+    strong_self    self_attention > 1.2·u                    (seed: > 0.15)
+
+Incoming attention is a share of all attention (the total is nq), not a
+multiple of the uniform column sum (1 at any length): "3x a fair share" of 512
+keys is 0.6% of the attention, which is not one key dominating.  Every flag is
+False for planes of length ≤ 1, and the diagonal ones for cross-attention.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import numba
 import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
 from ._jit import FASTMATH, ngjit, ngjit_parallel, parallel_slot, plane_lengths
 
-__all__ = ["PlaneStats", "plane_stats", "topk", "MAX_TOPK"]
+#: Per-row helpers are inlined into their caller by Numba (at the IR level): as calls, LLVM keeps
+#: them out of line, and a call per row passing ~40 array fields cost as much as the row's work.
+_inline = numba.njit(inline="always", fastmath=FASTMATH, error_model="numpy")
+
+__all__ = [
+    "PlaneStats",
+    "StatsBuffers",
+    "plane_stats",
+    "topk",
+    "attention_stats",
+    "empty_buffers",
+    "fill",
+    "named",
+    "ROW_STATS",
+    "PLANE_STATS",
+    "FLAGS",
+    "MAX_TOPK",
+]
 
 MAX_TOPK = 64
+
+#: Per-query statistics: the rows of ``StatsBuffers.rows``, in this order.
+ROW_STATS = ("row_sum", "entropy", "max_weight", "distance", "diag", "sq_sum")
+#: Per-plane float statistics: the rows of ``StatsBuffers.plane``, in this order.
+PLANE_STATS = (
+    "entropy_mean", "entropy_norm", "self_attention", "diag_share", "peak_incoming", "confidence",
+    "distance_mean", "row_sum_error", "prev_token", "next_token", "first_token", "last_token",
+)
+#: Pattern flags: the rows of ``StatsBuffers.flags``, in this order.
+FLAGS = ("uniform", "diagonal_only", "dominant_key", "weak", "critical_key", "strong_self")
+
+#: The seed's thresholds at 8 tokens (the module docstring says how each scales).
+SEED_LENGTH = 8
+UNIFORM_STD = 0.01
+DIAGONAL_SHARE = 0.8
+DOMINANT_INCOMING = 3.0
+CRITICAL_INCOMING = 1.5
+WEAK_MAX = 0.15
+STRONG_SELF = 0.15
+
+# Row indices into the kernel's outputs (numba freezes module globals as constants).
+_ROW_SUM, _ENTROPY, _MAX_WEIGHT, _DISTANCE, _DIAG, _SQ_SUM = range(len(ROW_STATS))
+(_ENTROPY_MEAN, _ENTROPY_NORM, _SELF_ATTENTION, _DIAG_SHARE, _PEAK_INCOMING, _CONFIDENCE, _DISTANCE_MEAN,
+ _ROW_SUM_ERROR, _PREV_TOKEN, _NEXT_TOKEN, _FIRST_TOKEN, _LAST_TOKEN) = range(len(PLANE_STATS))
+_UNIFORM, _DIAGONAL_ONLY, _DOMINANT_KEY, _WEAK, _CRITICAL_KEY, _STRONG_SELF = range(len(FLAGS))
 
 
 class PlaneStats(NamedTuple):
@@ -189,7 +273,154 @@ def fast_log(x: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------
-# The fused statistics kernel.
+# Top-k keys of one row.
+#
+# Why this way: k ≪ K, and a sort, or an insertion buffer fed every key, costs
+# a mispredicted branch per key that enters.  Instead each weight becomes an
+# integer key that orders like it (``_order_key``), and each of the k ranks is
+# found without a data-dependent branch:
+#
+# - float32 rows: the 32-bit key and the key's position go into one int64,
+#   key << 32 | (2³² − 1 − j), so keys are distinct and the larger of two equal
+#   weights is the lower position: the top rank is simply the largest int64.
+#   The keys sit in 8 strided lanes (lane = j mod 8); the lane maxima are kept,
+#   so a rank is the max of 8 lane maxima, after which only the winner's lane
+#   (K/8 keys) is searched again.
+# - float64 rows (no room for the position): two vectorised reductions per rank
+#   over the row's keys, the largest key and then the lowest position holding it.
+#
+# Either way ties go to the lower key index (the order of a stable argsort of
+# −w), NaN and −inf are never selected, and −0.0 ties with +0.0.
+# --------------------------------------------------------------------------
+
+
+def _order_key_of(bits: int, width: int) -> int:
+    """The order key of a float's bits (as a Python int), for the constants below."""
+    sign = -1 if bits >> (width - 1) else 0
+    signed = bits - (1 << width) if sign else bits
+    return (signed ^ (sign & ((1 << (width - 1)) - 1))) - sign
+
+
+_KEY32_OFF = np.int32(0x7FFFFFFF)
+_KEY64_OFF = np.int64(0x7FFFFFFFFFFFFFFF)
+_KEY32_NEG_INF = np.int32(_order_key_of(0xFF800000, 32))
+_KEY32_POS_INF = np.int32(_order_key_of(0x7F800000, 32))
+_KEY64_NEG_INF = np.int64(_order_key_of(0xFFF0000000000000, 64))
+_KEY64_POS_INF = np.int64(_order_key_of(0x7FF0000000000000, 64))
+_NO_KEY = np.int64(-(2**63))  # below every key: NaN, −inf, and padding
+_LOW32 = np.int64(0xFFFFFFFF)
+_LANES = 8
+
+
+@_inline
+def _order_key32(x):
+    """float32 → int32 key (sign-magnitude to two's complement; negatives moved up by one so −0.0
+    and +0.0 are both 0) and whether x is selectable (not NaN, not −inf): NaNs land above +inf or
+    below −inf, so that is one integer range test, no float compare, and the loop stays in int lanes."""
+    b = np.float32(x).view(np.int32)
+    s = np.int32(b >> _I(31))
+    k = np.int32(np.int32(b ^ (s & _KEY32_OFF)) - s)
+    return k, (k > _KEY32_NEG_INF) & (k <= _KEY32_POS_INF)
+
+
+@_inline
+def _order_key64(x):
+    """float64 → int64 key, as ``_order_key32``."""
+    b = np.float64(x).view(np.int64)
+    s = b >> 63
+    k = (b ^ (s & _KEY64_OFF)) - s
+    return k, (k > _KEY64_NEG_INF) & (k <= _KEY64_POS_INF)
+
+
+@_inline
+def _no_topk(index, weight, d, q, k):
+    for t in range(k):
+        index[d, q, t] = -1
+        weight[d, q, t] = np.nan
+
+
+@_inline
+def _row_topk_packed(a, p, q, nk, k, keys, lanes, index, weight, d):
+    """Top ``k`` of float32 row ``a[p, q, :nk]`` by packed (key, position) int64s in 8 lanes."""
+    groups = (nk + _LANES - 1) // _LANES
+    for j in range(nk):
+        key, ok = _order_key32(a[p, q, j])
+        keys[j] = ((np.int64(key) << 32) | (_LOW32 - j)) if ok else _NO_KEY
+    for j in range(nk, groups * _LANES):
+        keys[j] = _NO_KEY
+    for lane in range(_LANES):
+        lanes[lane] = keys[lane]
+    for g in range(1, groups):
+        for lane in range(_LANES):
+            lanes[lane] = max(lanes[lane], keys[g * _LANES + lane])
+    for t in range(min(k, nk)):
+        # Trees, not chains, of maxima: each rank waits on the last, so latency is the cost.
+        m = max(
+            max(max(lanes[0], lanes[1]), max(lanes[2], lanes[3])),
+            max(max(lanes[4], lanes[5]), max(lanes[6], lanes[7])),
+        )
+        if m == _NO_KEY:
+            return  # only NaN/−inf left
+        j = _LOW32 - (m & _LOW32)
+        index[d, q, t] = j
+        weight[d, q, t] = a[p, q, j]
+        keys[j] = _NO_KEY
+        lane = j % _LANES
+        even, odd = keys[lane], _NO_KEY
+        for g in range(1, groups - 1, 2):
+            odd = max(odd, keys[g * _LANES + lane])
+            even = max(even, keys[(g + 1) * _LANES + lane])
+        if groups % 2 == 0:
+            odd = max(odd, keys[(groups - 1) * _LANES + lane])
+        lanes[lane] = max(even, odd)
+
+
+@_inline
+def _row_topk_search(a, p, q, nk, k, keys, lanes, index, weight, d):
+    """Top ``k`` of row ``a[p, q, :nk]`` (float64) by a max and a first-position search per rank."""
+    for j in range(nk):
+        key, ok = _order_key64(a[p, q, j])
+        keys[j] = key if ok else _NO_KEY
+    for t in range(min(k, nk)):
+        m = _NO_KEY
+        for j in range(nk):
+            m = max(m, keys[j])
+        if m == _NO_KEY:
+            return  # only NaN/−inf left
+        first = nk
+        for j in range(nk):
+            first = min(first, j if keys[j] == m else nk)
+        index[d, q, t] = first
+        weight[d, q, t] = a[p, q, first]
+        keys[first] = _NO_KEY
+
+
+def _row_topk(a, p, q, nk, k, keys, lanes, index, weight, d):
+    """The top ``k`` of row ``a[p, q, :nk]`` into ``index[d, q]``/``weight[d, q]``; −1/NaN after the
+    last selectable key.  Jit-only: float32 rows are packed, others searched."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+@overload(_row_topk, inline="always", jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
+def _row_topk_impl(a, p, q, nk, k, keys, lanes, index, weight, d):
+    row = _row_topk_packed if a.dtype == types.float32 else _row_topk_search
+
+    def impl(a, p, q, nk, k, keys, lanes, index, weight, d):
+        _no_topk(index, weight, d, q, k)
+        if k > 0 and nk > 0:
+            row(a, p, q, nk, k, keys, lanes, index, weight, d)
+
+    return impl
+
+
+@ngjit
+def _topk_scratch(K):
+    """Per-thread scratch of the top-k: keys (padded to whole lanes) and the lane maxima."""
+    return np.empty(max((K + _LANES - 1) // _LANES, 1) * _LANES, dtype=np.int64), np.empty(_LANES, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------
+# The fused kernel.
 # --------------------------------------------------------------------------
 
 _SIGN_OFF = 0x7FFFFFFFFFFFFFFF
@@ -206,18 +437,21 @@ def _valid(n, Q, K):
 
 
 @ngjit
-def _plane_stats(a, p, n, absd, lnbuf, row_sum, col_sum, entropy, max_weight, diag, distance, sq_sum):
-    """All statistics of plane ``p`` in one pass over its valid block.
+def _plane(a, p, d, n, absd, lnbuf, col, keys, lanes, rows, col_sum, index, weight, plane, peak_key, flags):
+    """Every statistic of input plane ``p`` into output plane ``d``, reading each valid row once.
 
     Rows outer, keys inner, every inner loop over contiguous keys and
-    branch-free, so it vectorises.  Per row, two loops over the keys (the row,
-    256 bytes for K = 64 float32, stays in L1 between them):
+    branch-free, so it vectorises.  Per row (256 bytes for K = 64 float32,
+    in L1 after its first loop):
 
     1. ``lnbuf[k] = ln A[q, k]`` in the input's precision, nothing else in the
        loop, so for float32 LLVM uses all 8 float32 lanes of AVX2;
     2. in float64 (4 lanes): row sum, x·ln x, max, x·|q−k| (from the ``absd``
        table, no abs/convert), x², and the column sum (load-add-store into
-       ``col_sum[p]``).
+       the float64 scratch ``col``, copied to ``col_sum[d]`` at the end);
+    3. the top-k (``_row_topk``, on the row in L1);
+    4. scalars: the diagonal and its neighbours, and the running sums of the
+       plane summaries.
 
     Max is taken on the float's bits mapped to an order-preserving int64
     (b ^ ((b >> 63) & 0x7FF…F)): LLVM vectorises integer max reductions but not
@@ -225,15 +459,26 @@ def _plane_stats(a, p, n, absd, lnbuf, row_sum, col_sum, entropy, max_weight, di
     """
     Q = a.shape[1]
     K = a.shape[2]
+    k = index.shape[2]
     nq, nk = _valid(n, Q, K)
-    for k in range(nk):
-        col_sum[p, k] = 0.0
-    for k in range(nk, K):
-        col_sum[p, k] = np.nan
+    square = Q == K
+    for j in range(nk):
+        col[j] = 0.0
+    entropy_sum = 0.0
+    diag_sum = 0.0
+    confidence_sum = 0.0
+    distance_sum = 0.0
+    total = 0.0
+    sq_total = 0.0
+    prev = 0.0
+    nxt = 0.0
+    largest = -np.inf
+    error = 0.0
     for q in range(nq):
-        for k in range(nk):
-            lnbuf[k] = _ln_native(a[p, q, k])
-        # absd[off + k] == |q - k|.  The max() lets LLVM prove the index is
+        # a[p, q, j], not a row slice: a slice costs a reference count per row
+        for j in range(nk):
+            lnbuf[j] = _ln_native(a[p, q, j])
+        # absd[off + j] == |q - j|.  The max() lets LLVM prove the index is
         # non-negative, dropping Numba's negative-index wraparound select that
         # would stop the loop from vectorising.
         off = max(Q - 1 - q, 0)
@@ -242,122 +487,116 @@ def _plane_stats(a, p, n, absd, lnbuf, row_sum, col_sum, entropy, max_weight, di
         dist = 0.0
         sq = 0.0
         key = np.int64(-0x7FFFFFFFFFFFFFFF - 1)
-        for k in range(nk):
-            xd = np.float64(a[p, q, k])
+        for j in range(nk):
+            xd = np.float64(a[p, q, j])
             rs += xd
             sq += xd * xd
-            ent += xd * np.float64(lnbuf[k])
+            ent += xd * np.float64(lnbuf[j])
             b = np.float64(xd).view(np.int64)
             key = max(key, b ^ ((b >> 63) & _SIGN_OFF))
-            dist += xd * absd[off + k]
-            col_sum[p, k] += xd
-        row_sum[p, q] = rs
-        entropy[p, q] = -ent
-        max_weight[p, q] = np.int64(key ^ ((key >> 63) & _SIGN_OFF)).view(np.float64)
-        distance[p, q] = dist
-        sq_sum[p, q] = sq
-        diag[p, q] = a[p, q, q] if Q == K else np.nan
+            dist += xd * absd[off + j]
+            col[j] += xd
+        top = np.int64(key ^ ((key >> 63) & _SIGN_OFF)).view(np.float64)
+        rows[_ROW_SUM, d, q] = rs
+        rows[_ENTROPY, d, q] = -ent
+        rows[_MAX_WEIGHT, d, q] = top
+        rows[_DISTANCE, d, q] = dist
+        rows[_SQ_SUM, d, q] = sq
+        if square:  # nq == nk: A[q, q] is valid
+            diagonal = np.float64(a[p, q, q])
+            rows[_DIAG, d, q] = diagonal
+            diag_sum += diagonal
+            if q > 0:
+                prev += np.float64(a[p, q, q - 1])
+            if q + 1 < nk:
+                nxt += np.float64(a[p, q, q + 1])
+        else:
+            rows[_DIAG, d, q] = np.nan
+        entropy_sum -= ent
+        confidence_sum += top
+        distance_sum += dist
+        total += rs
+        sq_total += sq
+        largest = max(largest, top)
+        error = max(error, abs(rs - 1.0))
+        _row_topk(a, p, q, nk, k, keys, lanes, index, weight, d)
     for q in range(nq, Q):
-        row_sum[p, q] = np.nan
-        entropy[p, q] = np.nan
-        max_weight[p, q] = np.nan
-        distance[p, q] = np.nan
-        sq_sum[p, q] = np.nan
-        diag[p, q] = np.nan
+        for r in range(rows.shape[0]):
+            rows[r, d, q] = np.nan
+        _no_topk(index, weight, d, q, k)
+    for j in range(nk):
+        col_sum[d, j] = col[j]
+    for j in range(nk, K):
+        col_sum[d, j] = np.nan
+
+    for i in range(plane.shape[0]):
+        plane[i, d] = np.nan
+    for i in range(flags.shape[0]):
+        flags[i, d] = False
+    peak_key[d] = -1
+    if nq == 0:
+        return
+    fq = np.float64(nq)
+    fk = np.float64(nk)
+    peak = -np.inf
+    for j in range(nk):  # first maximum; NaN never wins
+        if col[j] > peak:
+            peak = col[j]
+            peak_key[d] = j
+    peak_incoming = peak if peak_key[d] >= 0 else np.nan
+    self_attention = diag_sum / fq if square else np.nan
+    diag_share = diag_sum / total if square else np.nan
+    plane[_ENTROPY_MEAN, d] = entropy_sum / fq
+    if nk > 1:
+        plane[_ENTROPY_NORM, d] = entropy_sum / fq / np.log(fk)
+    plane[_SELF_ATTENTION, d] = self_attention
+    plane[_DIAG_SHARE, d] = diag_share
+    plane[_PEAK_INCOMING, d] = peak_incoming
+    plane[_CONFIDENCE, d] = confidence_sum / fq
+    plane[_DISTANCE_MEAN, d] = distance_sum / fq
+    plane[_ROW_SUM_ERROR, d] = error
+    if square:
+        plane[_PREV_TOKEN, d] = prev / fq
+        plane[_NEXT_TOKEN, d] = nxt / fq
+    plane[_FIRST_TOKEN, d] = col[0] / fq
+    plane[_LAST_TOKEN, d] = col[nk - 1] / fq
+
+    if n <= 1:
+        return
+    count = fq * fk
+    mean = total / count
+    std = np.sqrt(max(sq_total / count - mean * mean, 0.0))
+    scale = SEED_LENGTH / fk  # the uniform weight 1/nk, as a multiple of the seed's 1/8
+    share = peak_incoming / fq
+    flags[_UNIFORM, d] = std < UNIFORM_STD * scale
+    flags[_DIAGONAL_ONLY, d] = diag_share > DIAGONAL_SHARE
+    flags[_DOMINANT_KEY, d] = share > DOMINANT_INCOMING / SEED_LENGTH
+    flags[_WEAK, d] = largest < WEAK_MAX * scale
+    flags[_CRITICAL_KEY, d] = share > CRITICAL_INCOMING / SEED_LENGTH
+    flags[_STRONG_SELF, d] = self_attention > STRONG_SELF * scale
 
 
-def _stats_planes(a, lens, absd, row_sum, col_sum, entropy, max_weight, diag, distance, sq_sum):
+def _stats_planes(a, lens, dest, absd, rows, col_sum, index, weight, plane, peak_key, flags):
     for p in prange(a.shape[0]):
-        lnbuf = np.empty(a.shape[2], dtype=a.dtype)  # per plane, so per thread
-        _plane_stats(a, p, lens[p], absd, lnbuf, row_sum, col_sum, entropy, max_weight, diag, distance, sq_sum)
+        lnbuf = np.empty(a.shape[2], dtype=a.dtype)  # scratch per plane, so per thread
+        col = np.empty(a.shape[2])
+        keys, lanes = _topk_scratch(a.shape[2])
+        _plane(a, p, dest[p], lens[p], absd, lnbuf, col, keys, lanes, rows, col_sum, index, weight, plane, peak_key, flags)
 
 
 _stats_parallel = ngjit_parallel(_stats_planes)
 _stats_serial = ngjit(_stats_planes)  # prange is plain range without parallel=True
 
 
-# --------------------------------------------------------------------------
-# Top-k keys per query row.
-# --------------------------------------------------------------------------
-
-
-#: Keys per group of the top-k pre-filter: 8 float32 are one AVX2 vector, so a group's max is
-#: one vector reduction.
-_GROUP = 8
-
-
-@ngjit
-def _insert(x, j, k, wbuf, ibuf):
-    """Insert weight x of key j into the descending k-buffer; an equal weight stays behind."""
-    last = k - 1
-    if x > wbuf[last]:
-        i = last
-        while i > 0 and wbuf[i - 1] < x:
-            wbuf[i] = wbuf[i - 1]
-            ibuf[i] = ibuf[i - 1]
-            i -= 1
-        wbuf[i] = x
-        ibuf[i] = j
-
-
-@ngjit
-def _plane_topk(a, p, n, k, index, weight, wbuf, ibuf, cand, gmax):
-    """Top ``k`` keys of each valid row of plane ``p``: a threshold, then insertion sort.
-
-    Why not a sort: k ≪ K.  Why not insertion over every key: on a softmax row about
-    k·ln(K/k) keys enter the buffer, each a mispredicted branch, which cost more than
-    the compares.  So first a lower bound on the k-th largest weight: the k-th largest of
-    the maxima of groups of 8 keys (k of those maxima are k distinct weights ≥ it).  Keys
-    below it cannot be in the top k; the others are gathered without a branch and only
-    they are inserted.  The buffer starts as k entries of weight −inf; descending by
-    weight; an equal weight never passes an earlier key (strict compares), so ties go to
-    the lower key index, the order of a stable argsort of −w.
-    """
-    Q = a.shape[1]
-    nq, nk = _valid(n, Q, a.shape[2])
-    for q in range(Q):
-        for t in range(k):
-            index[p, q, t] = -1
-            weight[p, q, t] = np.nan
-    if k == 0:
-        return
-    groups = nk // _GROUP
-    for q in range(nq):
-        row = a[p, q]
-        threshold = -np.inf
-        if groups >= k:
-            for g in range(groups):
-                m = row[g * _GROUP]
-                for j in range(1, _GROUP):
-                    m = max(m, row[g * _GROUP + j])
-                gmax[g] = m
-            for t in range(k):
-                wbuf[t] = -np.inf
-            for g in range(groups):
-                _insert(np.float64(gmax[g]), g, k, wbuf, ibuf)
-            threshold = wbuf[k - 1]
-        count = 0
-        for j in range(nk):
-            cand[count] = j
-            count += np.float64(row[j]) >= threshold
-        for t in range(k):
-            wbuf[t] = -np.inf
-            ibuf[t] = -1
-        for c in range(count):
-            _insert(np.float64(row[cand[c]]), cand[c], k, wbuf, ibuf)
-        for t in range(k):
-            if ibuf[t] >= 0:
-                index[p, q, t] = ibuf[t]
-                weight[p, q, t] = wbuf[t]
-
-
-def _topk_planes(a, lens, k, index, weight):
+def _topk_planes(a, lens, index, weight):
+    Q, K, k = a.shape[1], a.shape[2], index.shape[2]
     for p in prange(a.shape[0]):
-        wbuf = np.empty(k)
-        ibuf = np.empty(k, dtype=np.int32)
-        cand = np.empty(a.shape[2], dtype=np.int64)
-        gmax = np.empty(a.shape[2] // _GROUP + 1, dtype=a.dtype)
-        _plane_topk(a, p, lens[p], k, index, weight, wbuf, ibuf, cand, gmax)
+        keys, lanes = _topk_scratch(K)
+        nq, nk = _valid(lens[p], Q, K)
+        for q in range(nq):
+            _row_topk(a, p, q, nk, k, keys, lanes, index, weight, p)
+        for q in range(nq, Q):
+            _no_topk(index, weight, p, q, k)
 
 
 _topk_parallel = ngjit_parallel(_topk_planes)
@@ -369,12 +608,73 @@ _topk_serial = ngjit(_topk_planes)
 # --------------------------------------------------------------------------
 
 
+class PlaneStats(NamedTuple):
+    """Per-query and per-key statistics of each plane's valid block; float64, NaN outside it.
+
+    row_sum[..., q]    = Σ_k A[q, k]
+    col_sum[..., k]    = Σ_q A[q, k]            (incoming attention of key k)
+    entropy[..., q]    = −Σ_k A[q, k]·ln A[q, k]  (natural log, 0·ln 0 = 0, no epsilon)
+    max_weight[..., q] = max_k A[q, k]
+    diag[..., q]       = A[q, q]                (all NaN when Q ≠ K: cross-attention)
+    distance[..., q]   = Σ_k A[q, k]·|q − k|     (mean attention distance)
+    sq_sum[..., q]     = Σ_k A[q, k]²           (for the spread of the weights)
+    """
+
+    row_sum: np.ndarray
+    col_sum: np.ndarray
+    entropy: np.ndarray
+    max_weight: np.ndarray
+    diag: np.ndarray
+    distance: np.ndarray
+    sq_sum: np.ndarray
+
+
+class StatsBuffers(NamedTuple):
+    """The fused kernel's outputs for ``P`` planes, laid out so every statistic is contiguous.
+
+    rows         (len(ROW_STATS), P, Q)   the output dtype (float32 or float64)
+    col_sum      (P, K)                   the output dtype
+    topk_index   (P, Q, k)                int32
+    topk_weight  (P, Q, k)                the output dtype
+    plane        (len(PLANE_STATS), P)    float64
+    peak_key     (P,)                     int32
+    flags        (len(FLAGS), P)          bool
+    """
+
+    rows: np.ndarray
+    col_sum: np.ndarray
+    topk_index: np.ndarray
+    topk_weight: np.ndarray
+    plane: np.ndarray
+    peak_key: np.ndarray
+    flags: np.ndarray
+
+
+def empty_buffers(planes: int, Q: int, K: int, k: int, dtype=np.float64) -> StatsBuffers:
+    """Uninitialised outputs for ``planes`` planes (the kernel writes every element)."""
+    if not 0 <= k <= MAX_TOPK:
+        raise ValueError(f"k must be between 0 and {MAX_TOPK}, got {k}")
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    return StatsBuffers(
+        rows=np.empty((len(ROW_STATS), planes, Q), dtype=dtype),
+        col_sum=np.empty((planes, K), dtype=dtype),
+        topk_index=np.empty((planes, Q, k), dtype=np.int32),
+        topk_weight=np.empty((planes, Q, k), dtype=dtype),
+        plane=np.empty((len(PLANE_STATS), planes)),
+        peak_key=np.empty(planes, dtype=np.int32),
+        flags=np.empty((len(FLAGS), planes), dtype=np.bool_),
+    )
+
+
 def _as_planes(a) -> tuple[np.ndarray, tuple[int, ...]]:
     a = np.asarray(a)
     if a.ndim < 2:
         raise ValueError(f"attention must have at least 2 dims (..., Q, K), got shape {a.shape}")
     if a.dtype not in (np.float32, np.float64):
-        a = a.astype(np.float64)
+        # float16 (a float16 store) widens exactly to float32; anything else to float64
+        a = a.astype(np.float32 if a.dtype == np.float16 else np.float64)
     lead = a.shape[:-2]
     Q, K = a.shape[-2:]
     # C order keeps each row's keys contiguous for the vectorised inner loop;
@@ -382,6 +682,63 @@ def _as_planes(a) -> tuple[np.ndarray, tuple[int, ...]]:
     n_planes = int(np.prod(lead, dtype=np.int64))
     planes = np.ascontiguousarray(a).reshape((n_planes, Q, K))
     return planes, lead
+
+
+def fill(out: StatsBuffers, a, lengths=None, dest=None, *, parallel: bool = True) -> None:
+    """Run the fused kernel on ``a`` (..., Q, K), writing input plane i into output plane ``dest[i]``.
+
+    ``dest`` (None: 0, 1, 2, …) holds distinct plane indices of ``out``, one per plane of
+    ``a`` in C order: it lets pieces of a bigger array (e.g. the store chunks of one block)
+    write straight into the block's outputs.  ``parallel`` as in :func:`plane_stats`.
+    """
+    planes, lead = _as_planes(a)
+    P, Q, K = planes.shape
+    P_out = out.peak_key.shape[0]
+    if out.rows.shape[2] != Q or out.col_sum.shape[1] != K:
+        raise ValueError(f"outputs are for planes of {out.rows.shape[2]}x{out.col_sum.shape[1]}, not {Q}x{K}")
+    if dest is None:
+        dest = np.arange(P, dtype=np.int64)
+    dest = np.asarray(dest, dtype=np.int64).ravel()
+    if dest.shape != (P,) or (P and (dest.min() < 0 or dest.max() >= P_out)):
+        raise ValueError(f"dest must hold {P} plane indices in [0, {P_out})")
+    lens = plane_lengths(lengths, lead, max(Q, K))
+    absd = np.abs(np.arange(-(Q - 1), K, dtype=np.float64))
+    if P:
+        with parallel_slot(parallel) as par:
+            kernel = _stats_parallel if par else _stats_serial
+            kernel(planes, lens, dest, absd, *out)
+
+
+def named(out: StatsBuffers, lead: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The outputs by variable name, shaped ``lead + …`` (views, no copies)."""
+    Q, K, k = out.rows.shape[2], out.col_sum.shape[1], out.topk_index.shape[2]
+    lead = tuple(lead)
+    res = {name: out.rows[i].reshape(lead + (Q,)) for i, name in enumerate(ROW_STATS)}
+    res["col_sum"] = out.col_sum.reshape(lead + (K,))
+    res["topk_index"] = out.topk_index.reshape(lead + (Q, k))
+    res["topk_weight"] = out.topk_weight.reshape(lead + (Q, k))
+    plane = {name: out.plane[i].reshape(lead) for i, name in enumerate(PLANE_STATS)}
+    for name in ("entropy_mean", "entropy_norm", "self_attention", "diag_share"):
+        res[name] = plane.pop(name)
+    res["peak_key"] = out.peak_key.reshape(lead)
+    res.update(plane)
+    res.update({name: out.flags[i].reshape(lead) for i, name in enumerate(FLAGS)})
+    return res
+
+
+def attention_stats(a, k: int = 5, lengths=None, *, parallel: bool = True, dtype=np.float64) -> dict[str, np.ndarray]:
+    """Every statistic, top-k and flag of every plane of ``a`` (..., Q, K), in one pass.
+
+    Returns arrays by name: ``ROW_STATS`` (..., Q), ``col_sum`` (..., K), ``topk_index``
+    int32 and ``topk_weight`` (..., Q, k), ``PLANE_STATS`` float64 and ``peak_key`` int32
+    (...), ``FLAGS`` bool (...).  ``dtype`` (float32 or float64) is that of the per-query,
+    per-key and top-k weight outputs (they are accumulated in float64 either way).
+    """
+    planes, lead = _as_planes(a)
+    P, Q, K = planes.shape
+    out = empty_buffers(P, Q, K, int(k), dtype)
+    fill(out, planes, None if lengths is None else plane_lengths(lengths, lead, max(Q, K)), parallel=parallel)
+    return named(out, lead)
 
 
 def plane_stats(a, lengths=None, *, parallel: bool = True) -> PlaneStats:
@@ -395,28 +752,10 @@ def plane_stats(a, lengths=None, *, parallel: bool = True) -> PlaneStats:
 
     Returns a :class:`PlaneStats` of float64 arrays: row statistics
     ``(..., Q)``, ``col_sum`` ``(..., K)``; NaN outside each valid block.
+    (The fused kernel without top-k; :func:`attention_stats` gives everything.)
     """
-    planes, lead = _as_planes(a)
-    P, Q, K = planes.shape
-    lens = plane_lengths(lengths, lead, max(Q, K))
-    absd = np.abs(np.arange(-(Q - 1), K, dtype=np.float64))
-    outs = [np.empty((P, Q)) for _ in range(6)]
-    row_sum, entropy, max_weight, diag, distance, sq_sum = outs
-    col_sum = np.empty((P, K))
-    if P:
-        with parallel_slot(parallel) as par:
-            kernel = _stats_parallel if par else _stats_serial
-            kernel(planes, lens, absd, row_sum, col_sum, entropy, max_weight, diag, distance, sq_sum)
-    row_shape = lead + (Q,)
-    return PlaneStats(
-        row_sum=row_sum.reshape(row_shape),
-        col_sum=col_sum.reshape(lead + (K,)),
-        entropy=entropy.reshape(row_shape),
-        max_weight=max_weight.reshape(row_shape),
-        diag=diag.reshape(row_shape),
-        distance=distance.reshape(row_shape),
-        sq_sum=sq_sum.reshape(row_shape),
-    )
+    res = attention_stats(a, 0, lengths, parallel=parallel)
+    return PlaneStats(**{name: res[name] for name in PlaneStats._fields})
 
 
 def topk(a, k: int, lengths=None, *, parallel: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -427,7 +766,8 @@ def topk(a, k: int, lengths=None, *, parallel: bool = True) -> tuple[np.ndarray,
     with fewer than ``k`` valid keys are padded with index −1 / weight NaN;
     rows outside the valid block are all −1 / NaN (NaN or −inf weights inside
     it are never selected).  ``k`` must be in [0, 64] (ValueError otherwise);
-    ``parallel`` as in :func:`plane_stats`.
+    ``parallel`` as in :func:`plane_stats`.  The same per-row code as the
+    fused kernel, alone.
     """
     k = int(k)
     if not 0 <= k <= MAX_TOPK:
@@ -440,5 +780,5 @@ def topk(a, k: int, lengths=None, *, parallel: bool = True) -> tuple[np.ndarray,
     if P:
         with parallel_slot(parallel) as par:
             kernel = _topk_parallel if par else _topk_serial
-            kernel(planes, lens, k, index, weight)
+            kernel(planes, lens, index, weight)
     return index.reshape(lead + (Q, k)), weight.reshape(lead + (Q, k))
