@@ -1,6 +1,8 @@
 """Figures and `fastattn plot`: every kind renders, is not blank, carries its labels;
 ragged samples draw only their valid block; `batches` never reads the attention array;
-bad selections are one clear line."""
+bad selections are one clear line. Long samples are drawn at the figure's resolution
+(block means against a NumPy reference, small maps exact, thinned query rows), and a
+figure reads only the chunks it draws, each once, in one chunk's worth of memory."""
 
 from __future__ import annotations
 
