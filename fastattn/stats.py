@@ -445,7 +445,10 @@ def open_stats(location, *, storage_options: dict | None = None) -> xr.Dataset:
     st = store.open_committed(loc, {"batch": manifest.stats_committed}, group=GROUP)  # survives a killed resize
     missing = [name for name in STATS_SCHEMA if name not in st.variables]
     if missing:
-        raise StoreError(f"{loc}: the statistics lack {', '.join(missing)}; run fastattn check")
+        raise StoreError(
+            f"{loc}: the statistics lack {', '.join(missing)} (written by an older fastattn, or damaged);"
+            " run fastattn stats to compute them again"
+        )
     st.attrs = {"store": str(loc), "k": manifest.stats_k, "batches": manifest.stats_committed}
     return st
 

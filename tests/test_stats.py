@@ -226,7 +226,8 @@ def test_statistics_of_an_older_layout_are_computed_again(samples_store, tmp_pat
     shutil.copytree(samples_store, target)
     assert fastattn.write_stats(target) == {"computed": 11, "total": 11}
     shutil.rmtree(target / "stats" / "prev_token")  # as written before prev_token existed
-    assert "prev_token" not in fastattn.open_stats(target)
+    with pytest.raises(fastattn.StoreError, match="lack prev_token .written by an older fastattn"):
+        fastattn.open_stats(target)
     assert fastattn.write_stats(target) == {"computed": 11, "total": 11}
     assert fastattn.write_stats(target) == {"computed": 0, "total": 11}
     check_against_reference(fastattn.open_stats(target), fastattn.open_store(target))
