@@ -573,18 +573,23 @@ def attention_reads(monkeypatch) -> list[tuple[str, int]]:
 
 def test_figures_read_only_the_chunks_they_draw(long_store, monkeypatch):
     ds = open_store(long_store)
-    assert ds.attention.encoding["chunks"] == (1, 1, LONG_HEADS, LONG, LONG)  # one chunk per (batch, layer)
+    chunks = ds.attention.encoding["chunks"]
+    assert chunks[0] == chunks[1] == 1 and chunks[3:] == (LONG, LONG)  # whole planes; heads as the store splits them
+    step = chunks[2]
     chunk_bytes = {
-        f"attention/c/{b}/{layer}/0/0/0": os.path.getsize(Path(long_store, f"attention/c/{b}/{layer}/0/0/0"))
-        for b in range(2)
-        for layer in range(LONG_LAYERS)
+        str(p.relative_to(long_store)): p.stat().st_size for p in Path(long_store, "attention", "c").rglob("*") if p.is_file()
     }
+
+    def chunk(b, layer, head):
+        return f"attention/c/{b}/{layer}/{head // step}/0/0"
+
     read = attention_reads(monkeypatch)
     plot.overview(ds, 0, 1, head=1, dpi=50)
-    assert read == [("attention/c/0/1/0/0/0", chunk_bytes["attention/c/0/1/0/0/0"])]  # one plane: its chunk, once
+    assert read == [(chunk(0, 1, 1), chunk_bytes[chunk(0, 1, 1)])]  # one plane: its chunk, once
     read.clear()
     plot.heads(ds, 1, 2, dpi=50)
-    assert read == [("attention/c/1/2/0/0/0", chunk_bytes["attention/c/1/2/0/0/0"])]
+    want = sorted({chunk(1, 2, h) for h in range(LONG_HEADS)})
+    assert sorted(read) == [(key, chunk_bytes[key]) for key in want]
     read.clear()
     sample = plot.Sample(ds, 0)
     heads_grids = [plot.Heads(sample, layer, dpi=50) for layer in range(LONG_LAYERS)]
