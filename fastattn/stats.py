@@ -66,7 +66,7 @@ def _block_arrays(pieces, lengths, shape: tuple[int, ...], k: int, parallel: boo
     `lengths` holds one length per plane of the block (None: every plane whole)."""
     from .kernels import stats as kernel
 
-    Q, K = pieces[0][0].shape[-2:]
+    Q, K = (pieces.shape if isinstance(pieces, _Planes) else pieces[0][0].shape)[-2:]
     out = kernel.empty_buffers(math.prod(shape), Q, K, k, np.float32)
     planes = np.arange(math.prod(shape)).reshape(shape)  # a block plane's index in the outputs
     for array, offset in pieces:
@@ -224,17 +224,40 @@ def _blocks(start: int, stop: int, size: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _read_block(group, b0: int, b1: int) -> tuple[np.ndarray, np.ndarray]:
-    """Batches [b0, b1) of the store, in memory: zarr reads and decodes the chunks concurrently."""
-    return group["attention"][b0:b1], group["length"][b0:b1]
+class _Planes:
+    """Batches [b0, b1) of a store, read one chunk's heads of one layer at a time: the block
+    of sequences so long that a batch's attention is larger than BLOCK_BYTES. Memory is then
+    one chunk's planes, whatever the sequence length."""
+
+    def __init__(self, attention, b0: int, b1: int):
+        self.attention, self.b0, self.b1 = attention, b0, b1
+        self.shape = (b1 - b0, *attention.shape[1:])
+
+    def __iter__(self):
+        step = self.attention.chunks[2]
+        for b in range(self.b0, self.b1):
+            for layer in range(self.shape[1]):
+                for h0 in range(0, self.shape[2], step):
+                    piece = self.attention[b, layer, h0 : h0 + step]
+                    yield piece[np.newaxis, np.newaxis], (b - self.b0, layer, h0)
 
 
-def _block_stats(block: tuple[np.ndarray, np.ndarray], k: int, parallel: bool) -> dict[str, np.ndarray]:
-    """Every statistic of an in-memory block (batch, layer, head, query, key), and its lengths."""
+def _read_block(group, b0: int, b1: int) -> tuple:
+    """Batches [b0, b1) of the store: in memory (zarr reads and decodes the chunks concurrently),
+    or as `_Planes` read during the kernel when they are larger than BLOCK_BYTES."""
+    attention = group["attention"]
+    if (b1 - b0) * math.prod(attention.shape[1:]) * attention.dtype.itemsize > BLOCK_BYTES:
+        return _Planes(attention, b0, b1), group["length"][b0:b1]
+    return attention[b0:b1], group["length"][b0:b1]
+
+
+def _block_stats(block: tuple, k: int, parallel: bool) -> dict[str, np.ndarray]:
+    """Every statistic of a block (batch, layer, head, query, key), and its lengths."""
     attention, length = block
     shape = attention.shape[:-2]
     lengths = np.broadcast_to(length.astype(np.int64).reshape(-1, 1, 1), shape)
-    arrays = _block_arrays([(attention, (0, 0, 0))], lengths, shape, k, parallel)
+    pieces = attention if isinstance(attention, _Planes) else [(attention, (0, 0, 0))]
+    arrays = _block_arrays(pieces, lengths, shape, k, parallel)
     arrays["length"] = length
     return arrays
 

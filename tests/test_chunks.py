@@ -73,3 +73,33 @@ def test_a_large_dump_is_mapped_and_checked_slab_by_slab(tmp_path, rng, monkeypa
     dump = dumps.read(header)
     dump.release()  # hands the pages back; the values read again from the page cache
     np.testing.assert_array_equal(dump.attention[0], good)
+
+
+def test_statistics_of_batches_larger_than_a_block_are_read_plane_by_plane(tmp_path, rng, monkeypatch):
+    """A batch larger than the stats block is read one chunk's heads of a layer at a time;
+    the statistics are bit for bit those of whole blocks."""
+    import shutil
+
+    from fastattn import stats
+
+    batched_dump(rng, tmp_path / "d" / "a.npz", [9, 5, 7], layers=2, heads=4)
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "CHUNK_BYTES", 2 * 9 * 9 * 4)  # two heads' planes a chunk
+        ingest([tmp_path / "d"], tmp_path / "s.zarr")
+    shutil.copytree(tmp_path / "s.zarr", tmp_path / "whole.zarr")
+    assert stats.write_stats(tmp_path / "whole.zarr")["computed"] == 3
+    reads = []
+    planes_iter = stats._Planes.__iter__
+
+    def counted(self):
+        for piece, offset in planes_iter(self):
+            reads.append(piece.shape)
+            yield piece, offset
+
+    monkeypatch.setattr(stats._Planes, "__iter__", counted)
+    monkeypatch.setattr(stats, "BLOCK_BYTES", 2 * 9 * 9 * 4)  # less than one batch (2 layers x 4 heads)
+    assert stats.write_stats(tmp_path / "s.zarr")["computed"] == 3
+    assert reads and set(reads) == {(1, 1, 2, 9, 9)}  # one chunk's planes at a time
+    a, b = stats.open_stats(tmp_path / "s.zarr").compute(), stats.open_stats(tmp_path / "whole.zarr").compute()
+    for name in b.data_vars:
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
