@@ -340,83 +340,110 @@ def _no_topk(index, weight, d, q, k):
 
 
 @_inline
-def _row_topk_packed(a, p, q, nk, k, keys, lanes, index, weight, d):
-    """Top ``k`` of float32 row ``a[p, q, :nk]`` by packed (key, position) int64s in 8 lanes."""
+def _keys_packed(a, p, q, nk, keys, lanes, r):
+    """Slot ``r`` of ``keys``/``lanes``: float32 row ``a[p, q, :nk]`` as packed (key, position)
+    int64s, padded to whole lanes, and the 8 lanes' maxima."""
     groups = (nk + _LANES - 1) // _LANES
     for j in range(nk):
         key, ok = _order_key32(a[p, q, j])
-        keys[j] = ((np.int64(key) << 32) | (_LOW32 - j)) if ok else _NO_KEY
+        keys[r, j] = ((np.int64(key) << 32) | (_LOW32 - j)) if ok else _NO_KEY
     for j in range(nk, groups * _LANES):
-        keys[j] = _NO_KEY
+        keys[r, j] = _NO_KEY
     for lane in range(_LANES):
-        lanes[lane] = keys[lane]
+        lanes[r, lane] = keys[r, lane]
     for g in range(1, groups):
         for lane in range(_LANES):
-            lanes[lane] = max(lanes[lane], keys[g * _LANES + lane])
-    for t in range(min(k, nk)):
-        # Trees, not chains, of maxima: each rank waits on the last, so latency is the cost.
-        m = max(
-            max(max(lanes[0], lanes[1]), max(lanes[2], lanes[3])),
-            max(max(lanes[4], lanes[5]), max(lanes[6], lanes[7])),
-        )
-        if m == _NO_KEY:
-            return  # only NaN/−inf left
-        j = _LOW32 - (m & _LOW32)
-        index[d, q, t] = j
-        weight[d, q, t] = a[p, q, j]
-        keys[j] = _NO_KEY
-        lane = j % _LANES
-        even, odd = keys[lane], _NO_KEY
-        for g in range(1, groups - 1, 2):
-            odd = max(odd, keys[g * _LANES + lane])
-            even = max(even, keys[(g + 1) * _LANES + lane])
-        if groups % 2 == 0:
-            odd = max(odd, keys[(groups - 1) * _LANES + lane])
-        lanes[lane] = max(even, odd)
+            lanes[r, lane] = max(lanes[r, lane], keys[r, g * _LANES + lane])
 
 
 @_inline
-def _row_topk_search(a, p, q, nk, k, keys, lanes, index, weight, d):
-    """Top ``k`` of row ``a[p, q, :nk]`` (float64) by a max and a first-position search per rank."""
+def _ranks_packed(a, p, q0, count, nk, k, keys, lanes, index, weight, d):
+    """The top ``k`` of rows ``q0 …`` (``count`` of them, keys in slots 0 …) from their lanes.
+
+    The rows go in lockstep: each rank waits on the last (a chain of maxima), and two rows'
+    independent chains overlap in the CPU.  Trees, not chains, of maxima for the same reason.
+    """
+    groups = (nk + _LANES - 1) // _LANES
+    for t in range(min(k, nk)):
+        for r in range(count):
+            m = max(
+                max(max(lanes[r, 0], lanes[r, 1]), max(lanes[r, 2], lanes[r, 3])),
+                max(max(lanes[r, 4], lanes[r, 5]), max(lanes[r, 6], lanes[r, 7])),
+            )
+            if m == _NO_KEY:
+                continue  # only NaN/−inf left in this row
+            j = _LOW32 - (m & _LOW32)
+            index[d, q0 + r, t] = j
+            weight[d, q0 + r, t] = a[p, q0 + r, j]
+            keys[r, j] = _NO_KEY
+            lane = j % _LANES
+            even, odd = keys[r, lane], _NO_KEY
+            for g in range(1, groups - 1, 2):
+                odd = max(odd, keys[r, g * _LANES + lane])
+                even = max(even, keys[r, (g + 1) * _LANES + lane])
+            if groups % 2 == 0:
+                odd = max(odd, keys[r, (groups - 1) * _LANES + lane])
+            lanes[r, lane] = max(even, odd)
+
+
+@_inline
+def _keys_search(a, p, q, nk, keys, lanes, r):
+    """Slot ``r`` of ``keys``: float64 row ``a[p, q, :nk]``'s order keys."""
     for j in range(nk):
         key, ok = _order_key64(a[p, q, j])
-        keys[j] = key if ok else _NO_KEY
-    for t in range(min(k, nk)):
-        m = _NO_KEY
-        for j in range(nk):
-            m = max(m, keys[j])
-        if m == _NO_KEY:
-            return  # only NaN/−inf left
-        first = nk
-        for j in range(nk):
-            first = min(first, j if keys[j] == m else nk)
-        index[d, q, t] = first
-        weight[d, q, t] = a[p, q, first]
-        keys[first] = _NO_KEY
+        keys[r, j] = key if ok else _NO_KEY
 
 
-def _row_topk(a, p, q, nk, k, keys, lanes, index, weight, d):
-    """The top ``k`` of row ``a[p, q, :nk]`` into ``index[d, q]``/``weight[d, q]``; −1/NaN after the
-    last selectable key.  Jit-only: float32 rows are packed, others searched."""
+@_inline
+def _ranks_search(a, p, q0, count, nk, k, keys, lanes, index, weight, d):
+    """The top ``k`` of rows ``q0 …`` by a max and a first-position search per rank."""
+    for r in range(count):
+        for t in range(min(k, nk)):
+            m = _NO_KEY
+            for j in range(nk):
+                m = max(m, keys[r, j])
+            if m == _NO_KEY:
+                break  # only NaN/−inf left
+            first = nk
+            for j in range(nk):
+                first = min(first, j if keys[r, j] == m else nk)
+            index[d, q0 + r, t] = first
+            weight[d, q0 + r, t] = a[p, q0 + r, first]
+            keys[r, first] = _NO_KEY
+
+
+def _row_topk(a, p, q, nq, nk, keys, lanes, index, weight, d):
+    """Row ``q``'s share of the top-k of plane ``p`` (into ``index[d]``/``weight[d]``): −1/NaN,
+    its keys now, and the ranks of rows q−1 and q together when q is odd (or the last row).
+    Jit-only: float32 rows are packed, others searched."""
     raise NotImplementedError("only callable from jitted code")
 
 
 @overload(_row_topk, inline="always", jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
-def _row_topk_impl(a, p, q, nk, k, keys, lanes, index, weight, d):
-    row = _row_topk_packed if a.dtype == types.float32 else _row_topk_search
+def _row_topk_impl(a, p, q, nq, nk, keys, lanes, index, weight, d):
+    packed = a.dtype == types.float32
+    build = _keys_packed if packed else _keys_search
+    ranks = _ranks_packed if packed else _ranks_search
 
-    def impl(a, p, q, nk, k, keys, lanes, index, weight, d):
+    def impl(a, p, q, nq, nk, keys, lanes, index, weight, d):
+        k = index.shape[2]
         _no_topk(index, weight, d, q, k)
-        if k > 0 and nk > 0:
-            row(a, p, q, nk, k, keys, lanes, index, weight, d)
+        if k == 0:
+            return
+        build(a, p, q, nk, keys, lanes, q % 2)
+        if q % 2 == 1:
+            ranks(a, p, q - 1, 2, nk, k, keys, lanes, index, weight, d)
+        elif q == nq - 1:
+            ranks(a, p, q, 1, nk, k, keys, lanes, index, weight, d)
 
     return impl
 
 
 @ngjit
 def _topk_scratch(K):
-    """Per-thread scratch of the top-k: keys (padded to whole lanes) and the lane maxima."""
-    return np.empty(max((K + _LANES - 1) // _LANES, 1) * _LANES, dtype=np.int64), np.empty(_LANES, dtype=np.int64)
+    """Per-thread scratch of the top-k, for two rows: keys (padded to whole lanes), lane maxima."""
+    padded = max((K + _LANES - 1) // _LANES, 1) * _LANES
+    return np.empty((2, padded), dtype=np.int64), np.empty((2, _LANES), dtype=np.int64)
 
 
 # --------------------------------------------------------------------------
@@ -449,7 +476,7 @@ def _plane(a, p, d, n, absd, lnbuf, col, keys, lanes, rows, col_sum, index, weig
     2. in float64 (4 lanes): row sum, x·ln x, max, x·|q−k| (from the ``absd``
        table, no abs/convert), x², and the column sum (load-add-store into
        the float64 scratch ``col``, copied to ``col_sum[d]`` at the end);
-    3. the top-k (``_row_topk``, on the row in L1);
+    3. the top-k (``_row_topk``: the row's keys, from L1; the ranks of two rows at a time);
     4. scalars: the diagonal and its neighbours, and the running sums of the
        plane summaries.
 
@@ -519,7 +546,7 @@ def _plane(a, p, d, n, absd, lnbuf, col, keys, lanes, rows, col_sum, index, weig
         sq_total += sq
         largest = max(largest, top)
         error = max(error, abs(rs - 1.0))
-        _row_topk(a, p, q, nk, k, keys, lanes, index, weight, d)
+        _row_topk(a, p, q, nq, nk, keys, lanes, index, weight, d)
     for q in range(nq, Q):
         for r in range(rows.shape[0]):
             rows[r, d, q] = np.nan
@@ -594,7 +621,7 @@ def _topk_planes(a, lens, index, weight):
         keys, lanes = _topk_scratch(K)
         nq, nk = _valid(lens[p], Q, K)
         for q in range(nq):
-            _row_topk(a, p, q, nk, k, keys, lanes, index, weight, p)
+            _row_topk(a, p, q, nq, nk, keys, lanes, index, weight, p)
         for q in range(nq, Q):
             _no_topk(index, weight, p, q, k)
 
