@@ -253,6 +253,53 @@ def _ln_native_impl(x):
     return lambda x: _ln(np.float64(x))
 
 
+_KEY32_OFF = np.int32(0x7FFFFFFF)
+_KEY64_OFF = np.int64(0x7FFFFFFFFFFFFFFF)
+
+
+def _max_bits(x):
+    """x's bits as an integer that orders like x (of x's width: float32 max in 8 int32 lanes)."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+@overload(_max_bits, inline="always", jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
+def _max_bits_impl(x):
+    # LLVM vectorises integer max reductions, but floating-point ones only with ``nnan``.
+    # Sign-magnitude to two's complement: b ^ ((b >> 31) & 0x7FF…F); NaN stays above +inf.
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+
+        def bits32(x):
+            b = np.float32(x).view(np.int32)
+            return np.int32(b ^ (np.int32(b >> _I(31)) & _KEY32_OFF))
+
+        return bits32
+    return lambda x: np.float64(x).view(np.int64) ^ ((np.float64(x).view(np.int64) >> 63) & _KEY64_OFF)
+
+
+def _lowest_bits(a):
+    """The smallest ``_max_bits`` value of ``a``'s element type (the start of a max)."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+@overload(_lowest_bits, inline="always", jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
+def _lowest_bits_impl(a):
+    if a.dtype == types.float32:
+        return lambda a: np.int32(-(2**31))
+    return lambda a: np.int64(-(2**63))
+
+
+def _from_max_bits(m):
+    """The float64 value of a ``_max_bits`` integer (inverse map)."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+@overload(_from_max_bits, inline="always", jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
+def _from_max_bits_impl(m):
+    if m.bitwidth == 32:
+        return lambda m: np.float64(np.int32(m ^ (np.int32(m >> _I(31)) & _KEY32_OFF)).view(np.float32))
+    return lambda m: np.int64(m ^ ((m >> 63) & _KEY64_OFF)).view(np.float64)
+
+
 @ngjit
 def _ln_array(x, out):
     for i in range(x.size):
@@ -301,8 +348,6 @@ def _order_key_of(bits: int, width: int) -> int:
     return (signed ^ (sign & ((1 << (width - 1)) - 1))) - sign
 
 
-_KEY32_OFF = np.int32(0x7FFFFFFF)
-_KEY64_OFF = np.int64(0x7FFFFFFFFFFFFFFF)
 _KEY32_NEG_INF = np.int32(_order_key_of(0xFF800000, 32))
 _KEY32_POS_INF = np.int32(_order_key_of(0x7F800000, 32))
 _KEY64_NEG_INF = np.int64(_order_key_of(0xFFF0000000000000, 64))
@@ -450,8 +495,6 @@ def _topk_scratch(K):
 # The fused kernel.
 # --------------------------------------------------------------------------
 
-_SIGN_OFF = 0x7FFFFFFFFFFFFFFF
-
 
 @ngjit
 def _valid(n, Q, K):
@@ -471,18 +514,14 @@ def _plane(a, p, d, n, absd, lnbuf, col, keys, lanes, rows, col_sum, index, weig
     branch-free, so it vectorises.  Per row (256 bytes for K = 64 float32,
     in L1 after its first loop):
 
-    1. ``lnbuf[k] = ln A[q, k]`` in the input's precision, nothing else in the
-       loop, so for float32 LLVM uses all 8 float32 lanes of AVX2;
-    2. in float64 (4 lanes): row sum, x·ln x, max, x·|q−k| (from the ``absd``
+    1. in the input's precision, so for float32 in all 8 float32 lanes of AVX2:
+       ``lnbuf[k] = ln A[q, k]`` and the max (on the bits, ``_max_bits``);
+    2. in float64 (4 lanes): row sum, x·ln x, x·|q−k| (from the ``absd``
        table, no abs/convert), x², and the column sum (load-add-store into
        the float64 scratch ``col``, copied to ``col_sum[d]`` at the end);
     3. the top-k (``_row_topk``: the row's keys, from L1; the ranks of two rows at a time);
     4. scalars: the diagonal and its neighbours, and the running sums of the
        plane summaries.
-
-    Max is taken on the float's bits mapped to an order-preserving int64
-    (b ^ ((b >> 63) & 0x7FF…F)): LLVM vectorises integer max reductions but not
-    floating-point ones without ``nnan``.
     """
     Q = a.shape[1]
     K = a.shape[2]
@@ -503,8 +542,11 @@ def _plane(a, p, d, n, absd, lnbuf, col, keys, lanes, rows, col_sum, index, weig
     error = 0.0
     for q in range(nq):
         # a[p, q, j], not a row slice: a slice costs a reference count per row
+        top_bits = _lowest_bits(a)
         for j in range(nk):
             lnbuf[j] = _ln_native(a[p, q, j])
+            top_bits = max(top_bits, _max_bits(a[p, q, j]))
+        top = _from_max_bits(top_bits)
         # absd[off + j] == |q - j|.  The max() lets LLVM prove the index is
         # non-negative, dropping Numba's negative-index wraparound select that
         # would stop the loop from vectorising.
@@ -513,17 +555,13 @@ def _plane(a, p, d, n, absd, lnbuf, col, keys, lanes, rows, col_sum, index, weig
         ent = 0.0
         dist = 0.0
         sq = 0.0
-        key = np.int64(-0x7FFFFFFFFFFFFFFF - 1)
         for j in range(nk):
             xd = np.float64(a[p, q, j])
             rs += xd
             sq += xd * xd
             ent += xd * np.float64(lnbuf[j])
-            b = np.float64(xd).view(np.int64)
-            key = max(key, b ^ ((b >> 63) & _SIGN_OFF))
             dist += xd * absd[off + j]
             col[j] += xd
-        top = np.int64(key ^ ((key >> 63) & _SIGN_OFF)).view(np.float64)
         rows[_ROW_SUM, d, q] = rs
         rows[_ENTROPY, d, q] = -ent
         rows[_MAX_WEIGHT, d, q] = top
