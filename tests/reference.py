@@ -144,7 +144,8 @@ def plane_summary(block, n: int, square: bool) -> dict:
     if square:
         diagonal = np.diagonal(block)
         out["self_attention"] = diagonal.mean()
-        out["diag_share"] = diagonal.sum() / block.sum()
+        with np.errstate(invalid="ignore", divide="ignore"):  # a block of zeros: 0/0 is NaN
+            out["diag_share"] = diagonal.sum() / block.sum()
         out["prev_token"] = sum(block[q, q - 1] for q in range(1, n)) / n
         out["next_token"] = sum(block[q, q + 1] for q in range(0, n - 1)) / n
     if n > 1:

@@ -247,15 +247,17 @@ def test_topk_special_weights(dtype):
     selectable = [j for j in range(row.size) if not np.isnan(row[j]) and row[j] != -np.inf]
     order = sorted(selectable, key=lambda j: (-row[j], j))  # a stable sort of −w; −0.0 == 0.0
     want = np.array(order + [-1] * (row.size - len(order)), dtype=np.int32)
-    a = np.stack([row, row[::-1]])[:, None, :]  # (2 planes, 1 query, 11 keys)
-    index, weight = topk(a, row.size)
-    np.testing.assert_array_equal(index[0, 0], want)
-    np.testing.assert_array_equal(weight[0, 0, : len(order)], row[order])
-    assert np.isnan(weight[0, 0, len(order) :]).all()
     reversed_order = sorted(selectable, key=lambda j: (-row[j], -j))  # the same row, keys reversed
-    np.testing.assert_array_equal(index[1, 0, : len(order)], [row.size - 1 - j for j in reversed_order])
-    fused = attention_stats(a, row.size, dtype=dtype)
-    np.testing.assert_array_equal(fused["topk_index"], index)
+    rows = np.stack([row, row[::-1]])
+    for a in (rows[:, None, :], rows[None]):  # 2 planes of 1 query; 1 plane of 2 (ranked together)
+        index, weight = topk(a, row.size)
+        index, weight = index.reshape(2, -1), weight.reshape(2, -1)
+        np.testing.assert_array_equal(index[0], want)
+        np.testing.assert_array_equal(weight[0, : len(order)], row[order])
+        assert np.isnan(weight[:, len(order) :]).all()
+        np.testing.assert_array_equal(index[1, : len(order)], [row.size - 1 - j for j in reversed_order])
+        fused = attention_stats(a, row.size, dtype=dtype)
+        np.testing.assert_array_equal(fused["topk_index"].reshape(2, -1), index)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -253,6 +253,53 @@ def _ln_native_impl(x):
     return lambda x: _ln(np.float64(x))
 
 
+_KEY32_OFF = np.int32(0x7FFFFFFF)
+_KEY64_OFF = np.int64(0x7FFFFFFFFFFFFFFF)
+
+
+def _max_bits(x):
+    """x's bits as an integer that orders like x (of x's width: float32 max in 8 int32 lanes)."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+@overload(_max_bits, inline="always", jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
+def _max_bits_impl(x):
+    # LLVM vectorises integer max reductions, but floating-point ones only with ``nnan``.
+    # Sign-magnitude to two's complement: b ^ ((b >> 31) & 0x7FF…F); NaN stays above +inf.
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+
+        def bits32(x):
+            b = np.float32(x).view(np.int32)
+            return np.int32(b ^ (np.int32(b >> _I(31)) & _KEY32_OFF))
+
+        return bits32
+    return lambda x: np.float64(x).view(np.int64) ^ ((np.float64(x).view(np.int64) >> 63) & _KEY64_OFF)
+
+
+def _lowest_bits(a):
+    """The smallest ``_max_bits`` value of ``a``'s element type (the start of a max)."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+@overload(_lowest_bits, inline="always", jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
+def _lowest_bits_impl(a):
+    if a.dtype == types.float32:
+        return lambda a: np.int32(-(2**31))
+    return lambda a: np.int64(-(2**63))
+
+
+def _from_max_bits(m):
+    """The float64 value of a ``_max_bits`` integer (inverse map)."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+@overload(_from_max_bits, inline="always", jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
+def _from_max_bits_impl(m):
+    if m.bitwidth == 32:
+        return lambda m: np.float64(np.int32(m ^ (np.int32(m >> _I(31)) & _KEY32_OFF)).view(np.float32))
+    return lambda m: np.int64(m ^ ((m >> 63) & _KEY64_OFF)).view(np.float64)
+
+
 @ngjit
 def _ln_array(x, out):
     for i in range(x.size):
@@ -301,8 +348,6 @@ def _order_key_of(bits: int, width: int) -> int:
     return (signed ^ (sign & ((1 << (width - 1)) - 1))) - sign
 
 
-_KEY32_OFF = np.int32(0x7FFFFFFF)
-_KEY64_OFF = np.int64(0x7FFFFFFFFFFFFFFF)
 _KEY32_NEG_INF = np.int32(_order_key_of(0xFF800000, 32))
 _KEY32_POS_INF = np.int32(_order_key_of(0x7F800000, 32))
 _KEY64_NEG_INF = np.int64(_order_key_of(0xFFF0000000000000, 64))
@@ -340,90 +385,115 @@ def _no_topk(index, weight, d, q, k):
 
 
 @_inline
-def _row_topk_packed(a, p, q, nk, k, keys, lanes, index, weight, d):
-    """Top ``k`` of float32 row ``a[p, q, :nk]`` by packed (key, position) int64s in 8 lanes."""
+def _keys_packed(a, p, q, nk, keys, lanes, r):
+    """Slot ``r`` of ``keys``/``lanes``: float32 row ``a[p, q, :nk]`` as packed (key, position)
+    int64s, padded to whole lanes, and the 8 lanes' maxima."""
     groups = (nk + _LANES - 1) // _LANES
     for j in range(nk):
         key, ok = _order_key32(a[p, q, j])
-        keys[j] = ((np.int64(key) << 32) | (_LOW32 - j)) if ok else _NO_KEY
+        keys[r, j] = ((np.int64(key) << 32) | (_LOW32 - j)) if ok else _NO_KEY
     for j in range(nk, groups * _LANES):
-        keys[j] = _NO_KEY
+        keys[r, j] = _NO_KEY
     for lane in range(_LANES):
-        lanes[lane] = keys[lane]
+        lanes[r, lane] = keys[r, lane]
     for g in range(1, groups):
         for lane in range(_LANES):
-            lanes[lane] = max(lanes[lane], keys[g * _LANES + lane])
-    for t in range(min(k, nk)):
-        # Trees, not chains, of maxima: each rank waits on the last, so latency is the cost.
-        m = max(
-            max(max(lanes[0], lanes[1]), max(lanes[2], lanes[3])),
-            max(max(lanes[4], lanes[5]), max(lanes[6], lanes[7])),
-        )
-        if m == _NO_KEY:
-            return  # only NaN/−inf left
-        j = _LOW32 - (m & _LOW32)
-        index[d, q, t] = j
-        weight[d, q, t] = a[p, q, j]
-        keys[j] = _NO_KEY
-        lane = j % _LANES
-        even, odd = keys[lane], _NO_KEY
-        for g in range(1, groups - 1, 2):
-            odd = max(odd, keys[g * _LANES + lane])
-            even = max(even, keys[(g + 1) * _LANES + lane])
-        if groups % 2 == 0:
-            odd = max(odd, keys[(groups - 1) * _LANES + lane])
-        lanes[lane] = max(even, odd)
+            lanes[r, lane] = max(lanes[r, lane], keys[r, g * _LANES + lane])
 
 
 @_inline
-def _row_topk_search(a, p, q, nk, k, keys, lanes, index, weight, d):
-    """Top ``k`` of row ``a[p, q, :nk]`` (float64) by a max and a first-position search per rank."""
+def _ranks_packed(a, p, q0, count, nk, k, keys, lanes, index, weight, d):
+    """The top ``k`` of rows ``q0 …`` (``count`` of them, keys in slots 0 …) from their lanes.
+
+    The rows go in lockstep: each rank waits on the last (a chain of maxima), and two rows'
+    independent chains overlap in the CPU.  Trees, not chains, of maxima for the same reason.
+    """
+    groups = (nk + _LANES - 1) // _LANES
+    for t in range(min(k, nk)):
+        for r in range(count):
+            m = max(
+                max(max(lanes[r, 0], lanes[r, 1]), max(lanes[r, 2], lanes[r, 3])),
+                max(max(lanes[r, 4], lanes[r, 5]), max(lanes[r, 6], lanes[r, 7])),
+            )
+            if m == _NO_KEY:
+                continue  # only NaN/−inf left in this row
+            j = _LOW32 - (m & _LOW32)
+            index[d, q0 + r, t] = j
+            weight[d, q0 + r, t] = a[p, q0 + r, j]
+            keys[r, j] = _NO_KEY
+            lane = j % _LANES
+            even, odd = keys[r, lane], _NO_KEY
+            for g in range(1, groups - 1, 2):
+                odd = max(odd, keys[r, g * _LANES + lane])
+                even = max(even, keys[r, (g + 1) * _LANES + lane])
+            if groups % 2 == 0:
+                odd = max(odd, keys[r, (groups - 1) * _LANES + lane])
+            lanes[r, lane] = max(even, odd)
+
+
+@_inline
+def _keys_search(a, p, q, nk, keys, lanes, r):
+    """Slot ``r`` of ``keys``: float64 row ``a[p, q, :nk]``'s order keys."""
     for j in range(nk):
         key, ok = _order_key64(a[p, q, j])
-        keys[j] = key if ok else _NO_KEY
-    for t in range(min(k, nk)):
-        m = _NO_KEY
-        for j in range(nk):
-            m = max(m, keys[j])
-        if m == _NO_KEY:
-            return  # only NaN/−inf left
-        first = nk
-        for j in range(nk):
-            first = min(first, j if keys[j] == m else nk)
-        index[d, q, t] = first
-        weight[d, q, t] = a[p, q, first]
-        keys[first] = _NO_KEY
+        keys[r, j] = key if ok else _NO_KEY
 
 
-def _row_topk(a, p, q, nk, k, keys, lanes, index, weight, d):
-    """The top ``k`` of row ``a[p, q, :nk]`` into ``index[d, q]``/``weight[d, q]``; −1/NaN after the
-    last selectable key.  Jit-only: float32 rows are packed, others searched."""
+@_inline
+def _ranks_search(a, p, q0, count, nk, k, keys, lanes, index, weight, d):
+    """The top ``k`` of rows ``q0 …`` by a max and a first-position search per rank."""
+    for r in range(count):
+        for t in range(min(k, nk)):
+            m = _NO_KEY
+            for j in range(nk):
+                m = max(m, keys[r, j])
+            if m == _NO_KEY:
+                break  # only NaN/−inf left
+            first = nk
+            for j in range(nk):
+                first = min(first, j if keys[r, j] == m else nk)
+            index[d, q0 + r, t] = first
+            weight[d, q0 + r, t] = a[p, q0 + r, first]
+            keys[r, first] = _NO_KEY
+
+
+def _row_topk(a, p, q, nq, nk, keys, lanes, index, weight, d):
+    """Row ``q``'s share of the top-k of plane ``p`` (into ``index[d]``/``weight[d]``): −1/NaN,
+    its keys now, and the ranks of rows q−1 and q together when q is odd (or the last row).
+    Jit-only: float32 rows are packed, others searched."""
     raise NotImplementedError("only callable from jitted code")
 
 
 @overload(_row_topk, inline="always", jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
-def _row_topk_impl(a, p, q, nk, k, keys, lanes, index, weight, d):
-    row = _row_topk_packed if a.dtype == types.float32 else _row_topk_search
+def _row_topk_impl(a, p, q, nq, nk, keys, lanes, index, weight, d):
+    packed = a.dtype == types.float32
+    build = _keys_packed if packed else _keys_search
+    ranks = _ranks_packed if packed else _ranks_search
 
-    def impl(a, p, q, nk, k, keys, lanes, index, weight, d):
+    def impl(a, p, q, nq, nk, keys, lanes, index, weight, d):
+        k = index.shape[2]
         _no_topk(index, weight, d, q, k)
-        if k > 0 and nk > 0:
-            row(a, p, q, nk, k, keys, lanes, index, weight, d)
+        if k == 0:
+            return
+        build(a, p, q, nk, keys, lanes, q % 2)
+        if q % 2 == 1:
+            ranks(a, p, q - 1, 2, nk, k, keys, lanes, index, weight, d)
+        elif q == nq - 1:
+            ranks(a, p, q, 1, nk, k, keys, lanes, index, weight, d)
 
     return impl
 
 
 @ngjit
 def _topk_scratch(K):
-    """Per-thread scratch of the top-k: keys (padded to whole lanes) and the lane maxima."""
-    return np.empty(max((K + _LANES - 1) // _LANES, 1) * _LANES, dtype=np.int64), np.empty(_LANES, dtype=np.int64)
+    """Per-thread scratch of the top-k, for two rows: keys (padded to whole lanes), lane maxima."""
+    padded = max((K + _LANES - 1) // _LANES, 1) * _LANES
+    return np.empty((2, padded), dtype=np.int64), np.empty((2, _LANES), dtype=np.int64)
 
 
 # --------------------------------------------------------------------------
 # The fused kernel.
 # --------------------------------------------------------------------------
-
-_SIGN_OFF = 0x7FFFFFFFFFFFFFFF
 
 
 @ngjit
@@ -444,18 +514,14 @@ def _plane(a, p, d, n, absd, lnbuf, col, keys, lanes, rows, col_sum, index, weig
     branch-free, so it vectorises.  Per row (256 bytes for K = 64 float32,
     in L1 after its first loop):
 
-    1. ``lnbuf[k] = ln A[q, k]`` in the input's precision, nothing else in the
-       loop, so for float32 LLVM uses all 8 float32 lanes of AVX2;
-    2. in float64 (4 lanes): row sum, x·ln x, max, x·|q−k| (from the ``absd``
+    1. in the input's precision, so for float32 in all 8 float32 lanes of AVX2:
+       ``lnbuf[k] = ln A[q, k]`` and the max (on the bits, ``_max_bits``);
+    2. in float64 (4 lanes): row sum, x·ln x, x·|q−k| (from the ``absd``
        table, no abs/convert), x², and the column sum (load-add-store into
        the float64 scratch ``col``, copied to ``col_sum[d]`` at the end);
-    3. the top-k (``_row_topk``, on the row in L1);
+    3. the top-k (``_row_topk``: the row's keys, from L1; the ranks of two rows at a time);
     4. scalars: the diagonal and its neighbours, and the running sums of the
        plane summaries.
-
-    Max is taken on the float's bits mapped to an order-preserving int64
-    (b ^ ((b >> 63) & 0x7FF…F)): LLVM vectorises integer max reductions but not
-    floating-point ones without ``nnan``.
     """
     Q = a.shape[1]
     K = a.shape[2]
@@ -476,8 +542,11 @@ def _plane(a, p, d, n, absd, lnbuf, col, keys, lanes, rows, col_sum, index, weig
     error = 0.0
     for q in range(nq):
         # a[p, q, j], not a row slice: a slice costs a reference count per row
+        top_bits = _lowest_bits(a)
         for j in range(nk):
             lnbuf[j] = _ln_native(a[p, q, j])
+            top_bits = max(top_bits, _max_bits(a[p, q, j]))
+        top = _from_max_bits(top_bits)
         # absd[off + j] == |q - j|.  The max() lets LLVM prove the index is
         # non-negative, dropping Numba's negative-index wraparound select that
         # would stop the loop from vectorising.
@@ -486,17 +555,13 @@ def _plane(a, p, d, n, absd, lnbuf, col, keys, lanes, rows, col_sum, index, weig
         ent = 0.0
         dist = 0.0
         sq = 0.0
-        key = np.int64(-0x7FFFFFFFFFFFFFFF - 1)
         for j in range(nk):
             xd = np.float64(a[p, q, j])
             rs += xd
             sq += xd * xd
             ent += xd * np.float64(lnbuf[j])
-            b = np.float64(xd).view(np.int64)
-            key = max(key, b ^ ((b >> 63) & _SIGN_OFF))
             dist += xd * absd[off + j]
             col[j] += xd
-        top = np.int64(key ^ ((key >> 63) & _SIGN_OFF)).view(np.float64)
         rows[_ROW_SUM, d, q] = rs
         rows[_ENTROPY, d, q] = -ent
         rows[_MAX_WEIGHT, d, q] = top
@@ -519,7 +584,7 @@ def _plane(a, p, d, n, absd, lnbuf, col, keys, lanes, rows, col_sum, index, weig
         sq_total += sq
         largest = max(largest, top)
         error = max(error, abs(rs - 1.0))
-        _row_topk(a, p, q, nk, k, keys, lanes, index, weight, d)
+        _row_topk(a, p, q, nq, nk, keys, lanes, index, weight, d)
     for q in range(nq, Q):
         for r in range(rows.shape[0]):
             rows[r, d, q] = np.nan
@@ -594,7 +659,7 @@ def _topk_planes(a, lens, index, weight):
         keys, lanes = _topk_scratch(K)
         nq, nk = _valid(lens[p], Q, K)
         for q in range(nq):
-            _row_topk(a, p, q, nk, k, keys, lanes, index, weight, p)
+            _row_topk(a, p, q, nq, nk, keys, lanes, index, weight, p)
         for q in range(nq, Q):
             _no_topk(index, weight, p, q, k)
 
