@@ -153,7 +153,7 @@ def _lazy_arrays(data, lengths: np.ndarray | None, k: int, parallel: bool) -> di
     sizes = [tuple(int(starts[d][b] - starts[d][a]) for a, b in runs[d]) for d in range(len(runs))]
     trailing = {"query": data.shape[-2], "key": data.shape[-1], "rank": k}
     out = {}
-    for name, (dims, dtype) in _schema(tuple(f"d{i}" for i in range(len(runs))), k).items():
+    for name, (dims, dtype) in variables(tuple(f"d{i}" for i in range(len(runs))), k).items():
         extra = tuple(trailing[d] for d in dims[len(runs):])
         layer = f"{name}-{token}"
         getters = {(layer, *key[1:], *[0] * len(extra)): (operator.getitem, key, name) for key in tasks}
