@@ -55,6 +55,18 @@ def batched_dump(rng, path, lengths, layers=2, heads=3, size=None) -> Path:
     return write_dump(path, att, attention_mask=mask)
 
 
+def ragged_dumps(folder, rng, files: int = 8) -> Path:
+    """Ragged batched dumps (with masks) and plain 4-d ones, 3 samples a file (8 files: 24)."""
+    folder = Path(folder)
+    for i in range(files):
+        if i % 3 == 2:
+            for j in range(3):
+                write_dump(folder / f"d{i:02d}_{j}.npz", softmax_rows(rng, (2, 3, 9, 9)))
+        else:
+            batched_dump(rng, folder / f"d{i:02d}.npz", list(rng.integers(3, 12, size=3)), layers=2, heads=3, size=11)
+    return folder
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng()

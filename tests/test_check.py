@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 import typer
 import zarr
-from conftest import SAMPLES, assert_same_store, batched_dump, softmax_rows, store_snapshot, write_dump
+from conftest import SAMPLES, assert_same_store, ragged_dumps, softmax_rows, store_snapshot, write_dump
 from typer.testing import CliRunner
 
 from fastattn import check, store
 from fastattn.check import check_store, run_check
-from fastattn.errors import StoreError
 from fastattn.ingest import ingest
 from fastattn.stats import write_stats
 from fastattn_cli.check_cmd import register
@@ -46,22 +45,11 @@ def cli():
     return lambda *args: runner.invoke(app, ["check", *map(str, args)])
 
 
-def _dumps(folder: Path, rng, files: int = 8) -> Path:
-    """Ragged batched dumps (with masks) and plain 4-d ones: 3 samples each."""
-    for i in range(files):
-        if i % 3 == 2:
-            for j in range(3):
-                write_dump(folder / f"d{i:02d}_{j}.npz", softmax_rows(rng, (2, 3, 9, 9)))
-        else:
-            batched_dump(rng, folder / f"d{i:02d}.npz", list(rng.integers(3, 12, size=3)), layers=2, heads=3, size=11)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Dumps over several chunks and the store a clean ingest makes of them (read-only)."""
     root = tmp_path_factory.mktemp("check")
-    folder = _dumps(root / "dumps", np.random.default_rng(7))
+    folder = ragged_dumps(root / "dumps", np.random.default_rng(7))
     clean = root / "clean.zarr"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(store, "CHUNK_BYTES", 8 << 10)

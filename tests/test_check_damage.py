@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import assert_same_store, batched_dump, softmax_rows, store_snapshot, write_dump
+from conftest import assert_same_store, ragged_dumps, batched_dump, softmax_rows, store_snapshot, write_dump
 
 from fastattn import check, corpus, dumps, store
 from fastattn.check import STATS_SCHEMA, check_store, run_check
@@ -30,22 +30,11 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(store, "CHUNK_BYTES", 8 << 10)
 
 
-def _dumps(folder: Path, rng) -> Path:
-    """12 files, 24 ragged samples: batched dumps with masks and plain 4-d ones."""
-    for i in range(8):
-        if i % 3 == 2:
-            for j in range(3):
-                write_dump(folder / f"d{i:02d}_{j}.npz", softmax_rows(rng, (2, 3, 9, 9)))
-        else:
-            batched_dump(rng, folder / f"d{i:02d}.npz", list(rng.integers(3, 12, size=3)), layers=2, heads=3, size=11)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def corpus_store(tmp_path_factory):
     """Dumps and a clean store of them with committed statistics and rollout (read-only)."""
     root = tmp_path_factory.mktemp("damage")
-    folder = _dumps(root / "dumps", np.random.default_rng(11))
+    folder = ragged_dumps(root / "dumps", np.random.default_rng(11))
     clean = root / "clean.zarr"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(store, "CHUNK_BYTES", 8 << 10)

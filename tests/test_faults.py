@@ -8,7 +8,6 @@ milliseconds instead of an interpreter start.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random

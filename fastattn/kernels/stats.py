@@ -113,27 +113,6 @@ _ROW_SUM, _ENTROPY, _MAX_WEIGHT, _DISTANCE, _DIAG, _SQ_SUM = range(len(ROW_STATS
 _UNIFORM, _DIAGONAL_ONLY, _DOMINANT_KEY, _WEAK, _CRITICAL_KEY, _STRONG_SELF = range(len(FLAGS))
 
 
-class PlaneStats(NamedTuple):
-    """Statistics of each plane's valid block; float64, NaN outside it.
-
-    row_sum[..., q]    = Σ_k A[q, k]
-    col_sum[..., k]    = Σ_q A[q, k]            (incoming attention of key k)
-    entropy[..., q]    = −Σ_k A[q, k]·ln A[q, k]  (natural log, 0·ln 0 = 0, no epsilon)
-    max_weight[..., q] = max_k A[q, k]
-    diag[..., q]       = A[q, q]                (all NaN when Q ≠ K: cross-attention)
-    distance[..., q]   = Σ_k A[q, k]·|q − k|     (mean attention distance)
-    sq_sum[..., q]     = Σ_k A[q, k]²           (for the spread of the weights)
-    """
-
-    row_sum: np.ndarray
-    col_sum: np.ndarray
-    entropy: np.ndarray
-    max_weight: np.ndarray
-    diag: np.ndarray
-    distance: np.ndarray
-    sq_sum: np.ndarray
-
-
 # --------------------------------------------------------------------------
 # Vectorisable natural logs.
 #
