@@ -113,27 +113,6 @@ _ROW_SUM, _ENTROPY, _MAX_WEIGHT, _DISTANCE, _DIAG, _SQ_SUM = range(len(ROW_STATS
 _UNIFORM, _DIAGONAL_ONLY, _DOMINANT_KEY, _WEAK, _CRITICAL_KEY, _STRONG_SELF = range(len(FLAGS))
 
 
-class PlaneStats(NamedTuple):
-    """Statistics of each plane's valid block; float64, NaN outside it.
-
-    row_sum[..., q]    = Σ_k A[q, k]
-    col_sum[..., k]    = Σ_q A[q, k]            (incoming attention of key k)
-    entropy[..., q]    = −Σ_k A[q, k]·ln A[q, k]  (natural log, 0·ln 0 = 0, no epsilon)
-    max_weight[..., q] = max_k A[q, k]
-    diag[..., q]       = A[q, q]                (all NaN when Q ≠ K: cross-attention)
-    distance[..., q]   = Σ_k A[q, k]·|q − k|     (mean attention distance)
-    sq_sum[..., q]     = Σ_k A[q, k]²           (for the spread of the weights)
-    """
-
-    row_sum: np.ndarray
-    col_sum: np.ndarray
-    entropy: np.ndarray
-    max_weight: np.ndarray
-    diag: np.ndarray
-    distance: np.ndarray
-    sq_sum: np.ndarray
-
-
 # --------------------------------------------------------------------------
 # Vectorisable natural logs.
 #
@@ -359,9 +338,12 @@ _LANES = 8
 
 @_inline
 def _order_key32(x):
-    """float32 → int32 key (sign-magnitude to two's complement; negatives moved up by one so −0.0
-    and +0.0 are both 0) and whether x is selectable (not NaN, not −inf): NaNs land above +inf or
-    below −inf, so that is one integer range test, no float compare, and the loop stays in int lanes."""
+    """float32 → int32 key and whether x is selectable (not NaN, not −inf).
+
+    ``_max_bits`` with the negatives moved up by one, so that −0.0 and +0.0 are both 0 (they
+    tie, as in a float compare).  NaNs land above +inf or below −inf, so "selectable" is one
+    integer range test, no float compare, and the loop stays in integer lanes.  (Written out,
+    not through ``_max_bits``: LLVM vectorised that ~6% worse.)"""
     b = np.float32(x).view(np.int32)
     s = np.int32(b >> _I(31))
     k = np.int32(np.int32(b ^ (s & _KEY32_OFF)) - s)
