@@ -338,9 +338,12 @@ _LANES = 8
 
 @_inline
 def _order_key32(x):
-    """float32 → int32 key (sign-magnitude to two's complement; negatives moved up by one so −0.0
-    and +0.0 are both 0) and whether x is selectable (not NaN, not −inf): NaNs land above +inf or
-    below −inf, so that is one integer range test, no float compare, and the loop stays in int lanes."""
+    """float32 → int32 key and whether x is selectable (not NaN, not −inf).
+
+    ``_max_bits`` with the negatives moved up by one, so that −0.0 and +0.0 are both 0 (they
+    tie, as in a float compare).  NaNs land above +inf or below −inf, so "selectable" is one
+    integer range test, no float compare, and the loop stays in integer lanes.  (Written out,
+    not through ``_max_bits``: LLVM vectorised that ~6% worse.)"""
     b = np.float32(x).view(np.int32)
     s = np.int32(b >> _I(31))
     k = np.int32(np.int32(b ^ (s & _KEY32_OFF)) - s)
