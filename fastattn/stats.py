@@ -146,7 +146,8 @@ def _lazy_arrays(data, lengths: np.ndarray | None, k: int, parallel: bool) -> di
         shape = tuple(int(s[b] - s[a]) for s, (a, b) in zip(starts, spans))
         chunks = list(itertools.product(*[range(a, b) for a, b in spans]))
         offsets = [tuple(int(s[i]) - o for s, i, o in zip(starts, index, origin)) for index in chunks]
-        lens = None if lengths is None else np.ascontiguousarray(lengths[tuple(slice(o, o + n) for o, n in zip(origin, shape))])
+        where = tuple(slice(o, o + n) for o, n in zip(origin, shape))
+        lens = None if lengths is None else np.ascontiguousarray(lengths[where])
         keys = [(data.name, *index, 0, 0) for index in chunks]
         tasks[(blocks, *at)] = (_block_of_chunks, keys, offsets, lens, shape, k, parallel)
     graph = HighLevelGraph.from_collections(blocks, tasks, dependencies=[data])

@@ -5,6 +5,6 @@ signature of that call only, and the compiled code is cached on disk (see _jit).
 """
 
 from .sdpa import attention_weights, sdpa
-from .stats import PlaneStats, plane_stats, topk
+from .stats import PlaneStats, attention_stats, plane_stats, topk
 
-__all__ = ["attention_weights", "sdpa", "plane_stats", "topk", "PlaneStats"]
+__all__ = ["attention_weights", "sdpa", "plane_stats", "topk", "attention_stats", "PlaneStats"]

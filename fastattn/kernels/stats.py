@@ -303,8 +303,8 @@ def fast_log(x: np.ndarray) -> np.ndarray:
 #
 # Why this way: k ≪ K, and a sort, or an insertion buffer fed every key, costs
 # a mispredicted branch per key that enters.  Instead each weight becomes an
-# integer key that orders like it (``_order_key``), and each of the k ranks is
-# found without a data-dependent branch:
+# integer key that orders like it (``_order_key32``/``_order_key64``), and each of
+# the k ranks is found without a data-dependent branch:
 #
 # - float32 rows: the 32-bit key and the key's position go into one int64,
 #   key << 32 | (2³² − 1 − j), so keys are distinct and the larger of two equal
