@@ -1050,7 +1050,7 @@ def _lock_problem(location: store.Location) -> Problem | None:
     path = os.path.join(location.root, store.LOCK)
     if location.remote or not os.path.exists(path) or store.lock_holder(location) is not None:
         return None
-    holder = store._read_record(path)
+    holder = store.read_lock_record(path)
     if holder is None:
         who = "a writer killed while taking it (the lock is empty or unreadable)"
     else:

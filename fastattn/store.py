@@ -593,7 +593,7 @@ class Lock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                holder = _read_record(self.path)
+                holder = read_lock_record(self.path)
                 if holder is not None and _alive(holder):
                     raise self._busy(holder) from None
                 _unlink(self.path)
@@ -673,18 +673,19 @@ def lock_holder(location: Location) -> dict | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return _read_record(path) or {}
+            return read_lock_record(path) or {}
         except OSError as exc:
             if exc.errno not in _NO_FLOCK_ERRNO:
                 raise
-            holder = _read_record(path)  # no flock here: the record and the pid tell
+            holder = read_lock_record(path)  # no flock here: the record and the pid tell
             return holder if holder is not None and _alive(holder) else None
         return None
     finally:
         os.close(fd)
 
 
-def _read_record(path: str) -> dict | None:
+def read_lock_record(path: str) -> dict | None:
+    """The pid/host/time/purpose record in a lock file, or None when it is missing or unreadable."""
     try:
         with open(path) as f:
             record = json.load(f)
