@@ -628,7 +628,7 @@ def _stats_planes(a, lens, dest, absd, rows, col_sum, index, weight, plane, peak
         lnbuf = np.empty(a.shape[2], dtype=a.dtype)  # scratch per plane, so per thread
         col = np.empty(a.shape[2])
         keys, lanes = _topk_scratch(a.shape[2])
-        _plane(a, p, dest[p], lens[p], absd, lnbuf, col, keys, lanes, rows, col_sum, index, weight, plane, peak_key, flags)
+        _plane(a, np.int64(p), dest[p], lens[p], absd, lnbuf, col, keys, lanes, rows, col_sum, index, weight, plane, peak_key, flags)
 
 
 _stats_parallel = ngjit_parallel(_stats_planes)
