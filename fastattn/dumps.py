@@ -496,7 +496,9 @@ def infer_lengths(attention: np.ndarray, release: Callable[[], None] | None = No
     of trailing key columns that are exactly 0 in every row of every layer and head of that
     sample; with no such column it is the full length `K`. Causal maps are untouched (the
     last row gives the last key a weight), and so is left padding (its zero columns lead).
-    A sample whose keys are all 0 keeps the full length (its rows fail validation). Reads
+    Real tokens that no query of any head attends are indistinguishable from padding and are
+    cut too; only a saved mask keeps them. A sample whose keys are all 0 keeps the full
+    length (its rows fail validation). Reads
     one head's last column first, and the trailing columns of the rest only when that is
     all 0. `attention` is canonical `(batch, layer, head, query, key)` with query == key.
     """
