@@ -510,9 +510,10 @@ def infer_lengths(attention: np.ndarray, release: Callable[[], None] | None = No
             continue
         used = np.flatnonzero(head.any(axis=0))
         n = int(used[-1]) + 1 if used.size else 0
-        for layer in range(L):  # a layer at a time: a bool copy of the tail, never of the sample
-            tail = np.flatnonzero(attention[b, layer, :, :, n:].any(axis=(0, 1)))
-            n += int(tail[-1]) + 1 if tail.size else 0
+        for layer in range(L):  # a layer at a time: memory is one layer's tail at most
+            tail = attention[b, layer, :, :, n:]
+            if tail.any():  # rare: this layer attends past the first head's last key
+                n += int(np.flatnonzero(tail.any(axis=(0, 1)))[-1]) + 1
             if release is not None:
                 release()
         lengths[b] = n if n > 0 else K
