@@ -62,16 +62,9 @@ def register(app: typer.Typer) -> None:
 
         with progress_bar("statistics") as advance:
             done = run(work, advance)
-        st = run(lambda: stats_mod.open_stats(store, storage_options=options))
-        selection = {dim: values for dim, values in (("layer", layer), ("head", head)) if values}
-        for dim, values in selection.items():
-            size = st.sizes[dim]
-            for value in values:
-                if not 0 <= value < size:
-                    fail(f"--{dim} {value} out of range: the store has {size} {dim}s (0-{size - 1})")
         def read_table():
             with stats_mod.read_errors(store):
-                return summary.head_table(st.sel(selection))
+                return summary.store_head_table(store, layer=layer, head=head, storage_options=options)
 
         table = run(read_table)
         rows = summary.head_rows(table)
