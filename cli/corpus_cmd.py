@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
-from ._common import console, err, fail, run
+from ._common import console, err, fail, rich_table, run
 
 FORMATS = ("table", "json")
 
@@ -115,7 +114,7 @@ def register(app: typer.Typer) -> None:
             body.update({"a": a, "b": b, "score": "|d_entropy_norm| + |d_self| + peak_tv + incoming_js / ln 2", "heads": rows})
             print(json.dumps(body, indent=1))
             return
-        table = Table(title=f"{a} -> {b}: {cmp.attrs['batches']} batches matched by {match}; top {len(rows)} heads by score")
+        table = rich_table(f"{a} -> {b}: {cmp.attrs['batches']} batches matched by {match}; top {len(rows)} heads by score")
         for column in ("head", "score", "d entropy", "d self-attn", "peak TV", "incoming JS"):
             table.add_column(column, justify="right")
         for r in rows:
@@ -137,7 +136,7 @@ def register(app: typer.Typer) -> None:
         if fmt == "json":
             print(json.dumps({"store": store, "rules": list(corpus.ROLE_RULES), "heads": rows}, indent=1))
             return
-        table = Table(title=f"{store}: head roles (support = share of batches)")
+        table = rich_table(f"{store}: head roles (support = share of batches)")
         for column in ("head", "role", "support", "prev", "next", "self", "key 0", "entropy", "distance", "other labels"):
             table.add_column(column, justify="left" if column in ("role", "other labels") else "right",
                              no_wrap=column != "other labels")
@@ -188,7 +187,7 @@ def register(app: typer.Typer) -> None:
             }
             print(json.dumps(body, indent=1))
             return
-        table = Table(title=f"{store}: Jensen-Shannon divergence between heads (eps {eps:g}, {ds.sizes['batch']} batches)")
+        table = rich_table(f"{store}: Jensen-Shannon divergence between heads (eps {eps:g}, {ds.sizes['batch']} batches)")
         for column in ("head", "nearest", "JS", "mean JS", "MDS x", "MDS y"):
             table.add_column(column, justify="right")
         for r in rows:
@@ -215,7 +214,7 @@ def register(app: typer.Typer) -> None:
         if fmt == "json":
             print(json.dumps({"store": store, **done, "layers": rows}, indent=1))
             return
-        table = Table(title=f"{store}: attention rollout, mean share of the input tokens after each layer")
+        table = rich_table(f"{store}: attention rollout, mean share of the input tokens after each layer")
         for column in ("layer", "first key", "last key", "other keys", "most often the top key"):
             table.add_column(column, justify="right")
         for r in rows:

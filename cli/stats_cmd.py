@@ -8,9 +8,8 @@ import json
 from typing import Optional
 
 import typer
-from rich.table import Table
 
-from ._common import SCHEDULER_HELP, STORAGE_HELP, WORKERS_HELP, console, err, fail, progress_bar, run, storage_options
+from ._common import SCHEDULER_HELP, STORAGE_HELP, WORKERS_HELP, console, err, fail, progress_bar, rich_table, run, storage_options
 
 
 #: Flagged heads listed under the table (all of them go to --format json).
@@ -79,7 +78,7 @@ def register(app: typer.Typer) -> None:
             writer.writerows(rows)
             print(out.getvalue(), end="")
         else:
-            grid = Table(title=f"{store}: {done['total']} batches")
+            grid = rich_table(f"{store}: {done['total']} batches")
             for column in ("layer", "head", "entropy", "norm.", "self-attn", "peak key", "flags (share of batches)"):
                 grid.add_column(column, justify="right" if column != "flags (share of batches)" else "left")
             for r in rows:
