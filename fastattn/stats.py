@@ -300,24 +300,37 @@ def _stats_task(loc, b0: int, b1: int, k: int) -> int:
 _NAN_FILL = base64.b64encode(struct.pack("<d", math.nan)).decode()
 
 
+def schema(k: int = 1) -> dict[str, tuple[tuple[str, ...], np.dtype]]:
+    """Every array of the stats group as `write_stats` lays it out: name -> (dims, dtype); the
+    kernel's variables, `length`, and the coordinates (0..size-1), what `fastattn check` checks."""
+    from .store import DIMS
+
+    arrays = {**variables(DIMS[:3], k), "length": (("batch",), np.dtype(np.int32))}
+    arrays.update({dim: ((dim,), np.dtype(np.int32)) for dim in (*DIMS, "rank")})
+    return arrays
+
+
 def _create_layout(group, n: int, k: int, block: int) -> None:
     """The stats group's arrays for `n` batches, empty, one chunk per block (replacing old ones).
 
-    Laid out with zarr from `variables` and the attention's shape, as `xarray.Dataset.to_zarr`
+    Laid out with zarr from `schema` and the attention's shape, as `xarray.Dataset.to_zarr`
     would lay out the Dataset `compute_stats` returns (dims, dtypes, fill values, attributes),
     so `open_stats` and plain `xr.open_zarr` read it; no chunk of a variable is written here
-    (`_write_block` writes them all), only the coordinates 0..size-1."""
+    (`_write_block` writes them all), only the coordinates."""
     from . import store
 
     _, layers, heads, query, key = group["attention"].shape
     sizes = {"batch": n, "layer": layers, "head": heads, "query": query, "key": key, "rank": k}
-    schema = {**variables(store.DIMS[:3], k), "length": (("batch",), np.dtype(np.int32))}
     stats = group.create_group(GROUP, overwrite=True)
     # overwrite=True although the group is empty now: it spares zarr's check for an existing node,
     # which reads the root's zarr.json (all the consolidated metadata) twice per array
     new_array = functools.partial(stats.create_array, overwrite=True, compressors=store.compressors())
-    for name, (dims, dtype) in schema.items():
+    coords = {}
+    for name, (dims, dtype) in schema(k).items():
         shape = tuple(sizes[d] for d in dims)
+        if dims == (name,):
+            coords[name] = new_array(name, shape=shape, chunks=shape, dtype=dtype, fill_value=0, dimension_names=dims)
+            continue
         nan = dtype.kind == "f"
         new_array(
             name,
@@ -328,9 +341,7 @@ def _create_layout(group, n: int, k: int, block: int) -> None:
             attributes={"_FillValue": _NAN_FILL} if nan else None,
             dimension_names=dims,
         )
-    coords = {dim: new_array(dim, shape=(size,), chunks=(size,), dtype=np.int32, fill_value=0, dimension_names=(dim,))
-              for dim, size in sizes.items()}
-    store.write_all((coords[dim], slice(None), np.arange(size, dtype=np.int32)) for dim, size in sizes.items())
+    store.write_all((array, slice(None), np.arange(sizes[dim], dtype=np.int32)) for dim, array in coords.items())
 
 
 def write_stats(
@@ -496,10 +507,9 @@ def _committed(loc):
 
 def _require_all(loc, names) -> None:
     """Every variable of the stats group's schema is among `names`, or a one-line StoreError."""
-    from .check import STATS_SCHEMA
     from .errors import StoreError
 
-    missing = [name for name in STATS_SCHEMA if name not in names]
+    missing = [name for name in schema() if name not in names]
     if missing:
         raise StoreError(
             f"{loc}: the statistics lack {', '.join(missing)} (written by an older fastattn, or damaged);"
