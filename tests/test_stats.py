@@ -348,6 +348,30 @@ def test_the_command_reads_head_table_with_zarr_alone(lengths, tmp_path, rng):
         summary.store_head_table(tmp_path / "s.zarr", head=[-1])
 
 
+def test_the_command_on_a_remote_store(samples_store, tmp_path):
+    """A store behind an fsspec URL goes the same zarr path: laid out, computed and summarised
+    as the local copy is, number for number."""
+    import fsspec
+
+    local = tmp_path / "s.zarr"
+    shutil.copytree(samples_store, local)
+    memory = fsspec.filesystem("memory")
+    memory.put(str(local), "/stats-remote/s.zarr", recursive=True)
+    runner = CliRunner()
+    try:
+        remote = runner.invoke(app, ["stats", "memory://stats-remote/s.zarr", "--format", "json", "--head", "3"])
+        assert remote.exit_code == 0, remote.output
+        here = runner.invoke(app, ["stats", str(local), "--format", "json", "--head", "3"])
+        assert json.loads(remote.stdout) == json.loads(here.stdout)
+        assert json.loads(remote.stdout)["computed"] == 11
+        got = fastattn.open_stats("memory://stats-remote/s.zarr").compute()
+    finally:
+        memory.rm("/stats-remote", recursive=True)
+    want = fastattn.open_stats(local).compute()
+    got.attrs, want.attrs = {}, {}
+    xr.testing.assert_identical(got, want)
+
+
 def test_accessor_on_a_plain_dataarray(rng):
     a = softmax_rows(rng, (3, 2, 6, 6))
     da = xr.DataArray(a, dims=("batch", "head", "query", "key"))
