@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
 from ._common import (
     SCHEDULER_HELP,
@@ -22,7 +23,8 @@ from ._common import (
     storage_options,
 )
 
-class _Commands(typer.core.TyperGroup):
+
+class _Commands(TyperGroup):
     """Lists each command with the whole first sentence of its help (click cuts it at ~60
     characters, mid-sentence); the second column wraps instead."""
 

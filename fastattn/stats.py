@@ -10,8 +10,8 @@ statistics yet, in a plain loop (no dask graph), and commits them through the ma
 an ingest. The formulas and the pattern flags' thresholds are in the kernel module's docstring.
 
 `FLAGS`, `PER_QUERY` and `PER_PLANE` (the variable names) are the kernel's, read lazily so that
-importing this module does not load Numba; xarray and dask are imported by the functions that
-return Datasets, so the command line, which reads and writes the store through zarr, never loads them.
+importing this module does not load Numba. xarray and dask are imported by the functions that
+return Datasets: the command line reads and writes the store through zarr and never loads them.
 """
 
 from __future__ import annotations
@@ -532,10 +532,10 @@ def open_stats(location, *, storage_options: dict | None = None) -> xr.Dataset:
 def read_planes(
     location, names, *, layer: list[int] | None = None, head: list[int] | None = None, storage_options: dict | None = None
 ) -> dict[str, np.ndarray]:
-    """Per-plane statistics `names` of the committed batches as NumPy arrays (batch, layer, head),
-    of the `layer` and `head` positions given (None or empty: all), and those positions as "layer" and
-    "head". Read with zarr alone, all at once: what the command line's table needs, without
-    the seconds xarray and dask take to import. The same checks as `open_stats`."""
+    """Per-plane statistics `names` of the committed batches as NumPy arrays (batch, layer, head)
+    at the `layer` and `head` positions given (None or empty: all), and those positions as
+    "layer" and "head". Read with zarr alone, all at once: what the command line's table needs,
+    without the seconds xarray and dask take to import. The same checks as `open_stats`."""
     from . import store
     from .errors import check_index
 
