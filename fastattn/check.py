@@ -52,7 +52,7 @@ import zarr
 
 from . import dumps, store
 from .errors import StoreError
-from .stats import variables as stats_variables
+from .stats import schema as stats_schema
 
 #: At most this many lines per kind of problem (bad values, bad chunks...); the rest are counted.
 MAX_PER_KIND = 10
@@ -87,12 +87,7 @@ BATCHED = ("attention", "length", "source", "source_index", "token")
 FORCE_HINT = "; --repair --force drops the batches from its file onwards"
 
 #: The `stats` group as `fastattn.stats.write_stats` lays it out: variable -> dims.
-#: The `stats` group as `fastattn.stats.write_stats` lays it out: variable -> dims.
-STATS_SCHEMA = {
-    **{name: dims for name, (dims, _) in stats_variables(("batch", "layer", "head"), 1).items()},
-    "length": ("batch",),
-    **{dim: (dim,) for dim in (*store.DIMS, "rank")},
-}
+STATS_SCHEMA = {name: dims for name, (dims, _) in stats_schema().items()}
 ROLLOUT_GROUP = "rollout"  # fastattn.corpus.ROLLOUT_GROUP (not imported: corpus pulls in plotting code)
 
 

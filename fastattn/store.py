@@ -32,13 +32,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .errors import StoreError
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 FORMAT_VERSION = 1
 #: fastattn's own files live in a group of their own, so readers listing the root never meet them.
@@ -494,7 +497,7 @@ def resize(group: zarr.Group, *, batch: int, query: int = 0, key: int = 0) -> No
             group[dim][:] = np.arange(size, dtype=np.int32)
 
 
-#: Threads for `write_all`; created on first use, shared by every writer in the process.
+#: Threads for `write_all` and `read_all`; created on first use, shared by the whole process.
 _WRITES = ThreadPoolExecutor(8, thread_name_prefix="fastattn-write")
 
 
@@ -508,6 +511,13 @@ def write_all(writes) -> None:
     """
     for future in [_WRITES.submit(array.__setitem__, selection, values) for array, selection, values in writes]:
         future.result()
+
+
+def read_all(reads) -> list[np.ndarray]:
+    """Several zarr reads `(array, orthogonal selection)` at once, for the reason `write_all`
+    gives; their values, in order."""
+    futures = [_WRITES.submit(array.get_orthogonal_selection, selection) for array, selection in reads]
+    return [future.result() for future in futures]
 
 
 def commit(location: Location, manifest: Manifest) -> None:
@@ -718,6 +728,7 @@ def _alive(holder: dict) -> bool:
 def open_committed(location: Location, limits: dict[str, int], group: str | None = None) -> xr.Dataset:
     """A group's arrays cut to `limits` (dim -> committed size), even when a writer stopped
     while resizing them left the arrays at different lengths (xarray refuses those whole)."""
+    import xarray as xr  # here, not at the top: the command line reads the store without xarray
 
     def committed(ds: xr.Dataset) -> xr.Dataset:
         return ds.isel({dim: slice(0, limit) for dim, limit in limits.items() if dim in ds.dims})
