@@ -29,6 +29,7 @@ import os
 import socket
 import stat
 import struct
+import threading
 import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -532,6 +533,53 @@ def resize(group: zarr.Group, *, batch: int, query: int = 0, key: int = 0) -> No
             group[dim][:] = np.arange(size, dtype=np.int32)
 
 
+class _BloscInto:
+    """c-blosc's `blosc_compress_ctx` from the library numcodecs ships, writing into a buffer of
+    ours. zarr's BloscCodec calls the same function through numcodecs, with the same arguments,
+    but into a new bytes object per chunk: its first writes to fresh memory cost a page fault
+    every 4 KB, about 1 CPU-second per GB (docs/performance.md). None when that library does
+    not export the function; the codec's own encoding is used then."""
+
+    #: c-blosc 1's BLOSC_MAX_OVERHEAD: the output may exceed the input by its 16-byte header.
+    OVERHEAD = 16
+    #: zarr's shuffle names as c-blosc's numbers.
+    SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
+
+    def __init__(self, function):
+        self.function = function
+
+    @classmethod
+    def load(cls) -> _BloscInto | None:
+        import ctypes
+
+        import numcodecs.blosc
+
+        try:
+            function = ctypes.CDLL(numcodecs.blosc.__file__).blosc_compress_ctx
+        except (OSError, AttributeError):
+            return None
+        c = ctypes
+        function.argtypes = [c.c_int, c.c_int, c.c_size_t, c.c_size_t, c.c_void_p, c.c_void_p, c.c_size_t, c.c_char_p, c.c_size_t, c.c_int]
+        function.restype = c.c_int
+        return cls(function)
+
+    def compress(self, codec: BloscCodec, source: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """`source` (contiguous bytes) compressed as `codec` does, into `out`; the used part of it."""
+        if len(out) < source.nbytes + self.OVERHEAD:
+            raise ValueError(f"the output buffer holds {len(out)} bytes, not {source.nbytes + self.OVERHEAD}")
+        size = self.function(
+            codec.clevel, self.SHUFFLE[codec.shuffle.value], codec.typesize, source.nbytes, source.ctypes.data,
+            out.ctypes.data, source.nbytes + self.OVERHEAD, codec.cname.value.encode(), codec.blocksize,
+            1,  # no threads of blosc's own, as zarr has it (numcodecs.blosc.use_threads = False)
+        )
+        if size <= 0:
+            raise RuntimeError(f"error during blosc compression: {size}")
+        return out[:size]
+
+
+_BLOSC_INTO = _BloscInto.load()
+
+
 class WholeChunks:
     """Writes whole chunks of one array: encoded on the calling thread by the array's own
     codecs (as recorded in its metadata), then one file write or PUT per chunk.
@@ -554,6 +602,7 @@ class WholeChunks:
         self.fill = meta.fill_value
         self._key = meta.encode_chunk_key
         self._spec = meta.get_chunk_spec((0,) * array.ndim, array.config, default_buffer_prototype())
+        self._outputs = threading.local()
         codecs = list(meta.codecs)
         self.checksum = isinstance(codecs[-1], Crc32cCodec)
         self.codecs = codecs[:-1] if self.checksum else codecs
@@ -565,12 +614,25 @@ class WholeChunks:
         """A buffer of one chunk's shape and dtype, uninitialised."""
         return np.empty(self.chunks, dtype=self.dtype)
 
+    def _blosc_buffer(self, size: int) -> np.ndarray:
+        """This thread's output buffer for blosc, reused from chunk to chunk."""
+        out = getattr(self._outputs, "blosc", None)
+        if out is None or len(out) < size:
+            out = self._outputs.blosc = np.empty(size, dtype=np.uint8)
+        return out
+
     def encode(self, chunk: np.ndarray) -> list:
-        """The stored bytes of one chunk, as buffers to write one after the other."""
+        """The stored bytes of one chunk, as buffers to write one after the other (valid until
+        this thread's next `encode`: blosc's output buffer is reused)."""
         spec = self._spec
         data = spec.prototype.nd_buffer.from_numpy_array(chunk)
         for codec in self.codecs:
-            data = codec._encode_sync(data, spec)
+            if isinstance(codec, BloscCodec) and _BLOSC_INTO is not None:
+                source = np.ascontiguousarray(data.as_numpy_array()).view(np.uint8).reshape(-1)
+                out = self._blosc_buffer(source.nbytes + _BloscInto.OVERHEAD)
+                data = spec.prototype.buffer.from_array_like(_BLOSC_INTO.compress(codec, source, out))
+            else:
+                data = codec._encode_sync(data, spec)
             spec = codec.resolve_metadata(spec)
         payload = data.as_numpy_array()
         if not self.checksum:
