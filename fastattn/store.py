@@ -552,8 +552,12 @@ class _BloscInto:
     def load(cls) -> _BloscInto | None:
         import ctypes
 
+        import numcodecs
         import numcodecs.blosc
+        from packaging.version import Version
 
+        if Version(numcodecs.__version__) < Version("0.16"):
+            return None  # zarr passes the codec's typesize to blosc from numcodecs 0.16 on; before, the buffer's (1)
         try:
             function = ctypes.CDLL(numcodecs.blosc.__file__).blosc_compress_ctx
         except (OSError, AttributeError):
