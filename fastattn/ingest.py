@@ -127,7 +127,8 @@ def ingest(
         raise StoreError(f"{location}: exists and is not a fastattn store; refusing to write into it")
     location.check_writable()
     jobs = max(1, jobs or os.cpu_count() or 1)
-    # write_empty_chunks: skip zarr's compare-every-chunk-to-the-fill-value pass; chunks are never empty.
+    # write_empty_chunks: zarr writes every chunk it is given (the coordinates'), even one equal
+    # to the fill value, which check counts on; the data chunks are written by store.WholeChunks.
     with (
         store.Lock(location, "fastattn ingest"),
         ThreadPoolExecutor(jobs) as pool,
@@ -321,7 +322,7 @@ class _ChunkWriter:
 
     def __init__(self, location: store.Location, group):
         self.attention = group["attention"]
-        self.chunks = store.WholeChunks(location, self.attention)
+        self.attention_chunks = store.WholeChunks(location, self.attention)
         self.per_batch = {name: group[name] for name in (*store.PER_BATCH, "token")}
         self.per_batch_chunks = {name: store.WholeChunks(location, array) for name, array in self.per_batch.items()}
         self._buffers = threading.local()
@@ -330,7 +331,7 @@ class _ChunkWriter:
         """This thread's chunk buffer: reused, so no chunk pays for fresh pages."""
         buffer = getattr(self._buffers, "chunk", None)
         if buffer is None:
-            buffer = self._buffers.chunk = self.chunks.empty()
+            buffer = self._buffers.chunk = self.attention_chunks.empty()
         return buffer
 
     def _pieces(self, batch_chunk: int):
@@ -355,7 +356,7 @@ class _ChunkWriter:
         count = stop - start
         old = max(0, min(stop, committed) - start)
         buffer = self._buffer()
-        for done, (coords, layer, heads, queries, keys) in enumerate(self._pieces(start // self.chunks.chunks[0]), 1):
+        for done, (coords, layer, heads, queries, keys) in enumerate(self._pieces(start // self.attention.chunks[0]), 1):
             h, q, k = heads.stop - heads.start, queries.stop - queries.start, keys.stop - keys.start
             buffer[count:] = np.nan
             buffer[:count, :, h:] = np.nan  # past the array's edge: the fill value, as zarr writes it
@@ -365,7 +366,7 @@ class _ChunkWriter:
                 buffer[:old, :, :h, :q, :k] = self.attention[start : start + old, layer : layer + 1, heads, queries, keys]
             for batch, sample in samples.items():
                 _fill(buffer[batch - start, 0, :h, :q, :k], sample, layer, heads, queries, keys)
-            self.chunks.write(coords, buffer)
+            self.attention_chunks.write(coords, buffer)
             if done % self.RELEASE_EVERY == 0:
                 for sample in samples.values():
                     sample.dump.release()  # a large dump's pages: read again only where needed
@@ -507,8 +508,8 @@ def _append(location, group, manifest: store.Manifest, appends, pool, jobs, repo
             name, header = item
             reads.append((name, header, pool.submit(_read, header)))
 
-    # Chunk writes get threads of their own: they mostly wait on zarr, and must not hold
-    # back the reads (on one pool, two waiting writes stalled every read).
+    # Chunk writes get threads of their own (each fills, compresses and writes its chunks,
+    # most of it outside the GIL): a batch-chunk being written never holds back the reads.
     with ThreadPoolExecutor(jobs, thread_name_prefix="fastattn-chunk") as write_pool:
         refill()
         done = 0
@@ -558,8 +559,7 @@ def _write_chunk(url: str, storage_options: dict, start: int, stop: int, committ
         if dump.content_hash != content_hash:
             raise DumpError(f"{header.path}: changed while being ingested")
         samples[batch] = _Sample(dump, index, source)
-    with zarr.config.set({"array.write_empty_chunks": True}):
-        _ChunkWriter(location, store.open_group(location)).write(start, samples, stop, committed)
+    _ChunkWriter(location, store.open_group(location)).write(start, samples, stop, committed)
     return stop - start
 
 
