@@ -647,6 +647,23 @@ class WholeChunks:
         """Write the chunk at grid position `coords`; `chunk` has the full chunk shape."""
         self.location.write_chunk(f"{self.path}/{self._key(coords)}", self.encode(chunk))
 
+    def fill_new_chunks(self, old_shape: tuple[int, ...], rows: int) -> None:
+        """Write the fill value into each chunk of rows [0, rows) that growing the array from
+        `old_shape` added (longer sequences arrived). Unwritten, they would read as the fill
+        value too, but `fastattn check` holds every chunk of a committed batch to exist."""
+        old = [-(-size // step) for size, step in zip(old_shape, self.chunks)]
+        new = [-(-size // step) for size, step in zip(self.shape, self.chunks)]
+        row_chunks = range(-(-rows // self.chunks[0]))
+        added = [
+            position
+            for position in itertools.product(row_chunks, *(range(n) for n in new[1:]))
+            if any(i >= o for i, o in zip(position[1:], old[1:]))
+        ]
+        if added:
+            payload = self.encode(np.full(self.chunks, self.fill, dtype=self.dtype))
+            for position in added:
+                self.location.write_chunk(f"{self.path}/{self._key(position)}", payload)
+
     def write_rows(self, start: int, values: np.ndarray) -> None:
         """Rows `start ..` of the array from `values` (at most one chunk of rows, `start` on a
         chunk boundary, every other dim whole): whole chunks, the fill value past `values`."""
