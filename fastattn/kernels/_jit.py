@@ -60,9 +60,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import queue
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Iterator
 
@@ -181,61 +184,102 @@ class _CacheImpl(caching.CompileResultCacheImpl):
 
 
 class _Cache(caching.FunctionCache):
-    """A dispatcher's disk cache: CACHE_DIR, the locked save, and the variant in every key."""
+    """A dispatcher's disk cache: CACHE_DIR and the locked save."""
 
     _impl_class = _CacheImpl
 
-    def __init__(self, py_func, variant: str):
+    def __init__(self, py_func):
         super().__init__(py_func)
-        self._variant = variant
         self._cache_file = _IndexFile(self._cache_path, self._impl.filename_base, SOURCES)
 
-    def _index_key(self, sig, codegen):
-        return (*super()._index_key(sig, codegen), self._variant)
 
-
-def _jit(function, parallel: bool, signature=None):
-    """A lazy dispatcher with this module's options and disk cache (set before any compile)."""
-    dispatcher = numba.njit(parallel=parallel, **_OPTIONS)(function)
+def ngjit(function, signature=None):
+    """A lazy single-threaded kernel with this module's options and disk cache (set before any
+    compile).  With ``signature``: compiled for exactly that one, now, and calls with other
+    array layouts are converted to it instead of compiling again."""
+    dispatcher = numba.njit(**_OPTIONS)(function)
     if CACHE_DIR is not None:
-        dispatcher._cache = _Cache(function, "parallel" if parallel else "serial")
+        dispatcher._cache = _Cache(function)
     if signature is not None:
         dispatcher.compile(signature)
         dispatcher.disable_compile()
     return dispatcher
 
 
-def ngjit(function, signature=None):
-    """Single-threaded kernel.  With ``signature``: compiled for exactly that one, now, and
-    calls with other array layouts are converted to it instead of compiling again."""
-    return _jit(function, False, signature)
-
-
-def ngjit_parallel(function):
-    """The ``prange`` variant: threads split the outer loop."""
-    return _jit(function, True)
-
-
-# One parallel kernel at a time per process.  A second caller (another Python
-# thread) runs the single-threaded variant instead of waiting: threads never
-# multiply past the cores, and nothing relies on the threading layer being
-# re-entrant (Numba's "workqueue" layer is not).
+# One parallel kernel call at a time per process.  A second caller (another Python
+# thread, e.g. a dask worker) runs its call in its own thread instead of waiting:
+# threads never multiply past the cores.
 _PARALLEL_SLOT = threading.Lock()
+_THREADS: ContextVar[int | None] = ContextVar("fastattn_kernel_threads", default=None)
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
 
 
 @contextmanager
-def parallel_slot(want: bool) -> Iterator[bool]:
-    """Yield whether this call may run the ``prange`` variant.
+def kernel_threads(n: int | None) -> Iterator[None]:
+    """Parallel kernel calls made in this context use at most ``n`` threads (None: all).
 
-    True only if ``want`` and no other thread is inside a parallel kernel.
-    Both variants run the same per-plane code, so the choice never changes
-    results, only speed.
+    Never more than ``numba.config.NUMBA_NUM_THREADS`` (the cores, or the
+    ``NUMBA_NUM_THREADS`` environment variable)."""
+    token = _THREADS.set(n)
+    try:
+        yield
+    finally:
+        _THREADS.reset(token)
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The helper threads of parallel calls (idle between calls; the caller is one more)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max(numba.config.NUMBA_NUM_THREADS - 1, 1), "fastattn-kernel")
+        return _POOL
+
+
+def parallel_for(kernel, n: int, *args, parallel: bool = True) -> None:
+    """Run ``kernel(lo, hi, *args)`` over the indices ``[0, n)``, in threads if ``parallel``.
+
+    ``kernel`` is an ``ngjit`` function (it releases the GIL) that handles
+    indices ``lo … hi − 1`` (planes, samples), each on its own, writing only
+    that index's outputs.  Parallel: ``[0, n)`` is cut into contiguous pieces
+    (4 per thread, so a thread that another process slows down takes fewer),
+    and this thread plus ``threads − 1`` pool threads take them until none
+    is left.  Each index is computed by one thread in a fixed order, so
+    results never depend on the thread count or on ``parallel``.  Only one
+    call at a time runs parallel (see ``_PARALLEL_SLOT``); another runs
+    single-threaded meanwhile.
+
+    Why not ``prange``: a ``parallel=True`` kernel is a second compiled
+    variant of the same code (the serial one is needed inside dask), and
+    compiling it took ~8 CPU-s more than the serial one, on every first run.
     """
-    if not want or not _PARALLEL_SLOT.acquire(blocking=False):
-        yield False
+    if n <= 0:
+        return
+    threads = min(_THREADS.get() or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS, n)
+    if not parallel or threads <= 1 or not _PARALLEL_SLOT.acquire(blocking=False):
+        kernel(0, n, *args)
         return
     try:
-        yield True
+        pieces = min(n, 4 * threads)
+        todo = queue.SimpleQueue()
+        for i in range(pieces):
+            todo.put((n * i // pieces, n * (i + 1) // pieces))
+
+        def work() -> None:
+            while True:
+                try:
+                    lo, hi = todo.get_nowait()
+                except queue.Empty:
+                    return
+                kernel(lo, hi, *args)
+
+        helpers = [_pool().submit(work) for _ in range(threads - 1)]
+        try:
+            work()
+        finally:
+            for helper in helpers:
+                helper.result()
     finally:
         _PARALLEL_SLOT.release()
 

@@ -61,10 +61,10 @@ from typing import NamedTuple
 
 import numba
 import numpy as np
-from numba import prange, types
+from numba import types
 from numba.extending import overload
 
-from ._jit import FASTMATH, ngjit, ngjit_parallel, parallel_slot, plane_lengths
+from ._jit import FASTMATH, ngjit, parallel_for, plane_lengths
 
 #: Per-row helpers are inlined into their caller by Numba (at the IR level): as calls, LLVM keeps
 #: them out of line, and a call per row passing ~40 array fields cost as much as the row's work.
@@ -623,31 +623,26 @@ def _plane(a, p, d, n, absd, lnbuf, col, keys, lanes, rows, col_sum, index, weig
     flags[_STRONG_SELF, d] = self_attention > STRONG_SELF * scale
 
 
-def _stats_planes(a, lens, dest, absd, rows, col_sum, index, weight, plane, peak_key, flags):
-    for p in prange(a.shape[0]):
-        lnbuf = np.empty(a.shape[2], dtype=a.dtype)  # scratch per plane, so per thread
-        col = np.empty(a.shape[2])
-        keys, lanes = _topk_scratch(a.shape[2])
-        _plane(a, np.int64(p), dest[p], lens[p], absd, lnbuf, col, keys, lanes, rows, col_sum, index, weight, plane, peak_key, flags)
+@ngjit
+def _stats_planes(lo, hi, a, lens, dest, absd, rows, col_sum, index, weight, plane, peak_key, flags):
+    """Planes ``lo … hi − 1`` of ``a`` (a piece of a ``parallel_for``), with their own scratch."""
+    lnbuf = np.empty(a.shape[2], dtype=a.dtype)
+    col = np.empty(a.shape[2])
+    keys, lanes = _topk_scratch(a.shape[2])
+    for p in range(lo, hi):
+        _plane(a, p, dest[p], lens[p], absd, lnbuf, col, keys, lanes, rows, col_sum, index, weight, plane, peak_key, flags)
 
 
-_stats_parallel = ngjit_parallel(_stats_planes)
-_stats_serial = ngjit(_stats_planes)  # prange is plain range without parallel=True
-
-
-def _topk_planes(a, lens, index, weight):
+@ngjit
+def _topk_planes(lo, hi, a, lens, index, weight):
     Q, K, k = a.shape[1], a.shape[2], index.shape[2]
-    for p in prange(a.shape[0]):
-        keys, lanes = _topk_scratch(K)
+    keys, lanes = _topk_scratch(K)
+    for p in range(lo, hi):
         nq, nk = _valid(lens[p], Q, K)
         for q in range(nq):
             _row_topk(a, p, q, nq, nk, keys, lanes, index, weight, p)
         for q in range(nq, Q):
             _no_topk(index, weight, p, q, k)
-
-
-_topk_parallel = ngjit_parallel(_topk_planes)
-_topk_serial = ngjit(_topk_planes)
 
 
 # --------------------------------------------------------------------------
@@ -750,10 +745,7 @@ def fill(out: StatsBuffers, a, lengths=None, dest=None, *, parallel: bool = True
         raise ValueError(f"dest must hold {P} plane indices in [0, {P_out})")
     lens = plane_lengths(lengths, lead, max(Q, K))
     absd = np.abs(np.arange(-(Q - 1), K, dtype=np.float64))
-    if P:
-        with parallel_slot(parallel) as par:
-            kernel = _stats_parallel if par else _stats_serial
-            kernel(planes, lens, dest, absd, *out)
+    parallel_for(_stats_planes, P, planes, lens, dest, absd, *out, parallel=parallel)
 
 
 def named(out: StatsBuffers, lead: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -824,8 +816,5 @@ def topk(a, k: int, lengths=None, *, parallel: bool = True) -> tuple[np.ndarray,
     lens = plane_lengths(lengths, lead, max(Q, K))
     index = np.empty((P, Q, k), dtype=np.int32)
     weight = np.empty((P, Q, k), dtype=np.float64)
-    if P:
-        with parallel_slot(parallel) as par:
-            kernel = _topk_parallel if par else _topk_serial
-            kernel(planes, lens, index, weight)
+    parallel_for(_topk_planes, P, planes, lens, index, weight, parallel=parallel)
     return index.reshape(lead + (Q, k)), weight.reshape(lead + (Q, k))
