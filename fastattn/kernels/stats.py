@@ -489,8 +489,9 @@ def _valid(n, Q, K):
 
 
 @ngjit
-def _plane(a, p, d, n, absd, lnbuf, col, keys, lanes, rows, col_sum, index, weight, plane, peak_key, flags):
-    """Every statistic of input plane ``p`` into output plane ``d``, reading each valid row once.
+def _stats_planes(lo, hi, a, lens, dest, absd, rows, col_sum, index, weight, plane, peak_key, flags):
+    """Every statistic of input planes ``lo … hi − 1`` (a piece of a ``parallel_for``), plane ``p``
+    into output plane ``dest[p]``, reading each valid row once.
 
     Rows outer, keys inner, every inner loop over contiguous keys and
     branch-free, so it vectorises.  Per row (256 bytes for K = 64 float32,
@@ -508,129 +509,125 @@ def _plane(a, p, d, n, absd, lnbuf, col, keys, lanes, rows, col_sum, index, weig
     Q = a.shape[1]
     K = a.shape[2]
     k = index.shape[2]
-    nq, nk = _valid(n, Q, K)
+    lnbuf = np.empty(K, dtype=a.dtype)  # scratch of this piece
+    col = np.empty(K)
+    keys, lanes = _topk_scratch(K)
     square = Q == K
-    for j in range(nk):
-        col[j] = 0.0
-    entropy_sum = 0.0
-    diag_sum = 0.0
-    confidence_sum = 0.0
-    distance_sum = 0.0
-    total = 0.0
-    sq_total = 0.0
-    prev = 0.0
-    nxt = 0.0
-    largest = -np.inf
-    error = 0.0
-    for q in range(nq):
-        # a[p, q, j], not a row slice: a slice costs a reference count per row
-        top_bits = _lowest_bits(a)
-        for j in range(nk):
-            lnbuf[j] = _ln_native(a[p, q, j])
-            top_bits = max(top_bits, _max_bits(a[p, q, j]))
-        top = _from_max_bits(top_bits)
-        # absd[off + j] == |q - j|.  The max() lets LLVM prove the index is
-        # non-negative, dropping Numba's negative-index wraparound select that
-        # would stop the loop from vectorising.
-        off = max(Q - 1 - q, 0)
-        rs = 0.0
-        ent = 0.0
-        dist = 0.0
-        sq = 0.0
-        for j in range(nk):
-            xd = np.float64(a[p, q, j])
-            rs += xd
-            sq += xd * xd
-            ent += xd * np.float64(lnbuf[j])
-            dist += xd * absd[off + j]
-            col[j] += xd
-        rows[_ROW_SUM, d, q] = rs
-        rows[_ENTROPY, d, q] = -ent
-        rows[_MAX_WEIGHT, d, q] = top
-        rows[_DISTANCE, d, q] = dist
-        rows[_SQ_SUM, d, q] = sq
-        if square:  # nq == nk: A[q, q] is valid
-            diagonal = np.float64(a[p, q, q])
-            rows[_DIAG, d, q] = diagonal
-            diag_sum += diagonal
-            if q > 0:
-                prev += np.float64(a[p, q, q - 1])
-            if q + 1 < nk:
-                nxt += np.float64(a[p, q, q + 1])
-        else:
-            rows[_DIAG, d, q] = np.nan
-        entropy_sum -= ent
-        confidence_sum += top
-        distance_sum += dist
-        total += rs
-        sq_total += sq
-        largest = max(largest, top)
-        error = max(error, abs(rs - 1.0))
-        _row_topk(a, p, q, nq, nk, keys, lanes, index, weight, d)
-    for q in range(nq, Q):
-        for r in range(rows.shape[0]):
-            rows[r, d, q] = np.nan
-        _no_topk(index, weight, d, q, k)
-    for j in range(nk):
-        col_sum[d, j] = col[j]
-    for j in range(nk, K):
-        col_sum[d, j] = np.nan
-
-    for i in range(plane.shape[0]):
-        plane[i, d] = np.nan
-    for i in range(flags.shape[0]):
-        flags[i, d] = False
-    peak_key[d] = -1
-    if nq == 0:
-        return
-    fq = np.float64(nq)
-    fk = np.float64(nk)
-    peak = -np.inf
-    for j in range(nk):  # first maximum; NaN never wins
-        if col[j] > peak:
-            peak = col[j]
-            peak_key[d] = j
-    peak_incoming = peak if peak_key[d] >= 0 else np.nan
-    self_attention = diag_sum / fq if square else np.nan
-    diag_share = diag_sum / total if square else np.nan
-    plane[_ENTROPY_MEAN, d] = entropy_sum / fq
-    if nk > 1:
-        plane[_ENTROPY_NORM, d] = entropy_sum / fq / np.log(fk)
-    plane[_SELF_ATTENTION, d] = self_attention
-    plane[_DIAG_SHARE, d] = diag_share
-    plane[_PEAK_INCOMING, d] = peak_incoming
-    plane[_CONFIDENCE, d] = confidence_sum / fq
-    plane[_DISTANCE_MEAN, d] = distance_sum / fq
-    plane[_ROW_SUM_ERROR, d] = error
-    if square:
-        plane[_PREV_TOKEN, d] = prev / fq
-        plane[_NEXT_TOKEN, d] = nxt / fq
-    plane[_FIRST_TOKEN, d] = col[0] / fq
-    plane[_LAST_TOKEN, d] = col[nk - 1] / fq
-
-    if n <= 1:
-        return
-    count = fq * fk
-    mean = total / count
-    std = np.sqrt(max(sq_total / count - mean * mean, 0.0))
-    scale = SEED_LENGTH / fk  # the uniform weight 1/nk, as a multiple of the seed's 1/8
-    share = peak_incoming / fq
-    flags[_UNIFORM, d] = std < UNIFORM_STD * scale
-    flags[_DIAGONAL_ONLY, d] = diag_share > DIAGONAL_SHARE
-    flags[_DOMINANT_KEY, d] = share > DOMINANT_INCOMING / SEED_LENGTH
-    flags[_WEAK, d] = largest < WEAK_MAX * scale
-    flags[_CRITICAL_KEY, d] = share > CRITICAL_INCOMING / SEED_LENGTH
-    flags[_STRONG_SELF, d] = self_attention > STRONG_SELF * scale
-
-
-@ngjit
-def _stats_planes(lo, hi, a, lens, dest, absd, rows, col_sum, index, weight, plane, peak_key, flags):
-    """Planes ``lo … hi − 1`` of ``a`` (a piece of a ``parallel_for``), with their own scratch."""
-    lnbuf = np.empty(a.shape[2], dtype=a.dtype)
-    col = np.empty(a.shape[2])
-    keys, lanes = _topk_scratch(a.shape[2])
     for p in range(lo, hi):
-        _plane(a, p, dest[p], lens[p], absd, lnbuf, col, keys, lanes, rows, col_sum, index, weight, plane, peak_key, flags)
+        d = dest[p]
+        n = lens[p]
+        nq, nk = _valid(n, Q, K)
+        for j in range(nk):
+            col[j] = 0.0
+        entropy_sum = 0.0
+        diag_sum = 0.0
+        confidence_sum = 0.0
+        distance_sum = 0.0
+        total = 0.0
+        sq_total = 0.0
+        prev = 0.0
+        nxt = 0.0
+        largest = -np.inf
+        error = 0.0
+        for q in range(nq):
+            # a[p, q, j], not a row slice: a slice costs a reference count per row
+            top_bits = _lowest_bits(a)
+            for j in range(nk):
+                lnbuf[j] = _ln_native(a[p, q, j])
+                top_bits = max(top_bits, _max_bits(a[p, q, j]))
+            top = _from_max_bits(top_bits)
+            # absd[off + j] == |q - j|.  The max() lets LLVM prove the index is
+            # non-negative, dropping Numba's negative-index wraparound select that
+            # would stop the loop from vectorising.
+            off = max(Q - 1 - q, 0)
+            rs = 0.0
+            ent = 0.0
+            dist = 0.0
+            sq = 0.0
+            for j in range(nk):
+                xd = np.float64(a[p, q, j])
+                rs += xd
+                sq += xd * xd
+                ent += xd * np.float64(lnbuf[j])
+                dist += xd * absd[off + j]
+                col[j] += xd
+            rows[_ROW_SUM, d, q] = rs
+            rows[_ENTROPY, d, q] = -ent
+            rows[_MAX_WEIGHT, d, q] = top
+            rows[_DISTANCE, d, q] = dist
+            rows[_SQ_SUM, d, q] = sq
+            if square:  # nq == nk: A[q, q] is valid
+                diagonal = np.float64(a[p, q, q])
+                rows[_DIAG, d, q] = diagonal
+                diag_sum += diagonal
+                if q > 0:
+                    prev += np.float64(a[p, q, q - 1])
+                if q + 1 < nk:
+                    nxt += np.float64(a[p, q, q + 1])
+            else:
+                rows[_DIAG, d, q] = np.nan
+            entropy_sum -= ent
+            confidence_sum += top
+            distance_sum += dist
+            total += rs
+            sq_total += sq
+            largest = max(largest, top)
+            error = max(error, abs(rs - 1.0))
+            _row_topk(a, p, q, nq, nk, keys, lanes, index, weight, d)
+        for q in range(nq, Q):
+            for r in range(rows.shape[0]):
+                rows[r, d, q] = np.nan
+            _no_topk(index, weight, d, q, k)
+        for j in range(nk):
+            col_sum[d, j] = col[j]
+        for j in range(nk, K):
+            col_sum[d, j] = np.nan
+
+        for i in range(plane.shape[0]):
+            plane[i, d] = np.nan
+        for i in range(flags.shape[0]):
+            flags[i, d] = False
+        peak_key[d] = -1
+        if nq == 0:
+            continue
+        fq = np.float64(nq)
+        fk = np.float64(nk)
+        peak = -np.inf
+        for j in range(nk):  # first maximum; NaN never wins
+            if col[j] > peak:
+                peak = col[j]
+                peak_key[d] = j
+        peak_incoming = peak if peak_key[d] >= 0 else np.nan
+        self_attention = diag_sum / fq if square else np.nan
+        diag_share = diag_sum / total if square else np.nan
+        plane[_ENTROPY_MEAN, d] = entropy_sum / fq
+        if nk > 1:
+            plane[_ENTROPY_NORM, d] = entropy_sum / fq / np.log(fk)
+        plane[_SELF_ATTENTION, d] = self_attention
+        plane[_DIAG_SHARE, d] = diag_share
+        plane[_PEAK_INCOMING, d] = peak_incoming
+        plane[_CONFIDENCE, d] = confidence_sum / fq
+        plane[_DISTANCE_MEAN, d] = distance_sum / fq
+        plane[_ROW_SUM_ERROR, d] = error
+        if square:
+            plane[_PREV_TOKEN, d] = prev / fq
+            plane[_NEXT_TOKEN, d] = nxt / fq
+        plane[_FIRST_TOKEN, d] = col[0] / fq
+        plane[_LAST_TOKEN, d] = col[nk - 1] / fq
+
+        if n <= 1:
+            continue
+        count = fq * fk
+        mean = total / count
+        std = np.sqrt(max(sq_total / count - mean * mean, 0.0))
+        scale = SEED_LENGTH / fk  # the uniform weight 1/nk, as a multiple of the seed's 1/8
+        share = peak_incoming / fq
+        flags[_UNIFORM, d] = std < UNIFORM_STD * scale
+        flags[_DIAGONAL_ONLY, d] = diag_share > DIAGONAL_SHARE
+        flags[_DOMINANT_KEY, d] = share > DOMINANT_INCOMING / SEED_LENGTH
+        flags[_WEAK, d] = largest < WEAK_MAX * scale
+        flags[_CRITICAL_KEY, d] = share > CRITICAL_INCOMING / SEED_LENGTH
+        flags[_STRONG_SELF, d] = self_attention > STRONG_SELF * scale
 
 
 @ngjit
