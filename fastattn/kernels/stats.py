@@ -384,15 +384,15 @@ def _keys_packed(a, p, q, nk, keys, lanes, r):
 
 
 @_inline
-def _ranks_packed(a, p, q0, count, nk, k, keys, lanes, index, weight, d):
-    """The top ``k`` of rows ``q0 …`` (``count`` of them, keys in slots 0 …) from their lanes.
+def _ranks_packed(a, p, q0, nk, k, keys, lanes, index, weight, d):
+    """The top ``k`` of rows ``q0`` and ``q0 + 1`` (keys in slots 0 and 1) from their lanes.
 
     The rows go in lockstep: each rank waits on the last (a chain of maxima), and two rows'
     independent chains overlap in the CPU.  Trees, not chains, of maxima for the same reason.
     """
     groups = (nk + _LANES - 1) // _LANES
     for t in range(min(k, nk)):
-        for r in range(count):
+        for r in range(2):
             m = max(
                 max(max(lanes[r, 0], lanes[r, 1]), max(lanes[r, 2], lanes[r, 3])),
                 max(max(lanes[r, 4], lanes[r, 5]), max(lanes[r, 6], lanes[r, 7])),
@@ -422,9 +422,9 @@ def _keys_search(a, p, q, nk, keys, lanes, r):
 
 
 @_inline
-def _ranks_search(a, p, q0, count, nk, k, keys, lanes, index, weight, d):
-    """The top ``k`` of rows ``q0 …`` by a max and a first-position search per rank."""
-    for r in range(count):
+def _ranks_search(a, p, q0, nk, k, keys, lanes, index, weight, d):
+    """The top ``k`` of rows ``q0`` and ``q0 + 1`` by a max and a first-position search per rank."""
+    for r in range(2):
         for t in range(min(k, nk)):
             m = _NO_KEY
             for j in range(nk):
@@ -441,8 +441,8 @@ def _ranks_search(a, p, q0, count, nk, k, keys, lanes, index, weight, d):
 
 def _row_topk(a, p, q, nq, nk, keys, lanes, index, weight, d):
     """Row ``q``'s share of the top-k of plane ``p`` (into ``index[d]``/``weight[d]``): −1/NaN,
-    its keys now, and the ranks of rows q−1 and q together when q is odd (or the last row).
-    Jit-only: float32 rows are packed, others searched."""
+    its keys now, and the ranks of rows q−1 and q together when q is odd (the last of an odd
+    number of rows with an empty partner).  Jit-only: float32 rows are packed, others searched."""
     raise NotImplementedError("only callable from jitted code")
 
 
@@ -458,10 +458,15 @@ def _row_topk_impl(a, p, q, nq, nk, keys, lanes, index, weight, d):
         if k == 0:
             return
         build(a, p, q, nk, keys, lanes, q % 2)
-        if q % 2 == 1:
-            ranks(a, p, q - 1, 2, nk, k, keys, lanes, index, weight, d)
-        elif q == nq - 1:
-            ranks(a, p, q, 1, nk, k, keys, lanes, index, weight, d)
+        if q % 2 == 0 and q == nq - 1:  # an empty partner: every rank of slot 1 is "none left"
+            for j in range(keys.shape[1]):
+                keys[1, j] = _NO_KEY
+            for lane in range(_LANES):
+                lanes[1, lane] = _NO_KEY
+        # One call site, so one inlined copy of ranks: a second (for the odd last row) cost
+        # ~1-3 s more compiling and no speed.
+        if q % 2 == 1 or q == nq - 1:
+            ranks(a, p, q - q % 2, nk, k, keys, lanes, index, weight, d)
 
     return impl
 
