@@ -306,14 +306,17 @@ def fast_log(x: np.ndarray) -> np.ndarray:
 # integer key that orders like it (``_order_key32``/``_order_key64``), and each of
 # the k ranks is found without a data-dependent branch:
 #
+# - The keys sit in 8 strided lanes (lane = j mod 8); the lane maxima are kept,
+#   so a rank's key is the max of 8 lane maxima, after which only the winner's
+#   lane (K/8 keys) is searched again.
 # - float32 rows: the 32-bit key and the key's position go into one int64,
 #   key << 32 | (2³² − 1 − j), so keys are distinct and the larger of two equal
-#   weights is the lower position: the top rank is simply the largest int64.
-#   The keys sit in 8 strided lanes (lane = j mod 8); the lane maxima are kept,
-#   so a rank is the max of 8 lane maxima, after which only the winner's lane
-#   (K/8 keys) is searched again.
-# - float64 rows (no room for the position): two vectorised reductions per rank
-#   over the row's keys, the largest key and then the lowest position holding it.
+#   weights is the lower position: the position comes out of the key itself.
+# - float64 rows (no room for the position): the key alone, and one vectorised
+#   pass per rank finds the lowest position holding it.
+#
+# Only those two steps depend on the dtype (``_rank_key``, ``_key_position``,
+# small overloads); one ranking code for both compiles faster than two.
 #
 # Either way ties go to the lower key index (the order of a stable argsort of
 # −w), NaN and −inf are never selected, and −0.0 ties with +0.0.
@@ -366,14 +369,56 @@ def _no_topk(index, weight, d, q, k):
         weight[d, q, t] = np.nan
 
 
+def _rank_key(x, j):
+    """The top-k key of weight ``x`` at key position ``j`` (an int64, ``_NO_KEY`` for NaN/−inf):
+    float32 packed with its position, float64 the order key alone.  Jit-only."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+@overload(_rank_key, inline="always", jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
+def _rank_key_impl(x, j):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+
+        def packed(x, j):
+            key, ok = _order_key32(x)
+            return ((np.int64(key) << 32) | (_LOW32 - j)) if ok else _NO_KEY
+
+        return packed
+
+    def alone(x, j):
+        key, ok = _order_key64(x)
+        return key if ok else _NO_KEY
+
+    return alone
+
+
+def _key_position(a, keys, r, m, nk):
+    """The position of the largest key ``m`` of slot ``r``: unpacked from ``m`` (float32 rows),
+    or the lowest position holding it (float64 rows, one vectorised pass).  Jit-only."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+@overload(_key_position, inline="always", jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
+def _key_position_impl(a, keys, r, m, nk):
+    if a.dtype == types.float32:
+        return lambda a, keys, r, m, nk: _LOW32 - (m & _LOW32)
+
+    def search(a, keys, r, m, nk):
+        first = nk
+        for j in range(nk):
+            first = min(first, j if keys[r, j] == m else nk)
+        return first
+
+    return search
+
+
 @_inline
-def _keys_packed(a, p, q, nk, keys, lanes, r):
-    """Slot ``r`` of ``keys``/``lanes``: float32 row ``a[p, q, :nk]`` as packed (key, position)
-    int64s, padded to whole lanes, and the 8 lanes' maxima."""
+def _row_keys(a, p, q, nk, keys, lanes, r):
+    """Slot ``r`` of ``keys``/``lanes``: row ``a[p, q, :nk]``'s keys, padded to whole lanes, and
+    the 8 lanes' maxima."""
     groups = (nk + _LANES - 1) // _LANES
     for j in range(nk):
-        key, ok = _order_key32(a[p, q, j])
-        keys[r, j] = ((np.int64(key) << 32) | (_LOW32 - j)) if ok else _NO_KEY
+        keys[r, j] = _rank_key(a[p, q, j], j)
     for j in range(nk, groups * _LANES):
         keys[r, j] = _NO_KEY
     for lane in range(_LANES):
@@ -384,7 +429,7 @@ def _keys_packed(a, p, q, nk, keys, lanes, r):
 
 
 @_inline
-def _ranks_packed(a, p, q0, nk, k, keys, lanes, index, weight, d):
+def _row_ranks(a, p, q0, nk, k, keys, lanes, index, weight, d):
     """The top ``k`` of rows ``q0`` and ``q0 + 1`` (keys in slots 0 and 1) from their lanes.
 
     The rows go in lockstep: each rank waits on the last (a chain of maxima), and two rows'
@@ -399,7 +444,7 @@ def _ranks_packed(a, p, q0, nk, k, keys, lanes, index, weight, d):
             )
             if m == _NO_KEY:
                 continue  # only NaN/−inf left in this row
-            j = _LOW32 - (m & _LOW32)
+            j = _key_position(a, keys, r, m, nk)
             index[d, q0 + r, t] = j
             weight[d, q0 + r, t] = a[p, q0 + r, j]
             keys[r, j] = _NO_KEY
@@ -414,61 +459,22 @@ def _ranks_packed(a, p, q0, nk, k, keys, lanes, index, weight, d):
 
 
 @_inline
-def _keys_search(a, p, q, nk, keys, lanes, r):
-    """Slot ``r`` of ``keys``: float64 row ``a[p, q, :nk]``'s order keys."""
-    for j in range(nk):
-        key, ok = _order_key64(a[p, q, j])
-        keys[r, j] = key if ok else _NO_KEY
-
-
-@_inline
-def _ranks_search(a, p, q0, nk, k, keys, lanes, index, weight, d):
-    """The top ``k`` of rows ``q0`` and ``q0 + 1`` by a max and a first-position search per rank."""
-    for r in range(2):
-        for t in range(min(k, nk)):
-            m = _NO_KEY
-            for j in range(nk):
-                m = max(m, keys[r, j])
-            if m == _NO_KEY:
-                break  # only NaN/−inf left
-            first = nk
-            for j in range(nk):
-                first = min(first, j if keys[r, j] == m else nk)
-            index[d, q0 + r, t] = first
-            weight[d, q0 + r, t] = a[p, q0 + r, first]
-            keys[r, first] = _NO_KEY
-
-
 def _row_topk(a, p, q, nq, nk, keys, lanes, index, weight, d):
     """Row ``q``'s share of the top-k of plane ``p`` (into ``index[d]``/``weight[d]``): −1/NaN,
     its keys now, and the ranks of rows q−1 and q together when q is odd (the last of an odd
-    number of rows with an empty partner).  Jit-only: float32 rows are packed, others searched."""
-    raise NotImplementedError("only callable from jitted code")
-
-
-@overload(_row_topk, inline="always", jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
-def _row_topk_impl(a, p, q, nq, nk, keys, lanes, index, weight, d):
-    packed = a.dtype == types.float32
-    build = _keys_packed if packed else _keys_search
-    ranks = _ranks_packed if packed else _ranks_search
-
-    def impl(a, p, q, nq, nk, keys, lanes, index, weight, d):
-        k = index.shape[2]
-        _no_topk(index, weight, d, q, k)
-        if k == 0:
-            return
-        build(a, p, q, nk, keys, lanes, q % 2)
-        if q % 2 == 0 and q == nq - 1:  # an empty partner: every rank of slot 1 is "none left"
-            for j in range(keys.shape[1]):
-                keys[1, j] = _NO_KEY
-            for lane in range(_LANES):
-                lanes[1, lane] = _NO_KEY
-        # One call site, so one inlined copy of ranks: a second (for the odd last row) cost
-        # ~1-3 s more compiling and no speed.
-        if q % 2 == 1 or q == nq - 1:
-            ranks(a, p, q - q % 2, nk, k, keys, lanes, index, weight, d)
-
-    return impl
+    number of rows with an empty partner)."""
+    k = index.shape[2]
+    _no_topk(index, weight, d, q, k)
+    if k == 0:
+        return
+    _row_keys(a, p, q, nk, keys, lanes, q % 2)
+    if q % 2 == 0 and q == nq - 1:  # an empty partner: every rank of slot 1 is "none left"
+        for lane in range(_LANES):
+            lanes[1, lane] = _NO_KEY
+    # One call site, so one inlined copy of the ranking: a second (for the odd last row)
+    # cost ~1-3 s more compiling and no speed.
+    if q % 2 == 1 or q == nq - 1:
+        _row_ranks(a, p, q - q % 2, nk, k, keys, lanes, index, weight, d)
 
 
 @ngjit
