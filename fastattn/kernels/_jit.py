@@ -1,17 +1,33 @@
-"""How every kernel compiles, where compiled code is cached, and the argument plumbing
-the kernels share.
+"""How every kernel compiles, where compiled code is cached, how kernels use threads, and
+the argument plumbing the kernels share.
 
-Two jit aliases are used everywhere (the datashader/numbagg pattern) so that
-compile options live in one place:
+One jit alias is used everywhere (the datashader/numbagg pattern) so that compile
+options live in one place: ``ngjit``, single-threaded, releasing the GIL
+(``nogil``).  It compiles lazily, on the first call with a new type signature,
+and only that signature; importing ``fastattn`` compiles nothing.
 
-- ``ngjit``: single-threaded, releases the GIL (``nogil``) so Python threads and
-  dask workers can run kernels side by side.
-- ``ngjit_parallel``: the same plus ``parallel=True``; kernels use ``prange``
-  over independent planes only, so each output element is written by one thread
-  and results do not depend on the thread count.
+Threads.  A kernel takes a range ``lo … hi − 1`` of independent planes (or
+samples); ``parallel_for`` runs it over pieces of the planes in Python threads,
+which run side by side because the kernel releases the GIL.  So one compiled
+kernel serves ``parallel=True`` and ``parallel=False`` (inside dask), where
+Numba's ``parallel=True``/``prange`` needs a second variant of every kernel:
+compiling that variant took ~8 CPU-s more than the serial one for the
+statistics kernel, on every first run.
 
-Both compile lazily, on the first call with a new type signature, and only that
-signature; importing ``fastattn`` compiles nothing.
+Compile time (a first run's cost; measured on the statistics kernel, float32):
+
+- One function per kernel, not a call tree: Numba compiles a called ``njit``
+  function to machine code on its own and then links its LLVM code into each
+  caller and optimises and generates it again there.  Folding the per-plane
+  function into the kernel saved ~3 CPU-s.
+- ``njit(inline="always")`` (IR inlining) copies the callee's IR block by
+  block, re-copying its whole variable scope for each block: cheap for small
+  helpers (the per-row ones, which must be inlined for speed: as calls they
+  cost ~25%), slow for big ones.  Each call site is one more copy; the top-k
+  ranking has one call site (a second cost ~2 CPU-s).
+- ``@overload(inline="always")`` compiles its implementation in full once just
+  to type it, then again inside the caller: overloads here are small (they only
+  pick the dtype's few lines).
 
 Fast-math is limited to ``reassoc`` (reductions may be reordered, which is what
 lets LLVM vectorise them), ``contract`` (FMA) and ``nsz``.  ``nnan``/``ninf``
@@ -19,7 +35,7 @@ stay off because NaN is a real value here: it marks everything outside a
 plane's valid block.  ``error_model="numpy"`` drops Python's division-by-zero
 checks, which would otherwise put a branch in every vectorised loop.
 
-The disk cache.  Compiling the statistics kernels takes ~10 s, so compiled code
+The disk cache.  Compiling the statistics kernel takes ~5 CPU-s, so compiled code
 is kept on disk and a machine pays that once, not every command:
 ``$NUMBA_CACHE_DIR/fastattn/<tag>`` if the user set ``NUMBA_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/fastattn/numba/<tag>`` (``~/.cache/fastattn/numba/<tag>``).
@@ -34,10 +50,6 @@ it off; each is closed here rather than by turning the cache off:
   goes unnoticed): ``<tag>`` is the fastattn, Numba and NumPy versions plus a
   hash of every kernel source file, so any of those changes starts a fresh
   directory.  Old ones are never read again (``rm -r ~/.cache/fastattn`` frees them).
-- *A parallel and a serial dispatcher of the same Python function* (``_stats_planes``
-  is both) share one index under numba's key (signature, CPU, bytecode), so the
-  serial variant would load the ``prange`` code or the reverse: nested parallelism
-  inside dask threads, the workqueue layer's abort.  The key here includes the variant.
 - *Processes compiling at once* (dask workers, parallel test runs; numba #4807
   reports segfaults from caches written in parallel): numba writes each file atomically (a temporary file, then
   ``os.replace``), but saves an overload as read index → write index → write
@@ -50,9 +62,9 @@ it off; each is closed here rather than by turning the cache off:
   lock: processes compile side by side and the later ones find their entry saved.
   (numba #10128, a ``guvectorize`` wrapper and its kernel saved by two processes to
   two files, cannot happen: fastattn has only ``njit`` functions, one file each.)
-- A non-parallel cached function that calls a ``parallel=True`` one segfaults when
-  loaded from the cache (numba #8578, #10184): no kernel here does that; parallel
-  kernels call serial helpers only, never the reverse.
+- A cached function that calls a ``parallel=True`` one segfaults when loaded from
+  the cache (numba #8578, #10184), and a parallel and a serial dispatcher of one
+  function share one index entry: fastattn has no ``parallel=True`` function.
 """
 
 from __future__ import annotations
@@ -248,11 +260,7 @@ def parallel_for(kernel, n: int, *args, parallel: bool = True) -> None:
     never depend on the thread count or on ``parallel``.  Only one call at a
     time runs parallel (``_PARALLEL_SLOT``); another runs single-threaded
     meanwhile.  The helper threads are kept between calls (idle), since
-    starting them cost ~0.4 ms a call.
-
-    Why not ``prange``: a ``parallel=True`` kernel is a second compiled
-    variant of the same code (the serial one is needed inside dask), and
-    compiling it took ~8 CPU-s more than the serial one, on every first run.
+    starting them cost ~0.4 ms a call.  (Why not ``prange``: the module docstring.)
     """
     if n <= 0:
         return

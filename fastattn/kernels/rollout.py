@@ -109,7 +109,7 @@ def rollout(a, lengths=None, *, keep_matrix: bool = False, parallel: bool = True
     a:           (..., layer, head, Q, Q) float32 or float64 attention weights.
     lengths:     None (whole planes valid) or ints whose shape is a prefix of the leading dims.
     keep_matrix: also return the rollout matrices ``(..., layer, Q, Q)`` (else None).
-    parallel:    False runs the single-threaded variant (inside dask or a thread pool).
+    parallel:    False runs in the calling thread only (inside dask or a thread pool).
     """
     a = np.asarray(a)
     if a.ndim < 4:
