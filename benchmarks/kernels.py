@@ -109,8 +109,8 @@ def hot_loop_asm() -> dict[str, int]:
     from fastattn.kernels import stats
 
     plane_stats(np.full((1, 8, 8), 1 / 8, dtype=np.float32), parallel=False)
-    kernel = stats._stats_serial
-    sig = next(s for s in kernel.signatures if str(s[0].dtype) == "float32")
+    kernel = stats._stats_planes
+    sig = next(s for s in kernel.signatures if str(s[2].dtype) == "float32")  # (lo, hi, a, ...)
     asm = kernel.inspect_asm(sig)
     patterns = {
         "vdivps ymm (8-lane float32 log)": r"vdivps\s+%ymm",
@@ -167,7 +167,7 @@ def run(gb: float = 1.0, repeats: int = 3, seed: int = 0) -> list[dict]:
     t = {name: statistics.median(w for w, _ in v) for name, v in times.items()}
     cpu = {name: statistics.median(c for _, c in v) for name, v in times.items()}
     nbytes = a.nbytes
-    threads = numba.get_num_threads()
+    threads = numba.config.NUMBA_NUM_THREADS  # what parallel kernel calls use
 
     def row(figure, ours, base, baseline):
         return {
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"{gb:g} GB float32 attention, samples of {SAMPLE_SHAPE}, {repeats} interleaved repeats (medians), "
-        f"numba threads {numba.get_num_threads()}, cpus {os.cpu_count()}, load avg {load:.2f}"
+        f"kernel threads {numba.config.NUMBA_NUM_THREADS}, cpus {os.cpu_count()}, load avg {load:.2f}"
     )
     print(format_table(rows, gb))
     print("hot loop asm (float32 plane_stats):", ", ".join(f"{k}: {v}" for k, v in hot_loop_asm().items()))

@@ -425,32 +425,28 @@ def _up_to_date(group, manifest, k: int) -> bool:
 
 
 def _run_local(loc, group, blocks, k, jobs, progress, total) -> None:
-    """Read block i+1 and write block i-1 in threads while the kernels run on block i."""
-    import numba
+    """Read block i+1 and write block i-1 in threads while the kernels run on block i (with
+    `jobs` threads)."""
+    from .kernels._jit import kernel_threads
 
-    threads = numba.get_num_threads()
-    numba.set_num_threads(min(jobs or threads, numba.config.NUMBA_NUM_THREADS))
     arrays = dict(group[GROUP].arrays())  # as laid out or resized just now
     written = 0
-    try:
-        with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
-            reading = reader.submit(_read_block, group, *blocks[0])
-            writing = None
-            for i, (b0, b1) in enumerate(blocks):
-                data = reading.result()
-                if i + 1 < len(blocks):
-                    reading = reader.submit(_read_block, group, *blocks[i + 1])
-                st = _block_stats(data, k, parallel=True)
-                if writing is not None:
-                    written += writing.result()
-                    if progress:
-                        progress(written, total)
-                writing = writer.submit(_write_block, arrays, st, b0, b1)
-            written += writing.result()
-            if progress:
-                progress(written, total)
-    finally:
-        numba.set_num_threads(threads)
+    with kernel_threads(jobs), ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+        reading = reader.submit(_read_block, group, *blocks[0])
+        writing = None
+        for i, (b0, b1) in enumerate(blocks):
+            data = reading.result()
+            if i + 1 < len(blocks):
+                reading = reader.submit(_read_block, group, *blocks[i + 1])
+            st = _block_stats(data, k, parallel=True)
+            if writing is not None:
+                written += writing.result()
+                if progress:
+                    progress(written, total)
+            writing = writer.submit(_write_block, arrays, st, b0, b1)
+        written += writing.result()
+        if progress:
+            progress(written, total)
 
 
 def _run_distributed(client, loc, blocks, k, progress, total) -> None:

@@ -414,8 +414,7 @@ def test_nothing_compiles_at_import():
     code = (
         "import importlib\n"
         "sdpa, stats, validate = (importlib.import_module('fastattn.kernels.' + m) for m in ('sdpa', 'stats', 'validate'))\n"
-        "kernels = [stats._stats_parallel, stats._stats_serial, stats._topk_parallel, stats._topk_serial,\n"
-        "           sdpa._attend_parallel, sdpa._attend_serial]\n"
+        "kernels = [stats._stats_planes, stats._topk_planes, sdpa._attend_planes]\n"
         "print(sum(len(k.signatures) for k in kernels), validate._compiled.cache_info().currsize)"
     )
     assert _in_subprocess(code) == "0 0"  # with the disk cache on (the default), too

@@ -16,7 +16,7 @@ import pytest
 import reference as ref
 
 #: Runs a kernel on random attention (argv: seed, dtype, "log" for fast_log alone (quick to
-#: compile), or "parallel"/"serial" for plane_stats's variant and fast_log), saves the results
+#: compile), or "parallel"/"serial" for plane_stats called so, and fast_log), saves the results
 #: to argv[4], and prints whether that kernel was loaded from the cache or compiled.
 WORKER = """
 import json, sys
@@ -26,7 +26,7 @@ seed, dtype, which, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4
 a = np.random.default_rng(seed).random((3, 4, 24, 24)).astype(dtype)
 a /= a.sum(axis=-1, keepdims=True)
 results = {"log": stats.fast_log(a)}
-kernel = {"log": stats._ln_array, "parallel": stats._stats_parallel, "serial": stats._stats_serial}[which]
+kernel = stats._ln_array if which == "log" else stats._stats_planes
 if which != "log":
     st = stats.plane_stats(a, np.array([24, 17, 1]), parallel=which == "parallel")
     results.update(entropy=st.entropy, col_sum=st.col_sum)
@@ -136,15 +136,20 @@ def test_damaged_cache_files_mean_compiling_again(tmp_path, rng):
     check_against_reference(load(tmp_path / "second.npz"), seed, "float64")
 
 
-def test_parallel_and_serial_variants_never_share_compiled_code(tmp_path, rng):
-    """Numba's own cache keys both dispatchers of one function alike, so the parallel kernel
-    would load the serial code compiled before it (or the reverse)."""
+def test_parallel_and_serial_calls_share_one_compiled_kernel(tmp_path, rng):
+    """A parallel call runs the single-threaded kernel in threads: what a serial run compiled
+    and saved, a parallel run loads (and the reverse), with the same results."""
     env, seed = environment(NUMBA_CACHE_DIR=tmp_path), int(rng.integers(2**32))
     assert finish(start_worker(seed, "float32", "serial", tmp_path / "serial.npz", env)) == {"hits": 0, "misses": 1}
-    assert finish(start_worker(seed, "float32", "parallel", tmp_path / "parallel.npz", env)) == {"hits": 0, "misses": 1}
-    assert finish(start_worker(seed, "float32", "serial", tmp_path / "again.npz", env)) == {"hits": 1, "misses": 0}
-    for out in ("serial.npz", "parallel.npz", "again.npz"):
-        check_against_reference(load(tmp_path / out), seed, "float32")
+    assert finish(start_worker(seed, "float32", "parallel", tmp_path / "parallel.npz", env)) == {"hits": 1, "misses": 0}
+    assert finish(start_worker(seed, "float64", "parallel", tmp_path / "parallel64.npz", env)) == {"hits": 0, "misses": 1}
+    assert finish(start_worker(seed, "float64", "serial", tmp_path / "serial64.npz", env)) == {"hits": 1, "misses": 0}
+    for out, dtype in (("serial", "float32"), ("parallel", "float32"), ("parallel64", "float64"), ("serial64", "float64")):
+        check_against_reference(load(tmp_path / f"{out}.npz"), seed, dtype)
+    for a, b in (("serial", "parallel"), ("serial64", "parallel64")):
+        got, want = load(tmp_path / f"{a}.npz"), load(tmp_path / f"{b}.npz")
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{a}: {name}")
 
 
 def test_processes_starting_at_once_on_an_empty_cache(tmp_path, rng):

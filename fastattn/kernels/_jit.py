@@ -1,17 +1,33 @@
-"""How every kernel compiles, where compiled code is cached, and the argument plumbing
-the kernels share.
+"""How every kernel compiles, where compiled code is cached, how kernels use threads, and
+the argument plumbing the kernels share.
 
-Two jit aliases are used everywhere (the datashader/numbagg pattern) so that
-compile options live in one place:
+One jit alias is used everywhere (the datashader/numbagg pattern) so that compile
+options live in one place: ``ngjit``, single-threaded, releasing the GIL
+(``nogil``).  It compiles lazily, on the first call with a new type signature,
+and only that signature; importing ``fastattn`` compiles nothing.
 
-- ``ngjit``: single-threaded, releases the GIL (``nogil``) so Python threads and
-  dask workers can run kernels side by side.
-- ``ngjit_parallel``: the same plus ``parallel=True``; kernels use ``prange``
-  over independent planes only, so each output element is written by one thread
-  and results do not depend on the thread count.
+Threads.  A kernel takes a range ``lo … hi − 1`` of independent planes (or
+samples); ``parallel_for`` runs it over pieces of the planes in Python threads,
+which run side by side because the kernel releases the GIL.  So one compiled
+kernel serves ``parallel=True`` and ``parallel=False`` (inside dask), where
+Numba's ``parallel=True``/``prange`` needs a second variant of every kernel:
+compiling that variant took ~8 CPU-s more than the serial one for the
+statistics kernel, on every first run.
 
-Both compile lazily, on the first call with a new type signature, and only that
-signature; importing ``fastattn`` compiles nothing.
+Compile time (a first run's cost; measured on the statistics kernel, float32):
+
+- One function per kernel, not a call tree: Numba compiles a called ``njit``
+  function to machine code on its own and then links its LLVM code into each
+  caller and optimises and generates it again there.  Folding the per-plane
+  function into the kernel saved ~3 CPU-s.
+- ``njit(inline="always")`` (IR inlining) copies the callee's IR block by
+  block, re-copying its whole variable scope for each block: cheap for small
+  helpers (the per-row ones, which must be inlined for speed: as calls they
+  cost ~25%), slow for big ones.  Each call site is one more copy; the top-k
+  ranking has one call site (a second cost ~2 CPU-s).
+- ``@overload(inline="always")`` compiles its implementation in full once just
+  to type it, then again inside the caller: overloads here are small (they only
+  pick the dtype's few lines).
 
 Fast-math is limited to ``reassoc`` (reductions may be reordered, which is what
 lets LLVM vectorise them), ``contract`` (FMA) and ``nsz``.  ``nnan``/``ninf``
@@ -19,7 +35,7 @@ stay off because NaN is a real value here: it marks everything outside a
 plane's valid block.  ``error_model="numpy"`` drops Python's division-by-zero
 checks, which would otherwise put a branch in every vectorised loop.
 
-The disk cache.  Compiling the statistics kernels takes ~10 s, so compiled code
+The disk cache.  Compiling the statistics kernel takes ~5 CPU-s, so compiled code
 is kept on disk and a machine pays that once, not every command:
 ``$NUMBA_CACHE_DIR/fastattn/<tag>`` if the user set ``NUMBA_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/fastattn/numba/<tag>`` (``~/.cache/fastattn/numba/<tag>``).
@@ -34,10 +50,6 @@ it off; each is closed here rather than by turning the cache off:
   goes unnoticed): ``<tag>`` is the fastattn, Numba and NumPy versions plus a
   hash of every kernel source file, so any of those changes starts a fresh
   directory.  Old ones are never read again (``rm -r ~/.cache/fastattn`` frees them).
-- *A parallel and a serial dispatcher of the same Python function* (``_stats_planes``
-  is both) share one index under numba's key (signature, CPU, bytecode), so the
-  serial variant would load the ``prange`` code or the reverse: nested parallelism
-  inside dask threads, the workqueue layer's abort.  The key here includes the variant.
 - *Processes compiling at once* (dask workers, parallel test runs; numba #4807
   reports segfaults from caches written in parallel): numba writes each file atomically (a temporary file, then
   ``os.replace``), but saves an overload as read index → write index → write
@@ -50,9 +62,9 @@ it off; each is closed here rather than by turning the cache off:
   lock: processes compile side by side and the later ones find their entry saved.
   (numba #10128, a ``guvectorize`` wrapper and its kernel saved by two processes to
   two files, cannot happen: fastattn has only ``njit`` functions, one file each.)
-- A non-parallel cached function that calls a ``parallel=True`` one segfaults when
-  loaded from the cache (numba #8578, #10184): no kernel here does that; parallel
-  kernels call serial helpers only, never the reverse.
+- A cached function that calls a ``parallel=True`` one segfaults when loaded from
+  the cache (numba #8578, #10184), and a parallel and a serial dispatcher of one
+  function share one index entry: fastattn has no ``parallel=True`` function.
 """
 
 from __future__ import annotations
@@ -60,9 +72,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import queue
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Iterator
 
@@ -181,61 +196,103 @@ class _CacheImpl(caching.CompileResultCacheImpl):
 
 
 class _Cache(caching.FunctionCache):
-    """A dispatcher's disk cache: CACHE_DIR, the locked save, and the variant in every key."""
+    """A dispatcher's disk cache: CACHE_DIR and the locked save."""
 
     _impl_class = _CacheImpl
 
-    def __init__(self, py_func, variant: str):
+    def __init__(self, py_func):
         super().__init__(py_func)
-        self._variant = variant
         self._cache_file = _IndexFile(self._cache_path, self._impl.filename_base, SOURCES)
 
-    def _index_key(self, sig, codegen):
-        return (*super()._index_key(sig, codegen), self._variant)
 
-
-def _jit(function, parallel: bool, signature=None):
-    """A lazy dispatcher with this module's options and disk cache (set before any compile)."""
-    dispatcher = numba.njit(parallel=parallel, **_OPTIONS)(function)
+def ngjit(function, signature=None):
+    """A lazy single-threaded kernel with this module's options and disk cache (set before any
+    compile).  With ``signature``: compiled for exactly that one, now, and calls with other
+    array layouts are converted to it instead of compiling again."""
+    dispatcher = numba.njit(**_OPTIONS)(function)
     if CACHE_DIR is not None:
-        dispatcher._cache = _Cache(function, "parallel" if parallel else "serial")
+        dispatcher._cache = _Cache(function)
     if signature is not None:
         dispatcher.compile(signature)
         dispatcher.disable_compile()
     return dispatcher
 
 
-def ngjit(function, signature=None):
-    """Single-threaded kernel.  With ``signature``: compiled for exactly that one, now, and
-    calls with other array layouts are converted to it instead of compiling again."""
-    return _jit(function, False, signature)
-
-
-def ngjit_parallel(function):
-    """The ``prange`` variant: threads split the outer loop."""
-    return _jit(function, True)
-
-
-# One parallel kernel at a time per process.  A second caller (another Python
-# thread) runs the single-threaded variant instead of waiting: threads never
-# multiply past the cores, and nothing relies on the threading layer being
-# re-entrant (Numba's "workqueue" layer is not).
+# One parallel kernel call at a time per process.  A second caller (another Python
+# thread, e.g. a dask worker) runs its call in its own thread instead of waiting:
+# threads never multiply past the cores.
 _PARALLEL_SLOT = threading.Lock()
+_THREADS: ContextVar[int | None] = ContextVar("fastattn_kernel_threads", default=None)
+_POOL: ThreadPoolExecutor | None = None  # the helper threads, started on the first parallel call
+
+
+def _forget_threads() -> None:
+    """In a forked child: the parent's helper threads do not exist there, nor its lock holders."""
+    global _PARALLEL_SLOT, _POOL
+    _PARALLEL_SLOT, _POOL = threading.Lock(), None
+
+
+os.register_at_fork(after_in_child=_forget_threads)
 
 
 @contextmanager
-def parallel_slot(want: bool) -> Iterator[bool]:
-    """Yield whether this call may run the ``prange`` variant.
+def kernel_threads(n: int | None) -> Iterator[None]:
+    """Parallel kernel calls made in this context use at most ``n`` threads (None: all).
 
-    True only if ``want`` and no other thread is inside a parallel kernel.
-    Both variants run the same per-plane code, so the choice never changes
-    results, only speed.
-    """
-    if not want or not _PARALLEL_SLOT.acquire(blocking=False):
-        yield False
-        return
+    Never more than ``numba.config.NUMBA_NUM_THREADS`` (the cores, or the
+    ``NUMBA_NUM_THREADS`` environment variable)."""
+    token = _THREADS.set(n)
     try:
-        yield True
+        yield
+    finally:
+        _THREADS.reset(token)
+
+
+def parallel_for(kernel, n: int, *args, parallel: bool = True) -> None:
+    """Run ``kernel(lo, hi, *args)`` over the indices ``[0, n)``, in threads if ``parallel``.
+
+    ``kernel`` is an ``ngjit`` function (it releases the GIL) that handles
+    indices ``lo … hi − 1`` (planes, samples), each on its own, writing only
+    that index's outputs.  Parallel: ``[0, n)`` is cut into contiguous pieces
+    (4 per thread, so a thread that another process slows down takes fewer),
+    and this thread plus ``threads − 1`` helper threads take them until none
+    is left.  Each index is computed by one thread in a fixed order, so results
+    never depend on the thread count or on ``parallel``.  Only one call at a
+    time runs parallel (``_PARALLEL_SLOT``); another runs single-threaded
+    meanwhile.  The helper threads are kept between calls (idle), since
+    starting them cost ~0.4 ms a call.  (Why not ``prange``: the module docstring.)
+    """
+    if n <= 0:
+        return
+    threads = min(_THREADS.get() or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS, n)
+    if not parallel or threads <= 1 or not _PARALLEL_SLOT.acquire(blocking=False):
+        kernel(0, n, *args)
+        return
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    pieces = min(n, 4 * threads)
+    for i in range(pieces):
+        todo.put((n * i // pieces, n * (i + 1) // pieces))
+
+    def work() -> None:
+        while True:
+            try:
+                lo, hi = todo.get_nowait()
+            except queue.Empty:
+                return
+            kernel(lo, hi, *args)
+
+    global _POOL
+    try:
+        if _POOL is None:  # only the slot's holder gets here
+            _POOL = ThreadPoolExecutor(numba.config.NUMBA_NUM_THREADS - 1, "fastattn-kernel")
+        helpers = [_POOL.submit(work) for _ in range(threads - 1)]
+        try:
+            work()
+        finally:  # after an error here (Ctrl-C), the helpers stop at their current piece
+            while not todo.empty():
+                todo.get_nowait()
+            for helper in helpers:
+                helper.result()  # waits; a helper's error is raised here
     finally:
         _PARALLEL_SLOT.release()
 

@@ -18,16 +18,15 @@ their relative precision, and identical rows give exactly 0. The output is the m
 over the valid queries: ``out[s, i, j]`` (symmetric, zero diagonal, NaN for a sample
 with no valid query).
 
-Samples are independent: the parallel variant gives each thread whole samples
-(``prange``), each sample's matrix has one writer, results equal ``parallel=False``.
+Samples are independent: in parallel each thread takes whole samples (``parallel_for``),
+each sample's matrix has one writer, results equal ``parallel=False``.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
 
-from ._jit import ngjit, ngjit_parallel, parallel_slot, plane_lengths
+from ._jit import ngjit, parallel_for, plane_lengths
 
 try:  # the vectorisable float64 log of the statistics kernel (~1.8x faster here than libm's)
     from .stats import _ln as _log
@@ -83,13 +82,10 @@ def _js_sample(a, s, n, eps, out):
             out[s, j, i] = v
 
 
-def _js_samples(a, lens, eps, out):
-    for s in prange(a.shape[0]):
+@ngjit
+def _js_samples(lo, hi, a, lens, eps, out):
+    for s in range(lo, hi):
         _js_sample(a, s, lens[s], eps, out)
-
-
-_js_parallel = ngjit_parallel(_js_samples)
-_js_serial = ngjit(_js_samples)
 
 
 def pairwise_js(a, lengths=None, *, eps: float = DEFAULT_EPS, parallel: bool = True) -> np.ndarray:
@@ -111,8 +107,5 @@ def pairwise_js(a, lengths=None, *, eps: float = DEFAULT_EPS, parallel: bool = T
     S, N, Q, K = a.shape
     lens = plane_lengths(lengths, (S,), max(Q, K))
     out = np.empty((S, N, N))
-    if S:
-        with parallel_slot(parallel) as par:
-            kernel = _js_parallel if par else _js_serial
-            kernel(a, lens, float(eps), out)
+    parallel_for(_js_samples, S, a, lens, float(eps), out, parallel=parallel)
     return out

@@ -17,17 +17,16 @@ Per sample and layer ``l``, over the valid block only::
   queries of column ``k`` (so it sums to 1 over the keys, whatever the length);
 - ``matrix (..., layer, Q, K)``: ``R_l`` itself, only when asked for.
 
-Both are NaN outside the valid block. Samples are independent: the parallel variant
-gives each thread whole samples (``prange``), each output element has one writer, and
-the results are bit-identical to ``parallel=False``.
+Both are NaN outside the valid block. Samples are independent: in parallel, each thread
+takes whole samples (``parallel_for``), each output element has one writer, and the
+results are bit-identical to ``parallel=False``.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
 
-from ._jit import ngjit, ngjit_parallel, parallel_slot, plane_lengths
+from ._jit import ngjit, parallel_for, plane_lengths
 
 __all__ = ["rollout"]
 
@@ -98,13 +97,10 @@ def _rollout_sample(a, s, n, keep, incoming, matrix):
                     matrix[s, l, q, k] = r[q, k]
 
 
-def _rollout_samples(a, lens, keep, incoming, matrix):
-    for s in prange(a.shape[0]):
+@ngjit
+def _rollout_samples(lo, hi, a, lens, keep, incoming, matrix):
+    for s in range(lo, hi):
         _rollout_sample(a, s, lens[s], keep, incoming, matrix)
-
-
-_rollout_parallel = ngjit_parallel(_rollout_samples)
-_rollout_serial = ngjit(_rollout_samples)
 
 
 def rollout(a, lengths=None, *, keep_matrix: bool = False, parallel: bool = True):
@@ -113,7 +109,7 @@ def rollout(a, lengths=None, *, keep_matrix: bool = False, parallel: bool = True
     a:           (..., layer, head, Q, Q) float32 or float64 attention weights.
     lengths:     None (whole planes valid) or ints whose shape is a prefix of the leading dims.
     keep_matrix: also return the rollout matrices ``(..., layer, Q, Q)`` (else None).
-    parallel:    False runs the single-threaded variant (inside dask or a thread pool).
+    parallel:    False runs in the calling thread only (inside dask or a thread pool).
     """
     a = np.asarray(a)
     if a.ndim < 4:
@@ -130,9 +126,7 @@ def rollout(a, lengths=None, *, keep_matrix: bool = False, parallel: bool = True
     incoming = np.empty((n, L, Q))
     matrix = np.empty((n, L, Q, Q) if keep_matrix else (1, 1, 1, 1))
     if n and L and H:
-        with parallel_slot(parallel) as par:
-            kernel = _rollout_parallel if par else _rollout_serial
-            kernel(samples, lens, keep_matrix, incoming, matrix)
+        parallel_for(_rollout_samples, n, samples, lens, keep_matrix, incoming, matrix, parallel=parallel)
     elif n:
         incoming[:] = np.nan
         matrix[:] = np.nan

@@ -3,7 +3,7 @@
 A plain, exact kernel (float64 accumulation, row max subtracted before exp),
 used to make realistic synthetic attention and to check other implementations,
 not a fast attention.  Any number of leading dims; planes are independent and
-split between threads with ``prange``.
+split between threads (``parallel_for``).
 
 Masking, for query row i and key j of a plane with length L:
 
@@ -20,9 +20,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import prange
 
-from ._jit import float_dtype, ngjit, ngjit_parallel, parallel_slot, plane_lengths
+from ._jit import float_dtype, ngjit, parallel_for, plane_lengths
 
 __all__ = ["attention_weights", "sdpa"]
 
@@ -91,18 +90,19 @@ def _keys_of_row(i, nq, nk, causal):
     return nk
 
 
-def _attend_planes(q, k, v, lens, scale, causal, weights, out):
-    """Per plane: the weights into ``weights`` and/or weights·v into ``out``.
+@ngjit
+def _attend_planes(lo, hi, q, k, v, lens, scale, causal, weights, out):
+    """Per plane ``lo … hi − 1``: the weights into ``weights`` and/or weights·v into ``out``.
 
     One kernel for both public functions (one compile per dtype); a caller
     that does not want an output passes an empty (0, 0, 0) array for it.
     """
-    P, Q, _ = q.shape
+    Q = q.shape[1]
     K = k.shape[1]
     DV = v.shape[2]
     want_weights = weights.shape[0] > 0
     want_out = out.shape[0] > 0
-    for p in prange(P):
+    for p in range(lo, hi):
         buf = np.empty(K)
         acc = np.empty(DV)
         nq = min(lens[p], Q)
@@ -124,10 +124,6 @@ def _attend_planes(q, k, v, lens, scale, causal, weights, out):
                         acc[d] += w * np.float64(v[p, j, d])
                 for d in range(DV):
                     out[p, i, d] = acc[d]
-
-
-_attend_parallel = ngjit_parallel(_attend_planes)
-_attend_serial = ngjit(_attend_planes)
 
 
 def _prepare(q, k, v, scale, lengths):
@@ -163,11 +159,7 @@ def _prepare(q, k, v, scale, lengths):
 
 
 def _run(q, k, v, lens, scale, causal, weights, out, parallel):
-    if q.shape[0] == 0:
-        return
-    with parallel_slot(parallel) as par:
-        kernel = _attend_parallel if par else _attend_serial
-        kernel(q, k, v, lens, scale, bool(causal), weights, out)
+    parallel_for(_attend_planes, q.shape[0], q, k, v, lens, scale, bool(causal), weights, out, parallel=parallel)
 
 
 def attention_weights(

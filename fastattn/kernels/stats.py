@@ -17,9 +17,14 @@ the log, the sums and the top-k) and writes, per plane:
   per-query arrays.
 
 Accumulation is in float64 whatever the input dtype.  Planes are independent:
-the parallel variant splits planes between threads (``prange``), each row is
-reduced by one thread in a fixed order, so results are bit-identical for any
-thread count and for ``parallel=False``.
+with ``parallel=True`` threads take pieces of the planes (``_jit.parallel_for``),
+each row is reduced by one thread in a fixed order, so results are bit-identical
+for any thread count and for ``parallel=False``.
+
+Compiling.  A first run compiles one kernel, ``_stats_planes``, for the input's
+dtype: ~5 CPU-s for float32 (it was ~22 with the ``prange`` variant, a separate
+per-plane function and a top-k per dtype; ``_jit`` says why each cost).  It is
+one function on purpose; its per-row helpers are inlined into it by Numba.
 
 Per-plane summaries (n = the plane's length, nq/nk its valid queries/keys; for
 self-attention nq = nk = n; NaN where undefined, e.g. for an empty plane):
@@ -61,13 +66,14 @@ from typing import NamedTuple
 
 import numba
 import numpy as np
-from numba import prange, types
+from numba import types
 from numba.extending import overload
 
-from ._jit import FASTMATH, ngjit, ngjit_parallel, parallel_slot, plane_lengths
+from ._jit import FASTMATH, ngjit, parallel_for, plane_lengths
 
 #: Per-row helpers are inlined into their caller by Numba (at the IR level): as calls, LLVM keeps
-#: them out of line, and a call per row passing ~40 array fields cost as much as the row's work.
+#: them out of line, and a call per row passing ~40 array fields cost as much as the row's work
+#: (~25% of the kernel's time).  Only small helpers: inlining a big one is slow to compile (_jit).
 _inline = numba.njit(inline="always", fastmath=FASTMATH, error_model="numpy")
 
 __all__ = [
@@ -306,14 +312,17 @@ def fast_log(x: np.ndarray) -> np.ndarray:
 # integer key that orders like it (``_order_key32``/``_order_key64``), and each of
 # the k ranks is found without a data-dependent branch:
 #
+# - The keys sit in 8 strided lanes (lane = j mod 8); the lane maxima are kept,
+#   so a rank's key is the max of 8 lane maxima, after which only the winner's
+#   lane (K/8 keys) is searched again.
 # - float32 rows: the 32-bit key and the key's position go into one int64,
 #   key << 32 | (2³² − 1 − j), so keys are distinct and the larger of two equal
-#   weights is the lower position: the top rank is simply the largest int64.
-#   The keys sit in 8 strided lanes (lane = j mod 8); the lane maxima are kept,
-#   so a rank is the max of 8 lane maxima, after which only the winner's lane
-#   (K/8 keys) is searched again.
-# - float64 rows (no room for the position): two vectorised reductions per rank
-#   over the row's keys, the largest key and then the lowest position holding it.
+#   weights is the lower position: the position comes out of the key itself.
+# - float64 rows (no room for the position): the key alone, and one vectorised
+#   pass per rank finds the lowest position holding it.
+#
+# Only those two steps depend on the dtype (``_rank_key``, ``_key_position``,
+# small overloads); one ranking code for both compiles faster than two.
 #
 # Either way ties go to the lower key index (the order of a stable argsort of
 # −w), NaN and −inf are never selected, and −0.0 ties with +0.0.
@@ -366,14 +375,56 @@ def _no_topk(index, weight, d, q, k):
         weight[d, q, t] = np.nan
 
 
+def _rank_key(x, j):
+    """The top-k key of weight ``x`` at key position ``j`` (an int64, ``_NO_KEY`` for NaN/−inf):
+    float32 packed with its position, float64 the order key alone.  Jit-only."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+@overload(_rank_key, inline="always", jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
+def _rank_key_impl(x, j):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+
+        def packed(x, j):
+            key, ok = _order_key32(x)
+            return ((np.int64(key) << 32) | (_LOW32 - j)) if ok else _NO_KEY
+
+        return packed
+
+    def alone(x, j):
+        key, ok = _order_key64(x)
+        return key if ok else _NO_KEY
+
+    return alone
+
+
+def _key_position(a, keys, r, m, nk):
+    """The position of the largest key ``m`` of slot ``r``: unpacked from ``m`` (float32 rows),
+    or the lowest position holding it (float64 rows, one vectorised pass).  Jit-only."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+@overload(_key_position, inline="always", jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
+def _key_position_impl(a, keys, r, m, nk):
+    if a.dtype == types.float32:
+        return lambda a, keys, r, m, nk: _LOW32 - (m & _LOW32)
+
+    def search(a, keys, r, m, nk):
+        first = nk
+        for j in range(nk):
+            first = min(first, j if keys[r, j] == m else nk)
+        return first
+
+    return search
+
+
 @_inline
-def _keys_packed(a, p, q, nk, keys, lanes, r):
-    """Slot ``r`` of ``keys``/``lanes``: float32 row ``a[p, q, :nk]`` as packed (key, position)
-    int64s, padded to whole lanes, and the 8 lanes' maxima."""
+def _row_keys(a, p, q, nk, keys, lanes, r):
+    """Slot ``r`` of ``keys``/``lanes``: row ``a[p, q, :nk]``'s keys, padded to whole lanes, and
+    the 8 lanes' maxima."""
     groups = (nk + _LANES - 1) // _LANES
     for j in range(nk):
-        key, ok = _order_key32(a[p, q, j])
-        keys[r, j] = ((np.int64(key) << 32) | (_LOW32 - j)) if ok else _NO_KEY
+        keys[r, j] = _rank_key(a[p, q, j], j)
     for j in range(nk, groups * _LANES):
         keys[r, j] = _NO_KEY
     for lane in range(_LANES):
@@ -384,22 +435,22 @@ def _keys_packed(a, p, q, nk, keys, lanes, r):
 
 
 @_inline
-def _ranks_packed(a, p, q0, count, nk, k, keys, lanes, index, weight, d):
-    """The top ``k`` of rows ``q0 …`` (``count`` of them, keys in slots 0 …) from their lanes.
+def _row_ranks(a, p, q0, nk, k, keys, lanes, index, weight, d):
+    """The top ``k`` of rows ``q0`` and ``q0 + 1`` (keys in slots 0 and 1) from their lanes.
 
     The rows go in lockstep: each rank waits on the last (a chain of maxima), and two rows'
     independent chains overlap in the CPU.  Trees, not chains, of maxima for the same reason.
     """
     groups = (nk + _LANES - 1) // _LANES
     for t in range(min(k, nk)):
-        for r in range(count):
+        for r in range(2):
             m = max(
                 max(max(lanes[r, 0], lanes[r, 1]), max(lanes[r, 2], lanes[r, 3])),
                 max(max(lanes[r, 4], lanes[r, 5]), max(lanes[r, 6], lanes[r, 7])),
             )
             if m == _NO_KEY:
                 continue  # only NaN/−inf left in this row
-            j = _LOW32 - (m & _LOW32)
+            j = _key_position(a, keys, r, m, nk)
             index[d, q0 + r, t] = j
             weight[d, q0 + r, t] = a[p, q0 + r, j]
             keys[r, j] = _NO_KEY
@@ -414,56 +465,22 @@ def _ranks_packed(a, p, q0, count, nk, k, keys, lanes, index, weight, d):
 
 
 @_inline
-def _keys_search(a, p, q, nk, keys, lanes, r):
-    """Slot ``r`` of ``keys``: float64 row ``a[p, q, :nk]``'s order keys."""
-    for j in range(nk):
-        key, ok = _order_key64(a[p, q, j])
-        keys[r, j] = key if ok else _NO_KEY
-
-
-@_inline
-def _ranks_search(a, p, q0, count, nk, k, keys, lanes, index, weight, d):
-    """The top ``k`` of rows ``q0 …`` by a max and a first-position search per rank."""
-    for r in range(count):
-        for t in range(min(k, nk)):
-            m = _NO_KEY
-            for j in range(nk):
-                m = max(m, keys[r, j])
-            if m == _NO_KEY:
-                break  # only NaN/−inf left
-            first = nk
-            for j in range(nk):
-                first = min(first, j if keys[r, j] == m else nk)
-            index[d, q0 + r, t] = first
-            weight[d, q0 + r, t] = a[p, q0 + r, first]
-            keys[r, first] = _NO_KEY
-
-
 def _row_topk(a, p, q, nq, nk, keys, lanes, index, weight, d):
     """Row ``q``'s share of the top-k of plane ``p`` (into ``index[d]``/``weight[d]``): −1/NaN,
-    its keys now, and the ranks of rows q−1 and q together when q is odd (or the last row).
-    Jit-only: float32 rows are packed, others searched."""
-    raise NotImplementedError("only callable from jitted code")
-
-
-@overload(_row_topk, inline="always", jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
-def _row_topk_impl(a, p, q, nq, nk, keys, lanes, index, weight, d):
-    packed = a.dtype == types.float32
-    build = _keys_packed if packed else _keys_search
-    ranks = _ranks_packed if packed else _ranks_search
-
-    def impl(a, p, q, nq, nk, keys, lanes, index, weight, d):
-        k = index.shape[2]
-        _no_topk(index, weight, d, q, k)
-        if k == 0:
-            return
-        build(a, p, q, nk, keys, lanes, q % 2)
-        if q % 2 == 1:
-            ranks(a, p, q - 1, 2, nk, k, keys, lanes, index, weight, d)
-        elif q == nq - 1:
-            ranks(a, p, q, 1, nk, k, keys, lanes, index, weight, d)
-
-    return impl
+    its keys now, and the ranks of rows q−1 and q together when q is odd (the last of an odd
+    number of rows with an empty partner)."""
+    k = index.shape[2]
+    _no_topk(index, weight, d, q, k)
+    if k == 0:
+        return
+    _row_keys(a, p, q, nk, keys, lanes, q % 2)
+    if q % 2 == 0 and q == nq - 1:  # an empty partner: every rank of slot 1 is "none left"
+        for lane in range(_LANES):
+            lanes[1, lane] = _NO_KEY
+    # One call site, so one inlined copy of the ranking: a second (for the odd last row)
+    # cost ~1-3 s more compiling and no speed.
+    if q % 2 == 1 or q == nq - 1:
+        _row_ranks(a, p, q - q % 2, nk, k, keys, lanes, index, weight, d)
 
 
 @ngjit
@@ -489,8 +506,9 @@ def _valid(n, Q, K):
 
 
 @ngjit
-def _plane(a, p, d, n, absd, lnbuf, col, keys, lanes, rows, col_sum, index, weight, plane, peak_key, flags):
-    """Every statistic of input plane ``p`` into output plane ``d``, reading each valid row once.
+def _stats_planes(lo, hi, a, lens, dest, absd, rows, col_sum, index, weight, plane, peak_key, flags):
+    """Every statistic of input planes ``lo … hi − 1`` (a piece of a ``parallel_for``), plane ``p``
+    into output plane ``dest[p]``, reading each valid row once.
 
     Rows outer, keys inner, every inner loop over contiguous keys and
     branch-free, so it vectorises.  Per row (256 bytes for K = 64 float32,
@@ -508,146 +526,137 @@ def _plane(a, p, d, n, absd, lnbuf, col, keys, lanes, rows, col_sum, index, weig
     Q = a.shape[1]
     K = a.shape[2]
     k = index.shape[2]
-    nq, nk = _valid(n, Q, K)
+    lnbuf = np.empty(K, dtype=a.dtype)  # scratch of this piece
+    col = np.empty(K)
+    keys, lanes = _topk_scratch(K)
     square = Q == K
-    for j in range(nk):
-        col[j] = 0.0
-    entropy_sum = 0.0
-    diag_sum = 0.0
-    confidence_sum = 0.0
-    distance_sum = 0.0
-    total = 0.0
-    sq_total = 0.0
-    prev = 0.0
-    nxt = 0.0
-    largest = -np.inf
-    error = 0.0
-    for q in range(nq):
-        # a[p, q, j], not a row slice: a slice costs a reference count per row
-        top_bits = _lowest_bits(a)
+    for p in range(lo, hi):
+        d = dest[p]
+        n = lens[p]
+        nq, nk = _valid(n, Q, K)
         for j in range(nk):
-            lnbuf[j] = _ln_native(a[p, q, j])
-            top_bits = max(top_bits, _max_bits(a[p, q, j]))
-        top = _from_max_bits(top_bits)
-        # absd[off + j] == |q - j|.  The max() lets LLVM prove the index is
-        # non-negative, dropping Numba's negative-index wraparound select that
-        # would stop the loop from vectorising.
-        off = max(Q - 1 - q, 0)
-        rs = 0.0
-        ent = 0.0
-        dist = 0.0
-        sq = 0.0
+            col[j] = 0.0
+        entropy_sum = 0.0
+        diag_sum = 0.0
+        confidence_sum = 0.0
+        distance_sum = 0.0
+        total = 0.0
+        sq_total = 0.0
+        prev = 0.0
+        nxt = 0.0
+        largest = -np.inf
+        error = 0.0
+        for q in range(nq):
+            # a[p, q, j], not a row slice: a slice costs a reference count per row
+            top_bits = _lowest_bits(a)
+            for j in range(nk):
+                lnbuf[j] = _ln_native(a[p, q, j])
+                top_bits = max(top_bits, _max_bits(a[p, q, j]))
+            top = _from_max_bits(top_bits)
+            # absd[off + j] == |q - j|.  The max() lets LLVM prove the index is
+            # non-negative, dropping Numba's negative-index wraparound select that
+            # would stop the loop from vectorising.
+            off = max(Q - 1 - q, 0)
+            rs = 0.0
+            ent = 0.0
+            dist = 0.0
+            sq = 0.0
+            for j in range(nk):
+                xd = np.float64(a[p, q, j])
+                rs += xd
+                sq += xd * xd
+                ent += xd * np.float64(lnbuf[j])
+                dist += xd * absd[off + j]
+                col[j] += xd
+            rows[_ROW_SUM, d, q] = rs
+            rows[_ENTROPY, d, q] = -ent
+            rows[_MAX_WEIGHT, d, q] = top
+            rows[_DISTANCE, d, q] = dist
+            rows[_SQ_SUM, d, q] = sq
+            if square:  # nq == nk: A[q, q] is valid
+                diagonal = np.float64(a[p, q, q])
+                rows[_DIAG, d, q] = diagonal
+                diag_sum += diagonal
+                if q > 0:
+                    prev += np.float64(a[p, q, q - 1])
+                if q + 1 < nk:
+                    nxt += np.float64(a[p, q, q + 1])
+            else:
+                rows[_DIAG, d, q] = np.nan
+            entropy_sum -= ent
+            confidence_sum += top
+            distance_sum += dist
+            total += rs
+            sq_total += sq
+            largest = max(largest, top)
+            error = max(error, abs(rs - 1.0))
+            _row_topk(a, p, q, nq, nk, keys, lanes, index, weight, d)
+        for q in range(nq, Q):
+            for r in range(rows.shape[0]):
+                rows[r, d, q] = np.nan
+            _no_topk(index, weight, d, q, k)
         for j in range(nk):
-            xd = np.float64(a[p, q, j])
-            rs += xd
-            sq += xd * xd
-            ent += xd * np.float64(lnbuf[j])
-            dist += xd * absd[off + j]
-            col[j] += xd
-        rows[_ROW_SUM, d, q] = rs
-        rows[_ENTROPY, d, q] = -ent
-        rows[_MAX_WEIGHT, d, q] = top
-        rows[_DISTANCE, d, q] = dist
-        rows[_SQ_SUM, d, q] = sq
-        if square:  # nq == nk: A[q, q] is valid
-            diagonal = np.float64(a[p, q, q])
-            rows[_DIAG, d, q] = diagonal
-            diag_sum += diagonal
-            if q > 0:
-                prev += np.float64(a[p, q, q - 1])
-            if q + 1 < nk:
-                nxt += np.float64(a[p, q, q + 1])
-        else:
-            rows[_DIAG, d, q] = np.nan
-        entropy_sum -= ent
-        confidence_sum += top
-        distance_sum += dist
-        total += rs
-        sq_total += sq
-        largest = max(largest, top)
-        error = max(error, abs(rs - 1.0))
-        _row_topk(a, p, q, nq, nk, keys, lanes, index, weight, d)
-    for q in range(nq, Q):
-        for r in range(rows.shape[0]):
-            rows[r, d, q] = np.nan
-        _no_topk(index, weight, d, q, k)
-    for j in range(nk):
-        col_sum[d, j] = col[j]
-    for j in range(nk, K):
-        col_sum[d, j] = np.nan
+            col_sum[d, j] = col[j]
+        for j in range(nk, K):
+            col_sum[d, j] = np.nan
 
-    for i in range(plane.shape[0]):
-        plane[i, d] = np.nan
-    for i in range(flags.shape[0]):
-        flags[i, d] = False
-    peak_key[d] = -1
-    if nq == 0:
-        return
-    fq = np.float64(nq)
-    fk = np.float64(nk)
-    peak = -np.inf
-    for j in range(nk):  # first maximum; NaN never wins
-        if col[j] > peak:
-            peak = col[j]
-            peak_key[d] = j
-    peak_incoming = peak if peak_key[d] >= 0 else np.nan
-    self_attention = diag_sum / fq if square else np.nan
-    diag_share = diag_sum / total if square else np.nan
-    plane[_ENTROPY_MEAN, d] = entropy_sum / fq
-    if nk > 1:
-        plane[_ENTROPY_NORM, d] = entropy_sum / fq / np.log(fk)
-    plane[_SELF_ATTENTION, d] = self_attention
-    plane[_DIAG_SHARE, d] = diag_share
-    plane[_PEAK_INCOMING, d] = peak_incoming
-    plane[_CONFIDENCE, d] = confidence_sum / fq
-    plane[_DISTANCE_MEAN, d] = distance_sum / fq
-    plane[_ROW_SUM_ERROR, d] = error
-    if square:
-        plane[_PREV_TOKEN, d] = prev / fq
-        plane[_NEXT_TOKEN, d] = nxt / fq
-    plane[_FIRST_TOKEN, d] = col[0] / fq
-    plane[_LAST_TOKEN, d] = col[nk - 1] / fq
+        for i in range(plane.shape[0]):
+            plane[i, d] = np.nan
+        for i in range(flags.shape[0]):
+            flags[i, d] = False
+        peak_key[d] = -1
+        if nq == 0:
+            continue
+        fq = np.float64(nq)
+        fk = np.float64(nk)
+        peak = -np.inf
+        for j in range(nk):  # first maximum; NaN never wins
+            if col[j] > peak:
+                peak = col[j]
+                peak_key[d] = j
+        peak_incoming = peak if peak_key[d] >= 0 else np.nan
+        self_attention = diag_sum / fq if square else np.nan
+        diag_share = diag_sum / total if square else np.nan
+        plane[_ENTROPY_MEAN, d] = entropy_sum / fq
+        if nk > 1:
+            plane[_ENTROPY_NORM, d] = entropy_sum / fq / np.log(fk)
+        plane[_SELF_ATTENTION, d] = self_attention
+        plane[_DIAG_SHARE, d] = diag_share
+        plane[_PEAK_INCOMING, d] = peak_incoming
+        plane[_CONFIDENCE, d] = confidence_sum / fq
+        plane[_DISTANCE_MEAN, d] = distance_sum / fq
+        plane[_ROW_SUM_ERROR, d] = error
+        if square:
+            plane[_PREV_TOKEN, d] = prev / fq
+            plane[_NEXT_TOKEN, d] = nxt / fq
+        plane[_FIRST_TOKEN, d] = col[0] / fq
+        plane[_LAST_TOKEN, d] = col[nk - 1] / fq
 
-    if n <= 1:
-        return
-    count = fq * fk
-    mean = total / count
-    std = np.sqrt(max(sq_total / count - mean * mean, 0.0))
-    scale = SEED_LENGTH / fk  # the uniform weight 1/nk, as a multiple of the seed's 1/8
-    share = peak_incoming / fq
-    flags[_UNIFORM, d] = std < UNIFORM_STD * scale
-    flags[_DIAGONAL_ONLY, d] = diag_share > DIAGONAL_SHARE
-    flags[_DOMINANT_KEY, d] = share > DOMINANT_INCOMING / SEED_LENGTH
-    flags[_WEAK, d] = largest < WEAK_MAX * scale
-    flags[_CRITICAL_KEY, d] = share > CRITICAL_INCOMING / SEED_LENGTH
-    flags[_STRONG_SELF, d] = self_attention > STRONG_SELF * scale
+        if n <= 1:
+            continue
+        count = fq * fk
+        mean = total / count
+        std = np.sqrt(max(sq_total / count - mean * mean, 0.0))
+        scale = SEED_LENGTH / fk  # the uniform weight 1/nk, as a multiple of the seed's 1/8
+        share = peak_incoming / fq
+        flags[_UNIFORM, d] = std < UNIFORM_STD * scale
+        flags[_DIAGONAL_ONLY, d] = diag_share > DIAGONAL_SHARE
+        flags[_DOMINANT_KEY, d] = share > DOMINANT_INCOMING / SEED_LENGTH
+        flags[_WEAK, d] = largest < WEAK_MAX * scale
+        flags[_CRITICAL_KEY, d] = share > CRITICAL_INCOMING / SEED_LENGTH
+        flags[_STRONG_SELF, d] = self_attention > STRONG_SELF * scale
 
 
-def _stats_planes(a, lens, dest, absd, rows, col_sum, index, weight, plane, peak_key, flags):
-    for p in prange(a.shape[0]):
-        lnbuf = np.empty(a.shape[2], dtype=a.dtype)  # scratch per plane, so per thread
-        col = np.empty(a.shape[2])
-        keys, lanes = _topk_scratch(a.shape[2])
-        _plane(a, np.int64(p), dest[p], lens[p], absd, lnbuf, col, keys, lanes, rows, col_sum, index, weight, plane, peak_key, flags)
-
-
-_stats_parallel = ngjit_parallel(_stats_planes)
-_stats_serial = ngjit(_stats_planes)  # prange is plain range without parallel=True
-
-
-def _topk_planes(a, lens, index, weight):
+@ngjit
+def _topk_planes(lo, hi, a, lens, index, weight):
     Q, K, k = a.shape[1], a.shape[2], index.shape[2]
-    for p in prange(a.shape[0]):
-        keys, lanes = _topk_scratch(K)
+    keys, lanes = _topk_scratch(K)
+    for p in range(lo, hi):
         nq, nk = _valid(lens[p], Q, K)
         for q in range(nq):
             _row_topk(a, p, q, nq, nk, keys, lanes, index, weight, p)
         for q in range(nq, Q):
             _no_topk(index, weight, p, q, k)
-
-
-_topk_parallel = ngjit_parallel(_topk_planes)
-_topk_serial = ngjit(_topk_planes)
 
 
 # --------------------------------------------------------------------------
@@ -750,10 +759,7 @@ def fill(out: StatsBuffers, a, lengths=None, dest=None, *, parallel: bool = True
         raise ValueError(f"dest must hold {P} plane indices in [0, {P_out})")
     lens = plane_lengths(lengths, lead, max(Q, K))
     absd = np.abs(np.arange(-(Q - 1), K, dtype=np.float64))
-    if P:
-        with parallel_slot(parallel) as par:
-            kernel = _stats_parallel if par else _stats_serial
-            kernel(planes, lens, dest, absd, *out)
+    parallel_for(_stats_planes, P, planes, lens, dest, absd, *out, parallel=parallel)
 
 
 def named(out: StatsBuffers, lead: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -793,9 +799,9 @@ def plane_stats(a, lengths=None, *, parallel: bool = True) -> PlaneStats:
 
     a:        (..., Q, K) float32 or float64 attention weights.
     lengths:  None or ints whose shape is a prefix of ``a.shape[:-2]``.
-    parallel: False runs a single-threaded compiled variant (use it inside
-              dask or any thread pool, so Numba threads × pool threads never
-              exceed the cores).  Results are identical either way.
+    parallel: False runs in the calling thread only (use it inside dask or
+              any thread pool, so kernel threads × pool threads never exceed
+              the cores).  The same compiled kernel; results are identical.
 
     Returns a :class:`PlaneStats` of float64 arrays: row statistics
     ``(..., Q)``, ``col_sum`` ``(..., K)``; NaN outside each valid block.
@@ -824,8 +830,5 @@ def topk(a, k: int, lengths=None, *, parallel: bool = True) -> tuple[np.ndarray,
     lens = plane_lengths(lengths, lead, max(Q, K))
     index = np.empty((P, Q, k), dtype=np.int32)
     weight = np.empty((P, Q, k), dtype=np.float64)
-    if P:
-        with parallel_slot(parallel) as par:
-            kernel = _topk_parallel if par else _topk_serial
-            kernel(planes, lens, index, weight)
+    parallel_for(_topk_planes, P, planes, lens, index, weight, parallel=parallel)
     return index.reshape(lead + (Q, k)), weight.reshape(lead + (Q, k))
