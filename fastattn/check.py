@@ -42,8 +42,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -51,7 +49,7 @@ import numpy as np
 import zarr
 
 from . import dumps, store
-from .errors import StoreError
+from .errors import first_line
 from .stats import variables as stats_variables
 
 #: At most this many lines per kind of problem (bad values, bad chunks...); the rest are counted.
@@ -164,7 +162,7 @@ def check_store(path, *, repair: bool = False, force: bool = False, storage_opti
 
 def run_check(path, *, repair: bool = False, force: bool = False, storage_options: dict | None = None) -> CheckResult:
     """`check_store` with the counts of what was read (for the CLI's summary line)."""
-    location = path if isinstance(path, store.Location) else store.Location(path, storage_options)
+    location = store.as_location(path, storage_options)
     if not repair:
         return _Checker(location).run()
     first = _Checker(location, only_header=True).run()
@@ -345,14 +343,8 @@ class _Checker:
             self.result.problems.append(problem)
 
     def _check_stray(self) -> None:
-        if self.loc.remote:
-            return
-        for dirpath, _dirs, files in os.walk(self.loc.root):
-            for name in files:
-                if name.endswith(".partial") or (name.startswith(".") and name.endswith(".tmp")):
-                    self.stray.append(os.path.relpath(os.path.join(dirpath, name), self.loc.root).replace(os.sep, "/"))
+        self.stray = self.loc.leftovers()
         if self.stray:
-            self.stray.sort()
             count = len(self.stray)
             where = self.stray[0] if count == 1 else f"{self.stray[0]} and {count - 1} more"
             self.add(where, f"{count} temporary file{'s' * (count > 1)} left by an interrupted write", fix=STRAY)
@@ -363,30 +355,11 @@ class _Checker:
             self.add(store.MANIFEST, "missing: no ingest was ever committed (an interrupted first ingest?); run fastattn ingest")
             return None
         try:
-            manifest = store.Manifest.from_json(raw)
-        except Exception as exc:  # not JSON, not an object, unknown fields...
+            manifest = store.Manifest.from_json(raw)  # checks every field
+        except Exception as exc:  # not JSON, not an object, a field of the wrong type...
             self.add(store.MANIFEST, f"unreadable ({_reason(exc)})")
             return None
-        counts = ("committed", "layers", "heads", "max_length", "batch_chunk", "stats_committed", "stats_k")
-        for name in counts:
-            value = getattr(manifest, name)
-            if not _count(value):
-                self.add(store.MANIFEST, f"'{name}' is {value!r}, not a count")
-                return None
-        if manifest.dtype not in ("float32", "float16"):
-            self.add(store.MANIFEST, f"dtype {manifest.dtype!r}; expected float32 or float16")
-            return None
-        if manifest.batch_chunk < 1 or (manifest.committed and min(manifest.layers, manifest.heads, manifest.max_length) < 1):
-            self.add(store.MANIFEST, "batch_chunk, layers, heads and max_length must be at least 1")
-            return None
-        cross = manifest.cross
-        if cross is not None and not (isinstance(cross, list) and len(cross) == 2 and all(_count(v) and v for v in cross)):
-            self.add(store.MANIFEST, f"'cross' is {cross!r}, not [query, key]")
-            return None
-        if not isinstance(manifest.files, dict):
-            self.add(store.MANIFEST, "'files' is not a mapping")
-            return None
-        self.claimed = _claimed(manifest)
+        self.claimed = manifest.claimed()
         if manifest.stats_committed > manifest.committed:
             self.add(
                 store.MANIFEST,
@@ -627,22 +600,19 @@ class _Checker:
         self.tolerance = np.full(committed, dumps.row_sum_tolerance(None, manifest.dtype))
         names: list[str] = []
         where = store.MANIFEST
-        for rel, entry in sorted(manifest.files.items(), key=lambda item: _start(item[1])):
-            status = entry.get("status") if isinstance(entry, dict) else None
-            start, stop = (entry.get("start"), entry.get("stop")) if isinstance(entry, dict) else (None, None)
-            if not all(_count(v) for v in (start, stop)) or start >= stop or not isinstance(status, str):
-                self.add(where, f"{rel}: malformed entry {entry!r}", fix=DROP, batch=min(committed, _start(entry)))
+        for rel, entry in sorted(manifest.files.items(), key=lambda item: item[1].start):
+            start, stop = entry.start, entry.stop
+            if start < 0 or start >= stop:
+                self.add(where, f"{rel}: malformed entry {entry.to_json()!r}", fix=DROP, batch=min(committed, max(start, 0)))
                 continue
-            if status.startswith("duplicate of "):
-                original = manifest.files.get(status.removeprefix("duplicate of "))
-                if not isinstance(original, dict) or original.get("status") != "ingested" or (
-                    (original.get("start"), original.get("stop")) != (start, stop)
-                ):
-                    self.add(where, f"{rel}: {status}, which is not an ingested file with batches {start}..{stop - 1}",
+            if entry.status is store.Status.DUPLICATE:
+                original = manifest.files.get(entry.duplicate_of)
+                if original is None or not original.ingested or (original.start, original.stop) != (start, stop):
+                    self.add(where, f"{rel}: {entry.status_text}, which is not an ingested file with batches {start}..{stop - 1}",
                              fix=ENTRY, subject=rel)
                 continue
-            if status != "ingested":
-                self.add(where, f"{rel}: unknown status {status!r}")
+            if not entry.ingested:
+                self.add(where, f"{rel}: unknown status {entry.status_text!r}")
                 continue
             if stop > committed:  # claims batches the manifest does not commit: its batches up to there still count as its own
                 self.add(where, f"{rel}: batches {start}..{stop - 1} are not within the {committed} committed",
@@ -658,7 +628,7 @@ class _Checker:
                 continue
             owner[start:stop] = len(names)
             names.append(rel)
-            self.tolerance[start:stop] = dumps.row_sum_tolerance(entry.get("dtype"), manifest.dtype)
+            self.tolerance[start:stop] = dumps.row_sum_tolerance(entry.dtype, manifest.dtype)
         free = np.flatnonzero(owner < 0)
         if free.size:
             runs = np.split(free, np.flatnonzero(np.diff(free) > 1) + 1)
@@ -688,8 +658,8 @@ class _Checker:
                 b = region[0].start + int(i)
                 self.add(f"length[{b}]", f"{values[i]} outside 1..{top}", fix=DROP, batch=b, kind="length")
                 lengths[b] = -1
-        starts = np.array([manifest.files[rel]["start"] for rel in names], dtype=np.int64)
-        sources = [store.source_name(n, manifest.files[n]) for n in names]
+        starts = np.array([manifest.files[rel].start for rel in names], dtype=np.int64)
+        sources = [manifest.files[n].source_name(n) for n in names]
         for name in ("source", "source_index"):
             array = self.arrays.get(name)
             if array is None:
@@ -880,14 +850,7 @@ class _Checker:
                 self.add(key, f"unreadable metadata ({_reason(exc)}); every commit consolidates it, and would fail", fix=fix)
 
     def _metadata_keys(self) -> list[str]:
-        if self.loc.remote:
-            root = self.loc.root.rstrip("/")
-            return sorted(p[len(root) + 1 :] for p in self.loc.fs.find(root) if p.endswith("/zarr.json"))
-        keys = []
-        for dirpath, _dirs, files in os.walk(self.loc.root):
-            if "zarr.json" in files:
-                keys.append(os.path.relpath(os.path.join(dirpath, "zarr.json"), self.loc.root).replace(os.sep, "/"))
-        return sorted(keys)
+        return [key for key in self.loc.keys() if key == "zarr.json" or key.endswith("/zarr.json")]
 
     # -- reading chunk by chunk
 
@@ -897,7 +860,7 @@ class _Checker:
         which yield None. Damage is reported as affecting the batches from the chunk's first one."""
         itemsize = getattr(array.dtype, "itemsize", 0) or 64  # variable-length strings: a guess
         chunk_bytes = max(1, math.prod(array.chunks) * itemsize)
-        per_read = max(1, store.CHUNK_BYTES // chunk_bytes)
+        per_read = max(1, store.schema.CHUNK_BYTES // chunk_bytes)
         chunks = list(_chunks(array, upto, axis))
         groups: dict[tuple, list] = defaultdict(list)  # chunks sharing every index but `axis`'s
         for coords, region in chunks:
@@ -966,25 +929,12 @@ class _Checker:
         return values
 
 
-def _count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _within(size: int, least: int, most: int | None) -> bool:
     return size >= least and (most is None or size <= most)
 
 
 def _span(least: int, most: int | None) -> str:
     return str(least) if least == most else f">= {least}" if most is None else f"{least}..{most}"
-
-
-def _claimed(manifest: store.Manifest) -> int:
-    """End of the batch ranges the ingested files claim (0 when none)."""
-    stops = [
-        e["stop"] for e in manifest.files.values()
-        if isinstance(e, dict) and e.get("status") == "ingested" and _count(e.get("start")) and _count(e.get("stop"))
-    ]
-    return max(stops, default=0)
 
 
 def _parse_metadata(raw: bytes | None) -> None:
@@ -1032,23 +982,16 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else str(value) if not isinstance(value, (int, str)) else value
 
 
-def _start(entry) -> int:
-    start = entry.get("start") if isinstance(entry, dict) else None
-    return start if isinstance(start, int) else 0
-
-
 def _reason(exc: BaseException) -> str:
     if "checksum" in str(exc).lower():
         return "crc32c checksum mismatch: the bytes on disk changed"
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__
 
 
 def _lock_problem(location: store.Location) -> Problem | None:
     """A lock file nobody holds: left by a writer that died (a live writer's lock is no problem)."""
-    path = os.path.join(location.root, store.LOCK)
-    if location.remote or not os.path.exists(path) or store.lock_holder(location) is not None:
+    path = location.local_path(store.LOCK)
+    if path is None or not location.exists(store.LOCK) or store.lock_holder(location) is not None:
         return None
     holder = store.read_lock_record(path)
     if holder is None:
@@ -1072,10 +1015,7 @@ def _repair(location: store.Location, found: _Checker, force: bool) -> bool:
     if not any(p.fix not in (None, DROP) or (p.fix == DROP and force) for p in problems):
         return False  # nothing to do: leave the store untouched
     for rel in found.stray:
-        try:
-            os.remove(os.path.join(location.root, rel))
-        except FileNotFoundError:
-            pass
+        location.delete(rel)
     for p in by_fix[STRAY]:
         p.repaired = "deleted"
     if manifest is None:
@@ -1091,8 +1031,6 @@ def _repair(location: store.Location, found: _Checker, force: bool) -> bool:
 def _repair_store(location: store.Location, found: _Checker, manifest: store.Manifest, by_fix, force: bool) -> None:
     # metadata first (one atomic file each): everything after reads the arrays through it
     for name, (meta, note) in found.restore.items():
-        if not location.remote:
-            os.makedirs(os.path.join(location.root, name), exist_ok=True)
         location.write_atomic(f"{name}/zarr.json", json.dumps(meta, indent=2).encode())
         for p in by_fix[META]:
             if p.subject == name:
@@ -1100,7 +1038,7 @@ def _repair_store(location: store.Location, found: _Checker, manifest: store.Man
     if by_fix[DROP] and force:
         before = manifest.committed
         cut, dropped, end = _rewind(manifest, min((p.batch for p in by_fix[DROP] if p.batch is not None), default=0))
-        _commit(location, manifest)  # the commit point: from here the damaged batches are gone
+        store.write_manifest(location, manifest)  # the commit point: from here the damaged batches are gone
         note = _drop_note(cut, before, end, dropped)
         for p in by_fix[DROP]:
             p.repaired = note
@@ -1112,7 +1050,7 @@ def _repair_store(location: store.Location, found: _Checker, manifest: store.Man
             _rebuild_coordinates(group, manifest, found.coords_to_rebuild)
             for p in by_fix[COORD]:
                 p.repaired = "rebuilt"
-        keep = max(manifest.committed, _claimed(manifest))  # a batch a file entry claims stays
+        keep = max(manifest.committed, manifest.claimed())  # a batch a file entry claims stays
         names = (*BATCHED, *store.DIMS)
         if found.trusted and all(name in group for name in names):
             batched = [group[name] for name in (*BATCHED, "batch")]
@@ -1131,27 +1069,18 @@ def _repair_store(location: store.Location, found: _Checker, manifest: store.Man
         for p in by_fix[ENTRY]:
             manifest.files.pop(p.subject, None)
             p.repaired = "entry removed (the file's batches were never stored twice)"
-    _commit(location, manifest)
+    store.write_manifest(location, manifest)  # the consolidation comes once, at the end
     # derived data goes only once the manifest no longer commits it, and before the consolidation
     # (which reads every node's metadata, a broken one's too)
     if by_fix[STATS]:
-        _remove(location, "stats")
+        location.remove_prefix("stats")
     if by_fix[ROLLOUT]:
-        _remove(location, ROLLOUT_GROUP)
+        location.remove_prefix(ROLLOUT_GROUP)
         for p in by_fix[ROLLOUT]:
             p.repaired = "rollout removed; fastattn rollout recomputes it"
     store.refresh_consolidated(location)
     for p in by_fix[CONSOLIDATED]:
         p.repaired = "refreshed"
-
-
-def _commit(location: store.Location, manifest: store.Manifest) -> None:
-    """The manifest's atomic write alone (`store.commit` without the consolidation, which
-    `_repair_store` does once, at the end)."""
-    try:
-        location.write_atomic(store.MANIFEST, manifest.to_json())
-    except OSError as exc:
-        raise StoreError(f"writing the manifest failed ({exc.strerror or exc}); nothing was committed") from None
 
 
 def _drop_note(cut: int, before: int, end: int, dropped: list[str]) -> str:
@@ -1179,45 +1108,23 @@ def _rewind(manifest: store.Manifest, batch: int) -> tuple[int, list[str], int]:
     while moved:  # down to the start of the file holding the cut (overlapping entries too)
         moved = False
         for entry in files.values():
-            if isinstance(entry, dict) and entry.get("status") == "ingested":
-                start, stop = entry.get("start"), entry.get("stop")
-                if _count(start) and _count(stop) and start < cut < stop:
-                    cut, moved = start, True
+            if entry.ingested and 0 <= entry.start < cut < entry.stop:
+                cut, moved = entry.start, True
     dropped, end = [], cut
     for rel, entry in list(files.items()):
-        if not isinstance(entry, dict) or not _count(entry.get("stop")) or not _count(entry.get("start")):
+        if entry.start < 0 or entry.stop < 0:
             dropped.append(rel)
-        elif entry.get("status") == "ingested" and entry["stop"] > cut:
+        elif entry.ingested and entry.stop > cut:
             dropped.append(rel)
-            end = max(end, entry["stop"])
+            end = max(end, entry.stop)
     for rel in dropped:
         del files[rel]
     for rel, entry in list(files.items()):
-        status = entry.get("status", "")
-        if isinstance(status, str) and status.startswith("duplicate of ") and status.removeprefix("duplicate of ") not in files:
+        if entry.status is store.Status.DUPLICATE and entry.duplicate_of not in files:
             del files[rel]
     manifest.committed = cut
     manifest.stats_committed = min(manifest.stats_committed, cut)
     return cut, dropped, end
-
-
-def _delete(location: store.Location, key: str) -> None:
-    if location.remote:
-        location.fs.rm(location._path(key))
-    else:
-        try:
-            os.remove(os.path.join(location.root, key))
-        except FileNotFoundError:
-            pass
-
-
-def _remove(location: store.Location, prefix: str) -> None:
-    """Delete a whole group (derived data that is recomputed)."""
-    if location.remote:
-        if location.fs.exists(location._path(prefix)):
-            location.fs.rm(location._path(prefix), recursive=True)
-    else:
-        shutil.rmtree(os.path.join(location.root, prefix), ignore_errors=True)
 
 
 def _rebuild_sources(location: store.Location, group: zarr.Group, manifest: store.Manifest, found: _Checker) -> None:
@@ -1225,14 +1132,12 @@ def _rebuild_sources(location: store.Location, group: zarr.Group, manifest: stor
     source = np.full(committed, "", dtype=object)
     index = np.full(committed, -1, dtype=np.int32)
     for rel, entry in manifest.files.items():
-        if not isinstance(entry, dict) or entry.get("status") != "ingested":
-            continue
-        if _count(entry.get("start")) and _count(entry.get("stop")) and entry["start"] < entry["stop"] <= committed:
-            source[entry["start"] : entry["stop"]] = store.source_name(rel, entry)
-            index[entry["start"] : entry["stop"]] = np.arange(entry["stop"] - entry["start"])
+        if entry.ingested and 0 <= entry.start < entry.stop <= committed:
+            source[entry.start : entry.stop] = entry.source_name(rel)
+            index[entry.start : entry.stop] = np.arange(entry.stop - entry.start)
     for name, values in (("source", source.astype(str)), ("source_index", index)):
         for key in found.bad_chunks.get(name, []):
-            _delete(location, key)  # a corrupt chunk cannot be read back for a partial write
+            location.delete(key)  # a corrupt chunk cannot be read back for a partial write
         array = group[name]
         step = array.chunks[0]
         for start in range(0, committed, step):

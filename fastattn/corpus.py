@@ -118,7 +118,7 @@ def write_rollout(location, *, keep_matrix: bool = False, jobs: int | None = Non
 
     from . import store
 
-    loc = location if isinstance(location, store.Location) else store.Location(location, storage_options)
+    loc = store.as_location(location, storage_options)
     store.check_store(loc)  # before the lock, which would create a missing store's folder
     loc.check_writable()
     with store.Lock(loc, "fastattn rollout"):
@@ -148,7 +148,7 @@ def open_rollout(location, *, storage_options: dict | None = None) -> xr.Dataset
 
     from . import store
 
-    loc = location if isinstance(location, store.Location) else store.Location(location, storage_options)
+    loc = store.as_location(location, storage_options)
     manifest = store.check_store(loc)
     try:
         group = zarr.open_group(loc.zarr_store(read_only=True), path=ROLLOUT_GROUP, mode="r", use_consolidated=False)
@@ -380,7 +380,7 @@ def corpus_stats(source, *, k: int = 5) -> xr.Dataset:
     if isinstance(source, xr.Dataset) and "entropy_mean" in source:
         return source
     if isinstance(source, (str, os.PathLike, store.Location)):
-        loc = source if isinstance(source, store.Location) else store.Location(source)
+        loc = store.as_location(source)
         manifest = store.require_batches(loc, store.check_store(loc))
         ds = store.open_store(loc)
         if manifest.stats_committed == manifest.committed and manifest.committed:

@@ -16,3 +16,9 @@ class StoreError(FastattnError):
 def printable(text: str) -> str:
     """`text` on one line: control characters (a newline in a file name) shown escaped."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (library errors can be long), or its type's name."""
+    lines = str(exc).strip().splitlines()
+    return lines[0].strip() if lines else type(exc).__name__

@@ -331,12 +331,12 @@ def write_stats(
     """
     from . import cluster, store
 
-    loc = location if isinstance(location, store.Location) else store.Location(location, storage_options)
+    loc = store.as_location(location, storage_options)
     manifest = store.check_store(loc)  # before the lock, which would create a missing store's folder
     if _up_to_date(store.open_group(loc, "r"), manifest, k):  # nothing to do: no lock, no write (read-only is fine)
         return {"computed": 0, "total": manifest.committed}
     loc.check_writable()
-    with store.Lock(loc, "fastattn stats"), _disk_errors(loc):
+    with store.Lock(loc, "fastattn stats"), store.nothing_committed(loc, "writing statistics"):
         manifest = store.check_store(loc)  # again: another writer may have committed meanwhile
         done = _done(manifest, k)
         n = manifest.committed
@@ -427,20 +427,6 @@ def _run_distributed(client, loc, blocks, k, progress, total) -> None:
             progress(written, total)
 
 
-@contextlib.contextmanager
-def _disk_errors(loc):
-    """A full disk (or any OS error) while writing statistics is one line, not a traceback."""
-    from .errors import StoreError
-
-    try:
-        yield
-    except OSError as exc:
-        raise StoreError(
-            f"{loc}: writing statistics failed ({exc.strerror or exc}); nothing was committed,"
-            " the store still opens at its last commit"
-        ) from None
-
-
 def _layout_changed(group, query: int, key: int, k: int, block: int) -> bool:
     """A store that grew longer sequences, another k or an older layout (another set of
     variables, or other dtypes): lay the group out again."""
@@ -463,7 +449,7 @@ def open_stats(location, *, storage_options: dict | None = None) -> xr.Dataset:
     from .check import STATS_SCHEMA
     from .errors import StoreError
 
-    loc = location if isinstance(location, store.Location) else store.Location(location, storage_options)
+    loc = store.as_location(location, storage_options)
     manifest = store.require_batches(loc, store.check_store(loc))
     if not manifest.stats_committed:
         raise StoreError(f"{loc}: no statistics yet (run fastattn stats)")

@@ -30,7 +30,7 @@ runner = CliRunner()
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     """A few batches per chunk, so small stores still span several chunks."""
-    monkeypatch.setattr(store, "CHUNK_BYTES", 8 << 10)
+    monkeypatch.setattr(store.schema, "CHUNK_BYTES", 8 << 10)
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def corpus(tmp_path_factory):
     folder = ragged_dumps(root / "dumps", np.random.default_rng(7))
     clean = root / "clean.zarr"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(store, "CHUNK_BYTES", 8 << 10)
+        patch.setattr(store.schema, "CHUNK_BYTES", 8 << 10)
         assert ingest([folder], clean).ok
     manifest = store.read_manifest(store.Location(clean))
     assert manifest.committed == 24 and manifest.batch_chunk == 5, "several chunks needed"

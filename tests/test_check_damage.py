@@ -27,7 +27,7 @@ from fastattn.stats import open_stats, read_errors, write_stats
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     """A few batches per chunk, so small stores span several chunks."""
-    monkeypatch.setattr(store, "CHUNK_BYTES", 8 << 10)
+    monkeypatch.setattr(store.schema, "CHUNK_BYTES", 8 << 10)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def corpus_store(tmp_path_factory):
     folder = ragged_dumps(root / "dumps", np.random.default_rng(11))
     clean = root / "clean.zarr"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(store, "CHUNK_BYTES", 8 << 10)
+        patch.setattr(store.schema, "CHUNK_BYTES", 8 << 10)
         assert ingest([folder], clean).ok
         write_stats(clean)
         corpus.write_rollout(clean)

@@ -193,7 +193,7 @@ def test_blocks_are_runs_of_whole_chunks(monkeypatch):
 def blocks(request, monkeypatch):
     """write_stats on one block, or on blocks of 2 store chunks of 2 batches (appends land mid-chunk)."""
     if request.param == "many blocks":
-        monkeypatch.setattr(store, "CHUNK_BYTES", 2000)  # 3 heads x 9 x 9 float32: 2 batches a chunk
+        monkeypatch.setattr(store.schema, "CHUNK_BYTES", 2000)  # 3 heads x 9 x 9 float32: 2 batches a chunk
         monkeypatch.setattr(stats, "BLOCK_BYTES", 8000)  # x 2 layers: 2 chunks a block
     return request.param
 

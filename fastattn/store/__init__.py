@@ -1,0 +1,41 @@
+"""The store: a Zarr v3 group of the attention and its per-sample arrays, the derived groups
+computed from it, and the manifest that commits them.
+
+- `schema`: every array and derived group, once (names, dims, dtypes, fill values, chunk rule);
+- `location`: a local folder or an fsspec URL behind one interface (`Location`);
+- `manifest`: the typed commit record (`Manifest`, `FileEntry`, `Status`);
+- `lock`: one writer at a time (`Lock`);
+- `commit`: laying out, writing and committing, the derived groups' commits;
+- `read`: opening a store as committed (`open_store`).
+
+The names below are the ones callers use: `from fastattn import store; store.open_store(...)`.
+"""
+
+from .commit import AT_LAST_COMMIT, commit, create, nothing_committed, refresh_consolidated, write_all, write_manifest
+from .location import LocalLocation, Location, RemoteLocation, as_location, is_url
+from .lock import Lock, lock_holder, read_lock_record
+from .manifest import FileEntry, Manifest, Status, now
+from .read import check_store, is_fastattn, open_committed, open_group, open_store, read_json, read_manifest, require_batches
+from .schema import (
+    ARRAYS,
+    BATCHED,
+    DERIVED,
+    DIMS,
+    FORMAT_VERSION,
+    LOCK,
+    MANIFEST,
+    META,
+    PER_BATCH,
+    attention_chunks,
+    compressors,
+    resize,
+)
+
+__all__ = [
+    "ARRAYS", "AT_LAST_COMMIT", "BATCHED", "DERIVED", "DIMS", "FORMAT_VERSION", "FileEntry", "LOCK",
+    "LocalLocation", "Location", "Lock", "MANIFEST", "META", "Manifest", "PER_BATCH", "RemoteLocation", "Status",
+    "as_location", "attention_chunks", "check_store", "commit", "compressors", "create", "is_fastattn", "is_url",
+    "lock_holder", "now", "nothing_committed", "open_committed", "open_group", "open_store", "read_json",
+    "read_lock_record", "read_manifest", "refresh_consolidated", "require_batches", "resize", "write_all",
+    "write_manifest",
+]

@@ -1,0 +1,93 @@
+"""Writing a store: lay it out, write chunks, commit.
+
+The manifest is the commit record: committing is one atomic write of `manifest.json`
+(a rename locally, a single PUT on object storage), after which the consolidated metadata
+plain `xr.open_zarr` reads is refreshed. Whatever a writer does before its commit is
+invisible to readers; a disk error on the way is one line (`nothing_committed`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import zarr
+
+from ..errors import StoreError
+from .location import Location
+from .manifest import Manifest, now
+from .schema import ARRAYS, DIMS, FORMAT_VERSION, MANIFEST, META, attention_chunks, create_array
+
+AT_LAST_COMMIT = "the store still opens at its last commit"
+
+
+@contextlib.contextmanager
+def nothing_committed(location: Location, what: str, then: str = AT_LAST_COMMIT):
+    """An OSError (a full disk, a store turned read-only) while `what` is one line saying
+    that nothing was committed, and `then` what holds."""
+    try:
+        yield
+    except OSError as exc:
+        raise StoreError(f"{location}: {what} failed ({exc.strerror or exc}); nothing was committed, {then}") from None
+
+
+def create(location: Location, *, layers: int, heads: int, query: int, key: int, dtype: str) -> Manifest:
+    """Lay out an empty store (batch 0) from the schema, replacing the arrays an uncommitted
+    crash left (array by array, so the lock file beside them stays)."""
+    chunks = attention_chunks(heads, query, key, np.dtype(dtype).itemsize)
+    attrs = {"format_version": FORMAT_VERSION, "created": now()}
+    # the root's first write already carries the attributes: a kill right after it leaves a store
+    # the next ingest recognises as its own, not a foreign folder it must refuse
+    group = zarr.open_group(
+        location.zarr_store(), mode="a", zarr_format=3, use_consolidated=False, attributes={"fastattn": attrs}
+    )
+    group.attrs["fastattn"] = attrs
+    group.require_group(META)
+    sizes = dict(zip(DIMS, (0, layers, heads, query, key)))
+    for spec in ARRAYS:
+        create_array(group, spec, sizes, chunks, dtype)
+    return Manifest(layers=layers, heads=heads, max_length=max(query, key), dtype=dtype, batch_chunk=chunks[0])
+
+
+#: Threads for `write_all`; created on first use, shared by every writer in the process.
+_WRITES = ThreadPoolExecutor(8, thread_name_prefix="fastattn-write")
+
+
+def write_all(writes) -> None:
+    """Several zarr writes `(array, selection, values)` at once, waiting for all of them.
+
+    Why: one zarr write spends most of its time waiting for its thread hops (encode, then
+    store), ~5 ms on this VM even for a small array, so ten writes one after another cost
+    ten times that, and ten at once barely more than one. Never call it from a task that is
+    itself running on this pool.
+    """
+    for future in [_WRITES.submit(array.__setitem__, selection, values) for array, selection, values in writes]:
+        future.result()
+
+
+def write_manifest(location: Location, manifest: Manifest) -> None:
+    """The commit point alone: one atomic manifest write."""
+    with nothing_committed(location, "writing the manifest"):
+        location.write_atomic(MANIFEST, manifest.to_json())
+
+
+def commit(location: Location, manifest: Manifest) -> None:
+    """The commit point: one atomic manifest write. Then refresh the consolidated metadata
+    that plain `xr.open_zarr` reads (it may lag a crash behind; fastattn never reads it)."""
+    write_manifest(location, manifest)
+    refresh_consolidated(location)
+
+
+def refresh_consolidated(location: Location) -> None:
+    """Rewrite the consolidated metadata plain `xr.open_zarr` reads from the arrays as they are."""
+    try:
+        with warnings.catch_warnings():  # the manifest and lock are ours, and consolidation is not yet in the v3 spec
+            warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+            zarr.consolidate_metadata(location.zarr_store())
+    except OSError as exc:
+        raise StoreError(
+            f"{location}: committed, but refreshing the consolidated metadata failed ({exc.strerror or exc});"
+            " fastattn reads the store as committed, and the next run (or fastattn check --repair) refreshes it"
+        ) from None
