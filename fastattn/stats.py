@@ -446,7 +446,6 @@ def _layout_changed(group, query: int, key: int, k: int, block: int) -> bool:
 def open_stats(location, *, storage_options: dict | None = None) -> xr.Dataset:
     """The committed statistics of a store (its `stats` group), lazily."""
     from . import store
-    from .check import STATS_SCHEMA
     from .errors import StoreError
 
     loc = store.as_location(location, storage_options)
@@ -454,7 +453,7 @@ def open_stats(location, *, storage_options: dict | None = None) -> xr.Dataset:
     if not manifest.stats_committed:
         raise StoreError(f"{loc}: no statistics yet (run fastattn stats)")
     st = store.open_committed(loc, {"batch": manifest.stats_committed}, group=GROUP)  # survives a killed resize
-    missing = [name for name in STATS_SCHEMA if name not in st.variables]
+    missing = [name for name in store.schema.STATS.variables({}) if name not in st.variables]
     if missing:
         raise StoreError(
             f"{loc}: the statistics lack {', '.join(missing)} (written by an older fastattn, or damaged);"

@@ -332,7 +332,7 @@ def test_unclaimed_batches_and_stats_count(built):
     _write_manifest(path, body)
     text = _lines(check_store(path))
     assert "3 committed batches are claimed by no file (21..23)" in text
-    assert "statistics committed for 30 batches, but the store has 24" in text
+    assert "statistics are committed for 30 batches, but the store has 24" in text
 
 
 def test_stats_group_is_checked(built):

@@ -11,7 +11,18 @@ computed from it, and the manifest that commits them.
 The names below are the ones callers use: `from fastattn import store; store.open_store(...)`.
 """
 
-from .commit import AT_LAST_COMMIT, commit, create, nothing_committed, refresh_consolidated, write_all, write_manifest
+from .commit import (
+    AT_LAST_COMMIT,
+    commit,
+    create,
+    derived_current,
+    derived_record,
+    nothing_committed,
+    refresh_consolidated,
+    uncommit_derived,
+    write_all,
+    write_manifest,
+)
 from .location import LocalLocation, Location, RemoteLocation, as_location, is_url
 from .lock import Lock, lock_holder, read_lock_record
 from .manifest import FileEntry, Manifest, Status, now
@@ -34,8 +45,9 @@ from .schema import (
 __all__ = [
     "ARRAYS", "AT_LAST_COMMIT", "BATCHED", "DERIVED", "DIMS", "FORMAT_VERSION", "FileEntry", "LOCK",
     "LocalLocation", "Location", "Lock", "MANIFEST", "META", "Manifest", "PER_BATCH", "RemoteLocation", "Status",
-    "as_location", "attention_chunks", "check_store", "commit", "compressors", "create", "is_fastattn", "is_url",
+    "as_location", "attention_chunks", "check_store", "commit", "compressors", "create", "derived_current",
+    "derived_record", "is_fastattn", "is_url",
     "lock_holder", "now", "nothing_committed", "open_committed", "open_group", "open_store", "read_json",
-    "read_lock_record", "read_manifest", "refresh_consolidated", "require_batches", "resize", "write_all",
+    "read_lock_record", "read_manifest", "refresh_consolidated", "require_batches", "resize", "uncommit_derived", "write_all",
     "write_manifest",
 ]

@@ -18,7 +18,7 @@ import zarr
 from ..errors import StoreError
 from .location import Location
 from .manifest import Manifest, now
-from .schema import ARRAYS, DIMS, FORMAT_VERSION, MANIFEST, META, attention_chunks, create_array
+from .schema import ARRAYS, DIMS, FORMAT_VERSION, MANIFEST, META, Derived, attention_chunks, create_array
 
 AT_LAST_COMMIT = "the store still opens at its last commit"
 
@@ -91,3 +91,34 @@ def refresh_consolidated(location: Location) -> None:
             f"{location}: committed, but refreshing the consolidated metadata failed ({exc.strerror or exc});"
             " fastattn reads the store as committed, and the next run (or fastattn check --repair) refreshes it"
         ) from None
+
+
+# ---------------------------------------------------------------- derived groups
+
+
+def derived_record(spec: Derived, manifest: Manifest, group=None) -> dict | None:
+    """A derived group's commit record as written: `{"batches": n, param: value, ...}`; None
+    when nothing is committed. An attribute record is read from `group` (the zarr group)."""
+    if spec.record == "manifest":
+        batches = getattr(manifest, f"{spec.name}_committed")
+        return {"batches": batches, **{p: getattr(manifest, f"{spec.name}_{p}") for p in spec.params}} if batches else None
+    record = dict(group.attrs).get(spec.attribute) if group is not None else None
+    return record if isinstance(record, dict) and record else None
+
+
+def derived_current(spec: Derived, manifest: Manifest, record: dict) -> bool:
+    """Whether a record still describes the store: a manifest record covers no batch past the
+    commit (it may lag: its writer extends it); an attribute record was written after the
+    last ingest, for exactly the committed batches."""
+    if spec.record == "manifest":
+        return record["batches"] <= manifest.committed
+    return (record.get("batches"), record.get("ingests")) == (manifest.committed, len(manifest.ingests))
+
+
+def uncommit_derived(manifest: Manifest, spec: Derived, upto: int = 0) -> None:
+    """Make a manifest record cover at most `upto` batches (0: none), for the next commit. An
+    attribute record needs nothing: it is stale once the manifest commits other batches, and
+    repair removes the group itself."""
+    if spec.record == "manifest":
+        name = f"{spec.name}_committed"
+        setattr(manifest, name, min(getattr(manifest, name), upto))
