@@ -1,6 +1,6 @@
 # Two commands for a fresh machine (python3 with pip and venv):
 #   make demo   set up .venv and run synth -> ingest -> stats -> plots -> report on a demo corpus
-#   make test   set up .venv (with the dev and torch extras) and run the test suite
+#   make test   set up .venv (with the dev, torch and compat extras) and run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -19,7 +19,7 @@ $(VENV)/.base: pyproject.toml
 
 $(VENV)/.torch: $(VENV)/.base
 	$(BIN)/pip install --quiet '$(TORCH)'
-	$(BIN)/pip install --quiet -e '.[dev,capture-test]'
+	$(BIN)/pip install --quiet -e '.[dev,capture-test,compat]'
 	touch $@
 
 venv: $(VENV)/.base

@@ -46,6 +46,16 @@ def _save(fig, path: Path) -> None:
     err.print(f"wrote {path}", highlight=False)
 
 
+SMOOTHING_HELP = (
+    "Entropy of smoothed rows, p' = (1 - s) p + s / length, as Clark et al. 2019 (What Does BERT"
+    " Look At?) compute it with s = 0.0001; 0 (default): the exact entropy. Reads every attention weight."
+)
+
+
+def _smoothing_option():
+    return typer.Option(0.0, "--entropy-smoothing", metavar="S", min=0.0, max=0.5, help=SMOOTHING_HELP)
+
+
 COMPARE_HELP = """Compare two stores head by head: what changed from A to B.
 
 Batches are paired by position (the first min(A, B) batches) or by --match source (the
@@ -61,21 +71,27 @@ stats` computed them for every batch, else computes them (nothing is written).
 ROLES_HELP = """Name the role of every head from the corpus statistics.
 
 Each batch gets the first rule that holds, in this order: previous-token / next-token /
-self (the top key of at least half of the queries is q-1 / q+1 / q), first-token /
-last-token / single-key (key 0 / the last valid key / any one key receives at least a
-quarter of all attention), local (mean attention distance at most min(2, length/8)
-tokens), broad (normalised entropy at least 0.85). A head's role is the label of at
-least half of its batches (samples of 4 tokens or more), else mixed; "support" is that
-share. Uses the statistics of `fastattn stats` when they cover every batch, else
-computes them (nothing is written).
+self (at least half of all attention falls on key q-1 / q+1 / q: the attention mass of
+Clark et al. 2019 and TransformerLens's previous-token score), first-token / last-token /
+single-key (key 0 / the last valid key / any one key receives at least a quarter of all
+attention), local (mean attention distance at most min(2, length/8) tokens), broad
+(normalised entropy at least 0.85). A head's role is the label of at least half of its
+batches (samples of 4 tokens or more), else mixed; "support" is that share. The table
+shows prev / next / self as mass/argmax: the attention mass, and the share of queries
+whose top key is q-1 / q+1 / q (the argmax evidence of Voita et al. 2019). Uses the
+statistics of `fastattn stats` when they cover every batch, else computes them (nothing
+is written).
 """
 
 SIMILARITY_HELP = """How alike the heads are: Jensen-Shannon divergence between every pair of heads.
 
 Each query row is smoothed first (p' = (1 - eps) p + eps / length), the divergence (natural
-log, 0 to ln 2) is averaged over the valid queries, then over the batches. Prints each
-head's nearest head and its 2-D position from classical MDS of sqrt(JS); --plot draws the
-heads on that map (colour: layer, marker size: mean entropy). Reads every attention weight.
+log, 0 to ln 2) is averaged over the valid queries, then over the batches (each batch
+weighs the same; --weight token: each token does, as Clark et al. 2019). Prints each
+head's nearest head and its 2-D position from classical MDS of sqrt(JS), or from metric
+MDS (SMACOF) of JS as Clark et al. 2019 (--mds smacof, needs scikit-learn: the compat extra), with the
+map's stress-1; --plot draws the heads on that map (colour: layer, marker size: mean
+entropy). Reads every attention weight.
 """
 
 ROLLOUT_HELP = """Attention rollout (Abnar & Zuidema 2020) of every sample, saved in the store.
@@ -99,6 +115,7 @@ def register(app: typer.Typer) -> None:
         fmt: str = typer.Option("table", "--format", help="table or json."),
         top: int = typer.Option(10, "--top", min=1, help="How many of the most changed heads to list."),
         plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Also draw a layer x head heatmap of the score (.png, .svg, .pdf)."),
+        smoothing: float = _smoothing_option(),
     ) -> None:
         from fastattn import corpus
 
@@ -106,12 +123,12 @@ def register(app: typer.Typer) -> None:
         if match not in corpus.COMPARE_MATCHES:
             fail(f"--match must be position or source, not '{match}'")
         _check_plot(plot)
-        cmp = run(lambda: corpus.compare(a, b, match=match))
+        cmp = run(lambda: corpus.compare(a, b, match=match, entropy_smoothing=smoothing))
         rows = corpus.ranked_changes(cmp, top=top)
         if plot is not None:
             _save(corpus.compare_map(cmp), plot)
         if fmt == "json":
-            body = {key: cmp.attrs[key] for key in ("match", "batches", "batches_a", "batches_b")}
+            body = {key: cmp.attrs[key] for key in ("match", "batches", "batches_a", "batches_b", "entropy_smoothing")}
             body.update({"a": a, "b": b, "score": "|d_entropy_norm| + |d_self| + peak_tv + incoming_js / ln 2", "heads": rows})
             print(json.dumps(body, indent=1))
             return
@@ -129,24 +146,32 @@ def register(app: typer.Typer) -> None:
     def roles(
         store: str = typer.Argument(..., metavar="STORE", help="The store (.zarr) written by fastattn ingest."),
         fmt: str = typer.Option("table", "--format", help="table or json."),
+        smoothing: float = _smoothing_option(),
     ) -> None:
         from fastattn import corpus
 
         _check_format(fmt)
-        rows = run(lambda: corpus.head_roles(corpus.corpus_stats(store)))
+        rows = run(lambda: corpus.head_roles(corpus.corpus_stats(store, entropy_smoothing=smoothing)))
         if fmt == "json":
-            print(json.dumps({"store": store, "rules": list(corpus.ROLE_RULES), "heads": rows}, indent=1))
+            body = {
+                "store": store, "rules": list(corpus.ROLE_RULES), "entropy_smoothing": smoothing,
+                "thresholds": {"position_mass": corpus.POSITION_MASS, "sink_share": corpus.SINK_SHARE,
+                               "local_distance": corpus.LOCAL_DISTANCE, "broad_entropy": corpus.BROAD_ENTROPY,
+                               "role_share": corpus.ROLE_SHARE, "min_length": corpus.MIN_LENGTH},
+                "heads": rows,
+            }
+            print(json.dumps(body, indent=1))
             return
-        table = Table(title=f"{store}: head roles (support = share of batches)")
-        for column in ("head", "role", "support", "prev", "next", "self", "key 0", "entropy", "distance", "other labels"):
+        table = Table(title=f"{store}: head roles (support = share of batches; prev/next/self = attention mass/argmax share)")
+        for column in ("head", "role", "support", "prev", "next", "self", "key 0", "last key", "entropy", "distance", "other labels"):
             table.add_column(column, justify="left" if column in ("role", "other labels") else "right",
                              no_wrap=column != "other labels")
         for r in rows:
             others = ", ".join(f"{k} {v:.0%}" for k, v in r["shares"].items() if k != r["role"] and v >= 0.05)
             table.add_row(
                 r["label"], r["role"], f"{r['support']:.0%}",
-                _num(r["previous"], 2), _num(r["next"], 2), _num(r["self"], 2), _num(r["first"], 2),
-                _num(r["entropy"], 2), _num(r["distance"], 1), others,
+                *(f"{_num(r[mass], 2)}/{_num(r[top], 2)}" for mass, top in zip(corpus.MASS_EVIDENCE, corpus.ARGMAX_EVIDENCE)),
+                _num(r["first_token"], 2), _num(r["last_token"], 2), _num(r["entropy"], 2), _num(r["distance"], 1), others,
             )
         console.print(table)
         counts: dict[str, int] = {}
@@ -164,31 +189,56 @@ def register(app: typer.Typer) -> None:
             None, "--batches", min=1,
             help="Use only the first N batches (the cost grows as batches x length^2 x (layers x heads)^2).",
         ),
+        weight: str = typer.Option(
+            "sample", "--weight",
+            help="How the corpus average weighs the batches: 'sample' (each the same) or 'token' (each by its"
+            " valid tokens, as Clark et al. 2019's head_distances.py, which sums over all tokens).",
+        ),
+        method: str = typer.Option(
+            "classical", "--mds",
+            help="'classical' (Torgerson MDS of sqrt(JS)) or 'smacof' (metric MDS of JS by stress majorisation,"
+            " as Clark et al. 2019 with scikit-learn's MDS; needs scikit-learn, the 'compat' extra of fastattn).",
+        ),
+        smoothing: float = _smoothing_option(),
     ) -> None:
         from fastattn import corpus, store as store_mod
 
         _check_format(fmt)
         _check_plot(plot)
+        if weight not in corpus.JS_WEIGHTS:
+            fail(f"--weight must be sample or token, not '{weight}'")
+        if method not in corpus.MDS_METHODS:
+            fail(f"--mds must be classical or smacof, not '{method}'")
 
         def work():
             ds = store_mod.open_store(store)
             if batches is not None:
                 ds = ds.isel(batch=slice(0, batches))
-            return ds, corpus.head_similarity(ds, eps=eps).compute()
+            sim = corpus.head_similarity(ds, eps=eps, weight=weight).compute()
+            coords = corpus.mds(sim, method=method)
+            return ds, sim, coords, corpus.stress(sim, coords, method)
 
-        ds, sim = run(work)
-        rows = corpus.similarity_table(sim)
+        ds, sim, coords, fit = run(work)
+        rows = corpus.similarity_table(sim, coords)
         if plot is not None:
-            stats = run(lambda: corpus.corpus_stats(store).isel(batch=slice(0, ds.sizes["batch"]))) if ds.sizes["batch"] else None
-            _save(corpus.head_map(sim, stats), plot)
+            def stats():
+                st = corpus.corpus_stats(store, entropy_smoothing=smoothing)
+                return st.isel(batch=slice(0, ds.sizes["batch"]))
+
+            _save(corpus.head_map(sim, run(stats) if ds.sizes["batch"] else None, method=method, coords=coords), plot)
         if fmt == "json":
             body = {
-                "store": store, "eps": eps, "batches": int(ds.sizes["batch"]), "log": "natural",
-                "labels": [r["label"] for r in rows], "js": sim["js"].values.tolist(), "heads": rows,
+                "store": store, "eps": eps, "batches": int(ds.sizes["batch"]), "log": "natural", "weight": weight,
+                "mds": method, "stress": None if fit != fit else fit, "labels": [r["label"] for r in rows], "js": sim["js"].values.tolist(),
+                "heads": rows,
             }
             print(json.dumps(body, indent=1))
             return
-        table = Table(title=f"{store}: Jensen-Shannon divergence between heads (eps {eps:g}, {ds.sizes['batch']} batches)")
+        mds_name = "classical MDS of sqrt JS" if method == "classical" else "metric MDS (SMACOF) of JS"
+        table = Table(
+            title=f"{store}: Jensen-Shannon divergence between heads (eps {eps:g}, {ds.sizes['batch']} batches,"
+            f" {weight}-weighted); {mds_name}, stress-1 {fit:.3f}"
+        )
         for column in ("head", "nearest", "JS", "mean JS", "MDS x", "MDS y"):
             table.add_column(column, justify="right")
         for r in rows:

@@ -6,12 +6,15 @@ large, and never prints. Formulas (natural log throughout) are in docs/corpus.md
 
 - `rollout(ds, keep_matrix=False)`: attention rollout (Abnar & Zuidema 2020) per sample;
   `write_rollout(store)` / `open_rollout(store)` keep it in the store's `rollout` group.
-- `head_similarity(ds, eps=1e-3)`: Jensen–Shannon divergence between every pair of heads,
-  `mds(similarity)` a 2-D classical-MDS embedding, `head_map(similarity, stats)` a figure.
+- `head_similarity(ds, eps=1e-3, weight="sample"|"token")`: Jensen–Shannon divergence
+  between every pair of heads, `mds(similarity, method="classical"|"smacof")` a 2-D
+  embedding and `stress` its fit, `head_map(similarity, stats)` a figure.
 - `compare(a, b, match="position")`: what changed per head between two stores,
   `ranked_changes(cmp)` the heads that changed most, `compare_map(cmp)` a heatmap.
-- `head_roles(stats)`: a role per head from per-batch rules (`ROLE_RULES`), with the share
-  of batches supporting it; `batch_roles(stats)` the per-batch labels.
+- `head_roles(stats)`: a role per head from per-batch rules (`ROLE_RULES`) on the attention
+  mass, with the share of batches supporting it; `batch_roles(stats)` the per-batch labels.
+- `corpus_stats(store, entropy_smoothing=1e-4)`: the statistics these analyses read, with
+  Clark et al. 2019's smoothed entropy on request (`smoothed_entropy`).
 - `streaming_summary(store)`: per-head moments and histograms in one chunked pass,
   with mergeable accumulators (`Moments`, `SummaryAccumulator`).
 """
@@ -212,17 +215,26 @@ def _js_block(attention, lengths, eps, parallel):
     return out.reshape(tuple(lead) + (L * H, L * H))
 
 
-def head_similarity(ds: xr.Dataset, eps: float = DEFAULT_EPS, per_batch: bool = False) -> xr.Dataset:
+JS_WEIGHTS = ("sample", "token")
+
+
+def head_similarity(ds: xr.Dataset, eps: float = DEFAULT_EPS, per_batch: bool = False,
+                    weight: str = "sample") -> xr.Dataset:
     """Jensen–Shannon divergence between every pair of heads (all layers), lazily.
 
     Each valid query row is smoothed first, `p' = (1 − ε)·p + ε/n` (n: the sample's
     valid keys), then `JS(p', r') = ½KL(p'‖m) + ½KL(r'‖m)`, `m = ½(p' + r')`, natural log
-    (0 ≤ JS ≤ ln 2). Averaged over a sample's valid queries, then over samples (each
-    sample weighs the same). Returns a Dataset with `js (head_a, head_b)` (symmetric,
-    zero diagonal; flat head index `layer * heads + head`), the coordinates `a_layer,
-    a_head, b_layer, b_head, a_label, b_label` ("L{layer}H{head}"), and `js_batch (batch,
-    head_a, head_b)` when `per_batch`.
+    (0 ≤ JS ≤ ln 2), and averaged over a sample's valid queries. The corpus average over
+    samples is `weight="sample"`: each sample weighs the same; `weight="token"`: each
+    sample weighs its number of valid queries, so every query token weighs the same, as in
+    Clark et al. 2019 (`head_distances.py` sums the divergence over all tokens of all
+    documents). Returns a Dataset with `js (head_a, head_b)` (symmetric, zero diagonal; flat
+    head index `layer * heads + head`), the coordinates `a_layer, a_head, b_layer, b_head,
+    a_label, b_label` ("L{layer}H{head}"), and `js_batch (batch, head_a, head_b)` (each
+    sample's own mean) when `per_batch`.
     """
+    if weight not in JS_WEIGHTS:
+        raise FastattnError(f"weight must be one of {', '.join(JS_WEIGHTS)}, not '{weight}'")
     attention, length = _attention_and_length(ds)
     attention, lazy = _whole_samples(attention)
     layers, heads = attention.sizes["layer"], attention.sizes["head"]
@@ -250,10 +262,14 @@ def head_similarity(ds: xr.Dataset, eps: float = DEFAULT_EPS, per_batch: bool = 
         "b_label": ("head_b", _labels(layers, heads)),
     }
     per = per.assign_coords(coords)
-    out = xr.Dataset({"js": per.mean("batch", skipna=True)})
+    if weight == "token":  # a sample's weight: its valid queries (0 for an empty one, whose js is NaN)
+        tokens = np.minimum(length, attention.sizes["query"]).astype(np.float64)
+        out = xr.Dataset({"js": per.weighted(tokens).mean("batch", skipna=True)})
+    else:
+        out = xr.Dataset({"js": per.mean("batch", skipna=True)})
     if per_batch:
         out["js_batch"] = per
-    out.attrs = {"eps": float(eps), "layers": layers, "heads": heads, "log": "natural"}
+    out.attrs = {"eps": float(eps), "layers": layers, "heads": heads, "log": "natural", "weight": weight}
     return out
 
 
@@ -266,28 +282,83 @@ def _js_matrix(similarity) -> np.ndarray:
     return m
 
 
-def mds(similarity, dims: int = 2) -> np.ndarray:
-    """Classical MDS of the heads: `(heads, dims)` coordinates whose distances approximate
-    `sqrt(JS)`.
+MDS_METHODS = ("classical", "smacof")
+#: Clark et al. 2019's `sklearn.manifold.MDS` settings (General_Analysis.ipynb), with a fixed seed.
+SMACOF_SETTINGS = {"n_init": 5, "max_iter": 1000, "eps": 1e-10, "random_state": 0}
 
-    `B = −½ J D² J` with `D² = JS` (the squared distance) and `J = I − 11ᵀ/N`; the
-    coordinates are the top `dims` eigenvectors of `B` scaled by `sqrt(max(λ, 0))`. Each
-    axis is signed so that its largest-magnitude coordinate is positive (deterministic).
-    """
-    d2 = _js_matrix(similarity)
-    d2 = np.nan_to_num(0.5 * (d2 + d2.T), nan=0.0)
-    n = d2.shape[0]
-    j = np.eye(n) - 1.0 / n
-    b = -0.5 * j @ d2 @ j
-    values, vectors = np.linalg.eigh(b)
-    order = np.argsort(values)[::-1][:dims]
-    coords = vectors[:, order] * np.sqrt(np.clip(values[order], 0.0, None))
+
+def _check_mds_method(method: str) -> None:
+    if method not in MDS_METHODS:
+        raise FastattnError(f"method must be one of {', '.join(MDS_METHODS)}, not '{method}'")
+
+
+def mds_dissimilarity(similarity, method: str = "classical") -> np.ndarray:
+    """The distances each MDS method tries to keep: `sqrt(JS)` for classical MDS (a metric:
+    the classical construction needs squared Euclidean-like distances), `JS` itself for
+    SMACOF, as Clark et al. 2019 pass the divergences to `sklearn.manifold.MDS`."""
+    _check_mds_method(method)
+    js = _js_matrix(similarity)
+    js = np.clip(np.nan_to_num(0.5 * (js + js.T), nan=0.0), 0.0, None)
+    return np.sqrt(js) if method == "classical" else js
+
+
+def _sign_axes(coords: np.ndarray) -> np.ndarray:
+    """Each axis signed so that its largest-magnitude coordinate is positive (deterministic)."""
     for c in range(coords.shape[1]):
         if coords.size and coords[np.argmax(np.abs(coords[:, c])), c] < 0:
             coords[:, c] = -coords[:, c]
+    return coords
+
+
+def mds(similarity, dims: int = 2, method: str = "classical") -> np.ndarray:
+    """A `(heads, dims)` embedding of the heads whose distances approximate `mds_dissimilarity`.
+
+    `method="classical"` (Torgerson): `B = −½ J D² J` with `D² = JS` (the squared distance
+    is JS, the distance `sqrt(JS)`) and `J = I − 11ᵀ/N`; the coordinates are the top `dims`
+    eigenvectors of `B` scaled by `sqrt(max(λ, 0))`. Exact and instant, but it fits the
+    inner products, not the distances.
+
+    `method="smacof"`: metric MDS by stress majorisation (SMACOF) of the distances `JS`,
+    `sklearn.manifold.smacof` with Clark et al. 2019's settings (`SMACOF_SETTINGS`: best of
+    5 random starts, up to 1,000 iterations, eps 1e-10) and a fixed seed. It minimises
+    the stress directly; needs scikit-learn (`pip install 'fastattn[compat]'`).
+
+    Each axis is signed so that its largest-magnitude coordinate is positive. `stress`
+    measures how well either keeps its distances.
+    """
+    delta = mds_dissimilarity(similarity, method)
+    n = delta.shape[0]
+    if method == "smacof":
+        try:
+            from sklearn.manifold import smacof
+        except ImportError:
+            raise FastattnError(
+                "metric MDS (method='smacof') needs scikit-learn: pip install 'fastattn[compat]'"
+            ) from None
+        if n < 2:
+            return np.zeros((n, dims))
+        coords, _ = smacof(delta, metric=True, n_components=dims, normalized_stress=False, **SMACOF_SETTINGS)
+        return _sign_axes(np.asarray(coords, dtype=np.float64))
+    j = np.eye(n) - 1.0 / n
+    b = -0.5 * j @ (delta * delta) @ j
+    values, vectors = np.linalg.eigh(b)
+    order = np.argsort(values)[::-1][:dims]
+    coords = _sign_axes(vectors[:, order] * np.sqrt(np.clip(values[order], 0.0, None)))
     if coords.shape[1] < dims:
         coords = np.hstack([coords, np.zeros((n, dims - coords.shape[1]))])
     return coords
+
+
+def stress(similarity, coords: np.ndarray, method: str = "classical") -> float:
+    """Kruskal's stress-1 of an embedding against the distances `method` keeps:
+    `sqrt(Σ_{i<j} (‖x_i − x_j‖ − δ_ij)² / Σ_{i<j} δ_ij²)` (0: every distance kept; NaN
+    with fewer than two heads or all δ = 0)."""
+    delta = mds_dissimilarity(similarity, method)
+    x = np.asarray(coords, dtype=np.float64)
+    d = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
+    upper = np.triu_indices(len(delta), 1)
+    total = float((delta[upper] ** 2).sum())
+    return math.sqrt(float(((d - delta)[upper] ** 2).sum()) / total) if total > 0 else math.nan
 
 
 def _mean_entropy(stats, layers: int, heads: int) -> np.ndarray | None:
@@ -306,12 +377,13 @@ def _mean_entropy(stats, layers: int, heads: int) -> np.ndarray | None:
     return values.reshape(layers * heads) if values.size == layers * heads else None
 
 
-def similarity_table(similarity: xr.Dataset) -> list[dict]:
-    """One dict per head: its label, MDS coordinates, and its nearest other head by JS."""
+def similarity_table(similarity: xr.Dataset, coords: np.ndarray | None = None) -> list[dict]:
+    """One dict per head: its label, MDS coordinates (`coords`, default the classical
+    `mds`), and its nearest other head by JS."""
     js = _js_matrix(similarity)
     layers, heads = similarity.attrs["layers"], similarity.attrs["heads"]
     labels = _labels(layers, heads)
-    xy = mds(similarity)
+    xy = mds(similarity) if coords is None else np.asarray(coords)
     rows = []
     for i, label in enumerate(labels):
         others = np.where(np.arange(len(labels)) == i, np.inf, js[i])
@@ -325,10 +397,12 @@ def similarity_table(similarity: xr.Dataset) -> list[dict]:
     return rows
 
 
-def head_map(similarity: xr.Dataset, stats: xr.Dataset | None = None, *, labels: bool = True):
-    """Scatter of the heads' MDS embedding: colour = layer (colour bar), marker size = mean
-    entropy over the corpus (when `stats` has `entropy_mean`), each labelled "L{layer}H{head}".
-    Returns a matplotlib Figure (never shown)."""
+def head_map(similarity: xr.Dataset, stats: xr.Dataset | None = None, *, labels: bool = True,
+             method: str = "classical", coords: np.ndarray | None = None):
+    """Scatter of the heads' MDS embedding (`coords`, else `mds(similarity, method=method)`):
+    colour = layer (colour bar), marker size = mean entropy over the corpus (when `stats` has
+    `entropy_mean`), each labelled "L{layer}H{head}"; the title gives the method and its
+    stress. Returns a matplotlib Figure (never shown)."""
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import BoundaryNorm
@@ -336,7 +410,8 @@ def head_map(similarity: xr.Dataset, stats: xr.Dataset | None = None, *, labels:
     from .plot import new_figure
 
     layers, heads = similarity.attrs["layers"], similarity.attrs["heads"]
-    xy = mds(similarity)
+    xy = mds(similarity, method=method) if coords is None else np.asarray(coords, dtype=np.float64)
+    what = "classical MDS of sqrt JS" if method == "classical" else "metric MDS (SMACOF) of JS"
     entropy = _mean_entropy(stats, layers, heads)
     if entropy is not None and np.isfinite(entropy).any():
         top = np.nanmax(entropy) or 1.0
@@ -358,7 +433,8 @@ def head_map(similarity: xr.Dataset, stats: xr.Dataset | None = None, *, labels:
     ax.set_ylabel("MDS 2")
     size_note = "marker size: mean entropy" if entropy is not None else "marker size: constant (no statistics)"
     ax.set_title(
-        f"Heads by Jensen–Shannon divergence (classical MDS of sqrt JS, ε = {similarity.attrs.get('eps', DEFAULT_EPS):g})\n"
+        f"Heads by Jensen–Shannon divergence ({what}, stress-1 {stress(similarity, xy, method):.3f},"
+        f" ε = {similarity.attrs.get('eps', DEFAULT_EPS):g})\n"
         f"colour: layer; {size_note}",
         fontsize=10,
     )
@@ -369,17 +445,75 @@ def head_map(similarity: xr.Dataset, stats: xr.Dataset | None = None, *, labels:
 # ---------------------------------------------------------------- statistics of a store
 
 
-def corpus_stats(source, *, k: int = 5) -> xr.Dataset:
+def _entropy_block(attention, lengths, smoothing):
+    a = np.asarray(attention, dtype=np.float64)
+    Q, K = a.shape[-2:]
+    n = np.broadcast_to(np.asarray(lengths, dtype=np.int64), a.shape[:-2])
+    nq, nk = np.minimum(n, Q), np.minimum(n, K)
+    valid = (np.arange(Q)[:, None] < nq[..., None, None]) & (np.arange(K) < nk[..., None, None])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(valid, (1.0 - smoothing) * a + smoothing / np.maximum(nk, 1)[..., None, None], 1.0)
+        h = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0).sum(-1).sum(-1)  # 1·ln 1 = 0 outside
+        mean = np.where(nq > 0, h / np.maximum(nq, 1), np.nan)
+        norm = np.where(nk > 1, mean / np.log(np.maximum(nk, 2)), np.nan)
+    return mean, norm
+
+
+def smoothed_entropy(ds: xr.Dataset, smoothing: float) -> xr.Dataset:
+    """`entropy_mean` and `entropy_norm` (batch, layer, head) of every plane after mixing a
+    little uniform attention into each valid row, lazily from the attention:
+
+    `p' = (1 − s)·p + s/n`, `entropy_mean = (1/n) Σ_q −Σ_k p'[q,k] ln p'[q,k]`,
+    `entropy_norm = entropy_mean / ln n` (n: the sample's valid length). Clark et al. 2019
+    use s = 1e-4 (`0.9999·A + 1e-4/n`, "to avoid NaNs"); a one-hot row gains about
+    `s·(1 + ln(n/s))` nats (0.0013 at n = 32), tens of percent of a near-one-hot head's
+    entropy. s = 0 gives the exact entropy of the statistics (0·ln 0 = 0). Reads every
+    attention weight.
+    """
+    if not 0.0 <= smoothing < 1.0:
+        raise FastattnError(f"entropy_smoothing must be in [0, 1), not {smoothing}")
+    attention, length = _attention_and_length(ds)
+    if attention.chunks is not None:
+        attention = attention.chunk({"query": -1, "key": -1})
+    mean, norm = xr.apply_ufunc(
+        _entropy_block,
+        attention,
+        length,
+        kwargs={"smoothing": float(smoothing)},
+        input_core_dims=[["query", "key"], []],
+        output_core_dims=[[], []],
+        output_dtypes=[np.float64, np.float64],
+        dask="parallelized",
+    )
+    out = xr.Dataset({"entropy_mean": mean, "entropy_norm": norm}).transpose("batch", "layer", "head")
+    out.attrs = {"entropy_smoothing": float(smoothing)}
+    return out
+
+
+def corpus_stats(source, *, k: int = 5, entropy_smoothing: float = 0.0) -> xr.Dataset:
     """The per-plane statistics of a store path or Dataset, with `source`/`source_index`
     when known: a store's committed `stats` group when it covers every batch, else
     computed lazily (nothing is written). A Dataset that already holds statistics is
-    returned as it is."""
+    returned as it is.
+
+    `entropy_smoothing` s > 0 replaces `entropy_mean` and `entropy_norm` by those of the
+    smoothed rows (`smoothed_entropy`, Clark et al. 2019: s = 1e-4), computed from the
+    attention, so it needs a store or a Dataset with `attention`; every analysis that
+    reads entropy from these statistics (roles, compare, the head map, summaries) then
+    reports Clark's entropy. `attrs["entropy_smoothing"]` records s.
+    """
     from . import store
     from .stats import compute_stats
 
+    if not 0.0 <= entropy_smoothing < 1.0:
+        raise FastattnError(f"entropy_smoothing must be in [0, 1), not {entropy_smoothing}")
     if isinstance(source, xr.Dataset) and "entropy_mean" in source:
-        return source
-    if isinstance(source, (str, os.PathLike, store.Location)):
+        if not entropy_smoothing:
+            return source
+        if "attention" not in source:
+            raise FastattnError("entropy_smoothing needs the attention: pass the store, not its statistics")
+        ds, st = source, source
+    elif isinstance(source, (str, os.PathLike, store.Location)):
         loc = store.as_location(source)
         manifest = store.require_batches(loc, store.check_store(loc))
         ds = store.open_store(loc)
@@ -398,7 +532,11 @@ def corpus_stats(source, *, k: int = 5) -> xr.Dataset:
         raise TypeError(f"need a store path or an xarray Dataset, not {type(source).__name__}")
     extra = {name: ds[name] for name in ("source", "source_index", "length") if name in ds and name not in st}
     st = st.assign(extra) if extra else st
+    if entropy_smoothing:
+        smoothed = smoothed_entropy(ds, entropy_smoothing)
+        st = st.assign(entropy_mean=smoothed["entropy_mean"], entropy_norm=smoothed["entropy_norm"])
     st.attrs.setdefault("store", ds.attrs.get("store"))
+    st.attrs["entropy_smoothing"] = float(entropy_smoothing)
     return st
 
 
@@ -508,7 +646,7 @@ def compare_stats(sa: xr.Dataset, sb: xr.Dataset) -> xr.Dataset:
     return out
 
 
-def compare(a, b, match: str = "position") -> xr.Dataset:
+def compare(a, b, match: str = "position", *, entropy_smoothing: float = 0.0) -> xr.Dataset:
     """What changed per (layer, head) from store `a` to store `b` (paths or Datasets).
 
     Batches are paired by `match_batches` ("position" or "source"). Over the matched
@@ -522,8 +660,12 @@ def compare(a, b, match: str = "position") -> xr.Dataset:
       `Σ_batches col_sum` normalised to sum to 1 (keys past a sample's length count 0);
     - `score` = |d_entropy_norm| + |d_self| + peak_tv + incoming_js / ln 2: four terms
       each in [0, 1], so 0 ≤ score ≤ 4; `ranked_changes` sorts by it.
+
+    `entropy_smoothing` > 0: the entropies are Clark et al. 2019's, of smoothed rows
+    (`corpus_stats`).
     """
-    sa, sb = corpus_stats(a), corpus_stats(b)
+    sa = corpus_stats(a, entropy_smoothing=entropy_smoothing)
+    sb = corpus_stats(b, entropy_smoothing=entropy_smoothing)
     ia, ib = match_batches(sa, sb, match)
     if len(ia) == 0:
         raise FastattnError(f"no batches match between the two stores (match={match})")
@@ -537,6 +679,7 @@ def compare(a, b, match: str = "position") -> xr.Dataset:
         "batches_b": int(sb.sizes["batch"]),
         "a": str(sa.attrs.get("store") or ""),
         "b": str(sb.attrs.get("store") or ""),
+        "entropy_smoothing": float(entropy_smoothing),
     })
     return out
 
@@ -595,17 +738,21 @@ def compare_map(cmp: xr.Dataset, value: str = "score"):
 
 #: Per-batch rules, in priority order: a batch's label is the first rule that holds.
 ROLE_RULES = (
-    "previous-token",  # the top key of at least TOP_SHARE of the valid queries q ≥ 1 is q − 1
-    "next-token",      # ... of the valid queries q ≤ n − 2 is q + 1
-    "self",            # ... of the valid queries is q itself
-    "first-token",     # key 0 receives at least SINK_SHARE of all attention (col_sum[0] / n)
-    "last-token",      # key n − 1 receives at least SINK_SHARE of all attention
-    "single-key",      # some other key receives at least SINK_SHARE of all attention
+    "previous-token",  # attention mass on key q − 1: prev_token = Σ_{q≥1} A[q,q−1] / n ≥ POSITION_MASS
+    "next-token",      # next_token = Σ_{q≤n−2} A[q,q+1] / n ≥ POSITION_MASS
+    "self",            # self_attention = Σ_q A[q,q] / n ≥ POSITION_MASS
+    "first-token",     # key 0 receives at least SINK_SHARE of all attention (first_token = col_sum[0] / n)
+    "last-token",      # key n − 1 receives at least SINK_SHARE of all attention (last_token)
+    "single-key",      # some other key receives at least SINK_SHARE of all attention (peak_incoming / n)
     "local",           # mean attention distance ≤ min(LOCAL_DISTANCE, n / 8) tokens
     "broad",           # normalised entropy ≥ BROAD_ENTROPY
 )
 ROLES = ROLE_RULES + ("mixed",)
-TOP_SHARE = 0.5
+#: Share of all attention on the previous / next / same position that makes a positional head:
+#: Clark et al. 2019's POSITION_THRESHOLD. Each row gives at most 1 to the three together,
+#: so at most one of the three rules holds above 0.5; a perfect previous-token head of
+#: length n scores (n − 1)/n, 0.75 at MIN_LENGTH.
+POSITION_MASS = 0.5
 SINK_SHARE = 0.25
 LOCAL_DISTANCE = 2.0
 BROAD_ENTROPY = 0.85
@@ -614,49 +761,49 @@ ROLE_SHARE = 0.5
 #: Samples shorter than this are not classified (every rule is trivial there).
 MIN_LENGTH = 4
 
+#: The attention-mass scores the positional and key rules test (statistics of the fused pass).
+MASS_EVIDENCE = ("prev_token", "next_token", "self_attention", "first_token", "last_token")
+#: Shares of the valid queries whose top key (argmax) is q − 1, q + 1, q: Voita et al.
+#: 2019's positional evidence, reported beside the mass, not tested by the rules.
+ARGMAX_EVIDENCE = ("prev_argmax", "next_argmax", "self_argmax")
+EVIDENCE = (*MASS_EVIDENCE, "peak", *ARGMAX_EVIDENCE, "distance", "entropy")
+ROLE_INPUTS = ("topk_index", *MASS_EVIDENCE, "peak_incoming", "distance_mean", "entropy_norm")
 
-EVIDENCE = ("previous", "next", "self", "first", "last", "peak", "distance", "entropy")
-ROLE_INPUTS = ("topk_index", "col_sum", "distance_mean", "entropy_norm")
 
-
-def evidence_arrays(top, col_sum, distance, entropy, length=None) -> dict:
-    """The numbers the role rules test, from plain arrays (see `role_evidence`).
+def evidence_arrays(top, planes, length=None) -> dict:
+    """The numbers the role rules test, and the argmax shares, from plain arrays (see
+    `role_evidence`).
 
     top (batch, layer, head, query): top key per query (−1 outside the valid rows);
-    col_sum (batch, layer, head, key); distance, entropy (batch, layer, head); length
-    (batch,) or None (then each plane's count of valid rows). Returns float64 arrays of
-    (batch, layer, head), and `length` as int64.
+    planes: a mapping with the per-plane statistics `ROLE_INPUTS[1:]`, each (batch, layer,
+    head); length (batch,) or None (then each plane's count of valid rows). Returns
+    float64 arrays of (batch, layer, head), and `length` as int64.
     """
     top = np.asarray(top)
-    col = np.asarray(col_sum, dtype=np.float64)
     valid = top >= 0
-    planes = top.shape[:3]
+    shape = top.shape[:3]
     if length is None:
         n = valid.sum(axis=-1).astype(np.int64)
     else:
-        n = np.asarray(length, dtype=np.int64).reshape((-1, 1, 1))
-        n = np.broadcast_to(n, planes).copy()
+        n = np.broadcast_to(np.asarray(length, dtype=np.int64).reshape((-1, 1, 1)), shape).copy()
     q = np.arange(top.shape[-1])
 
     def share(hit, among):
         count = among.sum(axis=-1)
         return np.where(count > 0, (hit & among).sum(axis=-1) / np.maximum(count, 1), np.nan)
 
-    nf = np.where(n > 0, n, np.nan).astype(np.float64)
-    last_key = np.clip(n - 1, 0, col.shape[-1] - 1)
-    with np.errstate(invalid="ignore"):
-        peak = np.where(np.isnan(col), -np.inf, col).max(axis=-1) if col.shape[-1] else np.full(planes, np.nan)
-    return {
-        "previous": share(top == q - 1, valid & (q >= 1)),
-        "next": share(top == q + 1, valid & (q <= n[..., None] - 2)),
-        "self": share(top == q, valid),
-        "first": col[..., 0] / nf,
-        "last": np.take_along_axis(col, last_key[..., None], axis=-1)[..., 0] / nf,
-        "peak": np.where(np.isfinite(peak), peak, np.nan) / nf,
-        "distance": np.asarray(distance, dtype=np.float64),
-        "entropy": np.asarray(entropy, dtype=np.float64),
-        "length": n,
-    }
+    def plane(name):
+        return np.asarray(planes[name], dtype=np.float64)
+
+    out = {name: plane(name) for name in MASS_EVIDENCE}
+    out["peak"] = plane("peak_incoming") / np.where(n > 0, n, np.nan)
+    out["prev_argmax"] = share(top == q - 1, valid & (q >= 1))
+    out["next_argmax"] = share(top == q + 1, valid & (q <= n[..., None] - 2))
+    out["self_argmax"] = share(top == q, valid)
+    out["distance"] = plane("distance_mean")
+    out["entropy"] = plane("entropy_norm")
+    out["length"] = n
+    return out
 
 
 def _evidence_blocks(stats: xr.Dataset, batch_chunk: int | None = None):
@@ -670,21 +817,22 @@ def _evidence_blocks(stats: xr.Dataset, batch_chunk: int | None = None):
         block = view.isel(batch=slice(start, min(n, start + step))).compute()
         yield evidence_arrays(
             block["topk_index"].isel(rank=0).transpose("batch", "layer", "head", "query").values,
-            block["col_sum"].transpose("batch", "layer", "head", "key").values,
-            block["distance_mean"].values,
-            block["entropy_norm"].values,
+            {name: block[name].values for name in ROLE_INPUTS[1:]},
             block["length"].values if "length" in block else None,
         )
 
 
 def role_evidence(stats: xr.Dataset, *, batch_chunk: int | None = None) -> xr.Dataset:
-    """Per (batch, layer, head), in memory: the numbers the role rules test.
+    """Per (batch, layer, head), in memory: the numbers the role rules test, and more.
 
-    From the statistics only (never the attention): `previous, next, self` = share of the
-    valid queries whose top key (`topk_index` rank 0) is q − 1 (among q ≥ 1) / q + 1
-    (among q ≤ n − 2) / q; `first, last, peak` = incoming attention share `col_sum[k] / n`
-    of key 0 / key n − 1 / the most attended key; `distance` = `distance_mean`, `entropy`
-    = `entropy_norm`; `length`. Computed a block of batches at a time.
+    From the statistics only (never the attention): the attention mass `prev_token,
+    next_token, self_attention` (share of all attention on key q − 1 / q + 1 / q, as in
+    Clark et al. 2019 and TransformerLens), `first_token, last_token, peak` (share on key 0
+    / key n − 1 / the most attended key), `distance` = `distance_mean`, `entropy` =
+    `entropy_norm`; beside them the argmax evidence `prev_argmax, next_argmax,
+    self_argmax` (share of the valid queries whose top key, `topk_index` rank 0, is q − 1
+    among q ≥ 1 / q + 1 among q ≤ n − 2 / q); `length`. Computed a block of batches at a
+    time.
     """
     parts = list(_evidence_blocks(stats, batch_chunk))
     dims = ("batch", "layer", "head")
@@ -697,18 +845,17 @@ def role_evidence(stats: xr.Dataset, *, batch_chunk: int | None = None) -> xr.Da
 def _rule_holds(ev: dict) -> dict:
     """Per-batch truth of every rule (numpy arrays of the evidence → booleans)."""
     n = ev["length"]
-    return {
-        "previous-token": ev["previous"] >= TOP_SHARE,
-        "next-token": ev["next"] >= TOP_SHARE,
-        "self": ev["self"] >= TOP_SHARE,
-        "first-token": ev["first"] >= SINK_SHARE,
-        "last-token": ev["last"] >= SINK_SHARE,
-        "single-key": ev["peak"] >= SINK_SHARE,
-        "local": ev["distance"] <= np.minimum(LOCAL_DISTANCE, n / 8.0),
-        "broad": ev["entropy"] >= BROAD_ENTROPY,
-    }
-
-
+    with np.errstate(invalid="ignore"):  # NaN (cross-attention, empty planes) holds no rule
+        return {
+            "previous-token": ev["prev_token"] >= POSITION_MASS,
+            "next-token": ev["next_token"] >= POSITION_MASS,
+            "self": ev["self_attention"] >= POSITION_MASS,
+            "first-token": ev["first_token"] >= SINK_SHARE,
+            "last-token": ev["last_token"] >= SINK_SHARE,
+            "single-key": ev["peak"] >= SINK_SHARE,
+            "local": ev["distance"] <= np.minimum(LOCAL_DISTANCE, n / 8.0),
+            "broad": ev["entropy"] >= BROAD_ENTROPY,
+        }
 
 
 #: Bytes of statistics one block of a chunked pass may load (a whole number of stored chunks).
@@ -732,7 +879,7 @@ def _role_blocks(stats: xr.Dataset, batch_chunk: int | None = None):
     `(batch, layer, head)` arrays, the labels as in `batch_roles`."""
     for arrays in _evidence_blocks(stats, batch_chunk):
         holds = _rule_holds(arrays)
-        label = np.full(arrays["self"].shape, -1, dtype=np.int16)
+        label = np.full(arrays["length"].shape, -1, dtype=np.int16)
         for i in range(len(ROLE_RULES) - 1, -1, -1):  # the lowest index wins
             label[np.asarray(holds[ROLE_RULES[i]], dtype=bool)] = i
         label[arrays["length"] < MIN_LENGTH] = -2
@@ -757,9 +904,10 @@ def head_roles(stats: xr.Dataset, *, share: float = ROLE_SHARE, batch_chunk: int
     (of length ≥ MIN_LENGTH), else "mixed". Dict keys: `layer, head, label` ("L0H2"),
     `role`, `support` (share of batches with that label; for "mixed" the largest share),
     `batches`, `shares` ({rule: share} of every rule that labels any batch), and the mean
-    over those batches of the evidence `previous, next, self, first, last, peak, distance,
-    entropy` (see `role_evidence`). One pass, a block of batches at a time: memory does
-    not grow with the corpus.
+    over those batches of each `EVIDENCE`: the attention mass `prev_token, next_token,
+    self_attention, first_token, last_token, peak`, the argmax shares `prev_argmax,
+    next_argmax, self_argmax`, `distance`, `entropy` (see `role_evidence`). One pass, a
+    block of batches at a time: memory does not grow with the corpus.
     """
     layers, heads = stats.sizes["layer"], stats.sizes["head"]
     counts = np.zeros((layers, heads, len(ROLE_RULES)), dtype=np.int64)
@@ -956,7 +1104,7 @@ def summary_blocks(stats: xr.Dataset, batch_chunk: int | None = None):
 
 
 def streaming_summary(source, bins: int = 20, *, batch_chunk: int | None = None,
-                      keys: int | None = None) -> xr.Dataset:
+                      keys: int | None = None, entropy_smoothing: float = 0.0) -> xr.Dataset:
     """Per (layer, head) moments and histograms over the whole corpus, in one chunked pass.
 
     `source` is a store path (its committed `stats` group) or a statistics Dataset. Reads
@@ -965,8 +1113,12 @@ def streaming_summary(source, bins: int = 20, *, batch_chunk: int | None = None,
     the accumulators, whatever the number of batches. Returns `count`, `entropy_mean/var` (nats), `entropy_norm_mean/var`,
     `peak_key_mean/var` (population variances), `entropy_norm_hist (layer, head, bin)`
     (`bins` equal bins over [0, 1]) and `peak_key_hist (layer, head, key)` (one bin per key).
+    `entropy_smoothing` > 0 summarises Clark et al. 2019's entropy of smoothed rows instead
+    (`corpus_stats`; computed from the attention, block by block).
     """
-    if isinstance(source, xr.Dataset):
+    if entropy_smoothing:
+        stats = corpus_stats(source, entropy_smoothing=entropy_smoothing)
+    elif isinstance(source, xr.Dataset):
         stats = source
     else:
         from .stats import open_stats
@@ -981,4 +1133,6 @@ def streaming_summary(source, bins: int = 20, *, batch_chunk: int | None = None,
     acc = SummaryAccumulator(np.linspace(0.0, 1.0, bins + 1), keys)
     for block in summary_blocks(stats, batch_chunk):
         acc.update(*block)
-    return acc.result()
+    out = acc.result()
+    out.attrs["entropy_smoothing"] = float(entropy_smoothing)
+    return out

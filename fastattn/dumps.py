@@ -90,7 +90,8 @@ class Dump:
     """The validated contents of one dump, in canonical (batch, layer, head, query, key) order.
 
     Every sample's valid tokens come first: `attention[b, :, :, :lengths[b], :lengths[b]]`
-    is its valid block (a mask with holes is compacted on reading).
+    is its valid block (a mask with holes is compacted on reading). `inferred`: how many
+    samples got their length from zero key columns (`infer_lengths`), not from a mask.
     """
 
     header: DumpHeader
@@ -99,6 +100,7 @@ class Dump:
     lengths: np.ndarray
     tokens: np.ndarray | None = None
     release: Callable[[], None] = field(default=lambda: None, repr=False)  # hand a mapped file's pages back
+    inferred: int = 0
 
 
 # ---------------------------------------------------------------- finding files
@@ -451,12 +453,15 @@ def read(header: DumpHeader) -> Dump:
     attention = raw if "b" in header.layout else raw[np.newaxis]
     attention = np.transpose(attention, [layout.index(c) for c in CANONICAL])
     lengths, order = _lengths(header, mask)
+    if mask is None and header.query == header.key:
+        lengths = infer_lengths(attention, release)
     if tokens is not None:
         tokens = tokens.reshape(header.batch, header.key)
     if order is not None:
         attention, tokens = _compact(attention, tokens, order, lengths)
     _validate(attention, lengths, header.dtype, release)
-    dump = Dump(header=header, content_hash=digest, attention=attention, lengths=lengths, tokens=tokens)
+    dump = Dump(header=header, content_hash=digest, attention=attention, lengths=lengths, tokens=tokens,
+                inferred=int(np.count_nonzero(lengths < header.key)) if mask is None else 0)
     if release is not None:
         dump.release = release
     return dump
@@ -480,6 +485,39 @@ def _lengths(header: DumpHeader, mask: np.ndarray | None) -> tuple[np.ndarray, l
     if np.array_equal(mask, prefix):
         return lengths, None
     return lengths, [np.flatnonzero(row) for row in mask]
+
+
+def infer_lengths(attention: np.ndarray, release: Callable[[], None] | None = None) -> np.ndarray:
+    """Valid tokens per sample of a self-attention dump saved without an `attention_mask`.
+
+    A model that masks padding gives the padded keys exactly zero weight (the mask adds
+    −inf, or the dtype's minimum, before the softmax), for every query of every layer and
+    head, padded queries included. So a sample's length is `K − t`, where `t` is the number
+    of trailing key columns that are exactly 0 in every row of every layer and head of that
+    sample; with no such column it is the full length `K`. Causal maps are untouched (the
+    last row gives the last key a weight), and so is left padding (its zero columns lead).
+    Real tokens that no query of any head attends are indistinguishable from padding and are
+    cut too; only a saved mask keeps them. A sample whose keys are all 0 keeps the full
+    length (its rows fail validation). Reads
+    one head's last column first, and the trailing columns of the rest only when that is
+    all 0. `attention` is canonical `(batch, layer, head, query, key)` with query == key.
+    """
+    B, L, H, Q, K = attention.shape
+    lengths = np.full(B, K, dtype=np.int32)
+    for b in range(B):
+        head = attention[b, 0, 0]
+        if head[:, K - 1].any():  # the usual answer: the last key is attended
+            continue
+        used = np.flatnonzero(head.any(axis=0))
+        n = int(used[-1]) + 1 if used.size else 0
+        for layer in range(L):  # a layer at a time: memory is one layer's tail at most
+            tail = attention[b, layer, :, :, n:]
+            if tail.any():  # rare: this layer attends past the first head's last key
+                n += int(np.flatnonzero(tail.any(axis=(0, 1)))[-1]) + 1
+            if release is not None:
+                release()
+        lengths[b] = n if n > 0 else K
+    return lengths
 
 
 def _compact(attention, tokens, order, lengths):

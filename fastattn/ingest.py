@@ -54,6 +54,7 @@ class IngestReport:
     rejected: list[Rejection] = field(default_factory=list)
     duplicates: list[Rejection] = field(default_factory=list)
     written: bool = False
+    inferred_lengths: int = 0  # batches without a mask whose length came from zero key columns
 
     @property
     def mb_per_s(self) -> float:
@@ -68,7 +69,7 @@ class IngestReport:
             f"{self.files_ingested} files ingested ({self.files_unchanged} unchanged, {self.files_replaced} replaced,"
             f" {len(self.rejected)} rejected), {self.batches_added} batches added, {self.committed} in store;"
             f" {self.bytes_read / 1e6:.1f} MB in {self.seconds:.2f} s ({self.mb_per_s:.0f} MB/s)"
-        )
+        ) + (f"; {self.inferred_lengths} batches without a mask got their length from zero key columns" if self.inferred_lengths else "")
 
 
 @dataclass(frozen=True)
@@ -448,6 +449,7 @@ class _Assigner:
         self.manifest.files[name.key] = _entry(header, name, content_hash, first, self.next)
         self.report.files_ingested += 1
         self.report.bytes_read += header.samples_bytes
+        self.report.inferred_lengths += getattr(result, "inferred", 0)
         return first
 
 

@@ -100,8 +100,8 @@ def plane_stats(att, lengths):
     B, L, H, S, _ = att.shape
     out = {
         name: np.full((B, L, H), np.nan)
-        for name in ("entropy_mean", "entropy_norm", "self_attention", "distance_mean",
-                     "previous", "next", "self", "first", "last", "peak")
+        for name in ("entropy_mean", "entropy_norm", "self_attention", "distance_mean", "prev_token", "next_token",
+                     "first_token", "last_token", "peak", "prev_argmax", "next_argmax", "self_argmax")
     }
     out["peak_key"] = np.full((B, L, H), -1, dtype=np.int64)
     out["col_sum"] = np.full((B, L, H, S), np.nan)
@@ -120,15 +120,17 @@ def plane_stats(att, lengths):
                 out["entropy_norm"][b, layer, head] = ent.mean() / np.log(n) if n > 1 else np.nan
                 out["self_attention"][b, layer, head] = np.diag(p).mean()
                 out["distance_mean"][b, layer, head] = (p * np.abs(q[:, None] - q[None, :])).sum(axis=1).mean()
+                out["prev_token"][b, layer, head] = sum(p[i, i - 1] for i in range(1, n)) / n
+                out["next_token"][b, layer, head] = sum(p[i, i + 1] for i in range(n - 1)) / n
                 col = p.sum(axis=0)
                 out["col_sum"][b, layer, head, :n] = col
                 out["peak_key"][b, layer, head] = int(np.argmax(col))
                 top = np.argmax(p, axis=1)  # ties: the lower key, like fastattn's top-k
-                out["previous"][b, layer, head] = np.mean(top[1:] == q[1:] - 1) if n > 1 else np.nan
-                out["next"][b, layer, head] = np.mean(top[:-1] == q[:-1] + 1) if n > 1 else np.nan
-                out["self"][b, layer, head] = np.mean(top == q)
-                out["first"][b, layer, head] = col[0] / n
-                out["last"][b, layer, head] = col[n - 1] / n
+                out["prev_argmax"][b, layer, head] = np.mean(top[1:] == q[1:] - 1) if n > 1 else np.nan
+                out["next_argmax"][b, layer, head] = np.mean(top[:-1] == q[:-1] + 1) if n > 1 else np.nan
+                out["self_argmax"][b, layer, head] = np.mean(top == q)
+                out["first_token"][b, layer, head] = col[0] / n
+                out["last_token"][b, layer, head] = col[n - 1] / n
                 out["peak"][b, layer, head] = col.max() / n
     return out
 
@@ -140,21 +142,21 @@ RULES = ("previous-token", "next-token", "self", "first-token", "last-token", "s
 
 def batch_label(ps, b, layer, head, lengths):
     """The first rule that holds for one plane (None: no rule; 'short': not classified)."""
-    from fastattn.corpus import BROAD_ENTROPY, LOCAL_DISTANCE, MIN_LENGTH, SINK_SHARE, TOP_SHARE
+    from fastattn.corpus import BROAD_ENTROPY, LOCAL_DISTANCE, MIN_LENGTH, POSITION_MASS, SINK_SHARE
 
     n = int(lengths[b])
     if n < MIN_LENGTH:
         return "short"
     v = {name: ps[name][b, layer, head] for name in ps if name not in ("col_sum",)}
-    if v["previous"] >= TOP_SHARE:
+    if v["prev_token"] >= POSITION_MASS:
         return "previous-token"
-    if v["next"] >= TOP_SHARE:
+    if v["next_token"] >= POSITION_MASS:
         return "next-token"
-    if v["self"] >= TOP_SHARE:
+    if v["self_attention"] >= POSITION_MASS:
         return "self"
-    if v["first"] >= SINK_SHARE:
+    if v["first_token"] >= SINK_SHARE:
         return "first-token"
-    if v["last"] >= SINK_SHARE:
+    if v["last_token"] >= SINK_SHARE:
         return "last-token"
     if v["peak"] >= SINK_SHARE:
         return "single-key"
@@ -240,3 +242,118 @@ def summary(entropy, entropy_norm, peak_key, bins, keys):
             out["entropy_norm_hist"][layer, head] = np.histogram(x[~np.isnan(x)], bins=bins, range=(0.0, 1.0))[0]
             out["peak_key_hist"][layer, head] = np.bincount(peak_key[:, layer, head], minlength=keys)
     return out
+
+
+# ---------------------------------------------------------------- other tools' formulas
+#
+# Ports of Clark et al. 2019 (clarkkev/attention-analysis: General_Analysis.ipynb's average
+# attention and entropies, head_distances.py) and of TransformerLens's head_detector.py, run
+# on each sample's valid block as if it were one of their documents.
+
+
+def clark_average_attention(att, lengths):
+    """General_Analysis.ipynb's `avg_attns` for the position selectors: (L, H) each, the sum
+    over documents of (attns * selector).sum(-1).sum(-1) / (n_docs * n_tokens)."""
+    docs = [b for b in range(len(lengths)) if lengths[b] > 0]
+    L, H = att.shape[1:3]
+    out = {key: np.zeros((L, H)) for key in ("self", "right", "left", "first", "last")}
+    for b in docs:
+        attns = block(att, lengths, b)
+        n_tokens = attns.shape[-1]
+        first, last = np.zeros((n_tokens, n_tokens)), np.zeros((n_tokens, n_tokens))
+        first[:, 0] = 1  # the [CLS] selector with [CLS] at position 0
+        last[:, -1] = 1  # the [SEP] selector with one [SEP], at the end
+        selectors = {
+            "self": np.eye(n_tokens, n_tokens),
+            "right": np.eye(n_tokens, n_tokens, 1),
+            "left": np.eye(n_tokens, n_tokens, -1),
+            "first": first,
+            "last": last,
+        }
+        for key, selector in selectors.items():
+            out[key] += (attns * selector[np.newaxis, np.newaxis]).sum(-1).sum(-1) / (len(docs) * n_tokens)
+    return out
+
+
+def clark_entropies(att, lengths, smoothing=0.0001):
+    """General_Analysis.ipynb's `entropies` (L, H): smoothed rows, mean over queries, mean over documents."""
+    docs = [b for b in range(len(lengths)) if lengths[b] > 0]
+    entropies = np.zeros(att.shape[1:3])
+    for b in docs:
+        attns = block(att, lengths, b)
+        attns = (1 - smoothing) * attns + (smoothing / attns.shape[-1])
+        entropies -= (attns * np.log(attns)).sum(-1).mean(-1)
+    return entropies / len(docs)
+
+
+def clark_head_distances(att, lengths):
+    """head_distances.py: the JS divergence of every pair of heads summed over all tokens of
+    all documents, (N, N), and the number of tokens it summed over."""
+    B, L, H = att.shape[:3]
+    N = L * H
+    js_distances = np.zeros([N, N])
+    tokens = 0
+    for b in range(B):
+        if lengths[b] == 0:
+            continue
+        attns = block(att, lengths, b)
+        tokens += attns.shape[-1]
+        attns_flat = attns.reshape([N, attns.shape[2], attns.shape[3]])
+        for head in range(N):
+            head_attns = np.expand_dims(attns_flat[head], 0)
+            head_attns_smoothed = (0.001 / head_attns.shape[1]) + (head_attns * 0.999)
+            attns_flat_smoothed = (0.001 / attns_flat.shape[1]) + (attns_flat * 0.999)
+            m = (head_attns_smoothed + attns_flat_smoothed) / 2
+            js = -head_attns_smoothed * np.log(m / head_attns_smoothed)
+            js += -attns_flat_smoothed * np.log(m / attns_flat_smoothed)
+            js /= 2
+            js = js.sum(-1).sum(-1)
+            js_distances[head] += js
+    return js_distances, tokens
+
+
+def transformer_lens_previous_token(att, lengths):
+    """head_detector.py's previous-token score with its defaults (error_measure "mul", no
+    exclusions), per sample, averaged over samples as detect_head does for a list: (L, H)."""
+    docs = [b for b in range(len(lengths)) if lengths[b] > 1]
+    L, H = att.shape[1:3]
+    scores = np.zeros((len(docs), L, H))
+    for i, b in enumerate(docs):
+        attns = block(att, lengths, b)
+        n = attns.shape[-1]
+        detection_pattern = np.zeros((n, n))
+        detection_pattern[1:, :-1] = np.eye(n - 1)
+        detection_pattern = np.tril(detection_pattern)
+        for layer in range(L):
+            for head in range(H):
+                pattern = attns[layer, head]
+                scores[i, layer, head] = (pattern * detection_pattern).sum() / pattern.sum()
+    return scores.mean(axis=0)
+
+
+# ---------------------------------------------------------------- metric MDS
+
+
+def stress1(coords, delta):
+    """Kruskal's stress-1 of coordinates against target distances, over the pairs i < j."""
+    x = np.asarray(coords, dtype=np.float64)
+    total, misfit = 0.0, 0.0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            d = np.sqrt(((x[i] - x[j]) ** 2).sum())
+            misfit += (d - delta[i, j]) ** 2
+            total += delta[i, j] ** 2
+    return np.sqrt(misfit / total)
+
+
+def guttman_transform(coords, delta):
+    """One SMACOF step (de Leeuw 1977): X' = (1/N) B(X) X with B_ij = −δ_ij / d_ij (i ≠ j,
+    0 where d_ij = 0) and B_ii = −Σ_{j≠i} B_ij. Converged coordinates are its fixed point."""
+    x = np.asarray(coords, dtype=np.float64)
+    n = len(x)
+    d = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        b = np.where(d > 0, -np.asarray(delta, dtype=np.float64) / d, 0.0)
+    np.fill_diagonal(b, 0.0)
+    np.fill_diagonal(b, -b.sum(axis=1))
+    return b @ x / n
