@@ -335,9 +335,7 @@ def write_stats(
     manifest = store.check_store(loc)  # before the lock, which would create a missing store's folder
     if _up_to_date(store.open_group(loc, "r"), manifest, k):  # nothing to do: no lock, no write (read-only is fine)
         return {"computed": 0, "total": manifest.committed}
-    loc.check_writable()
-    with store.Lock(loc, "fastattn stats"), store.nothing_committed(loc, "writing statistics"):
-        manifest = store.check_store(loc)  # again: another writer may have committed meanwhile
+    with store.writing_derived(loc, store.schema.STATS) as manifest:
         done = _done(manifest, k)
         n = manifest.committed
         if n == 0:
@@ -351,8 +349,8 @@ def write_stats(
         if done >= n and not stale:
             return {"computed": 0, "total": n}
         if stale:
-            if manifest.stats_committed:  # uncommit first: the new layout drops the old arrays
-                manifest.stats_committed = 0
+            if store.derived_record(store.schema.STATS, manifest):  # uncommit first: the new layout drops the old arrays
+                store.uncommit_derived(manifest, store.schema.STATS)
                 store.commit(loc, manifest)
             done = 0
             _create_layout(loc, group, n, k, block, parallel=client is None)
@@ -367,8 +365,7 @@ def write_stats(
             _run_distributed(client, loc, blocks, k, progress, n - done)
         else:
             _run_local(loc, group, blocks, k, jobs, progress, n - done)
-        manifest.stats_committed, manifest.stats_k = n, k
-        store.commit(loc, manifest)
+        store.commit_derived(loc, manifest, store.schema.STATS, n, k=k)
     return {"computed": n - done, "total": n}
 
 
@@ -446,21 +443,8 @@ def _layout_changed(group, query: int, key: int, k: int, block: int) -> bool:
 def open_stats(location, *, storage_options: dict | None = None) -> xr.Dataset:
     """The committed statistics of a store (its `stats` group), lazily."""
     from . import store
-    from .errors import StoreError
 
-    loc = store.as_location(location, storage_options)
-    manifest = store.require_batches(loc, store.check_store(loc))
-    if not manifest.stats_committed:
-        raise StoreError(f"{loc}: no statistics yet (run fastattn stats)")
-    st = store.open_committed(loc, {"batch": manifest.stats_committed}, group=GROUP)  # survives a killed resize
-    missing = [name for name in store.schema.STATS.variables({}) if name not in st.variables]
-    if missing:
-        raise StoreError(
-            f"{loc}: the statistics lack {', '.join(missing)} (written by an older fastattn, or damaged);"
-            " run fastattn stats to compute them again"
-        )
-    st.attrs = {"store": str(loc), "k": manifest.stats_k, "batches": manifest.stats_committed}
-    return st
+    return store.open_derived(store.as_location(location, storage_options), store.schema.STATS)
 
 
 @contextlib.contextmanager

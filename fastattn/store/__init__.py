@@ -8,20 +8,24 @@ computed from it, and the manifest that commits them.
 - `commit`: laying out, writing and committing, the derived groups' commits;
 - `read`: opening a store as committed (`open_store`).
 
-The names below are the ones callers use: `from fastattn import store; store.open_store(...)`.
+The names below are the ones callers use: `from fastattn import store; store.open_store(...)`
+(`store.commit` is the commit function; its module is `sys.modules["fastattn.store.commit"]`).
 """
 
 from .commit import (
     AT_LAST_COMMIT,
     commit,
+    commit_derived,
     create,
     derived_current,
     derived_record,
     nothing_committed,
+    open_derived,
     refresh_consolidated,
     uncommit_derived,
     write_all,
     write_manifest,
+    writing_derived,
 )
 from .location import LocalLocation, Location, RemoteLocation, as_location, is_url
 from .lock import Lock, lock_holder, read_lock_record
@@ -43,11 +47,11 @@ from .schema import (
 )
 
 __all__ = [
-    "ARRAYS", "AT_LAST_COMMIT", "BATCHED", "DERIVED", "DIMS", "FORMAT_VERSION", "FileEntry", "LOCK",
-    "LocalLocation", "Location", "Lock", "MANIFEST", "META", "Manifest", "PER_BATCH", "RemoteLocation", "Status",
-    "as_location", "attention_chunks", "check_store", "commit", "compressors", "create", "derived_current",
-    "derived_record", "is_fastattn", "is_url",
-    "lock_holder", "now", "nothing_committed", "open_committed", "open_group", "open_store", "read_json",
-    "read_lock_record", "read_manifest", "refresh_consolidated", "require_batches", "resize", "uncommit_derived", "write_all",
-    "write_manifest",
+    "ARRAYS", "as_location", "AT_LAST_COMMIT", "attention_chunks", "BATCHED", "check_store", "commit",
+    "commit_derived", "compressors", "create", "DERIVED", "derived_current", "derived_record", "DIMS",
+    "FileEntry", "FORMAT_VERSION", "is_fastattn", "is_url", "LocalLocation", "Location", "Lock", "LOCK",
+    "lock_holder", "Manifest", "MANIFEST", "META", "nothing_committed", "now", "open_committed",
+    "open_derived", "open_group", "open_store", "PER_BATCH", "read_json", "read_lock_record", "read_manifest",
+    "refresh_consolidated", "RemoteLocation", "require_batches", "resize", "Status", "uncommit_derived",
+    "write_all", "write_manifest", "writing_derived",
 ]

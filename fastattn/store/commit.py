@@ -1,9 +1,14 @@
-"""Writing a store: lay it out, write chunks, commit.
+"""Writing a store: lay it out, write chunks, commit; and the derived groups' commits.
 
 The manifest is the commit record: committing is one atomic write of `manifest.json`
 (a rename locally, a single PUT on object storage), after which the consolidated metadata
 plain `xr.open_zarr` reads is refreshed. Whatever a writer does before its commit is
 invisible to readers; a disk error on the way is one line (`nothing_committed`).
+
+A derived group of the schema (`schema.DERIVED`) is written under `writing_derived`, committed
+with `commit_derived` and read with `open_derived`, whichever way its spec records its commit;
+check and repair read and undo those records with `derived_record`, `derived_current` and
+`uncommit_derived`.
 """
 
 from __future__ import annotations
@@ -13,11 +18,14 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import xarray as xr
 import zarr
 
 from ..errors import StoreError
 from .location import Location
+from .lock import Lock
 from .manifest import Manifest, now
+from .read import check_store, open_committed, require_batches
 from .schema import ARRAYS, DIMS, FORMAT_VERSION, MANIFEST, META, Derived, attention_chunks, create_array
 
 AT_LAST_COMMIT = "the store still opens at its last commit"
@@ -122,3 +130,52 @@ def uncommit_derived(manifest: Manifest, spec: Derived, upto: int = 0) -> None:
     if spec.record == "manifest":
         name = f"{spec.name}_committed"
         setattr(manifest, name, min(getattr(manifest, name), upto))
+
+
+@contextlib.contextmanager
+def writing_derived(location: Location, spec: Derived):
+    """A derived group's writer: under the store's lock, with the manifest as committed now;
+    a disk error on the way is one line. The store must exist (check_store it first: the
+    lock would create a missing store's folder)."""
+    location.check_writable()
+    with Lock(location, spec.command), nothing_committed(location, f"writing {spec.noun}"):
+        yield check_store(location)  # again: another writer may have committed meanwhile
+
+
+def commit_derived(location: Location, manifest: Manifest, spec: Derived, batches: int, **params) -> None:
+    """Record that the group now holds `batches` committed batches computed with `params`, as
+    its spec says: in the manifest (then committed), or in the group's attribute (last)."""
+    if spec.record == "manifest":
+        setattr(manifest, f"{spec.name}_committed", batches)
+        for name, value in params.items():
+            setattr(manifest, f"{spec.name}_{name}", value)
+        commit(location, manifest)
+        return
+    group = zarr.open_group(location.zarr_store(), path=spec.name, mode="r+", use_consolidated=False)
+    group.attrs[spec.attribute] = {"batches": batches, "ingests": len(manifest.ingests), **params, "time": now()}
+
+
+def open_derived(location: Location, spec: Derived) -> xr.Dataset:
+    """The committed batches of a derived group, lazily; a StoreError when it has none, is out
+    of date, or lacks a variable its layout has. `attrs`: the store and the commit record."""
+    manifest = require_batches(location, check_store(location))
+    group = None
+    if spec.record == "attribute":
+        try:
+            group = zarr.open_group(location.zarr_store(read_only=True), path=spec.name, mode="r", use_consolidated=False)
+        except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+            group = None
+    record = derived_record(spec, manifest, group)
+    if record is None:
+        raise StoreError(f"{location}: {spec.none} (run {spec.command})")
+    if not derived_current(spec, manifest, record):
+        raise StoreError(
+            f"{location}: out of date ({spec.noun} of {record['batches']} batches, the store has {manifest.committed});"
+            f" run {spec.command} again"
+        )
+    ds = open_committed(location, {"batch": record["batches"]}, group=spec.name)  # survives a killed resize
+    missing = [name for name in spec.variables(record) if name not in ds.variables]
+    if missing:
+        raise StoreError(f"{location}: {spec.lack.format(names=', '.join(missing))}")
+    ds.attrs = {"store": str(location), **record}
+    return ds
