@@ -3,16 +3,41 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from typing import Callable, NoReturn
 
 import typer
-from rich.console import Console
 
 from fastattn.errors import FastattnError
 
-console = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+
+class _Console:
+    """A rich Console made on first use: `--help`, usage errors and the JSON and CSV output never
+    import rich (a tenth of a second of start-up)."""
+
+    def __init__(self, stderr: bool):
+        self.stderr = stderr
+
+    @functools.cached_property
+    def rich(self):
+        from rich.console import Console
+
+        return Console(stderr=self.stderr, soft_wrap=True)
+
+    def print(self, *objects, **options) -> None:
+        self.rich.print(*objects, **options)
+
+
+console = _Console(stderr=False)
+err = _Console(stderr=True)
+
+
+def rich_table(title: str):
+    """A rich Table for `--format table` (rich imported here, on first use)."""
+    from rich.table import Table
+
+    return Table(title=title)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -72,7 +97,7 @@ def progress_bar(label: str):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
+    with Progress(*columns, console=err.rich, transient=True) as bar:
         task = bar.add_task(label, total=None)
 
         def advance(done: int, total: int) -> None:

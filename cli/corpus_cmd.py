@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
-from ._common import console, err, fail, run
+from ._common import console, err, fail, rich_table, run
 
 FORMATS = ("table", "json")
 
@@ -32,11 +31,6 @@ def _num(value, digits: int = 3) -> str:
 
 def _signed(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:+.{digits}f}"
-
-
-def _reflow(text: str) -> str:
-    """Paragraphs as single lines, so the help wraps at any terminal width."""
-    return "\n\n".join(" ".join(p.split()) for p in text.strip().split("\n\n"))
 
 
 def _save(fig, path: Path) -> None:
@@ -107,7 +101,7 @@ the other keys, and the key that most often receives the most.
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(help=_reflow(COMPARE_HELP))
+    @app.command(help=COMPARE_HELP)
     def compare(
         a: str = typer.Argument(..., metavar="A", help="The first store (.zarr): the baseline."),
         b: str = typer.Argument(..., metavar="B", help="The second store (.zarr): compared against A."),
@@ -132,7 +126,7 @@ def register(app: typer.Typer) -> None:
             body.update({"a": a, "b": b, "score": "|d_entropy_norm| + |d_self| + peak_tv + incoming_js / ln 2", "heads": rows})
             print(json.dumps(body, indent=1))
             return
-        table = Table(title=f"{a} -> {b}: {cmp.attrs['batches']} batches matched by {match}; top {len(rows)} heads by score")
+        table = rich_table(f"{a} -> {b}: {cmp.attrs['batches']} batches matched by {match}; top {len(rows)} heads by score")
         for column in ("head", "score", "d entropy", "d self-attn", "peak TV", "incoming JS"):
             table.add_column(column, justify="right")
         for r in rows:
@@ -142,7 +136,7 @@ def register(app: typer.Typer) -> None:
             )
         console.print(table)
 
-    @app.command(help=_reflow(ROLES_HELP))
+    @app.command(help=ROLES_HELP)
     def roles(
         store: str = typer.Argument(..., metavar="STORE", help="The store (.zarr) written by fastattn ingest."),
         fmt: str = typer.Option("table", "--format", help="table or json."),
@@ -162,7 +156,7 @@ def register(app: typer.Typer) -> None:
             }
             print(json.dumps(body, indent=1))
             return
-        table = Table(title=f"{store}: head roles (support = share of batches; prev/next/self = attention mass/argmax share)")
+        table = rich_table(f"{store}: head roles (support = share of batches; prev/next/self = attention mass/argmax share)")
         for column in ("head", "role", "support", "prev", "next", "self", "key 0", "last key", "entropy", "distance", "other labels"):
             table.add_column(column, justify="left" if column in ("role", "other labels") else "right",
                              no_wrap=column != "other labels")
@@ -179,7 +173,7 @@ def register(app: typer.Typer) -> None:
             counts[r["role"]] = counts.get(r["role"], 0) + 1
         console.print("roles: " + ", ".join(f"{role} {n}" for role, n in counts.items()), highlight=False)
 
-    @app.command(help=_reflow(SIMILARITY_HELP))
+    @app.command(help=SIMILARITY_HELP)
     def similarity(
         store: str = typer.Argument(..., metavar="STORE", help="The store (.zarr) written by fastattn ingest."),
         plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Draw the heads' MDS map into this file (.png, .svg, .pdf)."),
@@ -235,8 +229,8 @@ def register(app: typer.Typer) -> None:
             print(json.dumps(body, indent=1))
             return
         mds_name = "classical MDS of sqrt JS" if method == "classical" else "metric MDS (SMACOF) of JS"
-        table = Table(
-            title=f"{store}: Jensen-Shannon divergence between heads (eps {eps:g}, {ds.sizes['batch']} batches,"
+        table = rich_table(
+            f"{store}: Jensen-Shannon divergence between heads (eps {eps:g}, {ds.sizes['batch']} batches,"
             f" {weight}-weighted); {mds_name}, stress-1 {fit:.3f}"
         )
         for column in ("head", "nearest", "JS", "mean JS", "MDS x", "MDS y"):
@@ -245,7 +239,7 @@ def register(app: typer.Typer) -> None:
             table.add_row(r["label"], r["nearest"], _num(r["nearest_js"], 4), _num(r["mean_js"], 4), _num(r["x"]), _num(r["y"]))
         console.print(table)
 
-    @app.command(help=_reflow(ROLLOUT_HELP))
+    @app.command(help=ROLLOUT_HELP)
     def rollout(
         store: str = typer.Argument(..., metavar="STORE", help="The store (.zarr) written by fastattn ingest."),
         keep_matrix: bool = typer.Option(False, "--keep-matrix", help="Also save the rollout matrices (batch, layer, query, key), float32."),
@@ -266,7 +260,7 @@ def register(app: typer.Typer) -> None:
         if fmt == "json":
             print(json.dumps({"store": store, **done, "layers": rows}, indent=1))
             return
-        table = Table(title=f"{store}: attention rollout, mean share of the input tokens after each layer")
+        table = rich_table(f"{store}: attention rollout, mean share of the input tokens after each layer")
         for column in ("layer", "first key", "last key", "other keys", "most often the top key"):
             table.add_column(column, justify="right")
         for r in rows:

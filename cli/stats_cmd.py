@@ -8,9 +8,8 @@ import json
 from typing import Optional
 
 import typer
-from rich.table import Table
 
-from ._common import SCHEDULER_HELP, STORAGE_HELP, WORKERS_HELP, console, err, fail, progress_bar, run, storage_options
+from ._common import SCHEDULER_HELP, STORAGE_HELP, WORKERS_HELP, console, err, fail, progress_bar, rich_table, run, storage_options
 
 
 #: Flagged heads listed under the table (all of them go to --format json).
@@ -62,16 +61,9 @@ def register(app: typer.Typer) -> None:
 
         with progress_bar("statistics") as advance:
             done = run(work, advance)
-        st = run(lambda: stats_mod.open_stats(store, storage_options=options))
-        selection = {dim: values for dim, values in (("layer", layer), ("head", head)) if values}
-        for dim, values in selection.items():
-            size = st.sizes[dim]
-            for value in values:
-                if not 0 <= value < size:
-                    fail(f"--{dim} {value} out of range: the store has {size} {dim}s (0-{size - 1})")
         def read_table():
             with stats_mod.read_errors(store):
-                return summary.head_table(st.sel(selection))
+                return summary.store_head_table(store, layer=layer, head=head, storage_options=options)
 
         table = run(read_table)
         rows = summary.head_rows(table)
@@ -86,7 +78,7 @@ def register(app: typer.Typer) -> None:
             writer.writerows(rows)
             print(out.getvalue(), end="")
         else:
-            grid = Table(title=f"{store}: {done['total']} batches")
+            grid = rich_table(f"{store}: {done['total']} batches")
             for column in ("layer", "head", "entropy", "norm.", "self-attn", "peak key", "flags (share of batches)"):
                 grid.add_column(column, justify="right" if column != "flags (share of batches)" else "left")
             for r in rows:

@@ -22,3 +22,21 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (library errors can be long), or its type's name."""
     lines = str(exc).strip().splitlines()
     return lines[0].strip() if lines else type(exc).__name__
+
+
+def plural(word: str, n: int | None = None) -> str:
+    """`word`'s plural, or `n` and the word in the number `n` needs ("1 head", "3 batches")."""
+    many = word + ("es" if word.endswith("ch") else "s")
+    return many if n is None else f"{n} {word if n == 1 else many}"
+
+
+def check_index(dim: str, value, size: int) -> int:
+    """`value` as a valid position along `dim` (of `size`), or a one-line FastattnError."""
+    try:
+        index = int(value)
+    except (TypeError, ValueError):
+        raise FastattnError(f"{dim} must be an integer, not {value!r}") from None
+    if index != value or not 0 <= index < size:
+        has = f"{plural(dim, size)} (0-{size - 1})" if size else f"no {plural(dim)}"
+        raise FastattnError(f"{dim} {value} out of range: the store has {has}")
+    return index

@@ -14,6 +14,7 @@ One ingest (see DESIGN in README):
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -127,7 +128,8 @@ def ingest(
         raise StoreError(f"{location}: exists and is not a fastattn store; refusing to write into it")
     location.check_writable()
     jobs = max(1, jobs or os.cpu_count() or 1)
-    # write_empty_chunks: skip zarr's compare-every-chunk-to-the-fill-value pass; chunks are never empty.
+    # write_empty_chunks: zarr writes every chunk it is given (the coordinates'), even one equal
+    # to the fill value, which check counts on; the data chunks are written by store.WholeChunks.
     with (
         store.Lock(location, "fastattn ingest"),
         ThreadPoolExecutor(jobs) as pool,
@@ -144,12 +146,12 @@ def ingest(
         if plan.appends or plan.replacements:
             with store.nothing_committed(location, "writing"):
                 group, manifest = _prepare(location, manifest, plan, dtype)
-                _replace(group, manifest, plan.replacements, report)
+                _replace(location, group, manifest, plan.replacements, report)
                 client = client if client is not None else cluster.active_client()
                 if client is not None:
                     _append_distributed(client, location, group, manifest, plan.appends, report, progress)
                 else:
-                    _append(group, manifest, plan.appends, pool, jobs, report, progress)
+                    _append(location, group, manifest, plan.appends, pool, jobs, report, progress)
             if new_store and manifest.committed == 0:  # every file was rejected: leave no empty store behind
                 location.remove()
                 report.seconds = time.perf_counter() - started
@@ -286,7 +288,10 @@ def _prepare(location, manifest, plan: _Plan, dtype: str):
         manifest.files, manifest.ingests = files, ingests
     group = store.open_group(location)
     planned = manifest.committed + sum(h.batch for _, h in plan.appends)
+    grown = {name: group[name].shape for name in ("attention", "token")}
     store.resize(group, batch=planned, query=query, key=key)
+    for name, old_shape in grown.items():  # committed batches' chunks beyond their old query/key edge
+        store.WholeChunks(location, group[name]).fill_new_chunks(old_shape, manifest.committed)
     manifest.max_length = max(manifest.max_length, query, key)
     if query != key:
         manifest.cross = [query, key]
@@ -304,47 +309,64 @@ class _Sample:
 
 
 class _ChunkWriter:
-    """Writes whole batch-chunks: new samples over whatever committed batches the chunk holds."""
+    """Writes whole batch-chunks: new samples over whatever committed batches the chunk holds.
 
-    #: Attention chunks written at once: zarr's per-write waits overlap, and memory stays a few chunks.
-    IN_FLIGHT = 8
+    Chunk by chunk, each filled into one reused buffer of the calling thread, encoded and
+    written there (`store.WholeChunks`): memory is one chunk per writing thread whatever the
+    sequence length, and no chunk waits on another thread.
+    """
 
-    def __init__(self, group):
+    #: Chunks written between two hand-backs of a mapped dump's pages (see `dumps.Dump.release`).
+    RELEASE_EVERY = 8
+
+    def __init__(self, location: store.Location, group):
         self.attention = group["attention"]
-        self.dtype = self.attention.dtype
+        self.attention_chunks = store.WholeChunks(location, self.attention)
         self.per_batch = {name: group[name] for name in store.BATCHED if name != "attention"}
+        self.per_batch_chunks = {name: store.WholeChunks(location, array) for name, array in self.per_batch.items()}
+        self._buffers = threading.local()
 
-    def _pieces(self):
-        """(layer, heads, queries) of every attention chunk in one batch-chunk row."""
-        _, layers, heads, query, _ = self.attention.shape
-        _, _, hc, qc, _ = self.attention.chunks
+    def _buffer(self) -> np.ndarray:
+        """This thread's chunk buffer: reused, so no chunk pays for fresh pages."""
+        buffer = getattr(self._buffers, "chunk", None)
+        if buffer is None:
+            buffer = self._buffers.chunk = self.attention_chunks.empty()
+        return buffer
+
+    def _pieces(self, batch_chunk: int):
+        """(grid position, layer, heads, queries, keys) of every attention chunk in one batch-chunk row."""
+        _, layers, heads, query, key = self.attention.shape
+        _, _, hc, qc, kc = self.attention.chunks
         for layer in range(layers):
             for h0 in range(0, heads, hc):
                 for q0 in range(0, query, qc):
-                    yield layer, slice(h0, min(h0 + hc, heads)), slice(q0, min(q0 + qc, query))
+                    for k0 in range(0, key, kc):
+                        yield (
+                            (batch_chunk, layer, h0 // hc, q0 // qc, k0 // kc),
+                            layer,
+                            slice(h0, min(h0 + hc, heads)),
+                            slice(q0, min(q0 + qc, query)),
+                            slice(k0, min(k0 + kc, key)),
+                        )
 
     def write(self, start: int, samples: dict[int, _Sample], stop: int, committed: int) -> None:
-        """Write batches [start, stop): `samples` by batch index, the rest from the store.
-
-        Chunk by chunk (a layer's planes, split by heads and queries as the store's chunks
-        are), a few at once: memory is a few chunks whatever the sequence length. Each piece
-        is exactly one chunk, contiguous, so zarr encodes it without another copy.
-        """
+        """Write batches [start, stop) (`start` on a chunk boundary): `samples` by batch index,
+        the rest from the store; the chunk's rows past `stop` hold the fill value."""
         count = stop - start
-        key = self.attention.shape[4]
         old = max(0, min(stop, committed) - start)
-        rows = slice(start, stop)
-        writes = []
-        for layer, heads, queries in self._pieces():
-            piece = np.empty((count, 1, heads.stop - heads.start, queries.stop - queries.start, key), dtype=self.dtype)
+        buffer = self._buffer()
+        for done, (coords, layer, heads, queries, keys) in enumerate(self._pieces(start // self.attention.chunks[0]), 1):
+            h, q, k = heads.stop - heads.start, queries.stop - queries.start, keys.stop - keys.start
+            buffer[count:] = np.nan
+            buffer[:count, :, h:] = np.nan  # past the array's edge: the fill value, as zarr writes it
+            buffer[:count, :, :h, q:] = np.nan
+            buffer[:count, :, :h, :q, k:] = np.nan
             if old:
-                piece[:old] = self.attention[start : start + old, layer : layer + 1, heads, queries]
+                buffer[:old, :, :h, :q, :k] = self.attention[start : start + old, layer : layer + 1, heads, queries, keys]
             for batch, sample in samples.items():
-                _fill(piece[batch - start, 0], sample, layer, heads, queries)
-            writes.append((self.attention, (rows, slice(layer, layer + 1), heads, queries), piece))
-            if len(writes) == self.IN_FLIGHT:
-                store.write_all(writes)
-                writes = []
+                _fill(buffer[batch - start, 0, :h, :q, :k], sample, layer, heads, queries, keys)
+            self.attention_chunks.write(coords, buffer)
+            if done % self.RELEASE_EVERY == 0:
                 for sample in samples.values():
                     sample.dump.release()  # a large dump's pages: read again only where needed
         length = np.zeros(count, dtype=np.int32)
@@ -358,35 +380,28 @@ class _ChunkWriter:
             i = batch - start
             length[i], source[i], source_index[i] = int(sample.dump.lengths[sample.index]), sample.source, sample.index
             if sample.dump.tokens is not None:
-                q = min(length[i], sample.dump.attention.shape[-2])
-                token[i, :q] = sample.dump.tokens[sample.index, :q]
-        store.write_all(
-            writes
-            + [
-                (self.per_batch["length"], rows, length),
-                (self.per_batch["source"], rows, source.astype(str)),
-                (self.per_batch["source_index"], rows, source_index),
-                (self.per_batch["token"], rows, token.astype(str)),
-            ]
-        )
+                n = min(length[i], sample.dump.attention.shape[-2])
+                token[i, :n] = sample.dump.tokens[sample.index, :n]
+        for name, values in (("length", length), ("source", source), ("source_index", source_index), ("token", token)):
+            self.per_batch_chunks[name].write_rows(start, values)
         for sample in samples.values():
             sample.dump.release()
 
 
-def _fill(out: np.ndarray, sample: _Sample, layer: int, heads: slice, queries: slice) -> None:
-    """`out` (heads, queries, key) from one sample: its valid block, NaN everywhere else."""
+def _fill(out: np.ndarray, sample: _Sample, layer: int, heads: slice, queries: slice, keys: slice) -> None:
+    """`out` (heads, queries, keys) from one sample: its valid block, NaN everywhere else."""
     attention = sample.dump.attention[sample.index, layer, heads]
     n = int(sample.dump.lengths[sample.index])
     q = max(0, min(queries.stop, n, attention.shape[-2]) - queries.start)
-    k = min(n, attention.shape[-1])
-    out[:, :q, :k] = attention[:, queries.start : queries.start + q, :k]
+    k = max(0, min(keys.stop, n, attention.shape[-1]) - keys.start)
+    out[:, :q, :k] = attention[:, queries.start : queries.start + q, keys.start : keys.start + k]
     out[:, q:, :] = np.nan
     out[:, :q, k:] = np.nan
 
 
-def _replace(group, manifest: store.Manifest, replacements, report: IngestReport) -> None:
+def _replace(location, group, manifest: store.Manifest, replacements, report: IngestReport) -> None:
     """--replace: rewrite a changed file's batches in place, one whole chunk at a time."""
-    writer = _ChunkWriter(group)
+    writer = _ChunkWriter(location, group)
     for name, header in replacements:
         try:
             dump = dumps.read(header)
@@ -467,9 +482,9 @@ def _finish(group, manifest: store.Manifest, report: IngestReport, next_batch: i
     manifest.committed = next_batch
 
 
-def _append(group, manifest: store.Manifest, appends, pool, jobs, report: IngestReport, progress) -> None:
+def _append(location, group, manifest: store.Manifest, appends, pool, jobs, report: IngestReport, progress) -> None:
     """Read files in parallel, assign batch indices in file order, write each full chunk."""
-    writer = _ChunkWriter(group)
+    writer = _ChunkWriter(location, group)
     assigner = _Assigner(manifest, report)
     committed = manifest.committed
     chunk = manifest.batch_chunk
@@ -495,8 +510,8 @@ def _append(group, manifest: store.Manifest, appends, pool, jobs, report: Ingest
             name, header = item
             reads.append((name, header, pool.submit(_read, header)))
 
-    # Chunk writes get threads of their own: they mostly wait on zarr, and must not hold
-    # back the reads (on one pool, two waiting writes stalled every read).
+    # Chunk writes get threads of their own (each fills, compresses and writes its chunks,
+    # most of it outside the GIL): a batch-chunk being written never holds back the reads.
     with ThreadPoolExecutor(jobs, thread_name_prefix="fastattn-chunk") as write_pool:
         refill()
         done = 0
@@ -546,8 +561,7 @@ def _write_chunk(url: str, storage_options: dict, start: int, stop: int, committ
         if dump.content_hash != content_hash:
             raise DumpError(f"{header.path}: changed while being ingested")
         samples[batch] = _Sample(dump, index, source)
-    with zarr.config.set({"array.write_empty_chunks": True}):
-        _ChunkWriter(store.open_group(location)).write(start, samples, stop, committed)
+    _ChunkWriter(location, store.open_group(location)).write(start, samples, stop, committed)
     return stop - start
 
 

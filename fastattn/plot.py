@@ -36,7 +36,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from .errors import FastattnError
+from .errors import FastattnError, check_index, plural
 from .summary import FLAG_SHARE, FLAG_WORDS
 
 FORMATS = ("png", "svg", "pdf")
@@ -72,22 +72,9 @@ def file_format(path: str | os.PathLike) -> str:
     return ext
 
 
-def _plural(word: str, n: int | None = None) -> str:
-    plural = word + ("es" if word.endswith("ch") else "s")
-    return plural if n is None else f"{n} {word if n == 1 else plural}"
-
-
 def _check_index(ds: xr.Dataset, dim: str, value) -> int:
     """`value` as a valid index along `dim`, or a one-line FastattnError."""
-    size = int(ds.sizes[dim])
-    try:
-        index = int(value)
-    except (TypeError, ValueError):
-        raise FastattnError(f"{dim} must be an integer, not {value!r}") from None
-    if index != value or not 0 <= index < size:
-        has = f"{_plural(dim, size)} (0-{size - 1})" if size else f"no {_plural(dim)}"
-        raise FastattnError(f"{dim} {value} out of range: the store has {has}")
-    return index
+    return check_index(dim, value, int(ds.sizes[dim]))
 
 
 def _length(ds: xr.Dataset, batch: int) -> int:
@@ -646,7 +633,7 @@ def entropy_map(ds_or_stats: xr.Dataset) -> Figure:
                 ax.add_patch(_cell_outline(head, layer))
     handles = [Line2D([], [], linestyle="none", marker=f"${FLAG_WORDS[f][0]}$", markersize=9, color="black") for f in FLAG_WORDS]
     counts = {f: int((shares[f] >= FLAG_SHARE).sum()) if f in shares else 0 for f in FLAG_WORDS}
-    labels = [f"{FLAG_WORDS[f][1]} ({_plural('head', counts[f])})" for f in FLAG_WORDS]
+    labels = [f"{FLAG_WORDS[f][1]} ({plural('head', counts[f])})" for f in FLAG_WORDS]
     handles.append(Patch(facecolor="none", edgecolor="crimson", linewidth=1.5))
     labels.append(f"flagged in at least {FLAG_SHARE:.0%} of the batches")
     fig.legend(handles, labels, loc="outside lower center", ncols=2 if width >= 13 else 1, fontsize=8, frameon=False)

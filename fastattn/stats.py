@@ -10,18 +10,25 @@ statistics yet, in a plain loop (no dask graph), and commits them through the ma
 an ingest. The formulas and the pattern flags' thresholds are in the kernel module's docstring.
 
 `FLAGS`, `PER_QUERY` and `PER_PLANE` (the variable names) are the kernel's, read lazily so that
-importing this module does not load Numba.
+importing this module does not load Numba. xarray and dask are imported by the functions that
+return Datasets: the command line reads and writes the store through zarr and never loads them.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import functools
 import itertools
 import math
+import struct
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
-import xarray as xr
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 #: Attention bytes per block of `compute_stats` and `write_stats`: big enough that per-block costs
 #: (a kernel launch, one write per variable, a dask task) vanish, small enough that two blocks
@@ -78,6 +85,8 @@ def _block_arrays(pieces, lengths, shape: tuple[int, ...], k: int, parallel: boo
 
 def _dataset(arrays: dict, lead: tuple[str, ...], k: int, coords) -> xr.Dataset:
     """The kernel's arrays (NumPy or dask) as a Dataset with the attention's coordinates."""
+    import xarray as xr
+
     st = xr.Dataset({name: (dims, arrays[name]) for name, (dims, _) in variables(lead, k).items()}, coords=coords)
     return st.assign_coords(rank=np.arange(k, dtype=np.int32))
 
@@ -185,6 +194,8 @@ def compute_stats(ds: xr.Dataset | xr.DataArray, k: int = 5, *, parallel: bool |
     `parallel`: the kernel's own threads; by default on for in-memory arrays, off inside dask
     (whose threads already use the cores).
     """
+    import xarray as xr
+
     if not 1 <= k <= 64:
         raise ValueError(f"k must be between 1 and 64, not {k}")
     attention = ds if isinstance(ds, xr.DataArray) else ds["attention"]
@@ -284,27 +295,53 @@ def _stats_task(loc, b0: int, b1: int, k: int) -> int:
     return _write_block(dict(group[GROUP].arrays()), st, b0, b1)
 
 
-def _create_layout(loc, group, n: int, k: int, block: int, parallel: bool) -> None:
+#: The `_FillValue` attribute xarray writes beside a float variable's NaN fill value (the float64
+#: NaN, base64): with it `xr.open_zarr` masks the fill value as in a group xarray laid out.
+_NAN_FILL = base64.b64encode(struct.pack("<d", math.nan)).decode()
+
+
+def schema(k: int = 1) -> dict[str, tuple[tuple[str, ...], np.dtype]]:
+    """Every array of the stats group as `write_stats` lays it out: name -> (dims, dtype); the
+    kernel's variables, `length`, and the coordinates (0..size-1), what `fastattn check` checks."""
+    from .store import DIMS
+
+    arrays = {**variables(DIMS[:3], k), "length": (("batch",), np.dtype(np.int32))}
+    arrays.update({dim: ((dim,), np.dtype(np.int32)) for dim in (*DIMS, "rank")})
+    return arrays
+
+
+def _create_layout(group, n: int, k: int, block: int) -> None:
     """The stats group's arrays for `n` batches, empty, one chunk per block (replacing old ones).
 
-    `parallel`: the kernel variant the run itself uses, so that a run compiles only that one."""
-    import dask.array as da
-
+    Laid out with zarr from `schema` and the attention's shape, as `xarray.Dataset.to_zarr`
+    would lay out the Dataset `compute_stats` returns (dims, dtypes, fill values, attributes),
+    so `open_stats` and plain `xr.open_zarr` read it; no chunk of a variable is written here
+    (`_write_block` writes them all), only the coordinates."""
     from . import store
 
-    sample = _block_stats(_read_block(group, 0, 1), k, parallel)
-    length = sample.pop("length")
-    coords = {dim: np.arange(size, dtype=np.int32) for dim, size in zip(store.DIMS[1:], group["attention"].shape[1:])}
-    sample = _dataset(sample, store.DIMS[:3], k, coords).assign(length=("batch", length))
-    layout = xr.Dataset(coords={"batch": np.arange(n, dtype=np.int32)})
-    for name, var in sample.data_vars.items():
-        shape = (n, *var.shape[1:])
-        layout[name] = (var.dims, da.zeros(shape, chunks=(block, *var.shape[1:]), dtype=var.dtype))
-    layout = layout.assign_coords({dim: sample[dim] for dim in sample.dims if dim != "batch"})
-    encoding = {name: {"compressors": store.compressors()} for name in layout.variables}
-    for name, var in layout.data_vars.items():
-        encoding[name]["chunks"] = (block, *var.shape[1:])  # not min(n, block): the group grows
-    layout.to_zarr(loc.zarr_store(), group=GROUP, mode="w", compute=False, consolidated=False, encoding=encoding)
+    _, layers, heads, query, key = group["attention"].shape
+    sizes = {"batch": n, "layer": layers, "head": heads, "query": query, "key": key, "rank": k}
+    stats = group.create_group(GROUP, overwrite=True)
+    # overwrite=True although the group is empty now: it spares zarr's check for an existing node,
+    # which reads the root's zarr.json (all the consolidated metadata) twice per array
+    new_array = functools.partial(stats.create_array, overwrite=True, compressors=store.compressors())
+    coords = {}
+    for name, (dims, dtype) in schema(k).items():
+        shape = tuple(sizes[d] for d in dims)
+        if dims == (name,):
+            coords[name] = new_array(name, shape=shape, chunks=shape, dtype=dtype, fill_value=0, dimension_names=dims)
+            continue
+        nan = dtype.kind == "f"
+        new_array(
+            name,
+            shape=shape,
+            chunks=(block, *shape[1:]),  # not min(n, block): the group grows
+            dtype=dtype,
+            fill_value=np.nan if nan else dtype.type(0),  # 0 or False
+            attributes={"_FillValue": _NAN_FILL} if nan else None,
+            dimension_names=dims,
+        )
+    store.write_all((array, slice(None), np.arange(sizes[dim], dtype=np.int32)) for dim, array in coords.items())
 
 
 def write_stats(
@@ -353,7 +390,7 @@ def write_stats(
                 store.uncommit_derived(manifest, store.schema.STATS)
                 store.commit(loc, manifest)
             done = 0
-            _create_layout(loc, group, n, k, block, parallel=client is None)
+            _create_layout(group, n, k, block)
         else:
             for name, array in old.arrays():
                 if "batch" in (array.metadata.dimension_names or ()):
@@ -445,6 +482,31 @@ def open_stats(location, *, storage_options: dict | None = None) -> xr.Dataset:
     from . import store
 
     return store.open_derived(store.as_location(location, storage_options), store.schema.STATS)
+
+
+def read_planes(
+    location, names, *, layer: list[int] | None = None, head: list[int] | None = None, storage_options: dict | None = None
+) -> dict[str, np.ndarray]:
+    """Per-plane statistics `names` of the committed batches as NumPy arrays (batch, layer, head)
+    at the `layer` and `head` positions given (None or empty: all), and those positions as
+    "layer" and "head". Read with zarr alone, all at once: what the command line's table needs,
+    without the seconds xarray and dask take to import. The same checks as `open_stats`."""
+    from . import store
+    from .errors import check_index
+
+    loc = store.as_location(location, storage_options)
+    _, record = store.derived_committed(loc, store.schema.STATS)
+    n = record["batches"]
+    root = store.open_group(loc, "r")
+    group = root[GROUP] if GROUP in root else None
+    store.require_variables(loc, store.schema.STATS, record, set(group.array_keys()) if group is not None else ())
+    arrays = [group[name] for name in names]
+    picks = {}
+    for dim, values, size in (("layer", layer, arrays[0].shape[1]), ("head", head, arrays[0].shape[2])):
+        positions = np.arange(size)
+        picks[dim] = positions if not values else positions[[check_index(dim, v, size) for v in values]]
+    selection = (slice(0, n), picks["layer"], picks["head"])
+    return {**dict(zip(names, store.read_all((array, selection) for array in arrays))), **picks}
 
 
 @contextlib.contextmanager

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from . import store
@@ -104,15 +106,31 @@ TABLE_VARS = ("entropy_mean", "entropy_norm", "self_attention", "confidence", "d
 
 
 def head_table(stats) -> dict:
-    """Per (layer, head) numbers over all batches, as numpy arrays (layer, head[, flag])."""
+    """Per (layer, head) numbers over all batches, as numpy arrays (layer, head[, flag]), of an
+    xarray Dataset of statistics (`open_stats`, `compute_stats`)."""
     names = [v for v in TABLE_VARS if v in stats] + [f for f in FLAG_WORDS if f in stats]
     planes = stats[names].transpose("batch", "layer", "head").compute()
-    batches = planes.sizes["batch"]
-    table = {"batches": batches, "layer_ids": planes["layer"].values, "head_ids": planes["head"].values}
-    for name in ("entropy_mean", "entropy_norm", "self_attention", "confidence", "distance_mean"):
-        table[name] = planes[name].mean("batch").values
-    peak = np.asarray(planes["peak_key"].values, dtype=np.int64)  # (batch, layer, head)
-    layers, heads = peak.shape[1:]
+    return _table({name: planes[name].values for name in (*names, "layer", "head")})
+
+
+def store_head_table(location, *, layer=None, head=None, storage_options: dict | None = None) -> dict:
+    """`head_table` of a store's committed statistics, of some layers and heads (lists of
+    positions; default all), read with zarr and NumPy alone: what `fastattn stats` prints."""
+    from .stats import read_planes
+
+    names = [*TABLE_VARS, *FLAG_WORDS]
+    return _table(read_planes(location, names, layer=layer, head=head, storage_options=storage_options))
+
+
+def _table(planes: dict[str, np.ndarray]) -> dict:
+    """`head_table` of per-plane arrays (batch, layer, head), and the "layer" and "head" labels."""
+    peak = np.asarray(planes["peak_key"], dtype=np.int64)  # (batch, layer, head)
+    batches, layers, heads = peak.shape
+    table = {"batches": batches, "layer_ids": planes["layer"], "head_ids": planes["head"]}
+    with warnings.catch_warnings():  # a plane empty in every batch: NaN, as xarray's mean gives
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for name in ("entropy_mean", "entropy_norm", "self_attention", "confidence", "distance_mean"):
+            table[name] = np.nanmean(planes[name], axis=0)
     common = np.zeros((layers, heads), dtype=np.int64)
     common_share = np.zeros((layers, heads))
     for layer in range(layers):
@@ -121,7 +139,7 @@ def head_table(stats) -> dict:
             common[layer, head] = counts.argmax()
             common_share[layer, head] = counts.max() / batches
     table["peak_key"], table["peak_share"] = common, common_share
-    table["flags"] = {f: planes[f].values.astype(bool) for f in FLAG_WORDS if f in planes}
+    table["flags"] = {f: planes[f].astype(bool) for f in FLAG_WORDS if f in planes}
     table["flag_counts"] = {f: v.sum(axis=0) for f, v in table["flags"].items()}
     table["peaks"] = peak
     return table

@@ -103,3 +103,119 @@ def test_statistics_of_batches_larger_than_a_block_are_read_plane_by_plane(tmp_p
     a, b = stats.open_stats(tmp_path / "s.zarr").compute(), stats.open_stats(tmp_path / "whole.zarr").compute()
     for name in b.data_vars:
         np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+
+
+# ---------------------------------------------------------------- whole chunks written without zarr's write path
+
+WHOLE_CHUNK_ARRAYS = [
+    # (dtype, fill, shape, chunks, rows written): attention-like with NaN fill, per-batch arrays, tokens
+    ("float32", np.nan, (10, 2, 3, 5, 7), (4, 1, 3, 5, 7), (0, 4, 8)),  # the last chunk row past the array's end
+    ("float16", np.nan, (6, 2, 3, 9, 9), (3, 1, 2, 4, 9), (0, 3)),  # heads and queries split, edge chunks
+    ("int32", -1, (10,), (4,), (0, 4, 8)),
+    (str, "", (10,), (4,), (0, 4, 8)),
+    (str, "", (9, 6), (4, 4), (0, 4, 8)),
+]
+
+
+def _random_values(rng, dtype, shape):
+    if dtype is str:
+        words = np.array(["", "a", "héllo", "tok", "Ġthe", "x" * 40])
+        return words[rng.integers(0, len(words), shape)].astype(object)
+    if np.dtype(dtype).kind == "f":
+        values = rng.random(shape).astype(dtype)
+        values[rng.random(shape) < 0.2] = np.nan  # NaN padding as the store has it
+        return values
+    return rng.integers(-5, 1000, shape).astype(dtype)
+
+
+@pytest.mark.parametrize("blosc_into", [True, False], ids=["blosc-into", "codec-encode"])
+@pytest.mark.parametrize(("dtype", "fill", "shape", "chunks", "starts"), WHOLE_CHUNK_ARRAYS)
+def test_whole_chunks_are_the_bytes_zarr_writes(tmp_path, rng, monkeypatch, blosc_into, dtype, fill, shape, chunks, starts):
+    """store.WholeChunks (fastattn's own encode and write, on random data) and `array[...] = values`
+    (zarr's) leave byte-identical chunk files, edge chunks included, with blosc writing into
+    fastattn's buffer or through the codec."""
+    if not blosc_into:
+        monkeypatch.setattr(store.chunks, "_BLOSC_INTO", None)
+    assert blosc_into is (store.chunks._BLOSC_INTO is not None)  # the fast path is really there on this machine
+    values = _random_values(rng, dtype, shape)
+    arrays = []
+    for name in ("zarr", "fastattn"):
+        group = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w", zarr_format=3)
+        arrays.append(group.create_array("a", shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, compressors=store.compressors()))
+    by_zarr, ours = arrays
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        by_zarr[...] = values
+    whole = store.WholeChunks(store.Location(tmp_path / "fastattn.zarr"), ours)
+    for start in starts:
+        whole.write_rows(start, values[start : start + chunks[0]])
+    files = sorted(p.relative_to(tmp_path / "zarr.zarr") for p in (tmp_path / "zarr.zarr" / "a" / "c").rglob("*") if p.is_file())
+    assert len(files) == math.prod(-(-n // c) for n, c in zip(shape, chunks))
+    for rel in files:
+        assert (tmp_path / "fastattn.zarr" / rel).read_bytes() == (tmp_path / "zarr.zarr" / rel).read_bytes(), rel
+    assert not list((tmp_path / "fastattn.zarr").rglob("*.partial"))
+    got = zarr.open_array(str(tmp_path / "fastattn.zarr" / "a"), mode="r")[...]
+    if dtype is str:
+        assert got.tolist() == values.tolist()
+    else:
+        np.testing.assert_array_equal(got, values)
+
+
+def test_the_checksum_is_zarrs_crc32c_codec_output(tmp_path, rng):
+    """The 4 bytes written after a chunk are what zarr's Crc32cCodec appends to the same
+    compressed bytes (random data, several sizes)."""
+    from zarr.codecs import Crc32cCodec
+    from zarr.core.buffer import default_buffer_prototype
+
+    for size in (1, 7, 4096, 100_003):
+        group = zarr.open_group(str(tmp_path / f"{size}.zarr"), mode="w", zarr_format=3)
+        array = group.create_array("a", shape=(size,), chunks=(size,), dtype="float32", compressors=store.compressors())
+        whole = store.WholeChunks(store.Location(tmp_path / f"{size}.zarr"), array)
+        payload, checksum = whole.encode(rng.standard_normal(size).astype(np.float32))
+        spec = array.metadata.get_chunk_spec((0,), array.config, default_buffer_prototype())
+        by_zarr = Crc32cCodec()._encode_sync(default_buffer_prototype().buffer.from_bytes(bytes(payload)), spec)
+        assert bytes(payload) + checksum == by_zarr.to_bytes()
+
+
+def test_a_flipped_bit_in_a_chunk_fails_every_read(samples, tmp_path):
+    """A bit flipped in the compressed bytes, or in the checksum after them, of a chunk that
+    ingest wrote: fastattn's read and plain zarr's raise a checksum error; check names the chunk."""
+    out = tmp_path / "s.zarr"
+    assert ingest([samples / "fixed"], out).ok
+    chunk = out / "attention" / "c" / "0" / "3" / "0" / "0" / "0"
+    clean = chunk.read_bytes()
+    for offset in (len(clean) // 2, len(clean) - 2):
+        damaged = bytearray(clean)
+        damaged[offset] ^= 0x10
+        chunk.write_bytes(bytes(damaged))
+        with pytest.raises(ValueError, match="checksum"):
+            store.open_store(out).attention.values
+        with pytest.raises(ValueError, match="checksum"):
+            zarr.open_array(str(out / "attention"), mode="r")[0, 3]
+        assert [p.where for p in check.check_store(out)] == ["attention/c/0/3/0/0/0"]
+    chunk.write_bytes(clean)
+    assert check.check_store(out) == []
+
+
+def test_plain_zarr_reads_an_ingested_store_without_fastattn(samples, tmp_path):
+    """Another process with stock zarr (fastattn never imported) reads every array ingest wrote."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "s.zarr"
+    assert ingest([samples / "fixed", samples / "batched"], out).ok
+    script = (
+        "import sys, numpy as np, zarr\n"
+        "g = zarr.open_group(sys.argv[1], mode='r', use_consolidated=False)\n"
+        "np.savez(sys.argv[2], attention=g['attention'][...], length=g['length'][...], source_index=g['source_index'][...],"
+        " source=np.array(g['source'][...].tolist()), token=np.array(g['token'][...].tolist()))\n"
+        "assert not [m for m in sys.modules if m.startswith('fastattn')], 'fastattn was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "read.npz")], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    want = store.open_store(out).compute()
+    with np.load(tmp_path / "read.npz", allow_pickle=False) as got:
+        assert got["attention"].shape == want.attention.shape and not np.isnan(want.attention.values).all()
+        np.testing.assert_array_equal(got["attention"], want.attention.values)
+        for name in ("length", "source_index", "source", "token"):
+            np.testing.assert_array_equal(got[name], want[name].values.astype(got[name].dtype), err_msg=name)

@@ -37,6 +37,7 @@ runner = CliRunner()
 
 SERVER = r"""
 import errno, json, os, signal, sys, threading, time, traceback, uuid
+from pathlib import Path
 import numpy as np
 import fastattn.ingest
 import zarr
@@ -71,36 +72,43 @@ def counted(n, original, *, before=False):
     return wrapped
 
 
-def torn_put(n, match):
-    # the nth matching file write stops half-way, as a kill mid-write leaves it
-    original, calls, lock = local._put, [0], threading.Lock()
+def each_write(match, before):
+    # call before(nth, path, data) ahead of every matching file write, numbered together: zarr's
+    # own (local._put: metadata, coordinates) and fastattn's whole chunks (store.location.write_file)
+    zarr_put, own_write, calls, lock = local._put, store.location.write_file, [0], threading.Lock()
+    def nth():
+        with lock:
+            calls[0] += 1
+            return calls[0]
     def put(path, value, exclusive=False):
         if match(path):
-            with lock:
-                calls[0] += 1
-                mine = calls[0]
-            if mine == n:
-                data = bytes(value.as_buffer_like())
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(path.with_suffix(f".{uuid.uuid4().hex}.partial"), "wb") as f:
-                    f.write(data[: len(data) // 2])
-                die()
-        return original(path, value, exclusive)
-    local._put = put
+            before(nth(), path, lambda: bytes(value.as_buffer_like()))
+        return zarr_put(path, value, exclusive)
+    def write_file(path, buffers):
+        if match(Path(path)):
+            before(nth(), Path(path), lambda: b"".join(bytes(b) for b in buffers))
+        return own_write(path, buffers)
+    local._put, store.location.write_file = put, write_file
+
+
+def torn_put(n, match):
+    # the nth matching file write stops half-way, as a kill mid-write leaves it
+    def tear(mine, path, data):
+        if mine == n:
+            data = data()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path.with_suffix(f".{uuid.uuid4().hex}.partial"), "wb") as f:
+                f.write(data[: len(data) // 2])
+            die()
+    each_write(match, tear)
 
 
 def full_disk(n, match):
-    # from the nth matching file write on, writes fail with ENOSPC (zarr removes its temporary file)
-    original, calls, lock = local._put, [0], threading.Lock()
-    def put(path, value, exclusive=False):
-        if match(path):
-            with lock:
-                calls[0] += 1
-                mine = calls[0]
-            if mine >= n:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return original(path, value, exclusive)
-    local._put = put
+    # from the nth matching file write on, writes fail with ENOSPC (nothing of them is left behind)
+    def fail(mine, path, data):
+        if mine >= n:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    each_write(match, fail)
 
 
 def is_chunk(path):
@@ -115,7 +123,7 @@ def patch(point, n, arg):
     elif point == "meta_torn":
         torn_put(n, lambda p: p.name == "zarr.json")
     elif point == "put_before":
-        local._put = counted(n, local._put, before=True)
+        each_write(lambda p: True, lambda mine, path, data: die() if mine == n else None)
     elif point == "array_resize":  # between two arrays' resizes: arrays left at different lengths
         zarr.Array.resize = counted(n, zarr.Array.resize)
     elif point == "resize":

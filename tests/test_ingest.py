@@ -213,3 +213,24 @@ def test_lock_refuses_a_second_writer_and_takes_over_a_dead_one(tmp_path, rng):
     lock.write_text('{"pid": %d, "host": "%s", "since": "then", "purpose": "fastattn ingest"}' % (os.getpid(), os.uname().nodename))
     assert ingest([tmp_path / "d"], out).files_unchanged == 1
     assert not lock.exists()
+
+def test_longer_sequences_after_many_batches_leave_no_chunk_unwritten(tmp_path, rng):
+    """More than one batch-chunk row of short samples, then longer ones: the committed rows'
+    chunks beyond their old query/key edge are written (NaN), so the store checks clean."""
+    import fastattn
+    from fastattn.check import check_store
+
+    short = batched_dump(rng, tmp_path / "a" / "short.npz", [8] * 300, layers=2, heads=2)
+    long = batched_dump(rng, tmp_path / "b" / "long.npz", [40, 33], layers=2, heads=2)
+    store = tmp_path / "s.zarr"
+    fastattn.ingest(short.parent, store)
+    assert fastattn.open_store(store)["attention"].encoding["chunks"][0] < 300  # the case: two rows of chunks
+    fastattn.ingest(long.parent, store)
+    assert check_store(store) == []
+    ds = fastattn.open_store(store)
+    attention = ds["attention"].values
+    with np.load(short, allow_pickle=False) as z:
+        np.testing.assert_array_equal(attention[:300, :, :, :8, :8], z["attention_weights"].transpose(1, 0, 2, 3, 4))
+    assert np.isnan(attention[:300, :, :, 8:]).all() and np.isnan(attention[:300, :, :, :, 8:]).all()
+    assert (ds["token"].values[:300, 8:] == "").all()
+    assert list(ds["length"].values[300:]) == [40, 33]

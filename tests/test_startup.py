@@ -34,8 +34,11 @@ np.savez(out, **results)
 print(json.dumps({"hits": sum(kernel.stats.cache_hits.values()), "misses": sum(kernel.stats.cache_misses.values())}))
 """
 
-#: The heavy libraries a command that only parses its arguments must not load.
-HEAVY = ("numpy", "numba", "xarray", "zarr", "dask", "pandas", "distributed", "matplotlib", "scipy")
+#: The heavy libraries a command that only parses its arguments must not load (rich: help is
+#: click's plain formatter, and usage errors are plain lines).
+HEAVY = ("numpy", "numba", "xarray", "zarr", "dask", "pandas", "distributed", "matplotlib", "scipy", "rich")
+#: What `fastattn stats` on a local store must not load: it reads and writes through zarr alone.
+NOT_FOR_STATS = ("xarray", "dask", "pandas", "distributed", "matplotlib")
 #: The test session's cache (conftest), for processes whose cache is not what they test.
 SESSION_CACHE = os.environ["NUMBA_CACHE_DIR"]
 
@@ -188,12 +191,12 @@ def test_help_and_usage_errors_load_no_heavy_library(argv, code):
 def test_import_fastattn_is_cheap_and_the_api_loads_on_use():
     code = (
         "import sys, fastattn\n" + LOADED + "\n"
-        "print(callable(fastattn.open_store), callable(fastattn.ingest), 'xarray' in sys.modules)\n"
+        "print(callable(fastattn.open_store), callable(fastattn.ingest), 'zarr' in sys.modules, 'xarray' in sys.modules)\n"
         "import fastattn.ingest\n"  # the submodule of the same name: fastattn.ingest stays the function
         "print(callable(fastattn.ingest), sys.modules['fastattn.ingest'].ingest is fastattn.ingest, fastattn.stats.FLAGS[0])"
     )
     out = python(code, env=environment(NUMBA_CACHE_DIR=SESSION_CACHE)).splitlines()
-    assert out == ["[]", "True True True", "True True uniform"]
+    assert out == ["[]", "True True True False", "True True uniform"]  # xarray: when open_store runs
 
 
 @pytest.mark.parametrize("order", ["import fastattn, xarray", "import xarray, fastattn"])
@@ -210,3 +213,75 @@ def test_accessor_works_whichever_is_imported_first(order, rng, tmp_path):
     python(code, env=environment(NUMBA_CACHE_DIR=SESSION_CACHE))
     got = np.load(tmp_path / "e.npy", allow_pickle=False)
     np.testing.assert_allclose(got, ref.entropy(a), rtol=1e-6)  # the accessor gives float32
+
+
+def run_cli(argv: list[str], env: dict) -> tuple[str, list[str]]:
+    """`fastattn *argv` in a fresh process: its output, and which of NOT_FOR_STATS it imported."""
+    script = (
+        f"import sys\nsys.argv = ['fastattn', *{argv!r}]\nfrom fastattn_cli.main import main\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(NOT_FOR_STATS)!r}))"
+    )
+    *out, loaded = python(script, env=env).splitlines()
+    return "\n".join(out), eval(loaded)
+
+
+def test_stats_command_loads_no_xarray_dask_or_pandas(tmp_path, rng):
+    """Computing the statistics, laying out the group and printing the table (json, csv and
+    rich's) go through zarr and NumPy alone: no xarray, dask, pandas or distributed."""
+    from conftest import batched_dump
+
+    from fastattn.ingest import ingest
+
+    batched_dump(rng, tmp_path / "d" / "a.npz", [7, 12, 3], layers=2, heads=3)
+    ingest([tmp_path / "d"], tmp_path / "s.zarr")
+    env = environment(NUMBA_CACHE_DIR=SESSION_CACHE)
+    out, loaded = run_cli(["stats", str(tmp_path / "s.zarr"), "--format", "json"], env)
+    assert loaded == []
+    body = json.loads(out)
+    assert (body["computed"], body["batches"], len(body["heads"])) == (3, 3, 6)
+    for fmt in ("csv", "table"):  # nothing left to compute: the table alone
+        out, loaded = run_cli(["stats", str(tmp_path / "s.zarr"), "--format", fmt, "--layer", "1"], env)
+        assert loaded == []
+        assert out.count("\n1,") == 3 if fmt == "csv" else "self-attn" in out
+
+
+def help_paragraphs(text: str) -> list[list[str]]:
+    """The description of a command's plain help, as paragraphs of lines: what comes between
+    the usage line and the first section ("Arguments:", "Options:", "Commands:")."""
+    body = text.split("\n\n", 1)[1]
+    for section in ("\nArguments:", "\nOptions:", "\nCommands:"):
+        body = body.split(section)[0]
+    return [block.splitlines() for block in body.strip("\n").split("\n\n")]
+
+
+COMMANDS = ["synth", "ingest", "info", "stats", "plot", "report", "capture", "check", "compare", "roles", "similarity",
+            "rollout"]
+
+
+@pytest.mark.parametrize("command", ["", *COMMANDS])
+def test_help_reflows_paragraphs(command):
+    """Each paragraph of a command's help is filled to the width (no line ends early where the
+    source had a line break, as rich's help did: "... pass per" / "chunk; ..."), and says every
+    word of its source, in order."""
+    import inspect
+
+    import typer
+    from typer.testing import CliRunner
+
+    from fastattn_cli.main import app
+
+    result = CliRunner().invoke(app, [*filter(None, [command]), "--help"])
+    assert result.exit_code == 0 and result.output.startswith("Usage: fastattn")
+    width = 80  # typer's CliRunner formats help at 80 columns
+    paragraphs = help_paragraphs(result.output)
+    for lines in paragraphs:
+        for line, after in zip(lines, lines[1:]):
+            if not line.startswith("   ") and not after.startswith("   "):  # not a \\b block (kept as written)
+                assert len(line) + 1 + len(after.split()[0]) > width, f"{command or 'fastattn'}: ends early: {line!r}"
+    group = typer.main.get_command(app)
+    source = group.help if not command else group.commands[command].help
+    said = "".join("".join(line.split()) for lines in paragraphs for line in lines)  # textwrap may break at a hyphen
+    assert said == "".join(w for w in inspect.cleandoc(source).split() if w != "\b")
+    listing = CliRunner().invoke(app, ["--help"]).output.split("\nCommands:\n")[1]
+    assert set(COMMANDS) == {line.split()[0] for line in listing.splitlines() if line[2:3] != " " and line.strip()}

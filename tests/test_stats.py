@@ -15,7 +15,7 @@ from conftest import SAMPLES, batched_dump, softmax_rows, write_dump
 from typer.testing import CliRunner
 
 import fastattn
-from fastattn import stats, store
+from fastattn import stats, store, summary
 from fastattn.ingest import ingest
 from fastattn_cli.main import app
 
@@ -241,6 +241,135 @@ def test_longer_sequences_lay_statistics_out_again(tmp_path, rng):
     ingest([tmp_path / "d"], tmp_path / "s.zarr")
     assert fastattn.write_stats(tmp_path / "s.zarr") == {"computed": 3, "total": 3}
     check_against_reference(fastattn.open_stats(tmp_path / "s.zarr"), fastattn.open_store(tmp_path / "s.zarr"))
+
+
+def xarray_layout(group, n: int, k: int, block: int) -> None:
+    """The stats group as write_stats laid it out with xarray before: the Dataset of a sample
+    block's statistics, as dask zeros of `n` batches, through `to_zarr(compute=False)`. The
+    reference `stats._create_layout` (zarr alone) must match."""
+    import dask.array as da
+
+    sample = stats._block_stats(stats._read_block(group, 0, 1), k, parallel=True)
+    length = sample.pop("length")
+    coords = {dim: np.arange(size, dtype=np.int32) for dim, size in zip(store.DIMS[1:], group["attention"].shape[1:])}
+    sample = stats._dataset(sample, store.DIMS[:3], k, coords).assign(length=("batch", length))
+    layout = xr.Dataset(coords={"batch": np.arange(n, dtype=np.int32)})
+    for name, var in sample.data_vars.items():
+        layout[name] = (var.dims, da.zeros((n, *var.shape[1:]), chunks=(block, *var.shape[1:]), dtype=var.dtype))
+    layout = layout.assign_coords({dim: sample[dim] for dim in sample.dims if dim != "batch"})
+    encoding = {name: {"compressors": store.compressors()} for name in layout.variables}
+    for name, var in layout.data_vars.items():
+        encoding[name]["chunks"] = (block, *var.shape[1:])
+    layout.to_zarr(group.store, group=stats.GROUP, mode="w", compute=False, consolidated=False, encoding=encoding)
+
+
+def stats_files(path) -> dict:
+    """Every file of a store's stats group: metadata parsed, chunks as bytes."""
+    files = {}
+    for p in sorted((path / "stats").rglob("*")):
+        if p.is_file():
+            files[str(p.relative_to(path))] = json.loads(p.read_text()) if p.name == "zarr.json" else p.read_bytes()
+    return files
+
+
+@pytest.mark.parametrize("kind", ["samples", "ragged, many blocks", "cross-attention"])
+def test_the_layout_is_what_xarray_wrote(kind, samples_store, tmp_path, rng, monkeypatch, cli):
+    """The stats group laid out with zarr alone equals, file for file, the one xarray laid out
+    (dims, dtypes, chunks, fill values and their `_FillValue`, coordinates), also after it grew
+    and was laid out again over itself; open_stats reads identical Datasets; check passes."""
+    source = tmp_path / "source.zarr"
+    if kind == "samples":
+        shutil.copytree(samples_store, source)
+    elif kind == "cross-attention":
+        write_dump(tmp_path / "d" / "a.npz", softmax_rows(rng, (2, 3, 4, 9)))
+        ingest([tmp_path / "d"], source)
+    else:
+        monkeypatch.setattr(store, "CHUNK_BYTES", 2000)  # 3 heads x 9 x 9 float32: 2 batches a chunk
+        monkeypatch.setattr(stats, "BLOCK_BYTES", 8000)  # x 2 layers: 2 chunks a block
+        for i in range(3):
+            batched_dump(rng, tmp_path / "d" / f"a{i}.npz", [1, 9, 6][i:] + [4], layers=2, heads=3, size=9)
+        ingest([tmp_path / "d"], source)
+    extra = tmp_path / "e" / "more.npz"  # appended after the first statistics: the group grows
+    if kind == "cross-attention":
+        write_dump(extra, softmax_rows(rng, (2, 3, 4, 9)))
+    elif kind != "samples":
+        batched_dump(rng, extra, [5, 2], layers=2, heads=3, size=9)
+    stores = {}
+    for name, layout in (("xarray", xarray_layout), ("zarr", stats._create_layout)):
+        stores[name] = tmp_path / f"{name}.zarr"
+        shutil.copytree(source, stores[name])
+        with monkeypatch.context() as patch:
+            patch.setattr(stats, "_create_layout", layout)
+            assert fastattn.write_stats(stores[name], k=4)["computed"] > 0
+            if extra.exists():
+                ingest([extra.parent], stores[name])
+                assert fastattn.write_stats(stores[name], k=4)["computed"] == (1 if kind == "cross-attention" else 2)
+            done = fastattn.write_stats(stores[name], k=3)  # another k: laid out again over the old group
+            assert done["computed"] == done["total"]
+    old, new = stats_files(stores["xarray"]), stats_files(stores["zarr"])
+    assert list(new) == list(old)
+    for key in old:
+        assert new[key] == old[key], key
+    assert new["stats/entropy/zarr.json"]["attributes"] == {"_FillValue": "AAAAAAAA+H8="}  # NaN, as xarray writes it
+    opened = {name: fastattn.open_stats(path) for name, path in stores.items()}
+    for st in opened.values():
+        st.attrs.pop("store")
+    xr.testing.assert_identical(opened["zarr"].compute(), opened["xarray"].compute())
+    check_against_reference(opened["zarr"], fastattn.open_store(stores["zarr"]))
+    result = cli("check", stores["zarr"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("lengths", [[[1, 7, 12, 3], [12, 2]], [[1, 1], [1]]])
+def test_the_command_reads_head_table_with_zarr_alone(lengths, tmp_path, rng):
+    """What `fastattn stats` prints (read with zarr and NumPy) is `head_table` of `open_stats`,
+    number for number, NaN where a head has no defined value in any batch (length-1 samples)."""
+    for i, batch in enumerate(lengths):
+        batched_dump(rng, tmp_path / "d" / f"{i}.npz", batch, layers=2, heads=3)
+    ingest([tmp_path / "d"], tmp_path / "s.zarr")
+    fastattn.write_stats(tmp_path / "s.zarr")
+    st = fastattn.open_stats(tmp_path / "s.zarr")
+    for layer, head in ((None, None), ([1], None), (None, [2, 0]), ([0, 1], [1])):
+        want = summary.head_table(st.isel(layer=layer or slice(None), head=head or slice(None)))
+        got = summary.store_head_table(tmp_path / "s.zarr", layer=layer, head=head)
+        assert got.keys() == want.keys()
+        for name in want:
+            if isinstance(want[name], dict):
+                assert got[name].keys() == want[name].keys()
+                for flag in want[name]:
+                    np.testing.assert_array_equal(got[name][flag], want[name][flag], err_msg=f"{name} {flag}")
+            else:
+                np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+        assert summary.head_rows(got) == summary.head_rows(want)
+    assert np.isnan(got["entropy_norm"]).any() == (max(map(max, lengths)) == 1)  # every batch length 1: NaN
+    with pytest.raises(fastattn.FastattnError, match=r"^layer 2 out of range: the store has 2 layers \(0-1\)$"):
+        summary.store_head_table(tmp_path / "s.zarr", layer=[2])
+    with pytest.raises(fastattn.FastattnError, match=r"^head -1 out of range: the store has 3 heads \(0-2\)$"):
+        summary.store_head_table(tmp_path / "s.zarr", head=[-1])
+
+
+def test_the_command_on_a_remote_store(samples_store, tmp_path):
+    """A store behind an fsspec URL goes the same zarr path: laid out, computed and summarised
+    as the local copy is, number for number."""
+    import fsspec
+
+    local = tmp_path / "s.zarr"
+    shutil.copytree(samples_store, local)
+    memory = fsspec.filesystem("memory")
+    memory.put(str(local), "/stats-remote/s.zarr", recursive=True)
+    runner = CliRunner()
+    try:
+        remote = runner.invoke(app, ["stats", "memory://stats-remote/s.zarr", "--format", "json", "--head", "3"])
+        assert remote.exit_code == 0, remote.output
+        here = runner.invoke(app, ["stats", str(local), "--format", "json", "--head", "3"])
+        assert json.loads(remote.stdout) == json.loads(here.stdout)
+        assert json.loads(remote.stdout)["computed"] == 11
+        got = fastattn.open_stats("memory://stats-remote/s.zarr").compute()
+    finally:
+        memory.rm("/stats-remote", recursive=True)
+    want = fastattn.open_stats(local).compute()
+    got.attrs, want.attrs = {}, {}
+    xr.testing.assert_identical(got, want)
 
 
 def test_accessor_on_a_plain_dataarray(rng):

@@ -1,4 +1,4 @@
-"""Writing a store: lay it out, write chunks, commit; and the derived groups' commits.
+"""Writing a store: lay it out, commit; and the derived groups' commits.
 
 The manifest is the commit record: committing is one atomic write of `manifest.json`
 (a rename locally, a single PUT on object storage), after which the consolidated metadata
@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
-import xarray as xr
 import zarr
 
 from ..errors import StoreError
@@ -27,6 +26,9 @@ from .lock import Lock
 from .manifest import Manifest, now
 from .read import check_store, open_committed, require_batches
 from .schema import ARRAYS, DIMS, FORMAT_VERSION, MANIFEST, META, Derived, attention_chunks, create_array
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 AT_LAST_COMMIT = "the store still opens at its last commit"
 
@@ -57,22 +59,6 @@ def create(location: Location, *, layers: int, heads: int, query: int, key: int,
     for spec in ARRAYS:
         create_array(group, spec, sizes, chunks, dtype)
     return Manifest(layers=layers, heads=heads, max_length=max(query, key), dtype=dtype, batch_chunk=chunks[0])
-
-
-#: Threads for `write_all`; created on first use, shared by every writer in the process.
-_WRITES = ThreadPoolExecutor(8, thread_name_prefix="fastattn-write")
-
-
-def write_all(writes) -> None:
-    """Several zarr writes `(array, selection, values)` at once, waiting for all of them.
-
-    Why: one zarr write spends most of its time waiting for its thread hops (encode, then
-    store), ~5 ms on this VM even for a small array, so ten writes one after another cost
-    ten times that, and ten at once barely more than one. Never call it from a task that is
-    itself running on this pool.
-    """
-    for future in [_WRITES.submit(array.__setitem__, selection, values) for array, selection, values in writes]:
-        future.result()
 
 
 def write_manifest(location: Location, manifest: Manifest) -> None:
@@ -155,9 +141,9 @@ def commit_derived(location: Location, manifest: Manifest, spec: Derived, batche
     group.attrs[spec.attribute] = {"batches": batches, "ingests": len(manifest.ingests), **params, "time": now()}
 
 
-def open_derived(location: Location, spec: Derived) -> xr.Dataset:
-    """The committed batches of a derived group, lazily; a StoreError when it has none, is out
-    of date, or lacks a variable its layout has. `attrs`: the store and the commit record."""
+def derived_committed(location: Location, spec: Derived) -> tuple[Manifest, dict]:
+    """The manifest and a derived group's commit record, when the group is committed and up to
+    date; else a one-line StoreError (no batches, none yet, out of date)."""
     manifest = require_batches(location, check_store(location))
     group = None
     if spec.record == "attribute":
@@ -173,9 +159,21 @@ def open_derived(location: Location, spec: Derived) -> xr.Dataset:
             f"{location}: out of date ({spec.noun} of {record['batches']} batches, the store has {manifest.committed});"
             f" run {spec.command} again"
         )
-    ds = open_committed(location, {"batch": record["batches"]}, group=spec.name)  # survives a killed resize
-    missing = [name for name in spec.variables(record) if name not in ds.variables]
+    return manifest, record
+
+
+def require_variables(location: Location, spec: Derived, record: dict, names) -> None:
+    """Every variable of the group's layout is among `names`, or a one-line StoreError."""
+    missing = [name for name in spec.variables(record) if name not in names]
     if missing:
         raise StoreError(f"{location}: {spec.lack.format(names=', '.join(missing))}")
+
+
+def open_derived(location: Location, spec: Derived) -> xr.Dataset:
+    """The committed batches of a derived group, lazily; a StoreError when it has none, is out
+    of date, or lacks a variable its layout has. `attrs`: the store and the commit record."""
+    _, record = derived_committed(location, spec)
+    ds = open_committed(location, {"batch": record["batches"]}, group=spec.name)  # survives a killed resize
+    require_variables(location, spec, record, ds.variables)
     ds.attrs = {"store": str(location), **record}
     return ds

@@ -14,6 +14,7 @@ import errno
 import os
 import shutil
 import stat
+import uuid
 from pathlib import Path
 
 import zarr
@@ -74,6 +75,12 @@ class Location(abc.ABC):
     @abc.abstractmethod
     def write_atomic(self, key: str, data: bytes) -> None:
         """Write `key` so a reader sees the old or the new bytes, never a torn file."""
+
+    @abc.abstractmethod
+    def write_chunk(self, key: str, buffers) -> None:
+        """Write one chunk file whole from `buffers` (written one after the other), as zarr's
+        stores do: a kill leaves the old or the new bytes. No fsync, like zarr: the manifest's
+        commit is what is made durable."""
 
     @abc.abstractmethod
     def delete(self, key: str) -> None:
@@ -184,6 +191,10 @@ class LocalLocation(Location):
             tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no half-written file behind
             raise
 
+    def write_chunk(self, key: str, buffers) -> None:
+        # a temporary `*.partial` renamed over the key: at worst a `*.partial` that `check --repair` removes
+        write_file(self._file(key), buffers)
+
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(self._file(key))
@@ -228,6 +239,26 @@ class LocalLocation(Location):
 
     def local_path(self, key: str) -> str:
         return self._file(key)
+
+
+def write_file(path: str, buffers) -> None:
+    """`path` replaced whole by the bytes of `buffers`, through a temporary file renamed over it
+    (zarr's LocalStore writes the same way), its folder made when missing."""
+    tmp = f"{path}.{uuid.uuid4().hex}.partial"
+    try:
+        f = open(tmp, "wb")
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        f = open(tmp, "wb")
+    try:
+        with f:
+            for buffer in buffers:
+                f.write(buffer)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # e.g. a full disk: leave no half-written file behind
+        raise
 
 
 class RemoteLocation(Location):
@@ -299,6 +330,9 @@ class RemoteLocation(Location):
 
     def write_atomic(self, key: str, data: bytes) -> None:
         self.fs.pipe_file(self._path(key), data)  # one PUT: atomic on S3-compatible stores
+
+    def write_chunk(self, key: str, buffers) -> None:
+        self.fs.pipe_file(self._path(key), b"".join(buffers))  # one PUT
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):

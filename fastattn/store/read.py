@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING
 
-import xarray as xr
 import zarr
 
 from ..errors import StoreError
 from .location import Location, as_location
 from .manifest import Manifest
 from .schema import DIMS, FORMAT_VERSION, MANIFEST
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 
 def read_manifest(location: Location) -> Manifest | None:
@@ -89,6 +92,7 @@ def open_group(location: Location, mode: str = "r+") -> zarr.Group:
 def open_committed(location: Location, limits: dict[str, int], group: str | None = None) -> xr.Dataset:
     """A group's arrays cut to `limits` (dim -> committed size), even when a writer stopped
     while resizing them left the arrays at different lengths (xarray refuses those whole)."""
+    import xarray as xr  # here, not at the top: ingest, stats and the writers never need xarray (a second to import)
 
     def committed(ds: xr.Dataset) -> xr.Dataset:
         return ds.isel({dim: slice(0, limit) for dim, limit in limits.items() if dim in ds.dims})

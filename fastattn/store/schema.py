@@ -214,13 +214,9 @@ class Derived:
 
 
 def _stats_layout(record: dict) -> dict[str, tuple[str, ...]]:
-    from ..stats import variables  # the kernel's outputs (lazily: importing the kernels loads Numba)
+    from ..stats import schema  # the kernel's outputs, as write_stats lays them out (lazily: it loads Numba)
 
-    return {
-        **{name: dims for name, (dims, _) in variables(DIMS[:3], 1).items()},
-        "length": ("batch",),
-        **{dim: (dim,) for dim in (*DIMS, "rank")},
-    }
+    return {name: dims for name, (dims, _) in schema().items()}
 
 
 def _stats_extent(manifest, record: dict, dims: dict) -> dict:

@@ -1,0 +1,45 @@
+"""The floor under `fastattn ingest`: what reading the dumps and compressing their bytes costs alone.
+
+    /usr/bin/time -f "%e s %U u %S s" python -m benchmarks.ingest_floor DUMPS            # read + blosc
+    /usr/bin/time -f "%e s %U u %S s" python -m benchmarks.ingest_floor DUMPS --all OUT  # + CRC-32, crc32c, write
+
+One process, one thread, no fastattn and no zarr imported: each `DUMPS/*.npz` is read whole
+(from the page cache when warm) and its bytes compressed with the store's codec (blosc lz4,
+level 5, byte shuffle, typesize 4, numcodecs as zarr calls it). With `--all OUT`, also what
+ingest cannot skip either: the zip CRC-32 of the bytes read, the crc32c of the compressed
+bytes, and one file written per dump into OUT.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import zlib
+
+import google_crc32c
+import numcodecs.blosc
+import numpy as np
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) not in (1, 3) or (len(argv) == 3 and argv[1] != "--all"):
+        raise SystemExit("usage: python -m benchmarks.ingest_floor DUMPS [--all OUT]")
+    out = argv[2] if len(argv) == 3 else None
+    numcodecs.blosc.use_threads = False  # as zarr has it
+    blosc = numcodecs.blosc.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.blosc.SHUFFLE, typesize=4)
+    if out:
+        os.makedirs(out, exist_ok=True)
+    for i, path in enumerate(sorted(glob.glob(os.path.join(argv[0], "*.npz")))):
+        with open(path, "rb") as f:
+            data = f.read()
+        packed = blosc.encode(np.frombuffer(data, dtype=np.uint8, count=len(data) // 4 * 4))
+        if out:
+            zlib.crc32(data)
+            google_crc32c.value(packed)
+            with open(os.path.join(out, str(i)), "wb") as f:
+                f.write(packed)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
