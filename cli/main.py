@@ -98,6 +98,12 @@ def ingest(
     ),
     replace: bool = typer.Option(False, help="Re-ingest files that changed since they were ingested (same sample count)."),
     strict: bool = typer.Option(False, help="Validate every file first; write nothing if any file is bad."),
+    infer_padding: bool = typer.Option(
+        True,
+        "--infer-padding/--no-infer-padding",
+        help="A self-attention dump without attention_mask: cut each sample's trailing key columns that are "
+        "exactly 0 everywhere (padding saved without its mask). --no-infer-padding keeps the full length.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     scheduler: Optional[str] = typer.Option(None, help=SCHEDULER_HELP),
     workers: Optional[int] = typer.Option(None, min=1, help=WORKERS_HELP),
@@ -121,7 +127,7 @@ def ingest(
         with cluster.connect(scheduler, workers) as client:
             return ingest_dumps(
                 sources, store, jobs=jobs, layout=layout, dtype=dtype, replace=replace, strict=strict,
-                progress=advance, storage_options=options, client=client,
+                infer_padding=infer_padding, progress=advance, storage_options=options, client=client,
             )
 
     with progress_bar("ingesting") as advance:

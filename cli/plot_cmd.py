@@ -35,7 +35,7 @@ Examples:
 
 REPORT_HELP = """Write one self-contained HTML page about a store (open it offline, mail it).
 
-It holds the store's summary, a layer x head table (entropy, self-attention, most common peak key, flag counts), the flagged heads in plain words, and the figures for a representative sample (the one with the median length) and for the whole corpus.
+It opens with the figures for the whole corpus and for a representative sample (the one with the median length), then the findings (heads grouped by what they do, one line each, as `fastattn stats` prints them), the store's summary, and a layer x head table (entropy, self-attention, previous/next/first/last-token scores, most common peak key, flag counts).
 
 Images are embedded; the page loads nothing from the network and runs no scripts. Statistics missing for any batch are computed (and saved in the store) first.
 """

@@ -12,8 +12,8 @@ import typer
 from ._common import SCHEDULER_HELP, STORAGE_HELP, WORKERS_HELP, console, err, fail, progress_bar, rich_table, run, storage_options
 
 
-#: Flagged heads listed under the table (all of them go to --format json).
-MAX_NOTES = 24
+#: Findings listed under the table (all of them, with every head, go to --format json).
+MAX_FINDINGS = 24
 
 
 def _pct(value: float) -> str:
@@ -42,8 +42,11 @@ def register(app: typer.Typer) -> None:
         Only batches without statistics are computed (incremental), in one fused Numba pass per
         chunk; results go to the store's `stats` group. Then prints a layer × head table (mean
         entropy, normalised entropy, self-attention, most common peak key, flag shares) and the
-        findings in plain words. Flags: uniform, diagonal_only, dominant_key, weak, critical_key,
-        strong_self (thresholds scale with each sample's length; see fastattn.stats).
+        findings, one line each: the heads grouped by what they do. Previous-token, next-token,
+        first-token and last-token heads by their mean attention mass on q−1, q+1, key 0 and
+        the last key; then the heads where a flag holds in at least half the batches (dominant
+        and critical keys grouped by key, diagonal_only, strong_self, uniform, weak; thresholds
+        scale with each sample's length, see fastattn.stats).
         """
         from fastattn import cluster, summary
         from fastattn import stats as stats_mod
@@ -67,10 +70,10 @@ def register(app: typer.Typer) -> None:
 
         table = run(read_table)
         rows = summary.head_rows(table)
-        notes = summary.flag_sentences(table)
+        found = summary.findings(table)
         err.print(f"statistics: {done['computed']} batches computed now, {done['total']} in store", highlight=False)
         if fmt == "json":
-            print(json.dumps({"batches": done["total"], "computed": done["computed"], "heads": rows, "findings": notes}, indent=1))
+            print(json.dumps({"batches": done["total"], "computed": done["computed"], "heads": rows, "findings": found}, indent=1))
         elif fmt == "csv":
             out = io.StringIO()
             writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["layer", "head"])
@@ -95,7 +98,7 @@ def register(app: typer.Typer) -> None:
                     flags,
                 )
             console.print(grid)
-            for line in notes[:MAX_NOTES]:
-                console.print(line, highlight=False)
-            if len(notes) > MAX_NOTES:
-                console.print(f"... and {len(notes) - MAX_NOTES} more flagged heads (see --format json)")
+            for finding in found[:MAX_FINDINGS]:
+                console.print(summary.finding_line(finding), highlight=False, markup=False)
+            if len(found) > MAX_FINDINGS:
+                console.print(f"… and {len(found) - MAX_FINDINGS} more findings (see --format json)")

@@ -31,6 +31,7 @@ import xarray as xr
 from .errors import FastattnError
 from .kernels import divergence as _divergence
 from .kernels import rollout as _rollout
+from .summary import POSITION_MASS, SINK_SHARE
 
 HEAD_DIMS = ("layer", "head", "query", "key")
 DEFAULT_EPS = _divergence.DEFAULT_EPS
@@ -717,12 +718,11 @@ ROLE_RULES = (
     "broad",           # normalised entropy ≥ BROAD_ENTROPY
 )
 ROLES = ROLE_RULES + ("mixed",)
-#: Share of all attention on the previous / next / same position that makes a positional head:
-#: Clark et al. 2019's POSITION_THRESHOLD. Each row gives at most 1 to the three together,
-#: so at most one of the three rules holds above 0.5; a perfect previous-token head of
-#: length n scores (n − 1)/n, 0.75 at MIN_LENGTH.
-POSITION_MASS = 0.5
-SINK_SHARE = 0.25
+#: POSITION_MASS: share of all attention on the previous / next / same position that makes a
+#: positional head: Clark et al. 2019's POSITION_THRESHOLD. Each row gives at most 1 to the
+#: three together, so at most one of the three rules holds above 0.5; a perfect previous-token
+#: head of length n scores (n − 1)/n, 0.75 at MIN_LENGTH. SINK_SHARE: share on one key.
+#: Both are imported from `fastattn.summary`, whose findings (`fastattn stats`) test the same.
 LOCAL_DISTANCE = 2.0
 BROAD_ENTROPY = 0.85
 #: A head gets a role when that label holds in at least this share of its batches.

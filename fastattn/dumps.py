@@ -77,6 +77,9 @@ class DumpHeader:
     dtype: np.dtype
     content_hash: str = ""
     members: tuple[Member, ...] = field(default=())
+    #: Read without a mask, a sample's length comes from its zero trailing key columns
+    #: (`infer_lengths`); False keeps every sample at the full length. The reader's choice, like `layout`.
+    infer_padding: bool = True
 
     @property
     def samples_bytes(self) -> int:
@@ -298,8 +301,9 @@ def parse_layout(layout: str, ndim: int) -> str:
     return letters
 
 
-def scan(path: str, layout: str | None = None) -> DumpHeader:
-    """Read a dump's zip directory and `.npy` headers (never the data) and check them."""
+def scan(path: str, layout: str | None = None, *, infer_padding: bool = True) -> DumpHeader:
+    """Read a dump's zip directory and `.npy` headers (never the data) and check them.
+    `layout` and `infer_padding` are recorded in the header: `read` honours them."""
     if os.path.isdir(path):
         raise DumpError("is a directory, not an .npz file")
     try:
@@ -363,6 +367,7 @@ def scan(path: str, layout: str | None = None) -> DumpHeader:
         dtype=attn.dtype,
         content_hash=digest,
         members=members,
+        infer_padding=infer_padding,
     )
     _check_per_token(header, MASK, integer_or_bool=True)
     _check_per_token(header, TOKENS, integer_or_bool=False)
@@ -469,7 +474,7 @@ def read(header: DumpHeader) -> Dump:
     attention = raw if "b" in header.layout else raw[np.newaxis]
     attention = np.transpose(attention, [layout.index(c) for c in CANONICAL])
     lengths, order = _lengths(header, mask)
-    if mask is None and header.query == header.key:
+    if mask is None and header.query == header.key and header.infer_padding:
         lengths = infer_lengths(attention, release)
     if tokens is not None:
         tokens = tokens.reshape(header.batch, header.key)
@@ -513,7 +518,8 @@ def infer_lengths(attention: np.ndarray, release: Callable[[], None] | None = No
     sample; with no such column it is the full length `K`. Causal maps are untouched (the
     last row gives the last key a weight), and so is left padding (its zero columns lead).
     Real tokens that no query of any head attends are indistinguishable from padding and are
-    cut too; only a saved mask keeps them. A sample whose keys are all 0 keeps the full
+    cut too; only a saved mask keeps them (or reading with `infer_padding=False`, which
+    keeps every sample whole). A sample whose keys are all 0 keeps the full
     length (its rows fail validation). Reads
     one head's last column first, and the trailing columns of the rest only when that is
     all 0. `attention` is canonical `(batch, layer, head, query, key)` with query == key.

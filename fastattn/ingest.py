@@ -96,6 +96,7 @@ def ingest(
     dtype: str = "float32",
     replace: bool = False,
     strict: bool = False,
+    infer_padding: bool = True,
     progress: Progress | None = None,
     storage_options: dict | None = None,
     client=None,
@@ -106,6 +107,9 @@ def ingest(
     first and writes nothing if any is bad. `dtype` ('float32' or 'float16') applies
     when the store is created. A file whose name was ingested before is skipped when
     unchanged, and rejected when changed unless `replace=True` (same sample count).
+    A self-attention dump without an `attention_mask` gets each sample's length from its
+    exactly-zero trailing key columns (`dumps.infer_lengths`); `infer_padding=False` keeps
+    such samples at the dump's full length (the files this run reads).
 
     With a `dask.distributed.Client` (passed, or active in the notebook) the reading and
     writing run on its workers; the result is the same store.
@@ -136,7 +140,7 @@ def ingest(
         zarr.config.set({"array.write_empty_chunks": True}),
     ):
         manifest = store.read_manifest(location)
-        plan = _plan(found, manifest, layout, replace, report)
+        plan = _plan(found, manifest, layout, replace, report, infer_padding)
         if strict:
             _validate_all(plan, pool, report)
             if report.rejected:
@@ -179,7 +183,7 @@ def ingest(
 # ---------------------------------------------------------------- planning
 
 
-def _plan(found: dumps.Found, manifest, layout, replace, report) -> _Plan:
+def _plan(found: dumps.Found, manifest, layout, replace, report, infer_padding: bool = True) -> _Plan:
     """Classify every found file from its stat and header alone (no array data read).
 
     A file is known by `dumps.file_key` (its absolute path, symlinks resolved), so a
@@ -206,7 +210,7 @@ def _plan(found: dumps.Found, manifest, layout, replace, report) -> _Plan:
                 report.rejected.append(Rejection(path, f"{why}; ingest it with replace to take the new content"))
                 continue
         try:
-            header = dumps.scan(path, layout)
+            header = dumps.scan(path, layout, infer_padding=infer_padding)
         except DumpError as exc:
             report.rejected.append(Rejection(path, str(exc)))
             continue

@@ -1,4 +1,5 @@
-"""One self-contained HTML page about a store: summary, per-head table, flags in words, figures.
+"""One self-contained HTML page about a store: figures, findings (heads grouped by what they do),
+summary, per-head table.
 
 The page embeds every image as a base64 PNG data URI and its CSS inline; it has no
 scripts, fonts or links, so it opens offline and can be mailed or archived as one file.
@@ -38,7 +39,7 @@ tr.layer-start td { border-top: 2px solid #999; }
 figure { margin: 1em 0 2em 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.9em; margin-top: 0.3em; }
-ul.flags li { margin: 0.2em 0; }
+ul.findings li { margin: 0.2em 0; }
 .bar { display: inline-block; height: 0.8em; background: #4a7ebb; vertical-align: middle; }
 """
 
@@ -132,6 +133,7 @@ def _table_html(table: dict) -> str:
                 f"<td>{table['entropy_mean'][layer, head]:.3f}</td>",
                 f"<td>{table['entropy_norm'][layer, head]:.3f}</td>",
                 f"<td>{table['self_attention'][layer, head]:.3f}</td>",
+                *(f"<td>{table[name][layer, head]:.3f}</td>" for name in summary.SCORE_FINDINGS),
                 f"<td>{table['peak_key'][layer, head]} ({table['peak_share'][layer, head]:.0%})</td>",
             ]
             for f in flags:
@@ -142,7 +144,8 @@ def _table_html(table: dict) -> str:
             rows.append(f"<tr{start}>{''.join(cells)}</tr>")
     return (
         "<table><tr><th>layer</th><th>head</th><th>entropy (nats)</th><th>normalised entropy</th>"
-        f"<th>self-attention</th><th>most common peak key</th>{head_cells}</tr>{''.join(rows)}</table>"
+        "<th>self-attention</th><th>previous token</th><th>next token</th><th>first token</th><th>last token</th>"
+        f"<th>most common peak key</th>{head_cells}</tr>{''.join(rows)}</table>"
     )
 
 
@@ -174,7 +177,7 @@ def write_report(
     length = int(lengths[batch])
     source = str(ds["source"].isel(batch=batch).values) or "?"
     table = summary.head_table(stats)
-    sentences = summary.flag_sentences(table)
+    found = summary.findings(table)
     picked = chosen_layers(ds.sizes["layer"])
     some = "every layer" if len(picked) == ds.sizes["layer"] else f"layers {', '.join(map(str, picked))}"
 
@@ -234,10 +237,10 @@ def write_report(
             )
         )
 
-    flags_html = (
-        '<ul class="flags">' + "".join(f"<li>{html.escape(s)}</li>" for s in sentences) + "</ul>"
-        if sentences
-        else f"<p>No head is flagged in at least {summary.FLAG_SHARE:.0%} of the batches.</p>"
+    findings_html = (
+        '<ul class="findings">' + "".join(f"<li>{html.escape(summary.finding_line(f))}</li>" for f in found) + "</ul>"
+        if found
+        else "<p>No head reaches any of these thresholds.</p>"
     )
     title = f"fastattn report: {os.path.basename(store_path.rstrip('/')) or store_path}"
     generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -255,13 +258,6 @@ def write_report(
 <h1>{html.escape(title)}</h1>
 <p class="muted">Generated {generated} by fastattn {__version__}.</p>
 
-<h2>Store</h2>
-{_summary_html(info, batch, length, source, median)}
-
-<h2>Flagged heads</h2>
-<p class="muted">A head is listed when a flag holds in at least {summary.FLAG_SHARE:.0%} of the batches.</p>
-{flags_html}
-
 <h2>Whole corpus</h2>
 {''.join(corpus_figures)}
 
@@ -270,9 +266,19 @@ def write_report(
 Figures of heads: {some}.</p>
 {''.join(sample_figures)}
 
+<h2>Findings</h2>
+<p class="muted">Heads grouped by what they do, strongest first: by their mean share of attention on
+q&minus;1, q+1, key 0 and the last key over all batches, and by the flags that hold in at least
+{summary.FLAG_SHARE:.0%} of the batches (in brackets: the mean, or the share of batches).</p>
+{findings_html}
+
+<h2>Store</h2>
+{_summary_html(info, batch, length, source, median)}
+
 <h2>Every head</h2>
 <p class="muted">Means over {table['batches']:,} batches. Entropy is the mean over valid queries of
-&minus;&Sigma; A ln A; self-attention is the mean weight on the diagonal; the peak key is the key with the
+&minus;&Sigma; A ln A; self-attention is the mean weight on the diagonal; previous, next, first and last
+token are the shares of all attention on q&minus;1, q+1, key 0 and the last key; the peak key is the key with the
 most incoming attention (in brackets: the share of batches where it is that key). Flag columns count
 the batches where each flag holds; shaded cells hold in at least {summary.FLAG_SHARE:.0%}.</p>
 {_table_html(table)}

@@ -101,8 +101,42 @@ FLAG_WORDS = {
 }
 #: A flag is said of a head (marked, listed) when it holds in at least this share of the batches.
 FLAG_SHARE = 0.5
+#: Share of all attention on the previous / next position that makes a previous- / next-token
+#: head (Clark et al. 2019's POSITION_THRESHOLD), and on key 0 / the last key that makes a
+#: first- / last-token head. The head roles of `fastattn.corpus` test the same numbers; they
+#: live here so that `fastattn stats` states its findings without importing xarray.
+POSITION_MASS = 0.5
+SINK_SHARE = 0.25
+#: Per-plane statistics whose mean over the batches the table holds.
+MEANS = (
+    "entropy_mean", "entropy_norm", "self_attention", "confidence", "distance_mean",
+    "prev_token", "next_token", "first_token", "last_token",
+)
 #: Per-plane statistics the table needs (small: batch x layer x head).
-TABLE_VARS = ("entropy_mean", "entropy_norm", "self_attention", "confidence", "distance_mean", "peak_key")
+TABLE_VARS = (*MEANS, "peak_key")
+#: The score findings: a head is listed when the mean of its score over the batches reaches
+#: the threshold. The scores are shares of all attention (`fastattn.kernels.stats`):
+#: `prev_token`/`next_token` the mass on q − 1 / q + 1 (Clark et al. 2019's left/right,
+#: TransformerLens's previous-token score), `first_token`/`last_token` on key 0 / n − 1.
+SCORE_FINDINGS = {
+    "prev_token": (POSITION_MASS, "previous-token heads (≥ {t:g} of attention on q−1)"),
+    "next_token": (POSITION_MASS, "next-token heads (≥ {t:g} of attention on q+1)"),
+    "first_token": (SINK_SHARE, "first-token heads (≥ {t:g} of attention on key 0)"),
+    "last_token": (SINK_SHARE, "last-token heads (≥ {t:g} of attention on the last valid key)"),
+}
+#: The flag findings, in the order they are stated: `{key}` is the key the flagged batches
+#: single out (dominant and critical keys are grouped by it), `{share}` the `FLAG_SHARE`.
+FLAG_FINDINGS = {
+    "dominant_key": "most incoming attention on {key} (over 3/8 of all attention, in ≥ {share} of batches)",
+    "critical_key": "over 3/16 of all attention on {key} (in ≥ {share} of batches)",
+    "diagonal_only": "diagonal only (over 80% of the weight on the diagonal, in ≥ {share} of batches)",
+    "strong_self": "strong self (own position weighted over 1.2x uniform, in ≥ {share} of batches)",
+    "uniform": "uniform (about the same weight on every key, in ≥ {share} of batches)",
+    "weak": "weak (no weight above 1.2x uniform, in ≥ {share} of batches)",
+}
+KEY_FLAGS = ("dominant_key", "critical_key")
+#: Heads named on a finding's line; the rest are counted ("… and N more").
+HEADS_SHOWN = 6
 
 
 def head_table(stats) -> dict:
@@ -129,7 +163,7 @@ def _table(planes: dict[str, np.ndarray]) -> dict:
     table = {"batches": batches, "layer_ids": planes["layer"], "head_ids": planes["head"]}
     with warnings.catch_warnings():  # a plane empty in every batch: NaN, as xarray's mean gives
         warnings.simplefilter("ignore", RuntimeWarning)
-        for name in ("entropy_mean", "entropy_norm", "self_attention", "confidence", "distance_mean"):
+        for name in (m for m in MEANS if m in planes):
             table[name] = np.nanmean(planes[name], axis=0)
     common = np.zeros((layers, heads), dtype=np.int64)
     common_share = np.zeros((layers, heads))
@@ -152,7 +186,7 @@ def head_rows(table: dict) -> list[dict]:
     for layer in range(layers):
         for head in range(heads):
             row = {"layer": int(table["layer_ids"][layer]), "head": int(table["head_ids"][head])}
-            for name in ("entropy_mean", "entropy_norm", "self_attention", "confidence", "distance_mean"):
+            for name in (m for m in MEANS if m in table):
                 value = float(table[name][layer, head])
                 row[name] = None if np.isnan(value) else value
             row["peak_key"] = int(table["peak_key"][layer, head])
@@ -163,49 +197,67 @@ def head_rows(table: dict) -> list[dict]:
     return rows
 
 
-def _key_words(peaks: np.ndarray) -> str:
-    """Which key the flagged batches single out: one key, or a key that varies."""
+def _flagged_key(peaks: np.ndarray) -> int | None:
+    """The key most of the flagged batches single out, or None when no key has half of them."""
     keys = np.bincount(np.clip(peaks, 0, None))
-    key, share = int(keys.argmax()), keys.max() / max(1, peaks.size)
-    if share >= 0.99:
-        return f"key {key}"
-    if share >= 0.5:
-        return f"key {key} ({share:.0%} of them; other keys in the rest)"
-    return f"one key that varies from batch to batch (most often key {key}, {share:.0%} of them)"
+    return int(keys.argmax()) if keys.size and keys.max() >= 0.5 * peaks.size else None
 
 
-def flag_sentences(table: dict, threshold: float = FLAG_SHARE) -> list[str]:
-    """One line per flagged head, in plain words: every flag that holds for at least
-    `threshold` of the batches, strongest first. `critical_key` is left out where
-    `dominant_key` holds (a dominant key is critical too)."""
+def findings(table: dict, threshold: float = FLAG_SHARE) -> list[dict]:
+    """The heads grouped by what they do, one dict per finding: `finding` (a score of
+    `SCORE_FINDINGS` or a flag), `key` (the key of a dominant or critical key finding, None when
+    it varies from batch to batch; absent for others), `what` (in words), `value` ("mean" of
+    the score over the batches, or "share of batches" where the flag holds) and `heads`
+    (`{"layer", "head", "label", "value"}`, strongest first).
+
+    A score finding lists the heads whose mean score reaches its threshold; a flag finding the
+    heads where the flag holds in at least `threshold` of the batches, dominant and critical
+    keys grouped by the key singled out (most of the flagged batches' peak key). A head with
+    a dominant key is not listed again under critical key (a dominant key is critical too).
+    Findings without heads are left out."""
     batches = table["batches"]
+    layers, heads = table["peak_key"].shape
+    grid = [(layer, head) for layer in range(layers) for head in range(heads)]
+
+    def entry(layer, head, value):
+        l, h = int(table["layer_ids"][layer]), int(table["head_ids"][head])
+        return {"layer": l, "head": h, "label": f"L{l}H{h}", "value": float(value)}
+
+    out = []
+    for name, (limit, what) in SCORE_FINDINGS.items():
+        if name not in table:
+            continue
+        with np.errstate(invalid="ignore"):  # NaN (cross-attention, empty planes) is no finding
+            listed = [entry(l, h, table[name][l, h]) for l, h in grid if table[name][l, h] >= limit]
+        out.append({"finding": name, "what": what.format(t=limit), "value": "mean", "heads": listed})
     counts = table["flag_counts"]
-    lines = []
-    any_counts = next(iter(counts.values()), None)
-    if any_counts is None:
-        return lines
-    layers, heads = any_counts.shape
-    for layer in range(layers):
-        for head in range(heads):
-            held = {name: c[layer, head] / batches for name, c in counts.items() if c[layer, head] >= threshold * batches}
-            if "dominant_key" in held:
-                held.pop("critical_key", None)
-            parts = []
-            for name, share in sorted(held.items(), key=lambda item: -item[1]):
-                flagged = table["flags"][name][:, layer, head]
-                if name == "dominant_key":
-                    what = f"put most incoming attention on {_key_words(table['peaks'][flagged, layer, head])}"
-                elif name == "critical_key":
-                    what = f"send over 3/16 of all attention to {_key_words(table['peaks'][flagged, layer, head])}"
-                else:
-                    what = {
-                        "uniform": "spread attention almost uniformly (about the same weight on every key)",
-                        "diagonal_only": "put over 80% of the weight on the diagonal (each token on itself)",
-                        "weak": "have no weight above 1.2x the uniform weight (weak, diffuse attention)",
-                        "strong_self": "weight each token's own position over 1.2x the uniform weight",
-                    }[name]
-                parts.append(f"{share:.0%} of batches {what}")
-            if parts:
-                where = f"layer {table['layer_ids'][layer]}, head {table['head_ids'][head]}"
-                lines.append(f"{where}: " + "; ".join(parts))
-    return lines
+    for name, what in FLAG_FINDINGS.items():
+        if name not in counts or not batches:
+            continue
+        held = [(l, h) for l, h in grid if counts[name][l, h] >= threshold * batches]
+        if name == "critical_key" and "dominant_key" in counts:
+            held = [(l, h) for l, h in held if counts["dominant_key"][l, h] < threshold * batches]
+        groups: dict = {}
+        for l, h in held:
+            key = _flagged_key(table["peaks"][table["flags"][name][:, l, h], l, h]) if name in KEY_FLAGS else None
+            groups.setdefault(key, []).append(entry(l, h, counts[name][l, h] / batches))
+        for key in sorted(groups, key=lambda k: (k is None, k or 0)):
+            words = what.format(
+                key=f"key {key}" if key is not None else "one key that varies from batch to batch", share=f"{threshold:.0%}"
+            )
+            finding = {"finding": name, "key": key} if name in KEY_FLAGS else {"finding": name}
+            out.append({**finding, "what": words, "value": "share of batches", "heads": groups[key]})
+    for finding in out:
+        finding["heads"].sort(key=lambda e: (-e["value"], e["layer"], e["head"]))
+    return [f for f in out if f["heads"]]
+
+
+def finding_line(finding: dict, shown: int = HEADS_SHOWN) -> str:
+    """One finding on one line: what, how many heads, the first `shown` of them with their
+    value, and "… and N more" for the rest."""
+    heads = finding["heads"]
+    percent = finding["value"] == "share of batches"
+    named = ", ".join(f"{e['label']} ({e['value']:.0%})" if percent else f"{e['label']} ({e['value']:.2f})"
+                      for e in heads[:shown])
+    more = f", … and {len(heads) - shown} more" if len(heads) > shown else ""
+    return f"{finding['what']} — {len(heads)} head{'s' if len(heads) != 1 else ''}: {named}{more}"

@@ -136,3 +136,29 @@ def test_a_sample_of_zeros_is_still_rejected(tmp_path, rng):
     att[:, 1] = 0.0
     with pytest.raises(DumpError, match="rows do not sum to 1"):
         dumps.read(dumps.scan(str(write_dump(tmp_path / "zeros.npz", att))))
+
+
+def test_no_infer_padding_keeps_the_full_length(tmp_path, rng, cli):
+    """`--no-infer-padding` (`infer_padding=False`): a padded dump without a mask is stored
+    whole, zero columns and all; by default its lengths are inferred."""
+    lengths = [5, 9, 3]
+    att = right_padded(rng, lengths, size=9)
+    write_dump(tmp_path / "dumps" / "d.npz", att)
+    assert dumps.read(dumps.scan(str(tmp_path / "dumps" / "d.npz"), infer_padding=False)).lengths.tolist() == [9] * 3
+    inferred = cli("ingest", tmp_path / "dumps", tmp_path / "a.zarr", "--json")
+    whole = cli("ingest", tmp_path / "dumps", tmp_path / "b.zarr", "--json", "--no-infer-padding")
+    assert inferred.exit_code == 0 and whole.exit_code == 0, inferred.output + whole.output
+    assert json.loads(inferred.stdout)["inferred_lengths"] == 2
+    assert json.loads(whole.stdout)["inferred_lengths"] == 0
+    a, b = open_store(tmp_path / "a.zarr"), open_store(tmp_path / "b.zarr")
+    assert a.length.values.tolist() == lengths
+    assert b.length.values.tolist() == [9, 9, 9]
+    canonical = np.transpose(att, (1, 0, 2, 3, 4))  # (batch, layer, head, q, k)
+    np.testing.assert_array_equal(b.attention.values, canonical)  # the zero columns kept as stored
+    for i, n in enumerate(lengths):
+        np.testing.assert_array_equal(a.attention.values[i, :, :, :n, :n], canonical[i, :, :, :n, :n])
+        assert np.isnan(a.attention.values[i, :, :, n:, :]).all()  # padding rows stored as NaN
+    # the library parameter, the same
+    report = ingest([str(tmp_path / "dumps")], str(tmp_path / "c.zarr"), jobs=1, infer_padding=False)
+    assert report.inferred_lengths == 0
+    assert open_store(tmp_path / "c.zarr").length.values.tolist() == [9, 9, 9]

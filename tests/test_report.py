@@ -1,10 +1,11 @@
-"""The HTML report: self-contained (no network, no scripts), right numbers, flags in
-words, and every embedded image decodes in a real headless browser."""
+"""The HTML report: self-contained (no network, no scripts), right numbers, figures first
+then the findings, and every embedded image decodes in a real headless browser."""
 
 from __future__ import annotations
 
 import base64
 import fcntl
+import html
 import io
 import json
 import os
@@ -93,12 +94,16 @@ def test_report_content(built):
     assert [(int(l), int(h)) for l, h, _ in rows] == [(l, h) for l in range(LAYERS) for h in range(HEADS)]
     entropy = stats.entropy_mean.mean("batch").transpose("layer", "head").values
     np.testing.assert_allclose([float(e) for *_, e in rows], entropy.ravel(), atol=6e-4)
-    # flags in plain words, one per flagged head
-    table = summary.head_table(stats)
-    sentences = summary.flag_sentences(table)
-    assert sentences, "synthetic sink/local heads should be flagged"
-    for sentence in sentences:
-        assert f"<li>{sentence}</li>" in text.replace("&#x27;", "'")
+    # the findings, one line each, after every figure and before the store and the table
+    found = summary.findings(summary.head_table(stats))
+    assert found, "synthetic sink/local heads make findings"
+    items = re.findall(r'<ul class="findings">(.*?)</ul>', text, flags=re.S)
+    assert len(items) == 1
+    assert re.findall(r"<li>(.*?)</li>", items[0]) == [html.escape(summary.finding_line(f)) for f in found]
+    figures = [m.start() for m in re.finditer("<figure>", text)]
+    sections = [text.index(f"<h2>{name}</h2>") for name in ("Whole corpus", "Findings", "Store", "Every head")]
+    assert sections == sorted(sections)
+    assert sections[0] < figures[0] and figures[-1] < sections[1]  # the figures come first
 
 
 def test_report_reads_each_attention_chunk_of_its_sample_once(built, tmp_path, monkeypatch):
@@ -120,30 +125,6 @@ def test_report_reads_each_attention_chunk_of_its_sample_once(built, tmp_path, m
     batch = report.representative_batch(ds.length.values)
     chunk = batch // ds.attention.encoding["chunks"][0]
     assert sorted(read) == [f"attention/c/{chunk}/{layer}/0/0/0" for layer in range(LAYERS)]
-
-
-def test_flag_sentences_read_plainly():
-    batches = 25
-    names = ("dominant_key", "critical_key", "uniform", "weak", "strong_self")
-    flags = {name: np.zeros((batches, 6, 4), dtype=bool) for name in names}
-    flags["dominant_key"][:23, 5, 3] = True  # 92%
-    flags["critical_key"][:24, 5, 3] = True  # implied by the dominant key: not repeated
-    flags["strong_self"][:20, 5, 3] = True  # 80%
-    flags["uniform"][:13, 1, 0] = True  # 52%
-    flags["weak"][:12, 2, 2] = True  # 48%: under the threshold
-    flags["critical_key"][:, 0, 1] = True  # a critical key that changes with the batch
-    peaks = np.ones((batches, 6, 4), dtype=np.int64)
-    peaks[:, 5, 3] = 0
-    peaks[:, 0, 1] = np.arange(batches) % 5
-    table = {"batches": batches, "flags": flags, "flag_counts": {k: v.sum(axis=0) for k, v in flags.items()}, "peaks": peaks,
-             "layer_ids": np.arange(6), "head_ids": np.arange(4)}
-    assert summary.flag_sentences(table) == [
-        "layer 0, head 1: 100% of batches send over 3/16 of all attention to one key that varies from batch to batch"
-        " (most often key 0, 20% of them)",
-        "layer 1, head 0: 52% of batches spread attention almost uniformly (about the same weight on every key)",
-        "layer 5, head 3: 92% of batches put most incoming attention on key 0;"
-        " 80% of batches weight each token's own position over 1.2x the uniform weight",
-    ]
 
 
 def test_representative_batch_is_the_median_length():

@@ -394,7 +394,8 @@ def test_stats_cli_table_json_csv(samples_store, tmp_path):
     table = runner.invoke(app, ["stats", str(target)])
     assert table.exit_code == 0, table.output
     assert "11 batches computed now" in table.stderr and "peak key" in table.stdout
-    assert "of batches" in table.stdout  # findings in plain words
+    found = summary.findings(summary.store_head_table(target))  # checked in tests/test_findings.py
+    assert found and all(summary.finding_line(f) + "\n" in table.stdout for f in found)  # one line each
     again = runner.invoke(app, ["stats", str(target), "--format", "json", "--layer", "5"])
     body = json.loads(again.stdout)
     assert body["computed"] == 0 and len(body["heads"]) == 12 and {r["layer"] for r in body["heads"]} == {5}
