@@ -292,7 +292,7 @@ def _prepare(location, manifest, plan: _Plan, dtype: str):
         manifest.files, manifest.ingests = files, ingests
     group = store.open_group(location)
     planned = manifest.committed + sum(h.batch for _, h in plan.appends)
-    grown = {name: group[name].shape for name in ("attention", "token")}
+    grown = {spec.name: group[spec.name].shape for spec in store.ARRAYS if spec.batched and {"query", "key"} & set(spec.dims)}
     store.resize(group, batch=planned, query=query, key=key)
     for name, old_shape in grown.items():  # committed batches' chunks beyond their old query/key edge
         store.WholeChunks(location, group[name]).fill_new_chunks(old_shape, manifest.committed)
