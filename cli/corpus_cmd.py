@@ -247,12 +247,13 @@ def register(app: typer.Typer) -> None:
         jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Threads (default: all cores)."),
     ) -> None:
         from fastattn import corpus
+        from fastattn.store.schema import ROLLOUT
 
         _check_format(fmt)
         done = run(lambda: corpus.write_rollout(store, keep_matrix=keep_matrix, jobs=jobs))
         rows = run(lambda: corpus.rollout_summary(corpus.open_rollout(store)))
         err.print(
-            f"rollout of {done['batches']} batches written to {store}/{corpus.ROLLOUT_GROUP}"
+            f"rollout of {done['batches']} batches written to {store}/{ROLLOUT.name}"
             + (" (with matrices)" if keep_matrix else ""),
             highlight=False,
         )

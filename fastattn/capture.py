@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import FastattnError
+from .errors import FastattnError, first_line
 
 Progress = Callable[[int, "int | None"], None]  # (batches done, batches in all or None)
 
@@ -90,8 +90,7 @@ def _transformers():
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    line = text.splitlines()[0].strip()
+    line = first_line(exc)
     return line if len(line) <= 300 else line[:297] + "..."
 
 

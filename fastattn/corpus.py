@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import xarray as xr
 
-from .errors import FastattnError, StoreError
+from .errors import FastattnError
 from .kernels import divergence as _divergence
 from .kernels import rollout as _rollout
 from .summary import POSITION_MASS, SINK_SHARE
@@ -105,70 +105,39 @@ def rollout(ds: xr.Dataset, keep_matrix: bool = False) -> xr.Dataset:
     return out
 
 
-ROLLOUT_GROUP = "rollout"
-
-
 def write_rollout(location, *, keep_matrix: bool = False, jobs: int | None = None,
                   storage_options: dict | None = None) -> dict:
     """Compute the rollout of every committed batch and write it to the store's `rollout` group.
 
     The group is rewritten whole (`rollout_incoming` float64, `rollout` float32 with
-    `keep_matrix`), under the store's lock; its attribute `fastattn_rollout` (batches,
-    keep_matrix) is written last, so `open_rollout` never reads a half-written group.
-    Returns `{"batches": n, "keep_matrix": bool}`.
+    `keep_matrix`), under the store's lock; its commit record (`store.schema.ROLLOUT`: the
+    attribute `fastattn_rollout` with batches and keep_matrix) is written last, so
+    `open_rollout` never reads a half-written group. Returns `{"batches": n, "keep_matrix": bool}`.
     """
     import dask
-    import zarr
 
     from . import store
 
-    loc = location if isinstance(location, store.Location) else store.Location(location, storage_options)
+    spec = store.schema.ROLLOUT
+    loc = store.as_location(location, storage_options)
     store.check_store(loc)  # before the lock, which would create a missing store's folder
-    loc.check_writable()
-    with store.Lock(loc, "fastattn rollout"):
-        manifest = store.check_store(loc)
-        ds = store.open_store(loc)
-        r = rollout(ds, keep_matrix=keep_matrix)
+    with store.writing_derived(loc, spec) as manifest:
+        r = rollout(store.open_store(loc), keep_matrix=keep_matrix)
         if keep_matrix:
             r["rollout"] = r["rollout"].astype(np.float32)
         for var in r.variables.values():
             var.encoding = {}
-        try:
-            with dask.config.set(scheduler="threads", num_workers=jobs):
-                r.to_zarr(loc.zarr_store(), group=ROLLOUT_GROUP, mode="w", consolidated=False)
-            group = zarr.open_group(loc.zarr_store(), path=ROLLOUT_GROUP, mode="r+", use_consolidated=False)
-            group.attrs["fastattn_rollout"] = {
-                "batches": manifest.committed, "ingests": len(manifest.ingests or []),
-                "keep_matrix": keep_matrix, "time": store.now(),
-            }
-        except OSError as exc:  # a full disk, a store turned read-only: open_rollout refuses the unfinished group
-            raise StoreError(f"{loc}: writing the rollout failed ({exc.strerror or exc}); run fastattn rollout again") from None
+        with dask.config.set(scheduler="threads", num_workers=jobs):
+            r.to_zarr(loc.zarr_store(), group=spec.name, mode="w", consolidated=False)
+        store.commit_derived(loc, manifest, spec, manifest.committed, keep_matrix=keep_matrix)
     return {"batches": manifest.committed, "keep_matrix": keep_matrix}
 
 
 def open_rollout(location, *, storage_options: dict | None = None) -> xr.Dataset:
     """The rollout written by `write_rollout` (lazily); a StoreError if there is none or it is stale."""
-    import zarr
-
     from . import store
 
-    loc = location if isinstance(location, store.Location) else store.Location(location, storage_options)
-    manifest = store.check_store(loc)
-    try:
-        group = zarr.open_group(loc.zarr_store(read_only=True), path=ROLLOUT_GROUP, mode="r", use_consolidated=False)
-        record = dict(group.attrs).get("fastattn_rollout")
-    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
-        record = None
-    if not record:
-        raise StoreError(f"{loc}: no rollout yet (run fastattn rollout)")
-    if record["batches"] != manifest.committed or record.get("ingests") != len(manifest.ingests or []):
-        raise StoreError(
-            f"{loc}: the rollout predates the last ingest ({record['batches']} of {manifest.committed} batches);"
-            " run fastattn rollout again"
-        )
-    r = xr.open_zarr(loc.zarr_store(read_only=True), group=ROLLOUT_GROUP, consolidated=False)
-    r.attrs = {"store": str(loc), **record}
-    return r
+    return store.open_derived(store.as_location(location, storage_options), store.schema.ROLLOUT)
 
 
 def rollout_summary(r: xr.Dataset) -> list[dict]:
@@ -515,7 +484,7 @@ def corpus_stats(source, *, k: int = 5, entropy_smoothing: float = 0.0) -> xr.Da
             raise FastattnError("entropy_smoothing needs the attention: pass the store, not its statistics")
         ds, st = source, source
     elif isinstance(source, (str, os.PathLike, store.Location)):
-        loc = source if isinstance(source, store.Location) else store.Location(source)
+        loc = store.as_location(source)
         manifest = store.require_batches(loc, store.check_store(loc))
         ds = store.open_store(loc)
         if manifest.stats_committed == manifest.committed and manifest.committed:

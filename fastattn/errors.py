@@ -18,6 +18,12 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (library errors can be long), or its type's name."""
+    lines = str(exc).strip().splitlines()
+    return lines[0].strip() if lines else type(exc).__name__
+
+
 def plural(word: str, n: int | None = None) -> str:
     """`word`'s plural, or `n` and the word in the number `n` needs ("1 head", "3 batches")."""
     many = word + ("es" if word.endswith("ch") else "s")

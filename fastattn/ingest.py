@@ -125,7 +125,7 @@ def ingest(
         if found.problems:
             return report  # nothing to read: the store is not touched
         raise FastattnError(f"no .npz dumps found in {', '.join(os.fspath(i) for i in inputs)}")
-    location = store.Location(store_path, storage_options)
+    location = store.as_location(store_path, storage_options)
     location.check_reachable()
     new_store = location.is_new()
     if not new_store and not store.is_fastattn(location):
@@ -148,7 +148,7 @@ def ingest(
                 report.seconds = time.perf_counter() - started
                 return report
         if plan.appends or plan.replacements:
-            try:
+            with store.nothing_committed(location, "writing"):
                 group, manifest = _prepare(location, manifest, plan, dtype)
                 _replace(location, group, manifest, plan.replacements, report)
                 client = client if client is not None else cluster.active_client()
@@ -156,11 +156,6 @@ def ingest(
                     _append_distributed(client, location, group, manifest, plan.appends, report, progress)
                 else:
                     _append(location, group, manifest, plan.appends, pool, jobs, report, progress)
-            except OSError as exc:
-                raise StoreError(
-                    f"{location}: writing failed ({exc.strerror or exc}); nothing was committed,"
-                    " the store still opens at its last commit"
-                ) from None
             if new_store and manifest.committed == 0:  # every file was rejected: leave no empty store behind
                 location.remove()
                 report.seconds = time.perf_counter() - started
@@ -202,13 +197,13 @@ def _plan(found: dumps.Found, manifest, layout, replace, report, infer_padding: 
         source = os.path.relpath(path, found.base).replace(os.sep, "/")
         entry = known.get(key)
         if entry is not None:
-            relaid = layout is not None and entry.get("layout") not in (None, dumps.normalise_layout(layout))
+            relaid = layout is not None and entry.layout not in (None, dumps.normalise_layout(layout))
             if not relaid and _unchanged(path, entry):
                 report.files_unchanged += 1
                 continue
             if not replace:
                 why = (
-                    f"was ingested with layout '{entry.get('layout')}', now '{dumps.normalise_layout(layout)}'"
+                    f"was ingested with layout '{entry.layout}', now '{dumps.normalise_layout(layout)}'"
                     if relaid
                     else "changed since it was ingested (its content hash differs)"
                 )
@@ -230,8 +225,8 @@ def _plan(found: dumps.Found, manifest, layout, replace, report, infer_padding: 
             )
             continue
         if entry is not None:
-            if header.batch != entry["stop"] - entry["start"]:
-                count = entry["stop"] - entry["start"]
+            if header.batch != entry.stop - entry.start:
+                count = entry.stop - entry.start
                 reason = f"replacing needs the same number of samples ({count} ingested, {header.batch} now)"
                 report.rejected.append(Rejection(path, reason))
                 continue
@@ -242,12 +237,12 @@ def _plan(found: dumps.Found, manifest, layout, replace, report, infer_padding: 
     return plan
 
 
-def _unchanged(path: str, entry: dict) -> bool:
+def _unchanged(path: str, entry: store.FileEntry) -> bool:
     """Same size and mtime, or else the same content hash (read from the zip directory)."""
     stat = os.stat(path)
-    if stat.st_size == entry["size"] and stat.st_mtime_ns == entry["mtime_ns"]:
+    if stat.st_size == entry.size and stat.st_mtime_ns == entry.mtime_ns:
         return True
-    return dumps.content_hash(path) == entry["content_hash"]
+    return dumps.content_hash(path) == entry.content_hash
 
 
 def _check_cross_attention(plan: _Plan, manifest, report) -> None:
@@ -297,7 +292,7 @@ def _prepare(location, manifest, plan: _Plan, dtype: str):
         manifest.files, manifest.ingests = files, ingests
     group = store.open_group(location)
     planned = manifest.committed + sum(h.batch for _, h in plan.appends)
-    grown = {name: group[name].shape for name in ("attention", "token")}
+    grown = {spec.name: group[spec.name].shape for spec in store.ARRAYS if spec.batched and {"query", "key"} & set(spec.dims)}
     store.resize(group, batch=planned, query=query, key=key)
     for name, old_shape in grown.items():  # committed batches' chunks beyond their old query/key edge
         store.WholeChunks(location, group[name]).fill_new_chunks(old_shape, manifest.committed)
@@ -331,7 +326,7 @@ class _ChunkWriter:
     def __init__(self, location: store.Location, group):
         self.attention = group["attention"]
         self.attention_chunks = store.WholeChunks(location, self.attention)
-        self.per_batch = {name: group[name] for name in (*store.PER_BATCH, "token")}
+        self.per_batch = {name: group[name] for name in store.BATCHED if name != "attention"}
         self.per_batch_chunks = {name: store.WholeChunks(location, array) for name, array in self.per_batch.items()}
         self._buffers = threading.local()
 
@@ -418,7 +413,7 @@ def _replace(location, group, manifest: store.Manifest, replacements, report: In
             report.rejected.append(Rejection(header.path, str(exc)))
             continue
         entry = manifest.files[name.key]
-        first, last = entry["start"], entry["stop"]
+        first, last = entry.start, entry.stop
         samples = {first + i: _Sample(dump, i, name.source) for i in range(header.batch)}
         chunk = manifest.batch_chunk
         for start in range(first - first % chunk, last, chunk):
@@ -430,18 +425,20 @@ def _replace(location, group, manifest: store.Manifest, replacements, report: In
         report.bytes_read += header.samples_bytes
 
 
-def _entry(header: dumps.DumpHeader, name: _Named, content_hash: str, start: int, stop: int, status: str = "ingested") -> dict:
-    return {
-        "source": name.source,
-        "size": header.size,
-        "mtime_ns": header.mtime_ns,
-        "content_hash": content_hash,
-        "start": start,
-        "stop": stop,
-        "status": status,
-        "layout": header.layout,
-        "dtype": header.dtype.name,  # the dump's own: check applies the row-sum tolerance ingest applied to it
-    }
+def _entry(header: dumps.DumpHeader, name: _Named, content_hash: str, start: int, stop: int,
+           duplicate_of: str | None = None) -> store.FileEntry:
+    return store.FileEntry(
+        source=name.source,
+        size=header.size,
+        mtime_ns=header.mtime_ns,
+        content_hash=content_hash,
+        start=start,
+        stop=stop,
+        status=store.Status.INGESTED if duplicate_of is None else store.Status.DUPLICATE,
+        duplicate_of=duplicate_of,
+        layout=header.layout,
+        dtype=header.dtype.name,  # the dump's own: check applies the row-sum tolerance ingest applied to it
+    )
 
 
 class _Assigner:
@@ -452,7 +449,7 @@ class _Assigner:
         self.manifest, self.report = manifest, report
         self.next = manifest.committed
         files = manifest.files.items()
-        self.seen = {entry["content_hash"]: rel for rel, entry in files if entry.get("status") == "ingested"}
+        self.seen = {entry.content_hash: rel for rel, entry in files if entry.ingested}
 
     def take(self, name: _Named, header: dumps.DumpHeader, result) -> int | None:
         """The first batch index for this file, or None when it is skipped."""
@@ -464,7 +461,7 @@ class _Assigner:
         if original is not None:
             self.report.duplicates.append(Rejection(header.path, f"same content as {original}; skipped"))
             kept = self.manifest.files[original]
-            self.manifest.files[name.key] = _entry(header, name, content_hash, kept["start"], kept["stop"], f"duplicate of {original}")
+            self.manifest.files[name.key] = _entry(header, name, content_hash, kept.start, kept.stop, original)
             return None
         self.seen[content_hash] = name.key
         first, self.next = self.next, self.next + header.batch

@@ -368,13 +368,11 @@ def write_stats(
     """
     from . import cluster, store
 
-    loc = location if isinstance(location, store.Location) else store.Location(location, storage_options)
+    loc = store.as_location(location, storage_options)
     manifest = store.check_store(loc)  # before the lock, which would create a missing store's folder
     if _up_to_date(store.open_group(loc, "r"), manifest, k):  # nothing to do: no lock, no write (read-only is fine)
         return {"computed": 0, "total": manifest.committed}
-    loc.check_writable()
-    with store.Lock(loc, "fastattn stats"), _disk_errors(loc):
-        manifest = store.check_store(loc)  # again: another writer may have committed meanwhile
+    with store.writing_derived(loc, store.schema.STATS) as manifest:
         done = _done(manifest, k)
         n = manifest.committed
         if n == 0:
@@ -388,8 +386,8 @@ def write_stats(
         if done >= n and not stale:
             return {"computed": 0, "total": n}
         if stale:
-            if manifest.stats_committed:  # uncommit first: the new layout drops the old arrays
-                manifest.stats_committed = 0
+            if store.derived_record(store.schema.STATS, manifest):  # uncommit first: the new layout drops the old arrays
+                store.uncommit_derived(manifest, store.schema.STATS)
                 store.commit(loc, manifest)
             done = 0
             _create_layout(group, n, k, block)
@@ -404,8 +402,7 @@ def write_stats(
             _run_distributed(client, loc, blocks, k, progress, n - done)
         else:
             _run_local(loc, group, blocks, k, jobs, progress, n - done)
-        manifest.stats_committed, manifest.stats_k = n, k
-        store.commit(loc, manifest)
+        store.commit_derived(loc, manifest, store.schema.STATS, n, k=k)
     return {"computed": n - done, "total": n}
 
 
@@ -460,20 +457,6 @@ def _run_distributed(client, loc, blocks, k, progress, total) -> None:
             progress(written, total)
 
 
-@contextlib.contextmanager
-def _disk_errors(loc):
-    """A full disk (or any OS error) while writing statistics is one line, not a traceback."""
-    from .errors import StoreError
-
-    try:
-        yield
-    except OSError as exc:
-        raise StoreError(
-            f"{loc}: writing statistics failed ({exc.strerror or exc}); nothing was committed,"
-            " the store still opens at its last commit"
-        ) from None
-
-
 def _layout_changed(group, query: int, key: int, k: int, block: int) -> bool:
     """A store that grew longer sequences, another k or an older layout (another set of
     variables, or other dtypes): lay the group out again."""
@@ -490,39 +473,11 @@ def _layout_changed(group, query: int, key: int, k: int, block: int) -> bool:
     )
 
 
-def _committed(loc):
-    """The manifest of a store whose statistics are committed, or a one-line StoreError."""
-    from . import store
-    from .errors import StoreError
-
-    manifest = store.require_batches(loc, store.check_store(loc))
-    if not manifest.stats_committed:
-        raise StoreError(f"{loc}: no statistics yet (run fastattn stats)")
-    return manifest
-
-
-def _require_all(loc, names) -> None:
-    """Every variable of the stats group's schema is among `names`, or a one-line StoreError."""
-    from .errors import StoreError
-
-    missing = [name for name in schema() if name not in names]
-    if missing:
-        raise StoreError(
-            f"{loc}: the statistics lack {', '.join(missing)} (written by an older fastattn, or damaged);"
-            " run fastattn stats to compute them again"
-        )
-
-
 def open_stats(location, *, storage_options: dict | None = None) -> xr.Dataset:
     """The committed statistics of a store (its `stats` group), lazily."""
     from . import store
 
-    loc = location if isinstance(location, store.Location) else store.Location(location, storage_options)
-    manifest = _committed(loc)
-    st = store.open_committed(loc, {"batch": manifest.stats_committed}, group=GROUP)  # survives a killed resize
-    _require_all(loc, st.variables)
-    st.attrs = {"store": str(loc), "k": manifest.stats_k, "batches": manifest.stats_committed}
-    return st
+    return store.open_derived(store.as_location(location, storage_options), store.schema.STATS)
 
 
 def read_planes(
@@ -535,11 +490,12 @@ def read_planes(
     from . import store
     from .errors import check_index
 
-    loc = location if isinstance(location, store.Location) else store.Location(location, storage_options)
-    n = _committed(loc).stats_committed
+    loc = store.as_location(location, storage_options)
+    _, record = store.derived_committed(loc, store.schema.STATS)
+    n = record["batches"]
     root = store.open_group(loc, "r")
     group = root[GROUP] if GROUP in root else None
-    _require_all(loc, set(group.array_keys()) if group is not None else ())
+    store.require_variables(loc, store.schema.STATS, record, set(group.array_keys()) if group is not None else ())
     arrays = [group[name] for name in names]
     picks = {}
     for dim, values, size in (("layer", layer, arrays[0].shape[1]), ("head", head, arrays[0].shape[2])):

@@ -11,7 +11,7 @@ from . import store
 
 def store_info(location, *, storage_options: dict | None = None, bins: int = 8) -> dict:
     """Batches, shape, length histogram, size on disk and compression, sources, last ingest."""
-    loc = store.Location(location, storage_options)
+    loc = store.as_location(location, storage_options)
     manifest = store.check_store(loc)
     group = store.open_group(loc, mode="r")
     n = manifest.committed
@@ -37,7 +37,7 @@ def store_info(location, *, storage_options: dict | None = None, bins: int = 8) 
         "stored_bytes": int(stored),
         "size_on_disk": int(loc.nbytes()),
         "compression_ratio": (logical / stored) if stored else None,
-        "source_files": sum(1 for e in manifest.files.values() if e.get("status") == "ingested"),
+        "source_files": sum(1 for e in manifest.files.values() if e.ingested),
         "stats_batches": manifest.stats_committed,
         "last_ingest": manifest.ingests[-1] if manifest.ingests else None,
     }

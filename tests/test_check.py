@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from fastattn import check, store
 from fastattn.check import check_store, run_check
+from fastattn.errors import StoreError
 from fastattn.ingest import ingest
 from fastattn.stats import write_stats
 from fastattn_cli.check_cmd import register
@@ -30,7 +31,7 @@ runner = CliRunner()
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     """A few batches per chunk, so small stores still span several chunks."""
-    monkeypatch.setattr(store, "CHUNK_BYTES", 8 << 10)
+    monkeypatch.setattr(store.schema, "CHUNK_BYTES", 8 << 10)
 
 
 @pytest.fixture
@@ -52,7 +53,7 @@ def corpus(tmp_path_factory):
     folder = ragged_dumps(root / "dumps", np.random.default_rng(7))
     clean = root / "clean.zarr"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(store, "CHUNK_BYTES", 8 << 10)
+        patch.setattr(store.schema, "CHUNK_BYTES", 8 << 10)
         assert ingest([folder], clean).ok
     manifest = store.read_manifest(store.Location(clean))
     assert manifest.committed == 24 and manifest.batch_chunk == 5, "several chunks needed"
@@ -332,7 +333,7 @@ def test_unclaimed_batches_and_stats_count(built):
     _write_manifest(path, body)
     text = _lines(check_store(path))
     assert "3 committed batches are claimed by no file (21..23)" in text
-    assert "statistics committed for 30 batches, but the store has 24" in text
+    assert "statistics are committed for 30 batches, but the store has 24" in text
 
 
 def test_stats_group_is_checked(built):
@@ -347,6 +348,61 @@ def test_stats_group_is_checked(built):
     assert problems[0].repaired.startswith("statistics uncommitted")
     assert _manifest(path)["stats_committed"] == 0 and _manifest(path)["committed"] == 24
     assert check_store(path) == []
+
+
+#: A derived group declared only here, as a new one would be in the schema: per batch and layer,
+#: the mean weight of the valid block, times `scale`.
+MEANS = store.schema.Derived(
+    "means", "write_means", "attribute", ("scale",),
+    layout=lambda record: {"mean": ("batch", "layer"), "batch": ("batch",), "layer": ("layer",)},
+    extent=lambda manifest, record, dims: {"batch": (record["batches"],) * 2, "layer": (manifest.layers,) * 2},
+    noun="the means", none="no means yet", committed="the means of {batches} batches are committed",
+    lack="the means lack {names}", repaired="means removed; write_means recomputes them",
+)
+
+
+def write_means(path, scale: float) -> None:
+    """The group's writer: all it needs of the store are check_store, writing_derived and commit_derived."""
+    loc = store.as_location(path)
+    store.check_store(loc)
+    with store.writing_derived(loc, MEANS) as manifest:
+        means = store.open_store(loc).attention.mean(("head", "query", "key")) * scale
+        means.astype(np.float64).to_dataset(name="mean").to_zarr(loc.zarr_store(), group=MEANS.name, mode="w", consolidated=False)
+        store.commit_derived(loc, manifest, MEANS, manifest.committed, scale=scale)
+
+
+def test_a_derived_group_declared_once_is_written_opened_checked_and_repaired(built, monkeypatch, tmp_path):
+    _, path, _ = built
+    monkeypatch.setitem(store.DERIVED, MEANS.name, MEANS)
+    loc = store.Location(path)
+    with pytest.raises(StoreError, match="no means yet .run write_means."):
+        store.open_derived(loc, MEANS)
+    write_means(path, scale=2.0)
+    opened = store.open_derived(loc, MEANS)
+    assert opened.attrs["batches"] == 24 and opened.attrs["scale"] == 2.0 and opened.attrs["ingests"] == 1
+    attention = store.open_store(path).attention.values.astype(np.float64)
+    valid = ~np.isnan(attention)
+    want = 2.0 * np.where(valid, attention, 0).sum(axis=(2, 3, 4)) / valid.sum(axis=(2, 3, 4))
+    np.testing.assert_allclose(opened["mean"].values, want, rtol=1e-6)
+    assert check_store(path) == []
+    chunk = next(p for p in (path / "means" / "mean" / "c").rglob("*") if p.is_file())
+    chunk.unlink()  # zarr would read it as fill values: check must name it
+    problems = check_store(path)
+    key = chunk.relative_to(path).as_posix()
+    assert [(p.where, p.fix) for p in problems] == [(key, "means")]
+    assert "missing chunk" in problems[0].message
+    repaired = check_store(path, repair=True)
+    assert [p.repaired for p in repaired] == ["means removed; write_means recomputes them"]
+    assert not (path / "means").exists() and check_store(path) == []
+    write_means(path, scale=1.0)
+    (path / "means" / "mean" / "zarr.json").write_text("{}")  # metadata the consolidation would choke on
+    assert {p.fix for p in check_store(path)} == {"means"}
+    write_means(path, scale=1.0)
+    extra = write_dump(tmp_path / "more" / "extra.npz", softmax_rows(np.random.default_rng(3), (2, 3, 11, 11)))
+    assert ingest([extra], path).ok
+    with pytest.raises(StoreError, match="out of date .the means of 24 batches, the store has 25"):
+        store.open_derived(loc, MEANS)
+    assert check_store(path) == []  # a stale record is nothing anyone trusts: not a problem
 
 
 @pytest.mark.parametrize(

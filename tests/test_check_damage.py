@@ -18,16 +18,19 @@ import zarr
 from conftest import assert_same_store, ragged_dumps, batched_dump, softmax_rows, store_snapshot, write_dump
 
 from fastattn import check, corpus, dumps, store
-from fastattn.check import STATS_SCHEMA, check_store, run_check
+from fastattn.check import check_store, run_check
 from fastattn.errors import StoreError
 from fastattn.ingest import ingest
 from fastattn.stats import open_stats, read_errors, write_stats
+
+#: The `stats` group as the schema describes it: variable -> dims.
+STATS_SCHEMA = store.schema.STATS.variables({})
 
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     """A few batches per chunk, so small stores span several chunks."""
-    monkeypatch.setattr(store, "CHUNK_BYTES", 8 << 10)
+    monkeypatch.setattr(store.schema, "CHUNK_BYTES", 8 << 10)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,7 @@ def corpus_store(tmp_path_factory):
     folder = ragged_dumps(root / "dumps", np.random.default_rng(11))
     clean = root / "clean.zarr"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(store, "CHUNK_BYTES", 8 << 10)
+        patch.setattr(store.schema, "CHUNK_BYTES", 8 << 10)
         assert ingest([folder], clean).ok
         write_stats(clean)
         corpus.write_rollout(clean)
@@ -94,7 +97,7 @@ def test_committed_raised_in_the_manifest_is_reported_not_a_crash(built, cli):
     _edit(path / store.MANIFEST, lambda m: m.update(committed=30))
     problems = check_store(path)  # used to raise "operands could not be broadcast"
     text = _lines(problems)
-    for name in check.BATCHED:
+    for name in store.BATCHED:
         assert f"{name}: holds 24 batches but 30 are committed: committed data is missing" in text
     assert "6 committed batches are claimed by no file (24..29)" in text
     out = cli("check", path, "--repair")
@@ -429,7 +432,7 @@ STATS_SAMPLE = ("stats/entropy/zarr.json", "stats/uniform/zarr.json", "stats/ran
 def _metadata_files(root: Path) -> list[str]:
     """Every node's zarr.json but the root's, with the statistics arrays sampled."""
     every = sorted(p.relative_to(root).as_posix() for p in root.rglob("zarr.json") if p.parent != root)
-    assert len(every) == 10 + 1 + 1 + len(STATS_SCHEMA) + 1 + 5  # the schema, _fastattn, stats, rollout
+    assert len(every) == len(store.ARRAYS) + 1 + 1 + len(STATS_SCHEMA) + 1 + 5  # the schema, _fastattn, stats, rollout
     return [rel for rel in every if not rel.startswith("stats/") or rel.count("/") == 1 or rel in STATS_SAMPLE]
 
 

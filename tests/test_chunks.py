@@ -26,13 +26,13 @@ from fastattn.ingest import ingest
 def test_a_chunk_is_a_few_mb_at_any_length(heads, length, want):
     shape = store.attention_chunks(heads, length, length, 4)
     assert shape == want
-    assert math.prod(shape) * 4 <= store.CHUNK_BYTES
+    assert math.prod(shape) * 4 <= store.schema.CHUNK_BYTES
     assert shape[-1] == length  # kernels always see whole rows
 
 
 @pytest.mark.parametrize("budget", [3 * 9 * 9 * 4, 9 * 9 * 4, 4 * 9 * 4])  # by batch, by head, by query
 def test_split_chunks_hold_exactly_what_was_ingested(tmp_path, rng, monkeypatch, budget):
-    monkeypatch.setattr(store, "CHUNK_BYTES", budget)
+    monkeypatch.setattr(store.schema, "CHUNK_BYTES", budget)
     batched_dump(rng, tmp_path / "d" / "a.npz", [9, 5, 7], layers=2, heads=3)
     batched_dump(rng, tmp_path / "d" / "b.npz", [6, 9], layers=2, heads=3)
     target = tmp_path / "s.zarr"
@@ -84,7 +84,7 @@ def test_statistics_of_batches_larger_than_a_block_are_read_plane_by_plane(tmp_p
 
     batched_dump(rng, tmp_path / "d" / "a.npz", [9, 5, 7], layers=2, heads=4)
     with monkeypatch.context() as patch:
-        patch.setattr(store, "CHUNK_BYTES", 2 * 9 * 9 * 4)  # two heads' planes a chunk
+        patch.setattr(store.schema, "CHUNK_BYTES", 2 * 9 * 9 * 4)  # two heads' planes a chunk
         ingest([tmp_path / "d"], tmp_path / "s.zarr")
     shutil.copytree(tmp_path / "s.zarr", tmp_path / "whole.zarr")
     assert stats.write_stats(tmp_path / "whole.zarr")["computed"] == 3
@@ -135,8 +135,8 @@ def test_whole_chunks_are_the_bytes_zarr_writes(tmp_path, rng, monkeypatch, blos
     (zarr's) leave byte-identical chunk files, edge chunks included, with blosc writing into
     fastattn's buffer or through the codec."""
     if not blosc_into:
-        monkeypatch.setattr(store, "_BLOSC_INTO", None)
-    assert blosc_into is (store._BLOSC_INTO is not None)  # the fast path is really there on this machine
+        monkeypatch.setattr(store.chunks, "_BLOSC_INTO", None)
+    assert blosc_into is (store.chunks._BLOSC_INTO is not None)  # the fast path is really there on this machine
     values = _random_values(rng, dtype, shape)
     arrays = []
     for name in ("zarr", "fastattn"):

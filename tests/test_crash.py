@@ -22,6 +22,7 @@ from fastattn.ingest import ingest
 CHILD = r"""
 import os, signal, sys
 import fastattn.ingest
+import zarr
 from fastattn import store
 ingest = sys.modules["fastattn.ingest"]  # the module; `fastattn.ingest` is also the public function
 
@@ -45,9 +46,9 @@ if point == "chunk":
 elif point == "resize":
     store.resize = after_nth(store.resize)
 elif point == "manifest":
-    store.Location.write_atomic = die
+    store.LocalLocation.write_atomic = die
 elif point == "consolidate":
-    store.zarr.consolidate_metadata = die
+    zarr.consolidate_metadata = die
 ingest.ingest([dumps], target, jobs=2)
 """
 

@@ -223,7 +223,7 @@ def test_stats_with_nothing_to_do_takes_no_lock(path, monkeypatch):
     def no_lock(*args):
         raise AssertionError("the lock was taken")
 
-    monkeypatch.setattr(store, "Lock", no_lock)
+    monkeypatch.setattr(store.Lock, "__enter__", no_lock)
     assert write_stats(path) == {"computed": 0, "total": 11}
     with pytest.raises(AssertionError, match="the lock was taken"):
         write_stats(path, k=3)

@@ -49,7 +49,7 @@ import zarr.storage._local as local
 from fastattn import dumps, store
 import fastattn_cli.main as cli
 ingest_mod = sys.modules["fastattn.ingest"]
-store.CHUNK_BYTES = int(sys.argv[1])
+store.schema.CHUNK_BYTES = int(sys.argv[1])
 
 
 def die(*args, **kwargs):
@@ -74,8 +74,8 @@ def counted(n, original, *, before=False):
 
 def each_write(match, before):
     # call before(nth, path, data) ahead of every matching file write, numbered together: zarr's
-    # own (local._put: metadata, coordinates) and fastattn's whole chunks (store.write_file)
-    zarr_put, own_write, calls, lock = local._put, store.write_file, [0], threading.Lock()
+    # own (local._put: metadata, coordinates) and fastattn's whole chunks (store.location.write_file)
+    zarr_put, own_write, calls, lock = local._put, store.location.write_file, [0], threading.Lock()
     def nth():
         with lock:
             calls[0] += 1
@@ -88,7 +88,7 @@ def each_write(match, before):
         if match(Path(path)):
             before(nth(), Path(path), lambda: b"".join(bytes(b) for b in buffers))
         return own_write(path, buffers)
-    local._put, store.write_file = put, write_file
+    local._put, store.location.write_file = put, write_file
 
 
 def torn_put(n, match):
@@ -133,22 +133,22 @@ def patch(point, n, arg):
     elif point == "lock":
         store.read_manifest = counted(1, store.read_manifest, before=True)
     elif point == "manifest":
-        store.Location.write_atomic = die
+        store.LocalLocation.write_atomic = die
     elif point == "manifest_tmp":
-        original = store.os.replace
+        original = os.replace
         def replace(src, dst):
             if str(dst).endswith(store.MANIFEST):
                 die()
             return original(src, dst)
-        store.os.replace = replace
+        os.replace = replace
     elif point == "consolidate":
-        store.zarr.consolidate_metadata = die
+        zarr.consolidate_metadata = die
     elif point == "consolidate_torn":
-        original = store.zarr.consolidate_metadata
+        original = zarr.consolidate_metadata
         def consolidate(*args, **kwargs):
             torn_put(1, lambda p: p.name == "zarr.json")
             return original(*args, **kwargs)
-        store.zarr.consolidate_metadata = consolidate
+        zarr.consolidate_metadata = consolidate
     elif point == "unlock":
         store.Lock.__exit__ = die
     elif point == "stats_torn":
@@ -158,21 +158,21 @@ def patch(point, n, arg):
     elif point == "enospc_meta":
         full_disk(n, lambda p: p.name == "zarr.json")
     elif point == "enospc_consolidate":
-        original = store.zarr.consolidate_metadata
+        original = zarr.consolidate_metadata
         def consolidate(*args, **kwargs):
             full_disk(1, lambda p: True)
             return original(*args, **kwargs)
-        store.zarr.consolidate_metadata = consolidate
+        zarr.consolidate_metadata = consolidate
     elif point == "enospc_stats":
         full_disk(n, lambda p: "/stats/" in str(p))
     elif point == "enospc_manifest":
         def fsync(fd):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        store.os.fsync = fsync
+        os.fsync = fsync
     elif point == "enospc_lock":  # writing the lock's pid record
         def pwrite(fd, data, offset):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        store.os.pwrite = pwrite
+        os.pwrite = pwrite
     elif point == "modify":  # rewrite a dump between the scan and the read
         victim, replacement = arg
         original = dumps.read
@@ -323,7 +323,7 @@ class ForkServer:
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(store, "CHUNK_BYTES", CHUNK_BYTES)
+    monkeypatch.setattr(store.schema, "CHUNK_BYTES", CHUNK_BYTES)
 
 
 @pytest.fixture(scope="module")
@@ -371,7 +371,7 @@ def half(corpus, tmp_path_factory):
     for path in paths[:5]:
         shutil.copy2(path, folder / path.name)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(store, "CHUNK_BYTES", CHUNK_BYTES)
+        patch.setattr(store.schema, "CHUNK_BYTES", CHUNK_BYTES)
         assert ingest([folder], base / "s.zarr").ok
     for path in paths[5:]:
         shutil.copy2(path, folder / path.name)

@@ -16,7 +16,7 @@ from conftest import batched_dump, softmax_rows, store_snapshot, write_dump
 
 def _batches_of(path, dump) -> list[int]:
     entry = store.read_manifest(store.Location(path)).files[os.path.realpath(dump)]
-    return list(range(entry["start"], entry["stop"]))
+    return list(range(entry.start, entry.stop))
 
 
 def test_same_names_in_another_folder_are_other_files(tmp_path, cli):

@@ -193,7 +193,7 @@ def test_blocks_are_runs_of_whole_chunks(monkeypatch):
 def blocks(request, monkeypatch):
     """write_stats on one block, or on blocks of 2 store chunks of 2 batches (appends land mid-chunk)."""
     if request.param == "many blocks":
-        monkeypatch.setattr(store, "CHUNK_BYTES", 2000)  # 3 heads x 9 x 9 float32: 2 batches a chunk
+        monkeypatch.setattr(store.schema, "CHUNK_BYTES", 2000)  # 3 heads x 9 x 9 float32: 2 batches a chunk
         monkeypatch.setattr(stats, "BLOCK_BYTES", 8000)  # x 2 layers: 2 chunks a block
     return request.param
 
@@ -284,7 +284,7 @@ def test_the_layout_is_what_xarray_wrote(kind, samples_store, tmp_path, rng, mon
         write_dump(tmp_path / "d" / "a.npz", softmax_rows(rng, (2, 3, 4, 9)))
         ingest([tmp_path / "d"], source)
     else:
-        monkeypatch.setattr(store, "CHUNK_BYTES", 2000)  # 3 heads x 9 x 9 float32: 2 batches a chunk
+        monkeypatch.setattr(store.schema, "CHUNK_BYTES", 2000)  # 3 heads x 9 x 9 float32: 2 batches a chunk
         monkeypatch.setattr(stats, "BLOCK_BYTES", 8000)  # x 2 layers: 2 chunks a block
         for i in range(3):
             batched_dump(rng, tmp_path / "d" / f"a{i}.npz", [1, 9, 6][i:] + [4], layers=2, heads=3, size=9)

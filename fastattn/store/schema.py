@@ -1,0 +1,261 @@
+"""The store's schema, written once: every array, its chunk rule, and the derived groups.
+
+Layout of `store.zarr` (Zarr v3, opened by plain `xarray.open_zarr` too):
+
+    attention     (batch, layer, head, query, key)  float32/float16, NaN outside valid blocks
+    length        (batch,)                          int32, valid tokens of each sample
+    source        (batch,)                          str, the dump it came from, relative to the common parent of its ingest's inputs
+    source_index  (batch,)                          int32, position in that file's batch axis
+    token         (batch, query)                    str, token strings when dumps carry them
+    batch, layer, head, query, key                  int32 coordinates (positions)
+    stats/, rollout/                                derived groups (`DERIVED`), recomputable
+    _fastattn/manifest.json                         the commit record (`manifest.py`)
+    _fastattn/lock                                  present while a writer works (`lock.py`)
+
+Ingest lays the arrays out from `ARRAYS` and grows them with `resize`; `fastattn check`
+verifies every array of `ARRAYS` and every group of `DERIVED`, and repair rebuilds from them.
+A new per-batch array is one `Array` line here (plus the code that fills it in ingest); a new
+derived group is one `Derived` entry (plus its writer, which commits through `commit.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+FORMAT_VERSION = 1
+#: fastattn's own files live in a group of their own, so readers listing the root never meet them.
+META = "_fastattn"
+MANIFEST = f"{META}/manifest.json"
+LOCK = f"{META}/lock"
+DIMS = ("batch", "layer", "head", "query", "key")
+#: The dims a later ingest grows (layers and heads are fixed when the store is created).
+GROWING = ("batch", "query", "key")
+#: Target uncompressed size of one chunk: a few MB, so a chunk decodes in about a millisecond.
+CHUNK_BYTES = 4 << 20
+MAX_BATCH_CHUNK = 256
+#: The dtype of variable-length strings in `Array.dtype`.
+STR = "str"
+
+
+def compressors():
+    """blosc lz4 with byte shuffle, then a crc32c checksum so flipped bits are found.
+
+    Every array carries the checksum: a flipped byte in `length` or `source` must fail too,
+    not decode to wrong values. Chosen by `python -m benchmarks.codecs` on the MiniLM samples
+    (numbers in README): zstd-1 compresses ~10% smaller but decodes at about half the speed.
+    """
+    return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
+
+
+def attention_chunks(heads: int, query: int, key: int, itemsize: int) -> tuple[int, int, int, int, int]:
+    """The attention's chunk shape: about CHUNK_BYTES at any sequence length, whole key rows.
+
+    Short sequences: one layer's planes of all heads, for as many batches as fit. When one
+    sample's layer is larger than that, heads are split, and when one plane is, queries:
+    (2 layers, 16 heads, 2048 x 2048) float32 gets (1, 1, 1, 256, 2048) chunks of 2 MB, not
+    one of 256 MB. Readers take the shape from the array, so stores of any chunking open.
+    The first entry is the store's batch chunk, which every batched array shares.
+    """
+    row = key * itemsize
+    plane = query * row
+    if heads * plane <= CHUNK_BYTES:
+        return (int(min(MAX_BATCH_CHUNK, CHUNK_BYTES // (heads * plane))), 1, heads, query, key)
+    if plane <= CHUNK_BYTES:
+        return (1, 1, int(CHUNK_BYTES // plane), query, key)
+    return (1, 1, 1, int(max(1, CHUNK_BYTES // row)), key)
+
+
+# ---------------------------------------------------------------- the arrays
+
+
+@dataclass(frozen=True)
+class Array:
+    """One array of the store: its name, dims, dtype and fill value, and its chunk rule.
+
+    The chunk rule: along each dim an array is chunked like the attention (so a batched
+    array's chunk covers the same batches as the attention's); a coordinate is one chunk of
+    its whole dim as created (at least the batch chunk), the batch coordinate the batch chunk.
+    """
+
+    name: str
+    dims: tuple[str, ...]
+    dtype: str | None  # None: the attention's dtype, as the manifest records it
+    fill: object = None  # None: zarr's default for the dtype
+    attributes: dict = field(default_factory=dict)
+    coordinate: bool = False
+
+    @property
+    def batched(self) -> bool:
+        return not self.coordinate and self.dims[0] == "batch"
+
+    def shape(self, sizes: dict[str, int]) -> tuple[int, ...]:
+        return tuple(sizes[dim] for dim in self.dims)
+
+    def chunks(self, attention_chunks: tuple[int, ...], sizes: dict[str, int]) -> tuple[int, ...]:
+        batch_chunk = attention_chunks[0]
+        if self.coordinate:
+            return (batch_chunk if self.name == "batch" else max(sizes[self.name], batch_chunk),)
+        return tuple(attention_chunks[DIMS.index(dim)] for dim in self.dims)
+
+    def zarr_dtype(self, attention_dtype: str):
+        return str if self.dtype == STR else self.dtype or attention_dtype
+
+    def empty(self, shape: tuple[int, ...], attention_dtype: str) -> np.ndarray:
+        """Values of this array as a writer fills them: the fill value where nothing is known."""
+        if self.dtype == STR:
+            return np.full(shape, "" if self.fill is None else self.fill, dtype=object)
+        return np.full(shape, 0 if self.fill is None else self.fill, dtype=self.zarr_dtype(attention_dtype))
+
+
+ATTENTION = Array(
+    "attention",
+    DIMS,
+    None,
+    np.nan,
+    attributes={"long_name": "attention weight", "valid": "NaN outside each sample's length x length block"},
+)
+
+#: Every array of the store, in the order they are laid out and resized.
+ARRAYS: tuple[Array, ...] = (
+    ATTENTION,
+    Array("length", ("batch",), "int32", 0),
+    Array("source", ("batch",), STR),
+    Array("source_index", ("batch",), "int32", -1),
+    Array("token", ("batch", "query"), STR),
+    *(Array(dim, (dim,), "int32", coordinate=True) for dim in DIMS),
+)
+BY_NAME = {spec.name: spec for spec in ARRAYS}
+#: The arrays with a batch axis: attention first, then the per-sample ones.
+BATCHED = tuple(spec.name for spec in ARRAYS if spec.batched)
+#: The arrays with one value per sample.
+PER_BATCH = tuple(spec.name for spec in ARRAYS if spec.batched and spec.dims == ("batch",))
+
+
+def create_array(group, spec: Array, sizes: dict[str, int], attention_chunks: tuple[int, ...], dtype: str):
+    """Lay out `spec` in `group` (replacing what was there) at `sizes`; a coordinate gets its values."""
+    options = {} if spec.fill is None else {"fill_value": spec.fill}
+    if spec.attributes:
+        options["attributes"] = spec.attributes
+    array = group.create_array(
+        spec.name,
+        shape=spec.shape(sizes),
+        chunks=spec.chunks(attention_chunks, sizes),
+        dtype=spec.zarr_dtype(dtype),
+        dimension_names=spec.dims,
+        overwrite=True,
+        compressors=compressors(),
+        **options,
+    )
+    if spec.coordinate and sizes[spec.name]:
+        array[:] = np.arange(sizes[spec.name], dtype=np.int32)
+    return array
+
+
+def resize(group, *, batch: int, query: int = 0, key: int = 0) -> None:
+    """Resize every array to `batch` batches; query and key only ever grow. Old values stay."""
+    _, layers, heads, q0, k0 = group["attention"].shape
+    sizes = dict(zip(DIMS, (batch, layers, heads, max(query, q0), max(key, k0))))
+    for spec in ARRAYS:
+        array = group[spec.name]
+        shape = spec.shape(sizes)
+        if not spec.coordinate:
+            array.resize(shape)
+        elif spec.name in GROWING:
+            if array.shape != shape:
+                array.resize(shape)
+            if shape[0]:  # always: a run killed while writing them leaves the right size with a chunk missing
+                array[:] = np.arange(shape[0], dtype=np.int32)
+
+
+# ---------------------------------------------------------------- the derived groups
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A group computed from the committed batches, and recomputed whenever it is wrong.
+
+    Its commit is recorded one of two ways (`record`):
+    - "manifest": fields of the manifest, `<name>_committed` (the batches it covers; it may
+      lag the store, and its writer extends it incrementally) and one per parameter
+      (`<name>_<param>`), committed with the manifest's atomic write (the statistics);
+    - "attribute": the group's attribute `fastattn_<name>`, a mapping with `batches`, the
+      number of `ingests` it was computed after and its parameters, written after the
+      arrays; stale (and ignored) once another ingest commits. A new group takes this kind:
+      it needs no field in the manifest.
+    """
+
+    name: str
+    command: str  # what recomputes it
+    record: str  # "manifest" or "attribute"
+    params: tuple[str, ...]  # the parameters its record keeps (its variables may depend on them)
+    layout: Callable[[dict], dict[str, tuple[str, ...]]]  # record -> every variable and its dims
+    extent: Callable[[object, dict, dict], dict[str, tuple[int, int | None]]]  # see `sizes`
+    noun: str  # how messages name it: "writing {noun} failed", "{noun} predates the last ingest"
+    none: str  # what opening it says before its first commit
+    committed: str  # "... are committed for {batches} batches": what a missing variable loses
+    lack: str  # what opening it says when variables are missing ({names})
+    repaired: str  # what repair says after removing it
+
+    @property
+    def attribute(self) -> str:
+        return f"fastattn_{self.name}"
+
+    def variables(self, record: dict) -> dict[str, tuple[str, ...]]:
+        return self.layout(record)
+
+    def sizes(self, manifest, record: dict, dims: dict) -> dict[str, tuple[int, int | None]]:
+        """dim -> (least, most or None) for its arrays, given the manifest, the commit record and
+        `dims`: the attention's sizes, plus "longest", the longest committed length it covers."""
+        return self.extent(manifest, record, dims)
+
+
+def _stats_layout(record: dict) -> dict[str, tuple[str, ...]]:
+    from ..stats import schema  # the kernel's outputs, as write_stats lays them out (lazily: it loads Numba)
+
+    return {name: dims for name, (dims, _) in schema().items()}
+
+
+def _stats_extent(manifest, record: dict, dims: dict) -> dict:
+    # laid out at the attention's size when they were computed: the store may have grown since
+    query, key = dims["query"], dims["key"]
+    longest = dims["longest"]
+    tokens = {"query": (query, query), "key": (key, key)} if manifest.cross else {"query": (longest, query), "key": (longest, key)}
+    return {"batch": (record["batches"], None), "layer": (manifest.layers,) * 2, "head": (manifest.heads,) * 2,
+            "rank": (record["k"],) * 2, **tokens}
+
+
+def _rollout_layout(record: dict) -> dict[str, tuple[str, ...]]:
+    layout = {"rollout_incoming": ("batch", "layer", "key"), "length": ("batch",), "batch": ("batch",),
+              "layer": ("layer",), "key": ("key",)}
+    if record.get("keep_matrix"):
+        layout.update(rollout=("batch", "layer", "query", "key"), query=("query",))
+    return layout
+
+
+def _rollout_extent(manifest, record: dict, dims: dict) -> dict:
+    n, size = record["batches"], manifest.max_length
+    return {"batch": (n, n), "layer": (manifest.layers,) * 2, "query": (size, size), "key": (size, size)}
+
+
+STATS = Derived(
+    "stats", "fastattn stats", "manifest", ("k",), _stats_layout, _stats_extent,
+    noun="statistics",
+    none="no statistics yet",
+    committed="statistics are committed for {batches} batches",
+    lack="the statistics lack {names} (written by an older fastattn, or damaged); run fastattn stats to compute them again",
+    repaired="statistics uncommitted; fastattn stats recomputes them",
+)
+ROLLOUT = Derived(
+    "rollout", "fastattn rollout", "attribute", ("keep_matrix",), _rollout_layout, _rollout_extent,
+    noun="the rollout",
+    none="no rollout yet",
+    committed="the rollout of {batches} batches is committed",
+    lack="the rollout lacks {names} (written by an older fastattn, or damaged); run fastattn rollout to compute it again",
+    repaired="rollout removed; fastattn rollout recomputes it",
+)
+#: Every derived group, by name: `fastattn check` verifies each one that is committed.
+DERIVED = {spec.name: spec for spec in (STATS, ROLLOUT)}
