@@ -54,7 +54,7 @@ def run(work: Callable, *args):
     try:
         return work(*args)
     except FastattnError as exc:
-        fail(str(exc))
+        fail(f"--{exc.parameter.replace('_', '-')}: {exc.reason}" if exc.parameter else str(exc))
     except MemoryError:
         fail("out of memory; try fewer --jobs")
     except OSError as exc:

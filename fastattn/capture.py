@@ -253,7 +253,7 @@ class _Writer:
         if existing and not overwrite:
             raise CaptureError(
                 f"{self.folder}: already holds {len(existing)} dumps (attention_batch_*.npz);"
-                " choose another folder or overwrite them (--overwrite)"
+                " choose another folder or overwrite them"
             )
         for path in existing:
             os.remove(path)

@@ -38,7 +38,7 @@ def connect(scheduler: str | None = None, workers: int | None = None):
     try:
         from distributed import Client, LocalCluster
     except ImportError:
-        raise FastattnError("--scheduler and --workers need dask.distributed: pip install 'fastattn[distributed]'") from None
+        raise FastattnError("a dask scheduler or local workers need dask.distributed: pip install 'fastattn[distributed]'") from None
     if scheduler is not None:
         try:
             client = Client(scheduler, timeout="10s")

@@ -527,7 +527,7 @@ def match_batches(a: xr.Dataset, b: xr.Dataset, match: str = "position") -> tupl
     if match == "source":
         for name, ds in (("first", a), ("second", b)):
             if "source" not in ds or "source_index" not in ds:
-                raise FastattnError(f"--match source: the {name} dataset has no source/source_index")
+                raise FastattnError(f"'source': the {name} dataset has no source/source_index", parameter="match")
         key_b: dict = {}
         for i, key in enumerate(zip(np.asarray(b["source"].values).tolist(), np.asarray(b["source_index"].values).tolist())):
             key_b.setdefault(key, i)

@@ -346,7 +346,7 @@ def scan(path: str, layout: str | None = None, *, infer_padding: bool = True) ->
         if layout is None:
             raise DumpError(
                 f"{ATTENTION} has {len(attn.shape)} dims {attn.shape}; expected 4 (layer, head, query, key)"
-                " or 5 (layer, batch, head, query, key), or give --layout"
+                " or 5 (layer, batch, head, query, key), or give its layout"
             )
     else:
         layout = parse_layout(layout, len(attn.shape))

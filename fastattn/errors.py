@@ -2,7 +2,14 @@
 
 
 class FastattnError(Exception):
-    """A problem with the user's input or store, explained in one line (no traceback needed)."""
+    """A problem with the user's input or store, explained in one line (no traceback needed).
+
+    `parameter`: the argument the problem is about, when there is one. The message then reads
+    `parameter: reason` and names no command-line flag; the CLI shows the flag instead."""
+
+    def __init__(self, message: str, *, parameter: str | None = None):
+        super().__init__(f"{parameter}: {message}" if parameter else message)
+        self.reason, self.parameter = message, parameter
 
 
 class DumpError(FastattnError):

@@ -117,7 +117,7 @@ def ingest(
     started = time.perf_counter()
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if dtype not in ("float32", "float16"):
-        raise FastattnError(f"--dtype must be float32 or float16, not {dtype}")
+        raise FastattnError(f"must be float32 or float16, not {dtype}", parameter="dtype")
     found = dumps.find_dumps(inputs)
     report = IngestReport(store=str(store_path), files_found=len(found.files))
     report.rejected.extend(Rejection(path, reason) for path, reason in found.problems)

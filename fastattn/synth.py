@@ -19,6 +19,8 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import FastattnError
+
 ROLES = ("local", "previous", "sink", "critical", "broad")
 FREQUENCIES = np.array([0.35, 0.7, 1.1, 1.6])
 
@@ -86,10 +88,10 @@ def parse_seq(seq: str | int | tuple[int, int]) -> tuple[int, int]:
     else:
         parts = str(seq).split("-")
         if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
-            raise ValueError(f"--seq takes a length like 64 or a range like 24-64, not '{seq}'")
+            raise FastattnError(f"takes a length like 64 or a range like 24-64, not '{seq}'", parameter="seq")
         low, high = int(parts[0]), int(parts[-1])
     if not 1 <= low <= high:
-        raise ValueError(f"--seq range {low}-{high} must satisfy 1 <= min <= max")
+        raise FastattnError(f"the range {low}-{high} must satisfy 1 <= min <= max", parameter="seq")
     return low, high
 
 
