@@ -22,7 +22,7 @@ each row is reduced by one thread in a fixed order, so results are bit-identical
 for any thread count and for ``parallel=False``.
 
 Compiling.  A first run compiles one kernel, ``_stats_planes``, for the input's
-dtype: ~5 CPU-s for float32 (it was ~22 with the ``prange`` variant, a separate
+dtype: ~5 CPU-s for float32 (it was ~14 with the ``prange`` variant, a separate
 per-plane function and a top-k per dtype; ``_jit`` says why each cost).  It is
 one function on purpose; its per-row helpers are inlined into it by Numba.
 
