@@ -368,15 +368,13 @@ def test_parallel_and_serial_identical(dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_thread_count_does_not_change_results(dtype):
+    from fastattn.kernels._jit import kernel_threads
+
     a, lengths = _big_case(dtype)
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
+    with kernel_threads(1):
         one = plane_stats(a, lengths), topk(a, 5, lengths)
-        numba.set_num_threads(THREADS)
+    with kernel_threads(THREADS):
         two = plane_stats(a, lengths), topk(a, 5, lengths)
-    finally:
-        numba.set_num_threads(before)
     assert_same(one[0], two[0])
     assert_same(one[1], two[1])
 
