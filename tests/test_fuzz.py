@@ -26,7 +26,6 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fastattn import dumps
-from fastattn.kernels import validate  # noqa: F401  (compiles its kernel now, not while tracemalloc counts)
 from fastattn.check import check_store
 from fastattn.errors import DumpError
 from fastattn.ingest import ingest

@@ -411,8 +411,8 @@ def _in_subprocess(code: str, **env) -> str:
 def test_nothing_compiles_at_import():
     code = (
         "import importlib\n"
-        "sdpa, stats, validate = (importlib.import_module('fastattn.kernels.' + m) for m in ('sdpa', 'stats', 'validate'))\n"
+        "sdpa, stats = (importlib.import_module('fastattn.kernels.' + m) for m in ('sdpa', 'stats'))\n"
         "kernels = [stats._stats_planes, stats._topk_planes, sdpa._attend_planes]\n"
-        "print(sum(len(k.signatures) for k in kernels), validate._compiled.cache_info().currsize)"
+        "print(sum(len(k.signatures) for k in kernels))"
     )
-    assert _in_subprocess(code) == "0 0"  # with the disk cache on (the default), too
+    assert _in_subprocess(code) == "0"  # with the disk cache on (the default), too
