@@ -473,19 +473,38 @@ def _hf_inputs(batch, index: int, tokenizer, limit: int | None) -> dict:
     )
 
 
+def _left_padded_positions(mask):
+    """Position ids counted from each sample's first token when padding comes before a token
+    (left padding, as decoder tokenizers pad), else None.
+
+    Without them a model numbers positions 0..seq-1 whatever the mask, so a left-padded text
+    would start at position `pads` and its attention would depend on the other texts of its
+    batch. These are the position ids `generate()` passes (padding gets 1), so each text is
+    seen as if alone. Right padding needs none: the tokens already come first."""
+    if mask is None or mask.ndim != 2:
+        return None
+    valid = mask != 0
+    if not (~valid[:, :-1] & valid[:, 1:]).any():
+        return None
+    return (valid.long().cumsum(-1) - 1).masked_fill(~valid, 1)
+
+
 def _hf_batch(model, batch, index, layers, heads, dtype, tokenizer, limit) -> dict[str, np.ndarray]:
     torch = _torch()
     inputs = _hf_inputs(batch, index, tokenizer, limit)
     ids = inputs.get("input_ids")
     if ids is None or ids.ndim != 2:
         raise CaptureError(f"batch {index} has no 2-D input_ids (batch, seq)")
-    device = _device(model)
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    kwargs = {"output_attentions": True, "return_dict": True}
     try:
         parameters = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         parameters = {}
+    positions = _left_padded_positions(inputs.get("attention_mask"))
+    if positions is not None and "position_ids" not in inputs and "position_ids" in parameters:
+        inputs["position_ids"] = positions
+    device = _device(model)
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    kwargs = {"output_attentions": True, "return_dict": True}
     if "use_cache" in parameters:
         kwargs["use_cache"] = False  # no key/value cache: it would only cost memory
     try:
