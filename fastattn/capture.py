@@ -379,7 +379,9 @@ def record(
     `layers` and `heads` keep a subset (sorted; negative indices count from the end);
     `dtype` is float32 or float16. `out` is a folder (it must hold no `attention_batch_*`
     dump unless `overwrite`), or a path ending in `.zarr` to ingest into that store.
-    Encoder-decoder models record their encoder's self-attention.
+    Encoder-decoder models record their encoder's self-attention. A batch padded on the
+    left (decoder tokenizers) is given position ids counted from each text's first token,
+    as `generate()` gives them, unless it brings its own.
 
     The model runs in eval mode under `torch.no_grad()`; its attention implementation is
     switched to eager for the run when needed, and both are restored afterwards.
