@@ -481,14 +481,14 @@ def _left_padded_positions(mask):
 
     Without them a model numbers positions 0..seq-1 whatever the mask, so a left-padded text
     would start at position `pads` and its attention would depend on the other texts of its
-    batch. These are the position ids `generate()` passes (padding gets 1), so each text is
+    batch. These are the position ids `generate()` passes (padding gets 0), so each text is
     seen as if alone. Right padding needs none: the tokens already come first."""
     if mask is None or mask.ndim != 2:
         return None
     valid = mask != 0
     if not (~valid[:, :-1] & valid[:, 1:]).any():
         return None
-    return (valid.long().cumsum(-1) - 1).masked_fill(~valid, 1)
+    return (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
 
 
 def _hf_batch(model, batch, index, layers, heads, dtype, tokenizer, limit) -> dict[str, np.ndarray]:

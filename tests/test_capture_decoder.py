@@ -70,8 +70,8 @@ def decoder(tmp_path_factory):
 
 
 def positions(mask: np.ndarray) -> np.ndarray:
-    """Each text's positions 0..n-1 on its own tokens (left padding: the last n), 1 on padding."""
-    out = np.ones(mask.shape, dtype=np.int64)
+    """Each text's positions 0..n-1 on its own tokens (left padding: the last n), 0 on padding."""
+    out = np.zeros(mask.shape, dtype=np.int64)
     for row, m in zip(out, mask):
         n = int(m.sum())
         assert m[len(m) - n :].all()  # left padded: the tokens come last
