@@ -50,6 +50,8 @@ def capture(
 
     Runs the base model (no task head) with eager attention and output_attentions=True, in eval mode without gradients, and writes per batch: attention_weights (layer, batch, head, query, key), attention_mask, input_ids and tokens (padding included).
 
+    Decoders too: a tokenizer that pads on the left gets position ids counted from each text's first token, as generate() does; ingest then moves each text's tokens to the start.
+
     Memory holds one batch's attention at a time: layers x batch x heads x seq² x 4 bytes. Only the local folder is read; nothing is downloaded.
 
     Example: `fastattn capture ./all-MiniLM-L6-v2 texts.txt dumps/`, then `fastattn ingest dumps/ store.zarr`.

@@ -250,3 +250,27 @@ def test_record_leaves_position_ids_it_was_given_and_right_padding_alone(decoder
         tokenizer.padding_side = "left"
     got = load(tmp_path / "right" / "attention_batch_00000.npz")["attention_weights"]
     assert np.array_equal(got, own_attention(model, right))  # the model's own call: no position ids added
+
+
+def test_a_right_padded_decoder_dump_without_its_mask_gets_its_lengths(decoder, tmp_path):
+    """Right padding leaves no query without a token to see, so the padded keys are 0 in every
+    row: inferred from the zero trailing columns, the lengths and values are the mask's."""
+    import fastattn
+    from fastattn.store import open_store
+
+    folder, _, tokenizer = decoder
+    base, _ = capture.load_model(folder)
+    tokenizer.padding_side = "right"
+    try:
+        right = tokenizer(TEXTS[:BATCH], padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = "left"
+    dump = load(capture.record(base, [right], tmp_path / "dumps").dumps[0])
+    (tmp_path / "maskless").mkdir()
+    np.savez(tmp_path / "maskless" / "dump.npz", attention_weights=dump["attention_weights"])
+    fastattn.ingest([tmp_path / "dumps"], tmp_path / "masked.zarr", jobs=1)
+    report = fastattn.ingest([tmp_path / "maskless"], tmp_path / "inferred.zarr", jobs=1)
+    assert report.inferred_lengths == 2  # the two padded samples
+    masked, inferred = open_store(tmp_path / "masked.zarr"), open_store(tmp_path / "inferred.zarr")
+    assert inferred["length"].values.tolist() == [len(t.split()) for t in TEXTS[:BATCH]]
+    assert np.array_equal(inferred["attention"].values, masked["attention"].values, equal_nan=True)
