@@ -41,6 +41,9 @@ def register(app: typer.Typer) -> None:
             help="A class of tokens (repeatable): the tokens whose whole string matches REGEX, beside the default"
             " classes special and punct. Token classes are reported when the store has token strings.",
         ),
+        sep_sep: bool = typer.Option(
+            False, "--sep-sep", help="Also [SEP]→[SEP]: reads the attention again at the separators (no other option does).",
+        ),
     ) -> None:
         """Compute attention statistics for every (batch, layer, head) and summarise them.
 
@@ -54,9 +57,10 @@ def register(app: typer.Typer) -> None:
         scale with each sample's length, see fastattn.stats).
 
         When the store has token strings: the attention on each token class per head (mean over
-        queries of the weight on the class's keys: special tokens, punctuation, each --token-class)
-        and [SEP]→[SEP] (mean over separator queries of their weight on separators), and the
-        heads that put at least half of their attention on one class (see fastattn.tokens).
+        queries of the weight on the class's keys: special tokens, punctuation, each --token-class,
+        from the statistics alone), with --sep-sep [SEP]→[SEP] (mean over separator queries of
+        their weight on separators), and the heads that put at least half of their attention on
+        one class (see fastattn.tokens).
         """
         from fastattn import cluster, summary, tokens
         from fastattn import stats as stats_mod
@@ -84,7 +88,9 @@ def register(app: typer.Typer) -> None:
         def read_token_classes():
             try:
                 with stats_mod.read_errors(store):
-                    return tokens.token_class_stats(store, classes=classes, layer=layer, head=head, storage_options=options)
+                    return tokens.token_class_stats(
+                        store, classes=classes, sep_sep=sep_sep, layer=layer, head=head, storage_options=options
+                    )
             except tokens.NoTokenStrings:
                 if classes:  # asked for: say why there are none
                     raise

@@ -157,13 +157,15 @@ def token_class_stats(
     *,
     classes: Mapping[str, str | re.Pattern] | None = None,
     special: Iterable[str] | None = None,
+    sep_sep: bool = True,
     layer: list[int] | None = None,
     head: list[int] | None = None,
     storage_options: dict | None = None,
 ) -> dict[str, np.ndarray]:
     """Attention on token classes of a store's committed statistics (run `write_stats` first):
-    `to_<class>` for `special`, `punct` and each of `classes` (name -> regex), and `sep_sep`,
-    each (batch, layer, head) float64 at the `layer` and `head` positions given (default all),
+    `to_<class>` for `special`, `punct` and each of `classes` (name -> regex), and `sep_sep`
+    (unless `sep_sep=False`: it reads the attention's chunks again, at the separators' rows
+    and columns, where the classes read only `col_sum`), each (batch, layer, head) float64 at the `layer` and `head` positions given (default all),
     plus those positions as "layer" and "head", and "count_<class>": the class's valid tokens
     per sample (batch,). A one-line error when the store has no token strings or holds
     cross-attention. Formulas: the module's docstring."""
@@ -189,6 +191,8 @@ def token_class_stats(
     for name in rules:
         out[f"to_{name}"] = np.where(unknown, np.nan, class_mass(planes["col_sum"], lengths, classes_of[name]))
         out[f"count_{name}"] = classes_of[name].sum(axis=1)
+    if not sep_sep:
+        return out
     attention = group["attention"]
     per_batch = len(planes["layer"]) * len(planes["head"]) * attention.shape[3] ** 2 * attention.dtype.itemsize
     chunk = attention.chunks[0]
@@ -201,8 +205,8 @@ def token_class_stats(
 
 
 def class_names(scores: Mapping[str, np.ndarray]) -> list[str]:
-    """The per-plane scores of `token_class_stats`' result, in order: `to_<class>`..., `sep_sep`."""
-    return [name for name in scores if name.startswith("to_")] + ["sep_sep"]
+    """The per-plane scores of `token_class_stats`' result, in order: `to_<class>`..., `sep_sep` if there."""
+    return [name for name in scores if name.startswith("to_") or name == "sep_sep"]
 
 
 def add_to_table(table: dict, scores: Mapping[str, np.ndarray]) -> dict:

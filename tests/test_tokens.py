@@ -145,6 +145,8 @@ def test_random_ragged_attention_and_tokens(tmp_path):
     assert np.isnan(got["to_special"][-1]).all() and not any(samples[-1])  # the dump without tokens
     assert np.isnan(got["sep_sep"]).any() and np.isfinite(got["sep_sep"]).any()
     picked = tokens.token_class_stats(tmp_path / "s.zarr", classes=USER, layer=[1], head=[2, 0])
+    masses = tokens.token_class_stats(tmp_path / "s.zarr", classes=USER, sep_sep=False)
+    assert tokens.class_names(masses) == ["to_special", "to_punct", "to_num"]
     for name in tokens.class_names(got):
         np.testing.assert_array_equal(picked[name], got[name][:, [1]][:, :, [2, 0]], err_msg=name)
 
@@ -166,7 +168,7 @@ def test_findings_and_cli(minilm, cli):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         means = {name: np.nanmean(values, axis=0) for name, values in want.items()}
-    result = cli("stats", minilm, "--format", "json", "--token-class", "num=Ġ?[0-9]+")
+    result = cli("stats", minilm, "--format", "json", "--token-class", "num=Ġ?[0-9]+", "--sep-sep")
     assert result.exit_code == 0, result.output
     out = json.loads(result.output[result.output.index("{"):])
     for row in out["heads"]:
@@ -180,7 +182,8 @@ def test_findings_and_cli(minilm, cli):
     table = cli("stats", minilm, "--layer", "1")  # L1H11 gives key 0, [CLS], 0.75 of its attention
     assert table.exit_code == 0 and "most attention on special tokens (≥ 0.5 of all attention)" in table.output
     csv = cli("stats", minilm, "--format", "csv").output.splitlines()
-    assert {"to_special", "to_punct", "sep_sep"} <= set(csv[csv.index(next(l for l in csv if l.startswith("layer,")))].split(","))
+    header = set(next(line for line in csv if line.startswith("layer,")).split(","))
+    assert {"to_special", "to_punct"} <= header and "sep_sep" not in header and "to_num" not in header  # no --sep-sep
 
 
 def test_store_without_tokens(tmp_path, cli, rng):
