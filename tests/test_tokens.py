@@ -196,3 +196,18 @@ def test_store_without_tokens(tmp_path, cli, rng):
         tokens.token_class_stats(tmp_path / "s.zarr")
     with pytest.raises(fastattn.FastattnError, match=r"^classes: class bad: '\(\(' is not a regular expression"):
         tokens.token_class_stats(tmp_path / "s.zarr", classes={"bad": "(("})
+
+
+def test_report_states_token_class_findings(tmp_path):
+    """A small store whose head 0 puts 0.8 of every row on [CLS]: the report says so."""
+    from fastattn.report import write_report
+
+    rng = np.random.default_rng()
+    att = softmax_rows(rng, (1, 2, 2, 6, 6)).astype(np.float64)
+    att[:, :, 0] = 0.2 * att[:, :, 0]
+    att[:, :, 0, :, 0] += 0.8
+    toks = np.array([["[CLS]", "Ġcat", ",", "the", "2019", "[SEP]"]])
+    write_dump(tmp_path / "d" / "a.npz", att.astype(np.float32), attention_mask=np.ones((2, 6), np.int8), tokens=toks.repeat(2, 0))
+    ingest(tmp_path / "d", tmp_path / "s.zarr")
+    page = Path(write_report(tmp_path / "s.zarr", tmp_path / "r.html", dpi=40)).read_text()
+    assert "most attention on special tokens (≥ 0.5 of all attention) — 1 head: L0H0" in page
