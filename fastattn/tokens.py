@@ -23,6 +23,7 @@ when asked, from the committed statistics and the store's `token` array.
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from typing import Callable, Iterable, Mapping
@@ -170,38 +171,50 @@ def token_class_stats(
     per sample (batch,). A one-line error when the store has no token strings or holds
     cross-attention. Formulas: the module's docstring."""
     from . import store
-    from .stats import BLOCK_BYTES, read_planes
+    from .stats import GROUP, read_planes
 
     rules = class_rules(classes, special)
     loc = store.as_location(location, storage_options)
-    planes = read_planes(loc, ["col_sum"], layer=layer, head=head)
-    manifest = store.check_store(loc)
-    if manifest.cross:
+    # checks the committed statistics and the layer/head selection; its per-plane read is small
+    planes = read_planes(loc, ["peak_key"], layer=layer, head=head)
+    picks = (planes["layer"], planes["head"])
+    if store.check_store(loc).cross:
         raise NoTokenStrings(f"{loc}: token classes need self-attention; this store holds cross-attention")
     group = store.open_group(loc, "r")
-    n = planes["col_sum"].shape[0]
+    n = planes["peak_key"].shape[0]
     tokens, lengths = store.read_all(((group["token"], slice(0, n)), (group["length"], slice(0, n))))
     lengths = np.asarray(lengths, dtype=np.int64)
     known = ((tokens != "") & (np.arange(tokens.shape[1]) < lengths[:, None])).any(axis=1)  # samples saved with tokens
     if not known.any():
         raise NoTokenStrings(f"{loc}: the store has no token strings (its dumps were saved without `tokens`)")
-    unknown = ~known[:, None, None]
+    classes_of = members(tokens, lengths, rules)
     out: dict[str, np.ndarray] = {"layer": planes["layer"], "head": planes["head"]}
-    classes_of = members(tokens, lengths, {**rules, "[separator]": SEPARATORS.__contains__})
+    col_sum = group[f"{GROUP}/col_sum"]
     for name in rules:
-        out[f"to_{name}"] = np.where(unknown, np.nan, class_mass(planes["col_sum"], lengths, classes_of[name]))
+        out[f"to_{name}"] = np.full((n, *map(len, picks)), np.nan)
         out[f"count_{name}"] = classes_of[name].sum(axis=1)
-    if not sep_sep:
-        return out
-    attention = group["attention"]
-    per_batch = len(planes["layer"]) * len(planes["head"]) * attention.shape[3] ** 2 * attention.dtype.itemsize
-    chunk = attention.chunks[0]
-    step = max(1, BLOCK_BYTES // max(1, per_batch * chunk)) * chunk  # whole chunks, at most ~BLOCK_BYTES a read
-    separator = classes_of["[separator]"]
-    parts = [separator_mass(attention, separator[b0 : b0 + step], b0, planes["layer"], planes["head"])
-             for b0 in range(0, n, step)]
-    out["sep_sep"] = np.concatenate(parts)
+    for b0, b1 in _steps(n, col_sum.chunks[0], math.prod(map(len, picks)) * col_sum.shape[-1] * 8):
+        block = col_sum.get_orthogonal_selection((slice(b0, b1), *picks))  # (batch, layer, head, key), a block at a time
+        for name in rules:
+            out[f"to_{name}"][b0:b1] = class_mass(block, lengths[b0:b1], classes_of[name][b0:b1])
+    for name in rules:
+        out[f"to_{name}"][~known] = np.nan
+    if sep_sep:
+        attention = group["attention"]
+        separator = members(tokens, lengths, {"sep": SEPARATORS.__contains__})["sep"]
+        per_batch = math.prod(map(len, picks)) * attention.shape[3] ** 2 * attention.dtype.itemsize
+        out["sep_sep"] = np.concatenate(
+            [separator_mass(attention, separator[b0:b1], b0, *picks) for b0, b1 in _steps(n, attention.chunks[0], per_batch)]
+        )
     return out
+
+
+def _steps(n: int, chunk: int, per_batch: int) -> list[tuple[int, int]]:
+    """[0, n) in blocks of whole `chunk`s of batches, each at most ~BLOCK_BYTES (at least one chunk)."""
+    from .stats import BLOCK_BYTES
+
+    step = max(1, BLOCK_BYTES // max(1, per_batch * chunk)) * chunk
+    return [(b0, min(n, b0 + step)) for b0 in range(0, n, step)]
 
 
 def class_names(scores: Mapping[str, np.ndarray]) -> list[str]:

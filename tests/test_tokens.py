@@ -118,7 +118,7 @@ def test_minilm_equals_clarks_formulas(minilm):
         np.testing.assert_allclose(got["sep_sep"][b], literal, rtol=1e-6)
 
 
-def test_random_ragged_attention_and_tokens(tmp_path):
+def test_random_ragged_attention_and_tokens(tmp_path, monkeypatch):
     """Random softmax rows, ragged lengths in masked batched dumps and a 4-d dump, random tokens
     from the whole vocabulary (0 to 3 separators a sample); a dump without token strings
     gives NaN for its samples; a selection of layers and heads gives those planes."""
@@ -149,6 +149,18 @@ def test_random_ragged_attention_and_tokens(tmp_path):
     assert tokens.class_names(masses) == ["to_special", "to_punct", "to_num"]
     for name in tokens.class_names(got):
         np.testing.assert_array_equal(picked[name], got[name][:, [1]][:, :, [2, 0]], err_msg=name)
+    monkeypatch.setattr(tokens, "_steps", lambda n, chunk, per_batch: [(b, min(n, b + 2)) for b in range(0, n, 2)])
+    blocked = tokens.token_class_stats(tmp_path / "s.zarr", classes=USER)  # read two batches at a time
+    for name in tokens.class_names(got):
+        np.testing.assert_array_equal(blocked[name], got[name], err_msg=name)
+
+
+def test_steps_are_whole_chunks_within_the_block_size(monkeypatch):
+    import fastattn.stats
+
+    monkeypatch.setattr(fastattn.stats, "BLOCK_BYTES", 400)
+    assert tokens._steps(10, 2, 100) == [(0, 4), (4, 8), (8, 10)]
+    assert tokens._steps(5, 2, 1000) == [(0, 2), (2, 4), (4, 5)]  # one chunk even when larger
 
 
 def test_class_rules_by_hand():
