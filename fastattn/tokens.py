@@ -42,8 +42,6 @@ SEPARATORS = frozenset({"[SEP]", "</s>"})
 #: Subword markers stripped before the punctuation test: GPT-2's space (Ġ), SentencePiece's
 #: space (▁), WordPiece's continuation (##).
 MARKERS = ("##", "Ġ", "▁")
-#: The classes every store with token strings gets, before the user's.
-DEFAULTS = ("special", "punct")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -163,12 +161,15 @@ def token_class_stats(
     head: list[int] | None = None,
     storage_options: dict | None = None,
 ) -> dict[str, np.ndarray]:
-    """Attention on token classes of a store's committed statistics (run `write_stats` first):
-    `to_<class>` for `special`, `punct` and each of `classes` (name -> regex), and `sep_sep`
-    (unless `sep_sep=False`: it reads the attention's chunks again, at the separators' rows
-    and columns, where the classes read only `col_sum`), each (batch, layer, head) float64 at the `layer` and `head` positions given (default all),
-    plus those positions as "layer" and "head", and "count_<class>": the class's valid tokens
-    per sample (batch,). A one-line error when the store has no token strings or holds
+    """Attention on token classes of a store's committed statistics (run `write_stats` first).
+
+    Returns `to_<class>` for `special`, `punct` and each of `classes` (name -> regex), and
+    `sep_sep`, each (batch, layer, head) float64 at the `layer` and `head` positions given
+    (default all); those positions as "layer" and "head"; "count_<class>", the class's valid
+    tokens per sample (batch,). `sep_sep=False` leaves out `sep_sep`, the one number that
+    reads the attention again (the chunks holding the separators' rows and columns); the
+    classes read only `col_sum`. `special`: the tokenizer's special tokens, else `SPECIAL`.
+    A one-line `NoTokenStrings` error when the store has no token strings or holds
     cross-attention. Formulas: the module's docstring."""
     from . import store
     from .stats import GROUP, read_planes
