@@ -72,9 +72,16 @@ def assert_matches(got: dict, want: dict) -> None:
 
 
 def minilm_with_tokens(folder: Path, rng) -> Path:
-    """The MiniLM batched samples (real attention, ragged, masked) given BERT-like token strings:
-    [CLS] first, [SEP] last, words and punctuation between, a second [SEP] in the middle of
-    every other sample (a pair of segments, as Clark's data), [PAD] after."""
+    """The MiniLM samples (real attention; batched: ragged, masked; fixed: 32 tokens, no mask)
+    given BERT-like token strings: [CLS] first, [SEP] last, words and punctuation between, a
+    second [SEP] in the middle of every other batched sample (a pair of segments, as Clark's
+    data), [PAD] after."""
+    for source in sorted((SAMPLES / "fixed").glob("*.npz")):
+        with np.load(source, allow_pickle=False) as data:
+            attention = data["attention_weights"]
+        toks = rng.choice(sorted(PUNCT | WORDS), attention.shape[-1]).astype("U16")
+        toks[0], toks[-1] = "[CLS]", "[SEP]"
+        write_dump(folder / f"fixed_{source.name}", attention, tokens=toks)
     for source in sorted((SAMPLES / "batched").glob("*.npz")):
         with np.load(source, allow_pickle=False) as data:
             attention, mask = data["attention_weights"], data["attention_mask"]
@@ -111,7 +118,7 @@ def test_minilm_equals_clarks_formulas(minilm):
     # Clark's own denominator, 2, on the samples with a pair of segments (two [SEP]): the same
     pairs = [b for b, toks in enumerate(samples) if toks.count("[SEP]") == 2]
     attention, lengths = fastattn.open_store(minilm).attention.values, [len(t) for t in samples]
-    assert len(pairs) == len(samples) // 2
+    assert len(samples) == 11 and len(pairs) == 4
     for b in pairs:
         n = lengths[b]
         literal = clark(attention[b, :, :, :n, :n], samples[b], denominator=2)["sep_sep"]
