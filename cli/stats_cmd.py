@@ -92,7 +92,7 @@ def register(app: typer.Typer) -> None:
                         store, classes=classes, sep_sep=sep_sep, layer=layer, head=head, storage_options=options
                     )
             except tokens.NoTokenStrings:
-                if classes:  # asked for: say why there are none
+                if classes or sep_sep:  # asked for: say why there are none
                     raise
                 return None
 
