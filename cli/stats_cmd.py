@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
             err.print(f"error: --format must be table, json or csv, not {fmt}")
             raise typer.Exit(1)
         options = storage_options(storage_option)
-        classes = run(lambda: dict(tokens.parse_token_class(spec) for spec in token_class or ()))
+        classes = run(tokens.parse_token_classes, token_class or ())
 
         def work(advance):
             with cluster.connect(scheduler, workers) as client:

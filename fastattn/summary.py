@@ -218,9 +218,9 @@ def findings(table: dict, threshold: float = FLAG_SHARE) -> list[dict]:
     """The heads grouped by what they do, one dict per finding: `finding` (a score of
     `SCORE_FINDINGS`, a table's token class `to_<class>`, or a flag), `key` (the key of a
     dominant or critical key finding, None when it varies from batch to batch; absent for
-    others), `what` (in words), `value` ("mean" of
-    the score over the batches, or "share of batches" where the flag holds) and `heads`
-    (`{"layer", "head", "label", "value"}`, strongest first).
+    others), `what` (in words), `value` ("mean" of the score over the batches, or "share of
+    batches" where the flag holds) and `heads` (`{"layer", "head", "label", "value"}`,
+    strongest first).
 
     A score finding lists the heads whose mean score reaches its threshold; a flag finding the
     heads where the flag holds in at least `threshold` of the batches, dominant and critical

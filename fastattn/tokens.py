@@ -67,13 +67,19 @@ def is_punct(token: str) -> bool:
     return bool(text) and all(_punct_char(c) for c in text)
 
 
-def parse_token_class(spec: str) -> tuple[str, str]:
-    """`name=REGEX` (the command line's form) as `(name, regex)`, the regex checked."""
-    name, sep, pattern = spec.partition("=")
-    if not sep:
-        raise FastattnError(f"takes NAME=REGEX, not {spec!r}", parameter="token_class")
-    _check_class(name, pattern, "token_class")
-    return name, pattern
+def parse_token_classes(specs: Iterable[str]) -> dict[str, str]:
+    """`NAME=REGEX` strings (the command line's form) as `{name: regex}`, each regex checked,
+    each name once."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, pattern = spec.partition("=")
+        if not sep:
+            raise FastattnError(f"takes NAME=REGEX, not {spec!r}", parameter="token_class")
+        if name in out:
+            raise FastattnError(f"class {name} given twice", parameter="token_class")
+        _check_class(name, pattern, "token_class")
+        out[name] = pattern
+    return out
 
 
 def _check_class(name: str, pattern, parameter: str) -> re.Pattern:

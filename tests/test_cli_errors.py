@@ -48,6 +48,7 @@ BAD = [
     ("stats {d}/s.zarr --token-class 9x=a", "--token-class: class name '9x' must be a word"),
     ("stats {d}/s.zarr --token-class num=[0-9]+", "s.zarr: the store has no token strings"),
     ("stats {d}/s.zarr --sep-sep", "s.zarr: the store has no token strings"),
+    ("stats {d}/s.zarr --token-class a=x --token-class a=y", "--token-class: class a given twice"),
 ]
 
 
