@@ -48,6 +48,23 @@ def clark(attns: np.ndarray, toks: list[str], denominator: float | None = None) 
     return out
 
 
+def clark_literal(attns: np.ndarray, toks: list[str]) -> dict[str, np.ndarray]:
+    """Clark et al.'s own `cls`, `sep` and `punct` (`[CLS]`, `[SEP]`, `.` or `,` by string), as
+    the notebook computes them for one document."""
+    attns = attns.astype(np.float64)
+    n_tokens = attns.shape[-1]
+    seps, clss, puncts = (np.zeros(n_tokens) for _ in range(3))
+    for position, token in enumerate(toks):
+        if token == "[SEP]":
+            seps[position] = 1
+        if token == "[CLS]":
+            clss[position] = 1
+        if token == "." or token == ",":
+            puncts[position] = 1
+    selectors = {name: np.tile(mask[np.newaxis], [n_tokens, 1]) for name, mask in (("cls", clss), ("sep", seps), ("punct", puncts))}
+    return {name: (attns * selector[np.newaxis, np.newaxis]).sum(-1).sum(-1) / n_tokens for name, selector in selectors.items()}
+
+
 def reference(path) -> tuple[dict[str, np.ndarray], list[list[str]]]:
     """`clark` of every sample of a store (batch, layer, head), NaN for a sample saved without
     token strings; and each sample's valid tokens."""
@@ -115,9 +132,16 @@ def test_minilm_equals_clarks_formulas(minilm):
     for name in ("special", "punct", "num"):
         vocab = {"special": SPECIAL, "punct": PUNCT, "num": NUMBERS}[name]
         assert got[f"count_{name}"].tolist() == [sum(t in vocab for t in toks) for toks in samples]
+    # user classes that are Clark's own cls, sep and punct give his numbers
+    own = tokens.token_class_stats(minilm, classes={"cls": r"\[CLS\]", "sep": r"\[SEP\]", "punct": "[.,]"}, sep_sep=False)
+    attention = fastattn.open_store(minilm).attention.values
+    for b, toks in enumerate(samples):
+        n = len(toks)
+        for name, value in clark_literal(attention[b, :, :, :n, :n], toks).items():
+            np.testing.assert_allclose(own[f"to_{name}"][b], value, rtol=1e-6, atol=1e-12, err_msg=name)
     # Clark's own denominator, 2, on the samples with a pair of segments (two [SEP]): the same
     pairs = [b for b, toks in enumerate(samples) if toks.count("[SEP]") == 2]
-    attention, lengths = fastattn.open_store(minilm).attention.values, [len(t) for t in samples]
+    lengths = [len(t) for t in samples]
     assert len(samples) == 11 and len(pairs) == 4
     for b in pairs:
         n = lengths[b]
