@@ -45,6 +45,10 @@ MARKERS = ("##", "Ġ", "▁")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+#: The separators' entry among the classes `token_class_stats` matches (not a class name a user can give).
+_SEPARATOR = "[separator]"
+
+
 class NoTokenStrings(FastattnError):
     """A store without token strings (or of cross-attention): it has no token classes."""
 
@@ -189,12 +193,21 @@ def token_class_stats(
         raise NoTokenStrings(f"{loc}: token classes need self-attention; this store holds cross-attention")
     group = store.open_group(loc, "r")
     n = planes["peak_key"].shape[0]
-    tokens, lengths = store.read_all(((group["token"], slice(0, n)), (group["length"], slice(0, n))))
-    lengths = np.asarray(lengths, dtype=np.int64)
-    known = ((tokens != "") & (np.arange(tokens.shape[1]) < lengths[:, None])).any(axis=1)  # samples saved with tokens
+    lengths = np.asarray(group["length"][:n], dtype=np.int64)
+    token = group["token"]
+    # the classes' members, (batch, position) bool, from the token strings read a block at a time
+    rules = {**rules, _SEPARATOR: SEPARATORS.__contains__}
+    classes_of = {name: np.zeros((n, token.shape[1]), dtype=bool) for name in rules}
+    known = np.zeros(n, dtype=bool)  # samples saved with token strings
+    for b0, b1 in _steps(n, token.chunks[0], token.shape[1] * 16):
+        block, lens = token[b0:b1], lengths[b0:b1]
+        known[b0:b1] = ((block != "") & (np.arange(block.shape[1]) < lens[:, None])).any(axis=1)
+        for name, member in members(block, lens, rules).items():
+            classes_of[name][b0:b1] = member
     if not known.any():
         raise NoTokenStrings(f"{loc}: the store has no token strings (its dumps were saved without `tokens`)")
-    classes_of = members(tokens, lengths, rules)
+    separator = classes_of.pop(_SEPARATOR)
+    rules.pop(_SEPARATOR)
     out: dict[str, np.ndarray] = {"layer": planes["layer"], "head": planes["head"]}
     col_sum = group[f"{GROUP}/col_sum"]
     for name in rules:
@@ -208,7 +221,6 @@ def token_class_stats(
         out[f"to_{name}"][~known] = np.nan
     if sep_sep:
         attention = group["attention"]
-        separator = members(tokens, lengths, {"sep": SEPARATORS.__contains__})["sep"]
         per_batch = math.prod(map(len, picks)) * attention.shape[3] ** 2 * attention.dtype.itemsize
         out["sep_sep"] = np.concatenate(
             [separator_mass(attention, separator[b0:b1], b0, *picks) for b0, b1 in _steps(n, attention.chunks[0], per_batch)]
