@@ -36,6 +36,14 @@ def register(app: typer.Typer) -> None:
         scheduler: Optional[str] = typer.Option(None, help=SCHEDULER_HELP),
         workers: Optional[int] = typer.Option(None, min=1, help=WORKERS_HELP),
         storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help=STORAGE_HELP),
+        token_class: Optional[list[str]] = typer.Option(
+            None, "--token-class", metavar="NAME=REGEX",
+            help="A class of tokens (repeatable): the tokens whose whole string matches REGEX, beside the default"
+            " classes special and punct. Token classes are reported when the store has token strings.",
+        ),
+        sep_sep: bool = typer.Option(
+            False, "--sep-sep", help="Also [SEP]→[SEP]: reads the attention again at the separators (no other option does).",
+        ),
     ) -> None:
         """Compute attention statistics for every (batch, layer, head) and summarise them.
 
@@ -47,14 +55,21 @@ def register(app: typer.Typer) -> None:
         the last key; then the heads where a flag holds in at least half the batches (dominant
         and critical keys grouped by key, diagonal_only, strong_self, uniform, weak; thresholds
         scale with each sample's length, see fastattn.stats).
+
+        When the store has token strings: the attention on each token class per head (mean over
+        queries of the weight on the class's keys: special tokens, punctuation, each --token-class,
+        from the statistics alone), with --sep-sep [SEP]→[SEP] (mean over separator queries of
+        their weight on separators), and the heads that put at least half of their attention on
+        one class (see fastattn.tokens).
         """
-        from fastattn import cluster, summary
+        from fastattn import cluster, summary, tokens
         from fastattn import stats as stats_mod
 
         if fmt not in ("table", "json", "csv"):
             err.print(f"error: --format must be table, json or csv, not {fmt}")
             raise typer.Exit(1)
         options = storage_options(storage_option)
+        classes = run(tokens.parse_token_classes, token_class or ())
 
         def work(advance):
             with cluster.connect(scheduler, workers) as client:
@@ -69,6 +84,21 @@ def register(app: typer.Typer) -> None:
                 return summary.store_head_table(store, layer=layer, head=head, storage_options=options)
 
         table = run(read_table)
+
+        def read_token_classes():
+            try:
+                with stats_mod.read_errors(store):
+                    return tokens.token_class_stats(
+                        store, classes=classes, sep_sep=sep_sep, layer=layer, head=head, storage_options=options
+                    )
+            except tokens.NoTokenStrings:
+                if classes or sep_sep:  # asked for: say why there are none
+                    raise
+                return None
+
+        scores = run(read_token_classes)
+        if scores is not None:
+            tokens.add_to_table(table, scores)
         rows = summary.head_rows(table)
         found = summary.findings(table)
         err.print(f"statistics: {done['computed']} batches computed now, {done['total']} in store", highlight=False)
@@ -82,7 +112,9 @@ def register(app: typer.Typer) -> None:
             print(out.getvalue(), end="")
         else:
             grid = rich_table(f"{store}: {done['total']} batches")
-            for column in ("layer", "head", "entropy", "norm.", "self-attn", "peak key", "flags (share of batches)"):
+            token_columns = table.get("token_means", [])
+            titles = [name[3:] if name.startswith("to_") else "sep→sep" for name in token_columns]
+            for column in ("layer", "head", "entropy", "norm.", "self-attn", *titles, "peak key", "flags (share of batches)"):
                 grid.add_column(column, justify="right" if column != "flags (share of batches)" else "left")
             for r in rows:
                 flags = ", ".join(
@@ -94,6 +126,7 @@ def register(app: typer.Typer) -> None:
                     _num(r["entropy_mean"]),
                     _num(r["entropy_norm"]),
                     _num(r["self_attention"]),
+                    *(_num(r[name]) for name in token_columns),
                     f"{r['peak_key']} ({_pct(r['peak_key_share'])})",
                     flags,
                 )

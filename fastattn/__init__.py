@@ -32,6 +32,7 @@ _API = {
     "write_stats": "stats",
     "open_store": "store",
     "synthesize": "synth",
+    "token_class_stats": "tokens",
 }
 
 __all__ = sorted(["DumpError", "FastattnError", "StoreError", *_API])

@@ -8,6 +8,7 @@ scripts, fonts or links, so it opens offline and can be mailed or archived as on
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import os
@@ -15,7 +16,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from . import plot, summary
+from . import plot, summary, tokens
 from .errors import FastattnError
 
 #: At most this many layers get their own heads grid and corpus figure (first, ..., last).
@@ -177,6 +178,8 @@ def write_report(
     length = int(lengths[batch])
     source = str(ds["source"].isel(batch=batch).values) or "?"
     table = summary.head_table(stats)
+    with contextlib.suppress(tokens.NoTokenStrings):  # a store with token strings: findings on token classes too
+        tokens.add_to_table(table, tokens.token_class_stats(store_path, sep_sep=False))
     found = summary.findings(table)
     picked = chosen_layers(ds.sizes["layer"])
     some = "every layer" if len(picked) == ds.sizes["layer"] else f"layers {', '.join(map(str, picked))}"

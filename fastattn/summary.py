@@ -186,7 +186,7 @@ def head_rows(table: dict) -> list[dict]:
     for layer in range(layers):
         for head in range(heads):
             row = {"layer": int(table["layer_ids"][layer]), "head": int(table["head_ids"][head])}
-            for name in (m for m in MEANS if m in table):
+            for name in (*(m for m in MEANS if m in table), *table.get("token_means", ())):
                 value = float(table[name][layer, head])
                 row[name] = None if np.isnan(value) else value
             row["peak_key"] = int(table["peak_key"][layer, head])
@@ -203,12 +203,24 @@ def _flagged_key(peaks: np.ndarray) -> int | None:
     return int(keys.argmax()) if keys.size and keys.max() >= 0.5 * peaks.size else None
 
 
+#: Share of all attention on a token class (`fastattn.tokens`: special tokens, punctuation, a
+#: user's class) that makes a head one that puts most of its attention there.
+CLASS_MASS = 0.5
+
+
+def _class_findings(table: dict) -> dict:
+    """A score finding per token class of the table (`tokens.add_to_table`), like `SCORE_FINDINGS`."""
+    names = [name for name in table.get("token_means", ()) if name.startswith("to_")]
+    return {name: (CLASS_MASS, f"most attention on {name[3:]} tokens (≥ {{t:g}} of all attention)") for name in names}
+
+
 def findings(table: dict, threshold: float = FLAG_SHARE) -> list[dict]:
     """The heads grouped by what they do, one dict per finding: `finding` (a score of
-    `SCORE_FINDINGS` or a flag), `key` (the key of a dominant or critical key finding, None when
-    it varies from batch to batch; absent for others), `what` (in words), `value` ("mean" of
-    the score over the batches, or "share of batches" where the flag holds) and `heads`
-    (`{"layer", "head", "label", "value"}`, strongest first).
+    `SCORE_FINDINGS`, a table's token class `to_<class>`, or a flag), `key` (the key of a
+    dominant or critical key finding, None when it varies from batch to batch; absent for
+    others), `what` (in words), `value` ("mean" of the score over the batches, or "share of
+    batches" where the flag holds) and `heads` (`{"layer", "head", "label", "value"}`,
+    strongest first).
 
     A score finding lists the heads whose mean score reaches its threshold; a flag finding the
     heads where the flag holds in at least `threshold` of the batches, dominant and critical
@@ -224,7 +236,7 @@ def findings(table: dict, threshold: float = FLAG_SHARE) -> list[dict]:
         return {"layer": l, "head": h, "label": f"L{l}H{h}", "value": float(value)}
 
     out = []
-    for name, (limit, what) in SCORE_FINDINGS.items():
+    for name, (limit, what) in {**SCORE_FINDINGS, **_class_findings(table)}.items():
         if name not in table:
             continue
         with np.errstate(invalid="ignore"):  # NaN (cross-attention, empty planes) is no finding

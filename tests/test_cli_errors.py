@@ -43,6 +43,12 @@ BAD = [
     ("similarity {d}/s.zarr --format xml", None),
     ("rollout {d}/missing.zarr", "missing.zarr"),
     ("stats {d}/s.zarr --storage-option nonsense", "--storage-option takes KEY=VALUE"),
+    ("stats {d}/s.zarr --token-class x=((", "--token-class: class x: '((' is not a regular expression (missing )"),
+    ("stats {d}/s.zarr --token-class nonsense", "--token-class: takes NAME=REGEX, not 'nonsense'"),
+    ("stats {d}/s.zarr --token-class 9x=a", "--token-class: class name '9x' must be a word"),
+    ("stats {d}/s.zarr --token-class num=[0-9]+", "s.zarr: the store has no token strings"),
+    ("stats {d}/s.zarr --sep-sep", "s.zarr: the store has no token strings"),
+    ("stats {d}/s.zarr --token-class a=x --token-class a=y", "--token-class: class a given twice"),
 ]
 
 
@@ -65,10 +71,13 @@ def test_library_messages_name_parameters_not_flags():
     from fastattn.errors import FastattnError
     from fastattn.ingest import ingest
     from fastattn.synth import parse_seq
+    from fastattn.tokens import class_rules
 
     with pytest.raises(FastattnError) as dtype:
         ingest("nowhere", "nowhere.zarr", dtype="int8")
     with pytest.raises(FastattnError) as seq:
         parse_seq("5-2")
-    for exc, parameter in ((dtype.value, "dtype"), (seq.value, "seq")):
+    with pytest.raises(FastattnError) as classes:
+        class_rules({"x": "(("})
+    for exc, parameter in ((dtype.value, "dtype"), (seq.value, "seq"), (classes.value, "classes")):
         assert exc.parameter == parameter and str(exc).startswith(f"{parameter}: ") and "--" not in str(exc)
