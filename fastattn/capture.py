@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .choices import STORE_DTYPES
 from .errors import FastattnError, first_line
 
 Progress = Callable[[int, "int | None"], None]  # (batches done, batches in all or None)
@@ -201,7 +202,7 @@ def _check_dtype(dtype) -> np.dtype:
         result = np.dtype(dtype)
     except TypeError:
         result = None
-    if result not in (np.dtype(np.float32), np.dtype(np.float16)):
+    if result is None or result.name not in STORE_DTYPES:
         raise CaptureError(f"dtype must be float32 or float16, not {dtype}")
     return result
 

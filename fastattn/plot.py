@@ -38,11 +38,12 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
+from .choices import PLOT_KINDS
 from .errors import FastattnError, check_index, plural
 from .summary import FLAG_SHARE, FLAG_WORDS
 
 FORMATS = ("png", "svg", "pdf")
-KINDS = ("overview", "layers", "heads", "batches", "entropy")
+KINDS = PLOT_KINDS
 #: Up to this many queries the row panel of `overview` draws one line per query; above, every k-th.
 MAX_ROW_LINES = 64
 #: Up to this many keys incoming attention is one bar per key; above, one line through them all.

@@ -25,12 +25,12 @@ name is importable from `fastattn.corpus`.
 
 from __future__ import annotations
 
+from ..choices import COMPARE_MATCHES, JS_WEIGHTS, MDS_METHODS
 from ..errors import FastattnError
 from ..summary import POSITION_MASS, SINK_SHARE
 from .common import BLOCK_BYTES, DEFAULT_EPS, HEAD_DIMS, _batch_step
 from .comparison import (
     CHANGE_FIELDS,
-    COMPARE_MATCHES,
     LN2,
     compare,
     compare_stats,
@@ -56,8 +56,6 @@ from .roles import (
 )
 from .rollouts import open_rollout, rollout, rollout_summary, write_rollout
 from .similarity import (
-    JS_WEIGHTS,
-    MDS_METHODS,
     SMACOF_SETTINGS,
     head_similarity,
     mds,

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import xarray as xr
 
+from ..choices import COMPARE_MATCHES, check_choice
 from ..errors import FastattnError
 from ..kernels import divergence as _divergence
 from .statistics import corpus_stats
@@ -15,35 +16,31 @@ from .statistics import corpus_stats
 LN2 = math.log(2.0)
 
 
-COMPARE_MATCHES = ("position", "source")
-
-
 def match_batches(a: xr.Dataset, b: xr.Dataset, match: str = "position") -> tuple[np.ndarray, np.ndarray]:
     """Indices `(ia, ib)` of the batches paired between `a` and `b`.
 
     "position": the common prefix, batch i with batch i. "source": equal `(source,
     source_index)` (the same sample of the same dump file), in `a`'s order.
     """
+    check_choice("match", match, COMPARE_MATCHES)
     if match == "position":
         n = min(a.sizes["batch"], b.sizes["batch"])
         return np.arange(n), np.arange(n)
-    if match == "source":
-        for name, ds in (("first", a), ("second", b)):
-            if "source" not in ds or "source_index" not in ds:
-                raise FastattnError(f"'source': the {name} dataset has no source/source_index", parameter="match")
-        key_b: dict = {}
-        for i, key in enumerate(zip(np.asarray(b["source"].values).tolist(), np.asarray(b["source_index"].values).tolist())):
-            key_b.setdefault(key, i)
-        pairs = []
-        seen = set()
-        for i, key in enumerate(zip(np.asarray(a["source"].values).tolist(), np.asarray(a["source_index"].values).tolist())):
-            if key in key_b and key not in seen:
-                seen.add(key)
-                pairs.append((i, key_b[key]))
-        ia = np.array([p[0] for p in pairs], dtype=np.int64)
-        ib = np.array([p[1] for p in pairs], dtype=np.int64)
-        return ia, ib
-    raise FastattnError(f"match must be one of {', '.join(COMPARE_MATCHES)}, not '{match}'")
+    for name, ds in (("first", a), ("second", b)):
+        if "source" not in ds or "source_index" not in ds:
+            raise FastattnError(f"'source': the {name} dataset has no source/source_index", parameter="match")
+    key_b: dict = {}
+    for i, key in enumerate(zip(np.asarray(b["source"].values).tolist(), np.asarray(b["source_index"].values).tolist())):
+        key_b.setdefault(key, i)
+    pairs = []
+    seen = set()
+    for i, key in enumerate(zip(np.asarray(a["source"].values).tolist(), np.asarray(a["source_index"].values).tolist())):
+        if key in key_b and key not in seen:
+            seen.add(key)
+            pairs.append((i, key_b[key]))
+    ia = np.array([p[0] for p in pairs], dtype=np.int64)
+    ib = np.array([p[1] for p in pairs], dtype=np.int64)
+    return ia, ib
 
 
 def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:

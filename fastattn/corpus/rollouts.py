@@ -68,7 +68,7 @@ def write_rollout(location, *, keep_matrix: bool = False, jobs: int | None = Non
 
     spec = store.schema.ROLLOUT
     loc = store.as_location(location, storage_options)
-    store.check_store(loc)  # before the lock, which would create a missing store's folder
+    store.checked_manifest(loc)  # before the lock, which would create a missing store's folder
     with store.writing_derived(loc, spec) as manifest:
         r = rollout(store.open_store(loc), keep_matrix=keep_matrix)
         if keep_matrix:

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import xarray as xr
 
+from ..choices import JS_WEIGHTS, MDS_METHODS, check_choice
 from ..errors import FastattnError
 from ..kernels import divergence as _divergence
 from .common import DEFAULT_EPS, HEAD_DIMS, _attention_and_length, _labels, _whole_samples
@@ -17,9 +18,6 @@ def _js_block(attention, lengths, eps, parallel):
     flat = attention.reshape((-1, L * H, Q, K))
     out = _divergence.pairwise_js(flat, np.asarray(lengths).reshape(-1), eps=eps, parallel=parallel)
     return out.reshape(tuple(lead) + (L * H, L * H))
-
-
-JS_WEIGHTS = ("sample", "token")
 
 
 def head_similarity(ds: xr.Dataset, eps: float = DEFAULT_EPS, per_batch: bool = False,
@@ -37,8 +35,7 @@ def head_similarity(ds: xr.Dataset, eps: float = DEFAULT_EPS, per_batch: bool = 
     a_label, b_label` ("L{layer}H{head}"), and `js_batch (batch, head_a, head_b)` (each
     sample's own mean) when `per_batch`.
     """
-    if weight not in JS_WEIGHTS:
-        raise FastattnError(f"weight must be one of {', '.join(JS_WEIGHTS)}, not '{weight}'")
+    check_choice("weight", weight, JS_WEIGHTS)
     attention, length = _attention_and_length(ds)
     attention, lazy = _whole_samples(attention)
     layers, heads = attention.sizes["layer"], attention.sizes["head"]
@@ -86,21 +83,15 @@ def _js_matrix(similarity) -> np.ndarray:
     return m
 
 
-MDS_METHODS = ("classical", "smacof")
 #: Clark et al. 2019's `sklearn.manifold.MDS` settings (General_Analysis.ipynb), with a fixed seed.
 SMACOF_SETTINGS = {"n_init": 5, "max_iter": 1000, "eps": 1e-10, "random_state": 0}
-
-
-def _check_mds_method(method: str) -> None:
-    if method not in MDS_METHODS:
-        raise FastattnError(f"method must be one of {', '.join(MDS_METHODS)}, not '{method}'")
 
 
 def mds_dissimilarity(similarity, method: str = "classical") -> np.ndarray:
     """The distances each MDS method tries to keep: `sqrt(JS)` for classical MDS (a metric:
     the classical construction needs squared Euclidean-like distances), `JS` itself for
     SMACOF, as Clark et al. 2019 pass the divergences to `sklearn.manifold.MDS`."""
-    _check_mds_method(method)
+    check_choice("method", method, MDS_METHODS)
     js = _js_matrix(similarity)
     js = np.clip(np.nan_to_num(0.5 * (js + js.T), nan=0.0), 0.0, None)
     return np.sqrt(js) if method == "classical" else js

@@ -81,9 +81,10 @@ def corpus_stats(source, *, k: int = 5, entropy_smoothing: float = 0.0) -> xr.Da
         ds, st = source, source
     elif isinstance(source, (str, os.PathLike, store.Location)):
         loc = store.as_location(source)
-        manifest = store.require_batches(loc, store.check_store(loc))
+        manifest = store.require_batches(loc, store.checked_manifest(loc))
         ds = store.open_store(loc)
-        if manifest.stats_committed == manifest.committed and manifest.committed:
+        stats = store.derived_record(store.schema.STATS, manifest)
+        if stats is not None and stats["batches"] == manifest.committed:
             from ..stats import open_stats
 
             st = open_stats(loc)
