@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-import reference as ref
+from benchmarks import reference as ref
 from conftest import SAMPLES
 
 import fastattn
