@@ -356,8 +356,7 @@ MEANS = store.schema.Derived(
     "means", "write_means", "attribute", ("scale",),
     layout=lambda record: {"mean": ("batch", "layer"), "batch": ("batch",), "layer": ("layer",)},
     extent=lambda manifest, record, dims: {"batch": (record["batches"],) * 2, "layer": (manifest.layers,) * 2},
-    noun="the means", none="no means yet", committed="the means of {batches} batches are committed",
-    lack="the means lack {names}", repaired="means removed; write_means recomputes them",
+    noun="the means", them="them",
 )
 
 

@@ -249,7 +249,7 @@ def test_rollout_is_checked_and_removed_when_broken(built, cli, damage):
         says = "missing chunk: its committed values are lost (batches 10..14)"
     elif damage == "array":
         shutil.rmtree(path / "rollout/length")
-        where, says = "rollout/length", "missing array; the rollout of 24 batches is committed"
+        where, says = "rollout/length", "missing array; the rollout is committed for 24 batches"
     else:
         _edit(path / "rollout/key/zarr.json", lambda m: m["shape"].__setitem__(0, 7))
         where, says = "rollout/key", "shape (7,), the store needs (11)"
