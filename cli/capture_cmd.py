@@ -42,7 +42,7 @@ def capture(
     layers: Optional[str] = typer.Option(None, help="Keep only these layers, a comma list like 0,2,5 (default: all)."),
     heads: Optional[str] = typer.Option(None, help="Keep only these heads of each layer, e.g. 0,3 (default: all)."),
     dtype: StoreDtype = typer.Option(
-        "float32", help="float32 (exactly the model's weights), or float16 to halve the dumps (~3 significant digits)."
+        StoreDtype.float32, help="float32 (exactly the model's weights), or float16 to halve the dumps (~3 significant digits)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace attention_batch_*.npz dumps already in the OUT folder."),
 ) -> None:

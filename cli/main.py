@@ -93,7 +93,7 @@ def ingest(
         "e.g. 'blhqk'. Default: detected from ndim (4 → lhqk, 5 → lbhqk).",
     ),
     dtype: StoreDtype = typer.Option(
-        "float32",
+        StoreDtype.float32,
         help="Storage dtype when the store is created: float32, or float16 to halve the store "
         "(float16 keeps ~3 significant digits: relative error up to 4.9e-4, weights below 6e-8 become 0).",
     ),
