@@ -8,11 +8,13 @@ chosen to make ``--gb`` gigabytes, rows softmaxes of Gaussian logits.
 Measured in one run, JIT warmed first, repetitions interleaved (each repetition
 times every contender once, so machine noise hits all of them alike), medians:
 
-- ``plane_stats`` against ``numpy_plane_stats``: the same statistics with
-  ordinary NumPy (sums, ``np.log`` entropy, max, diagonal, distance, squared
+- ``plane_stats`` against ``reference.numpy_plane_stats``: the same statistics
+  with ordinary NumPy (sums, ``np.log`` entropy, max, diagonal, distance, squared
   sum, all accumulated in float64), over chunks of 16 samples so temporaries
-  stay small (a stronger baseline than whole-array temporaries);
-- ``topk`` against ``np.argsort`` (stable, on −w) + ``take_along_axis``;
+  stay small (a stronger baseline than whole-array temporaries): the formulas
+  the tests check the kernels with;
+- ``topk`` against ``reference.numpy_topk``: ``np.argsort`` (stable, on −w) +
+  ``take_along_axis``;
 - ``plane_stats`` against a plain ``a.sum()``: one read of the array, the
   memory-bandwidth floor any single pass must pay;
 - ``attention_stats``: every statistic, the per-plane summaries, the flags
@@ -47,9 +49,10 @@ from fastattn.kernels import plane_stats, topk
 from fastattn.kernels.stats import attention_stats
 
 from . import baselines
+from .reference import numpy_plane_stats, numpy_topk
 
 SAMPLE_SHAPE = (6, 12, 64, 64)  # layer, head, query, key
-CHUNK = 16  # samples per NumPy chunk (~19 MB of float32)
+CHUNK = 16  # samples per chunk of the attention made here
 TOPK = 8
 GUIDE_K = 5  # the user guide's top-k
 
@@ -67,36 +70,6 @@ def make_attention(gb: float, seed: int = 0) -> np.ndarray:
         x /= x.sum(axis=-1, keepdims=True)
         a[i : i + CHUNK] = x
     return a
-
-
-def numpy_plane_stats(a: np.ndarray) -> dict[str, np.ndarray]:
-    """The fused kernel's statistics written plainly with NumPy (float64 accumulation)."""
-    Q, K = a.shape[-2:]
-    dist = np.abs(np.arange(Q)[:, None] - np.arange(K)[None, :]).astype(a.dtype)
-    out = {name: [] for name in ("row_sum", "col_sum", "entropy", "max_weight", "diag", "distance", "sq_sum")}
-    for i in range(0, a.shape[0], CHUNK):
-        c = a[i : i + CHUNK]
-        out["row_sum"].append(c.sum(axis=-1, dtype=np.float64))
-        out["col_sum"].append(c.sum(axis=-2, dtype=np.float64))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            xlogx = np.where(c > 0, c * np.log(c), 0.0)
-        out["entropy"].append(-xlogx.sum(axis=-1, dtype=np.float64))
-        out["max_weight"].append(c.max(axis=-1).astype(np.float64))
-        out["diag"].append(np.diagonal(c, axis1=-2, axis2=-1).astype(np.float64))
-        out["distance"].append((c * dist).sum(axis=-1, dtype=np.float64))
-        out["sq_sum"].append((c * c).sum(axis=-1, dtype=np.float64))
-    return {name: np.concatenate(parts) for name, parts in out.items()}
-
-
-def numpy_topk(a: np.ndarray, k: int = TOPK) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k by a stable argsort of −w (ties to the lower key), chunked like the stats."""
-    index, weight = [], []
-    for i in range(0, a.shape[0], CHUNK):
-        c = a[i : i + CHUNK]
-        order = np.argsort(-c, axis=-1, kind="stable")[..., :k]
-        index.append(order.astype(np.int32))
-        weight.append(np.take_along_axis(c, order, axis=-1).astype(np.float64))
-    return np.concatenate(index), np.concatenate(weight)
 
 
 def hot_loop_asm() -> dict[str, int]:
@@ -135,7 +108,7 @@ def _check(a: np.ndarray) -> None:
     for name, want in theirs.items():
         np.testing.assert_allclose(getattr(ours, name), want, rtol=1e-5, atol=1e-9, err_msg=name)
     index, _ = topk(part, TOPK)
-    np.testing.assert_array_equal(index, numpy_topk(part)[0])
+    np.testing.assert_array_equal(index, numpy_topk(part, TOPK)[0])
     fused = attention_stats(part, GUIDE_K, dtype=np.float32)
     for name, want in theirs.items():
         np.testing.assert_allclose(fused[name], want, rtol=1e-5, atol=1e-9, err_msg=name)
@@ -155,7 +128,7 @@ def run(gb: float = 1.0, repeats: int = 3, seed: int = 0) -> list[dict]:
         "plane_stats_1thread": lambda: plane_stats(a, parallel=False),
         "numpy_stats": lambda: numpy_plane_stats(a),
         "topk": lambda: topk(a, TOPK),
-        "numpy_topk": lambda: numpy_topk(a),
+        "numpy_topk": lambda: numpy_topk(a, TOPK),
         "np_sum": lambda: a.sum(),
         "all_stats": lambda: attention_stats(a, GUIDE_K, dtype=np.float32),
         "guide_ops": lambda: baselines.guide_ops(a, GUIDE_K),

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+from enum import StrEnum
 from typing import Callable, NoReturn
 
 import typer
 
+from fastattn.choices import STORE_DTYPES
 from fastattn.errors import FastattnError
 
 
@@ -38,6 +40,18 @@ def rich_table(title: str):
     from rich.table import Table
 
     return Table(title=title)
+
+
+def choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
+    """An Enum of `values` for a typer argument or option: click checks the value (a usage
+    error listing the choices, exit code 2) and `--help` shows them."""
+    return StrEnum(name, {value: value for value in values})
+
+
+#: `--format` of the commands that print a table or JSON.
+TableOrJson = choices("TableOrJson", ("table", "json"))
+#: `--dtype` of ingest and capture.
+StoreDtype = choices("StoreDtype", STORE_DTYPES)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from ._common import err, fail, progress_bar, run
+from ._common import StoreDtype, err, fail, progress_bar, run
 
 
 def _index_list(text: Optional[str], option: str) -> Optional[list[int]]:
@@ -41,8 +41,8 @@ def capture(
     ),
     layers: Optional[str] = typer.Option(None, help="Keep only these layers, a comma list like 0,2,5 (default: all)."),
     heads: Optional[str] = typer.Option(None, help="Keep only these heads of each layer, e.g. 0,3 (default: all)."),
-    dtype: str = typer.Option(
-        "float32", help="float32 (exactly the model's weights), or float16 to halve the dumps (~3 significant digits)."
+    dtype: StoreDtype = typer.Option(
+        StoreDtype.float32, help="float32 (exactly the model's weights), or float16 to halve the dumps (~3 significant digits)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace attention_batch_*.npz dumps already in the OUT folder."),
 ) -> None:
@@ -56,8 +56,6 @@ def capture(
 
     Example: `fastattn capture ./all-MiniLM-L6-v2 texts.txt dumps/`, then `fastattn ingest dumps/ store.zarr`.
     """
-    if dtype not in ("float32", "float16"):
-        fail(f"--dtype must be float32 or float16, not {dtype}")
     layer_list = _index_list(layers, "--layers")
     head_list = _index_list(heads, "--heads")
     os.environ["HF_HUB_OFFLINE"] = "1"  # a local folder only: never reach the hub
@@ -78,7 +76,7 @@ def capture(
                 out,
                 layers=layer_list,
                 heads=head_list,
-                dtype=dtype,
+                dtype=dtype.value,
                 tokenizer=tokenizer,
                 progress=advance,
                 max_length=max_length,

@@ -8,14 +8,13 @@ from typing import Optional
 
 import typer
 
-from ._common import console, err, fail, rich_table, run
+from fastattn.choices import COMPARE_MATCHES, JS_WEIGHTS, MDS_METHODS
 
-FORMATS = ("table", "json")
+from ._common import TableOrJson, choices, console, err, rich_table, run
 
-
-def _check_format(fmt: str) -> None:
-    if fmt not in FORMATS:
-        fail(f"--format must be table or json, not '{fmt}'")
+Match = choices("Match", COMPARE_MATCHES)
+Weight = choices("Weight", JS_WEIGHTS)
+Mds = choices("Mds", MDS_METHODS)
 
 
 def _check_plot(path: Optional[Path]) -> None:
@@ -105,22 +104,22 @@ def register(app: typer.Typer) -> None:
     def compare(
         a: str = typer.Argument(..., metavar="A", help="The first store (.zarr): the baseline."),
         b: str = typer.Argument(..., metavar="B", help="The second store (.zarr): compared against A."),
-        match: str = typer.Option("position", "--match", help="Pair batches by 'position' or by 'source'."),
-        fmt: str = typer.Option("table", "--format", help="table or json."),
+        match: Match = typer.Option(Match.position, "--match", help="Pair batches by 'position' or by 'source'."),
+        fmt: TableOrJson = typer.Option(TableOrJson.table, "--format", help="table or json."),
         top: int = typer.Option(10, "--top", min=1, help="How many of the most changed heads to list."),
         plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Also draw a layer x head heatmap of the score (.png, .svg, .pdf)."),
         smoothing: float = _smoothing_option(),
     ) -> None:
         from fastattn import corpus
 
-        _check_format(fmt)
-        if match not in corpus.COMPARE_MATCHES:
-            fail(f"--match must be position or source, not '{match}'")
         _check_plot(plot)
+        match = match.value
         cmp = run(lambda: corpus.compare(a, b, match=match, entropy_smoothing=smoothing))
         rows = corpus.ranked_changes(cmp, top=top)
         if plot is not None:
-            _save(corpus.compare_map(cmp), plot)
+            from fastattn.plot import compare_map
+
+            _save(compare_map(cmp), plot)
         if fmt == "json":
             body = {key: cmp.attrs[key] for key in ("match", "batches", "batches_a", "batches_b", "entropy_smoothing")}
             body.update({"a": a, "b": b, "score": "|d_entropy_norm| + |d_self| + peak_tv + incoming_js / ln 2", "heads": rows})
@@ -139,12 +138,11 @@ def register(app: typer.Typer) -> None:
     @app.command(help=ROLES_HELP)
     def roles(
         store: str = typer.Argument(..., metavar="STORE", help="The store (.zarr) written by fastattn ingest."),
-        fmt: str = typer.Option("table", "--format", help="table or json."),
+        fmt: TableOrJson = typer.Option(TableOrJson.table, "--format", help="table or json."),
         smoothing: float = _smoothing_option(),
     ) -> None:
         from fastattn import corpus
 
-        _check_format(fmt)
         rows = run(lambda: corpus.head_roles(corpus.corpus_stats(store, entropy_smoothing=smoothing)))
         if fmt == "json":
             body = {
@@ -177,19 +175,19 @@ def register(app: typer.Typer) -> None:
     def similarity(
         store: str = typer.Argument(..., metavar="STORE", help="The store (.zarr) written by fastattn ingest."),
         plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Draw the heads' MDS map into this file (.png, .svg, .pdf)."),
-        fmt: str = typer.Option("table", "--format", help="table or json (json includes the whole matrix)."),
+        fmt: TableOrJson = typer.Option(TableOrJson.table, "--format", help="table or json (json includes the whole matrix)."),
         eps: float = typer.Option(1e-3, "--eps", min=0.0, max=0.5, help="Uniform part mixed into each row before the divergence."),
         batches: Optional[int] = typer.Option(
             None, "--batches", min=1,
             help="Use only the first N batches (the cost grows as batches x length^2 x (layers x heads)^2).",
         ),
-        weight: str = typer.Option(
-            "sample", "--weight",
+        weight: Weight = typer.Option(
+            Weight.sample, "--weight",
             help="How the corpus average weighs the batches: 'sample' (each the same) or 'token' (each by its"
             " valid tokens, as Clark et al. 2019's head_distances.py, which sums over all tokens).",
         ),
-        method: str = typer.Option(
-            "classical", "--mds",
+        method: Mds = typer.Option(
+            Mds.classical, "--mds",
             help="'classical' (Torgerson MDS of sqrt(JS)) or 'smacof' (metric MDS of JS by stress majorisation,"
             " as Clark et al. 2019 with scikit-learn's MDS; needs scikit-learn, the 'compat' extra of fastattn).",
         ),
@@ -197,12 +195,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from fastattn import corpus, store as store_mod
 
-        _check_format(fmt)
+        weight, method = weight.value, method.value
         _check_plot(plot)
-        if weight not in corpus.JS_WEIGHTS:
-            fail(f"--weight must be sample or token, not '{weight}'")
-        if method not in corpus.MDS_METHODS:
-            fail(f"--mds must be classical or smacof, not '{method}'")
 
         def work():
             ds = store_mod.open_store(store)
@@ -219,7 +213,9 @@ def register(app: typer.Typer) -> None:
                 st = corpus.corpus_stats(store, entropy_smoothing=smoothing)
                 return st.isel(batch=slice(0, ds.sizes["batch"]))
 
-            _save(corpus.head_map(sim, run(stats) if ds.sizes["batch"] else None, method=method, coords=coords), plot)
+            from fastattn.plot import head_map
+
+            _save(head_map(sim, run(stats) if ds.sizes["batch"] else None, method=method, coords=coords), plot)
         if fmt == "json":
             body = {
                 "store": store, "eps": eps, "batches": int(ds.sizes["batch"]), "log": "natural", "weight": weight,
@@ -243,13 +239,12 @@ def register(app: typer.Typer) -> None:
     def rollout(
         store: str = typer.Argument(..., metavar="STORE", help="The store (.zarr) written by fastattn ingest."),
         keep_matrix: bool = typer.Option(False, "--keep-matrix", help="Also save the rollout matrices (batch, layer, query, key), float32."),
-        fmt: str = typer.Option("table", "--format", help="table or json."),
+        fmt: TableOrJson = typer.Option(TableOrJson.table, "--format", help="table or json."),
         jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Threads (default: all cores)."),
     ) -> None:
         from fastattn import corpus
         from fastattn.store.schema import ROLLOUT
 
-        _check_format(fmt)
         done = run(lambda: corpus.write_rollout(store, keep_matrix=keep_matrix, jobs=jobs))
         rows = run(lambda: corpus.rollout_summary(corpus.open_rollout(store)))
         err.print(

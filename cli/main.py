@@ -15,6 +15,7 @@ from ._common import (
     SCHEDULER_HELP,
     STORAGE_HELP,
     WORKERS_HELP,
+    StoreDtype,
     console,
     err,
     fail,
@@ -91,8 +92,8 @@ def ingest(
         help="Axis order of attention_weights when it is not the default: letters b(atch) l(ayer) h(ead) q(uery) k(ey), "
         "e.g. 'blhqk'. Default: detected from ndim (4 → lhqk, 5 → lbhqk).",
     ),
-    dtype: str = typer.Option(
-        "float32",
+    dtype: StoreDtype = typer.Option(
+        StoreDtype.float32,
         help="Storage dtype when the store is created: float32, or float16 to halve the store "
         "(float16 keeps ~3 significant digits: relative error up to 4.9e-4, weights below 6e-8 become 0).",
     ),
@@ -126,7 +127,7 @@ def ingest(
     def work(advance):
         with cluster.connect(scheduler, workers) as client:
             return ingest_dumps(
-                sources, store, jobs=jobs, layout=layout, dtype=dtype, replace=replace, strict=strict,
+                sources, store, jobs=jobs, layout=layout, dtype=dtype.value, replace=replace, strict=strict,
                 infer_padding=infer_padding, progress=advance, storage_options=options, client=client,
             )
 

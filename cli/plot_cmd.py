@@ -7,9 +7,11 @@ from typing import Optional
 
 import typer
 
-from ._common import err, fail, run
+from fastattn.choices import PLOT_KINDS
 
-KINDS = ("overview", "layers", "heads", "batches", "entropy")
+from ._common import choices, err, fail, run
+
+Kind = choices("Kind", PLOT_KINDS)
 
 PLOT_HELP = """Draw one figure of a store into FILE (png, svg or pdf, from FILE's extension).
 
@@ -43,7 +45,7 @@ Images are embedded; the page loads nothing from the network and runs no scripts
 
 def plot(
     store: str = typer.Argument(..., metavar="STORE", help="The store (.zarr) made by `fastattn ingest`."),
-    kind: str = typer.Argument(..., metavar="KIND", help="overview, layers, heads, batches or entropy."),
+    kind: Kind = typer.Argument(..., metavar="KIND", help="overview, layers, heads, batches or entropy."),
     output: Path = typer.Option(..., "--output", "-o", metavar="FILE", help="Image file to write: .png, .svg or .pdf."),
     batch: int = typer.Option(0, help="Sample to draw (overview, layers, heads)."),
     layer: int = typer.Option(0, help="Layer to draw (overview, heads, batches)."),
@@ -52,8 +54,6 @@ def plot(
 ) -> None:
     from fastattn import plot as plot_mod
 
-    if kind not in KINDS:
-        fail(f"unknown plot kind '{kind}': choose one of {', '.join(KINDS)}")
     fmt = run(plot_mod.file_format, output)
 
     def work():
@@ -76,7 +76,7 @@ def plot(
             fail(f"{output}: cannot write it ({exc.strerror or exc})")
 
     run(work)
-    err.print(f"wrote {kind} ({fmt}) to {output}", markup=False, highlight=False)
+    err.print(f"wrote {kind.value} ({fmt}) to {output}", markup=False, highlight=False)
 
 
 def report(

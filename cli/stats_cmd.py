@@ -9,7 +9,9 @@ from typing import Optional
 
 import typer
 
-from ._common import SCHEDULER_HELP, STORAGE_HELP, WORKERS_HELP, console, err, fail, progress_bar, rich_table, run, storage_options
+from ._common import SCHEDULER_HELP, STORAGE_HELP, WORKERS_HELP, choices, console, err, progress_bar, rich_table, run, storage_options
+
+Format = choices("Format", ("table", "json", "csv"))
 
 
 #: Findings listed under the table (all of them, with every head, go to --format json).
@@ -30,7 +32,7 @@ def register(app: typer.Typer) -> None:
         store: str = typer.Argument(..., help="The store (.zarr) written by fastattn ingest."),
         k: int = typer.Option(5, "-k", min=1, max=64, help="Top-k keys kept per query."),
         jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Threads (default: all cores)."),
-        fmt: str = typer.Option("table", "--format", help="table, json or csv."),
+        fmt: Format = typer.Option(Format.table, "--format", help="table, json or csv."),
         layer: Optional[list[int]] = typer.Option(None, "--layer", help="Show only this layer (repeatable)."),
         head: Optional[list[int]] = typer.Option(None, "--head", help="Show only this head (repeatable)."),
         scheduler: Optional[str] = typer.Option(None, help=SCHEDULER_HELP),
@@ -65,9 +67,6 @@ def register(app: typer.Typer) -> None:
         from fastattn import cluster, summary, tokens
         from fastattn import stats as stats_mod
 
-        if fmt not in ("table", "json", "csv"):
-            err.print(f"error: --format must be table, json or csv, not {fmt}")
-            raise typer.Exit(1)
         options = storage_options(storage_option)
         classes = run(tokens.parse_token_classes, token_class or ())
 

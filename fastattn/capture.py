@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .choices import STORE_DTYPES
 from .errors import FastattnError, first_line
 
 Progress = Callable[[int, "int | None"], None]  # (batches done, batches in all or None)
@@ -123,14 +124,14 @@ def load_texts(path: str | os.PathLike) -> list[str]:
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise CaptureError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise CaptureError(f"{path}: is a folder; give a text file with one input per line, or a .jsonl") from None
     except UnicodeDecodeError as exc:
         raise CaptureError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
-        raise CaptureError(f"{path}: cannot read it ({exc.strerror})") from None
+        reason = {
+            FileNotFoundError: "no such file",
+            IsADirectoryError: "is a folder; give a text file with one input per line, or a .jsonl",
+        }.get(type(exc), f"cannot read it ({exc.strerror})")
+        raise CaptureError(f"{path}: {reason}") from None
     texts: list[str] = []
     jsonl = path.lower().endswith(".jsonl")
     for number, line in enumerate(lines, start=1):
@@ -201,7 +202,7 @@ def _check_dtype(dtype) -> np.dtype:
         result = np.dtype(dtype)
     except TypeError:
         result = None
-    if result not in (np.dtype(np.float32), np.dtype(np.float16)):
+    if result is None or result.name not in STORE_DTYPES:
         raise CaptureError(f"dtype must be float32 or float16, not {dtype}")
     return result
 

@@ -25,6 +25,7 @@ import numpy as np
 import zarr
 
 from . import cluster, dumps, store
+from .choices import STORE_DTYPES
 from .errors import DumpError, FastattnError, StoreError, printable
 
 Progress = Callable[[int, int], None]  # (files done, files to read)
@@ -116,7 +117,7 @@ def ingest(
     """
     started = time.perf_counter()
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    if dtype not in ("float32", "float16"):
+    if dtype not in STORE_DTYPES:
         raise FastattnError(f"must be float32 or float16, not {dtype}", parameter="dtype")
     found = dumps.find_dumps(inputs)
     report = IngestReport(store=str(store_path), files_found=len(found.files))

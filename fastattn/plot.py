@@ -9,7 +9,9 @@ shown, no display is needed and no figure is left registered anywhere. Save one 
 - `heads(ds, batch, layer)`: every head of a layer, each titled with its entropy;
 - `batches(stats, layer, head=None)`: incoming attention per key over the whole corpus,
   and where its peak falls; reads only the `stats` group (seconds on thousands of batches);
-- `entropy_map(stats)`: layer × head normalised entropy with the flagged heads marked.
+- `entropy_map(stats)`: layer × head normalised entropy with the flagged heads marked;
+- `head_map(similarity, stats)`, `compare_map(cmp)`: the figures of `fastattn.corpus`'s head
+  similarity (an MDS scatter of the heads) and store comparison (a layer × head heatmap).
 
 Only each sample's valid `length x length` block is drawn; tick labels are token
 positions, or the token strings when the store has them.
@@ -36,11 +38,12 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
+from .choices import PLOT_KINDS
 from .errors import FastattnError, check_index, plural
 from .summary import FLAG_SHARE, FLAG_WORDS
 
 FORMATS = ("png", "svg", "pdf")
-KINDS = ("overview", "layers", "heads", "batches", "entropy")
+KINDS = PLOT_KINDS
 #: Up to this many queries the row panel of `overview` draws one line per query; above, every k-th.
 MAX_ROW_LINES = 64
 #: Up to this many keys incoming attention is one bar per key; above, one line through them all.
@@ -201,17 +204,12 @@ def _blocks_label(factor: int) -> str:
 _WIDEST_LABEL = "Attention weight (mean over heads)" + _blocks_label(99)
 
 
-def mean_row_entropy(plane: np.ndarray, rows: int = 256) -> float:
-    """Mean over the rows of −Σ_k A ln A (natural log, 0 ln 0 = 0), `rows` rows at a time so
-    the temporaries stay small; logs in the plane's precision, sums in float64."""
-    total = 0.0
-    tiny = np.finfo(plane.dtype).smallest_subnormal  # ln of it is finite, and times 0 gives 0
-    for start in range(0, plane.shape[0], rows):
-        part = plane[start : start + rows]
-        terms = np.log(np.maximum(part, tiny))
-        terms *= part
-        total -= float(terms.sum(dtype=np.float64))
-    return total / plane.shape[0]
+def mean_row_entropy(plane: np.ndarray) -> float:
+    """Mean over the rows of −Σ_k A ln A (natural log, 0 ln 0 = 0): the statistics kernel's
+    `entropy_mean` of this one plane, the number `fastattn stats` stores, in the calling thread."""
+    from .kernels.stats import attention_stats
+
+    return float(attention_stats(plane, 0, parallel=False)["entropy_mean"])
 
 
 # ---------------------------------------------------------------- one sample
@@ -647,3 +645,99 @@ def entropy_map(ds_or_stats: xr.Dataset) -> Figure:
 
 def _cell_outline(head: int, layer: int) -> Rectangle:
     return Rectangle((head - 0.46, layer - 0.46), 0.92, 0.92, fill=False, edgecolor="crimson", linewidth=1.5)
+
+
+# ---------------------------------------------------------------- corpus analyses (fastattn.corpus)
+
+
+def _mean_entropy(stats, layers: int, heads: int) -> np.ndarray | None:
+    if stats is None:
+        return None
+    if isinstance(stats, xr.Dataset):
+        if "entropy_mean" not in stats:
+            return None
+        values = stats["entropy_mean"]
+        if "batch" in values.dims:
+            values = values.mean("batch")
+        values = values.transpose("layer", "head").values
+    else:
+        values = stats
+    values = np.asarray(values, dtype=np.float64)
+    return values.reshape(layers * heads) if values.size == layers * heads else None
+
+
+def head_map(similarity: xr.Dataset, stats: xr.Dataset | None = None, *, labels: bool = True,
+             method: str = "classical", coords: np.ndarray | None = None):
+    """Scatter of the heads' MDS embedding (`coords`, else `mds(similarity, method=method)`):
+    colour = layer (colour bar), marker size = mean entropy over the corpus (when `stats` has
+    `entropy_mean`), each labelled "L{layer}H{head}"; the title gives the method and its
+    stress. Returns a matplotlib Figure (never shown)."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import BoundaryNorm
+
+    from .corpus.common import DEFAULT_EPS, _labels
+    from .corpus.similarity import mds, stress
+
+    layers, heads = similarity.attrs["layers"], similarity.attrs["heads"]
+    xy = mds(similarity, method=method) if coords is None else np.asarray(coords, dtype=np.float64)
+    what = "classical MDS of sqrt JS" if method == "classical" else "metric MDS (SMACOF) of JS"
+    entropy = _mean_entropy(stats, layers, heads)
+    if entropy is not None and np.isfinite(entropy).any():
+        top = np.nanmax(entropy) or 1.0
+        sizes = 20.0 + 220.0 * np.nan_to_num(entropy / top, nan=0.0)
+    else:
+        sizes = np.full(layers * heads, 60.0)
+    layer_of = np.arange(layers * heads) // heads
+    cmap = colormaps["viridis"].resampled(max(layers, 1))
+    norm = BoundaryNorm(np.arange(layers + 1) - 0.5, cmap.N)
+    fig = new_figure((8.5, 7.0))
+    ax = fig.subplots()
+    ax.scatter(xy[:, 0], xy[:, 1], c=layer_of, cmap=cmap, norm=norm, s=sizes, alpha=0.8, edgecolors="black", linewidths=0.4)
+    if labels:
+        for i, label in enumerate(_labels(layers, heads)):
+            ax.annotate(label, xy[i], fontsize=6.5, xytext=(3, 3), textcoords="offset points")
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, ticks=np.arange(layers))
+    bar.set_label("Layer")
+    ax.set_xlabel("MDS 1")
+    ax.set_ylabel("MDS 2")
+    size_note = "marker size: mean entropy" if entropy is not None else "marker size: constant (no statistics)"
+    ax.set_title(
+        f"Heads by Jensen–Shannon divergence ({what}, stress-1 {stress(similarity, xy, method):.3f},"
+        f" ε = {similarity.attrs.get('eps', DEFAULT_EPS):g})\n"
+        f"colour: layer; {size_note}",
+        fontsize=10,
+    )
+    ax.set_aspect("equal", adjustable="datalim")
+    return fig
+
+
+def compare_map(cmp: xr.Dataset, value: str = "score"):
+    """Layer × head heatmap of one change (default `score`), each cell annotated."""
+    data = np.asarray(cmp[value].transpose("layer", "head").values, dtype=np.float64)
+    layers, heads = data.shape
+    signed = value.startswith("d_")
+    fig = new_figure((min(22.0, max(8.0, 0.6 * heads + 4)), min(16.0, max(3.0, 0.5 * layers + 2))))
+    ax = fig.subplots()
+    if signed:
+        bound = float(np.nanmax(np.abs(data))) if np.isfinite(data).any() else 0.0
+        bound = bound or 1.0
+        image = ax.imshow(data, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto", interpolation="nearest")
+    else:
+        top = float(np.nanmax(data)) if np.isfinite(data).any() else 0.0
+        image = ax.imshow(data, cmap="magma_r", vmin=0.0, vmax=top or 1.0, aspect="auto", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label=value)
+    ax.set_xticks(np.arange(heads))
+    ax.set_yticks(np.arange(layers))
+    ax.set_xlabel("Head")
+    ax.set_ylabel("Layer")
+    if layers * heads <= 400:
+        for layer in range(layers):
+            for head in range(heads):
+                ax.text(head, layer, f"{data[layer, head]:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_title(
+        f"Change per head ({value}) over {cmp.attrs.get('batches', '?')} matched batches"
+        f" (match: {cmp.attrs.get('match', '?')})",
+        fontsize=10,
+    )
+    return fig

@@ -27,6 +27,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .store.commit import derived_record
+from .store.schema import STATS
+
 if TYPE_CHECKING:
     import xarray as xr
 
@@ -219,7 +222,8 @@ def compute_stats(ds: xr.Dataset | xr.DataArray, k: int = 5, *, parallel: bool |
 
 # ---------------------------------------------------------------- the store's stats group
 
-GROUP = "stats"
+#: The group the statistics live in, as the store's schema names it.
+GROUP = STATS.name
 
 
 def _block_batches(manifest, query: int, key: int) -> int:
@@ -357,8 +361,8 @@ def write_stats(
 
     Returns `{"computed": batches computed now, "total": batches with statistics}`. A `k`
     other than the stored one, or statistics laid out by an older version (other variables),
-    recompute every batch. Crash-safe like an ingest: the manifest's `stats_committed` moves
-    only after the arrays are written.
+    recompute every batch. Crash-safe like an ingest: the commit record (`store.schema.STATS`)
+    moves only after the arrays are written.
 
     The same kernel over the same blocks as `compute_stats`, without dask: a plain loop takes
     blocks of ~128 MB, zarr reads the next block while the parallel kernel runs on this one,
@@ -369,10 +373,10 @@ def write_stats(
     from . import cluster, store
 
     loc = store.as_location(location, storage_options)
-    manifest = store.check_store(loc)  # before the lock, which would create a missing store's folder
+    manifest = store.checked_manifest(loc)  # before the lock, which would create a missing store's folder
     if _up_to_date(store.open_group(loc, "r"), manifest, k):  # nothing to do: no lock, no write (read-only is fine)
         return {"computed": 0, "total": manifest.committed}
-    with store.writing_derived(loc, store.schema.STATS) as manifest:
+    with store.writing_derived(loc, STATS) as manifest:
         done = _done(manifest, k)
         n = manifest.committed
         if n == 0:
@@ -386,8 +390,8 @@ def write_stats(
         if done >= n and not stale:
             return {"computed": 0, "total": n}
         if stale:
-            if store.derived_record(store.schema.STATS, manifest):  # uncommit first: the new layout drops the old arrays
-                store.uncommit_derived(manifest, store.schema.STATS)
+            if store.derived_record(STATS, manifest):  # uncommit first: the new layout drops the old arrays
+                store.uncommit_derived(manifest, STATS)
                 store.commit(loc, manifest)
             done = 0
             _create_layout(group, n, k, block)
@@ -402,13 +406,14 @@ def write_stats(
             _run_distributed(client, loc, blocks, k, progress, n - done)
         else:
             _run_local(loc, group, blocks, k, jobs, progress, n - done)
-        store.commit_derived(loc, manifest, store.schema.STATS, n, k=k)
+        store.commit_derived(loc, manifest, STATS, n, k=k)
     return {"computed": n - done, "total": n}
 
 
 def _done(manifest, k: int) -> int:
     """Batches whose statistics are committed with this `k` (another k recomputes them all)."""
-    return manifest.stats_committed if manifest.stats_k == k else 0
+    record = derived_record(STATS, manifest)
+    return record["batches"] if record and record["k"] == k else 0
 
 
 def _up_to_date(group, manifest, k: int) -> bool:
@@ -477,7 +482,7 @@ def open_stats(location, *, storage_options: dict | None = None) -> xr.Dataset:
     """The committed statistics of a store (its `stats` group), lazily."""
     from . import store
 
-    return store.open_derived(store.as_location(location, storage_options), store.schema.STATS)
+    return store.open_derived(store.as_location(location, storage_options), STATS)
 
 
 def read_planes(
@@ -491,11 +496,11 @@ def read_planes(
     from .errors import check_index
 
     loc = store.as_location(location, storage_options)
-    _, record = store.derived_committed(loc, store.schema.STATS)
+    _, record = store.derived_committed(loc, STATS)
     n = record["batches"]
     root = store.open_group(loc, "r")
     group = root[GROUP] if GROUP in root else None
-    store.require_variables(loc, store.schema.STATS, record, set(group.array_keys()) if group is not None else ())
+    store.require_variables(loc, STATS, record, set(group.array_keys()) if group is not None else ())
     arrays = [group[name] for name in names]
     picks = {}
     for dim, values, size in (("layer", layer, arrays[0].shape[1]), ("head", head, arrays[0].shape[2])):

@@ -12,7 +12,7 @@ from . import store
 def store_info(location, *, storage_options: dict | None = None, bins: int = 8) -> dict:
     """Batches, shape, length histogram, size on disk and compression, sources, last ingest."""
     loc = store.as_location(location, storage_options)
-    manifest = store.check_store(loc)
+    manifest = store.checked_manifest(loc)
     group = store.open_group(loc, mode="r")
     n = manifest.committed
     lengths = np.asarray(group["length"][:n]) if n else np.zeros(0, dtype=np.int32)
@@ -38,7 +38,7 @@ def store_info(location, *, storage_options: dict | None = None, bins: int = 8) 
         "size_on_disk": int(loc.nbytes()),
         "compression_ratio": (logical / stored) if stored else None,
         "source_files": sum(1 for e in manifest.files.values() if e.ingested),
-        "stats_batches": manifest.stats_committed,
+        "stats_batches": (store.derived_record(store.schema.STATS, manifest) or {"batches": 0})["batches"],
         "last_ingest": manifest.ingests[-1] if manifest.ingests else None,
     }
 

@@ -2,13 +2,14 @@
 
 Every weight is a real `softmax(Q Kᵀ / √d)` of random queries and keys. The structure
 that statistics and plots should find is built into Q and K themselves, per head
-role (fixed per (layer, head) for a whole corpus, from the seed):
+role (fixed per (layer, head) for a whole corpus, from the seed), named as the role
+`fastattn.corpus.head_roles` finds for it:
 
-- ``local``:    position features cos/sin(ω·i) in both Q and K, so q·k peaks at i = j;
-- ``previous``: the same with K's phase shifted by one, so q·k peaks at j = i − 1;
-- ``sink``:     a feature that is large for key 0 only ([CLS]-like sinks);
-- ``critical``: the same for one "critical" key per file, chosen at random;
-- ``broad``:    small random Q and K (near-uniform rows).
+- ``self``:           position features cos/sin(ω·i) in both Q and K, so q·k peaks at i = j;
+- ``previous-token``: the same with K's phase shifted by one, so q·k peaks at j = i − 1;
+- ``first-token``:    a feature that is large for key 0 only ([CLS]-like sinks);
+- ``single-key``:     the same for one "critical" key per file, chosen at random;
+- ``broad``:          small random Q and K (near-uniform rows).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 
 from .errors import FastattnError
 
-ROLES = ("local", "previous", "sink", "critical", "broad")
+ROLES = ("self", "previous-token", "first-token", "single-key", "broad")
 FREQUENCIES = np.array([0.35, 0.7, 1.1, 1.6])
 
 
@@ -46,16 +47,16 @@ def queries_keys(rng, roles: np.ndarray, length: int, head_dim: int = 16, critic
         for head in range(heads):
             role = roles[layer, head]
             qh, kh = q[layer, head], k[layer, head]
-            if role in ("local", "previous"):
-                shift = 1.0 if role == "previous" else 0.0
+            if role in ("self", "previous-token"):
+                shift = 1.0 if role == "previous-token" else 0.0
                 strength = 2.6 * np.sqrt(scale)
                 qh[:, head_dim : head_dim + nf] = strength * np.cos(pos)
                 qh[:, head_dim + nf : head_dim + 2 * nf] = strength * np.sin(pos)
                 kpos = (np.arange(length)[:, None] + shift) * FREQUENCIES[None, :]
                 kh[:, head_dim : head_dim + nf] = np.sqrt(scale) * np.cos(kpos)
                 kh[:, head_dim + nf : head_dim + 2 * nf] = np.sqrt(scale) * np.sin(kpos)
-            elif role in ("sink", "critical"):
-                target = 0 if role == "sink" else min(critical, length - 1)
+            elif role in ("first-token", "single-key"):
+                target = 0 if role == "first-token" else min(critical, length - 1)
                 qh[:, -1] = 4.0 * np.sqrt(scale)
                 kh[target, -1] = np.sqrt(scale)
             elif role == "broad":

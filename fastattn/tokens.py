@@ -189,7 +189,7 @@ def token_class_stats(
     # checks the committed statistics and the layer/head selection; its per-plane read is small
     planes = read_planes(loc, ["peak_key"], layer=layer, head=head)
     picks = (planes["layer"], planes["head"])
-    if store.check_store(loc).cross:
+    if store.checked_manifest(loc).cross:
         raise NoTokenStrings(f"{loc}: token classes need self-attention; this store holds cross-attention")
     group = store.open_group(loc, "r")
     n = planes["peak_key"].shape[0]

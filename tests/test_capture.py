@@ -414,7 +414,9 @@ def test_cli_bad_inputs_give_one_line(cli, tmp_path, monkeypatch):
     one_error_line(cli(folder, texts, tmp_path / "out"), "cannot load the model")
     one_error_line(cli(MODEL_DIR or folder, empty, tmp_path / "out"), "no inputs (the file is empty")
     one_error_line(cli(folder, texts, tmp_path / "out", "--layers", "1,x"), "--layers takes a comma list")
-    one_error_line(cli(folder, texts, tmp_path / "out", "--dtype", "int8"), "--dtype must be float32 or float16")
+    usage = cli(folder, texts, tmp_path / "out", "--dtype", "int8")  # a choice: click's usage error
+    assert usage.exit_code == 2 and "'int8' is not one of 'float32'," in usage.output, usage.output
+    assert "Traceback" not in usage.output and (usage.exception is None or isinstance(usage.exception, SystemExit))
     monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
     one_error_line(cli(folder, texts, tmp_path / "out"), "PyTorch is not installed: pip install 'fastattn[torch]'")
 

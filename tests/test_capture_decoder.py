@@ -16,7 +16,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from fastattn import capture  # noqa: E402
 
-import reference as ref  # noqa: E402
+from benchmarks import reference as ref  # noqa: E402
 
 WORDS = (
     "the a cat dog sat on mat ran to house big small red blue and bird tree saw under over "

@@ -19,7 +19,7 @@ from conftest import SAMPLES, assert_same_store, ragged_dumps, softmax_rows, sto
 from typer.testing import CliRunner
 
 from fastattn import check, store
-from fastattn.check import check_store, run_check
+from fastattn.check import store_problems, run_check
 from fastattn.errors import StoreError
 from fastattn.ingest import ingest
 from fastattn.stats import write_stats
@@ -114,7 +114,7 @@ def test_clean_stores_have_no_problems(built, tmp_path, cli):
     cross = tmp_path / "cross.zarr"
     ingest([tmp_path / "cross"], cross)
     for p in (real, half, cross):
-        assert check_store(p) == [], _lines(check_store(p))
+        assert store_problems(p) == [], _lines(store_problems(p))
 
 
 def test_reads_one_chunk_at_a_time(built, monkeypatch):
@@ -130,7 +130,7 @@ def test_reads_one_chunk_at_a_time(built, monkeypatch):
         return values
 
     monkeypatch.setattr(zarr.Array, "__getitem__", spy)
-    assert check_store(path) == []
+    assert store_problems(path) == []
     sizes = [n for name, n in largest if name == "attention"]
     assert sizes and max(sizes) <= chunk_size < attention.size
 
@@ -142,7 +142,7 @@ def test_flipped_byte_is_named_and_dropped_only_with_force(built, cli):
     folder, path, clean = built
     key = "attention/c/1/1/0/0/0"
     _flip(path / key)
-    problems = check_store(path)
+    problems = store_problems(path)
     assert [p.where for p in problems] == [key], _lines(problems)
     assert "checksum" in problems[0].message and "--force" in problems[0].message
     with pytest.raises(ValueError, match="checksum"):
@@ -161,7 +161,7 @@ def test_flipped_byte_is_named_and_dropped_only_with_force(built, cli):
     cut = _manifest(path)["committed"]
     assert "[repaired: --force: dropped committed batches" in line and f"rewound the manifest to {cut} batches" in line
     assert cut <= chunk  # from the first file touching batch-chunk 1
-    assert check_store(path) == []
+    assert store_problems(path) == []
     assert ingest([folder], path).ok  # ingesting again restores the dropped files
     assert_same_store(path, clean)
 
@@ -169,7 +169,7 @@ def test_flipped_byte_is_named_and_dropped_only_with_force(built, cli):
 def test_missing_chunk_and_force_without_repair(built, cli):
     _, path, _ = built
     os.remove(path / "attention/c/2/0/0/0/0")
-    problems = check_store(path)
+    problems = store_problems(path)
     assert len(problems) == 1 and problems[0].where == "attention/c/2/0/0/0/0"
     assert problems[0].message.startswith("missing chunk")
     out = cli(path, "--force")
@@ -183,13 +183,13 @@ def test_rebuildable_arrays_are_repaired_without_force(built):
     group["source_index"][5] = 7  # a wrong value, stored with a valid checksum
     group["layer"][1] = 9  # a wrong coordinate
     shutil.rmtree(path / "head")  # a missing coordinate array
-    problems = check_store(path)
+    problems = store_problems(path)
     wheres = sorted(p.where for p in problems)
     assert wheres == ["head", "layer", "source/c/1", "source_index"], _lines(problems)
     assert "batch 5 says 7" in next(p for p in problems if p.where == "source_index").message
-    problems = check_store(path, repair=True)
+    problems = store_problems(path, repair=True)
     assert all(p.repaired for p in problems), _lines(problems)
-    assert check_store(path) == []
+    assert store_problems(path) == []
     assert_same_store(path, clean)
 
 
@@ -197,11 +197,11 @@ def test_corrupt_per_batch_and_token_chunks_need_force(built):
     _, path, _ = built
     _flip(path / "length/c/0")
     _flip(path / "token/c/2/0")
-    problems = check_store(path)
+    problems = store_problems(path)
     assert {p.where for p in problems} == {"length/c/0", "token/c/2/0"}, _lines(problems)
     assert all(p.fix == check.DROP for p in problems)
-    assert check_store(path, repair=True, force=True)[0].repaired.startswith("--force: dropped committed batches 0..23")
-    assert _manifest(path)["committed"] == 0 and check_store(path) == []
+    assert store_problems(path, repair=True, force=True)[0].repaired.startswith("--force: dropped committed batches 0..23")
+    assert _manifest(path)["committed"] == 0 and store_problems(path) == []
 
 
 # ---------------------------------------------------------------- values
@@ -219,7 +219,7 @@ def test_bad_values_name_batch_and_layer(built):
     row = attention[b + 2, 1, 1, 0, :]
     attention[b + 2, 1, 1, 0, :] = row * 1.5  # a row summing to 1.5
     group["length"][b + 3] = 99
-    problems = check_store(path)
+    problems = store_problems(path)
     text = _lines(problems)
     assert f"attention batch {b} layer 1: NaN or Inf inside the valid {n} x {n} block (head 2, query 0, key 0)" in text
     assert f"attention batch {b + 2} layer 1: rows do not sum to 1 (off by 0.5" in text
@@ -235,13 +235,13 @@ def test_float16_dumps_are_checked_at_the_float16_tolerance(tmp_path, rng):
     write_dump(tmp_path / "d" / "a.npz", att.astype(np.float16))
     half = tmp_path / "half.zarr"
     assert ingest([tmp_path / "d"], half, dtype="float16").ok
-    assert check_store(half) == []
+    assert store_problems(half) == []
     full = tmp_path / "full.zarr"
     assert ingest([tmp_path / "d"], full).ok  # the dump is float16, validated at 1e-2...
     _group(full)["attention"][0, 0, 0, 0, :] = att[0, 0, 0]
-    assert check_store(full) == []  # ...and checked at 1e-2 in a float32 store too
+    assert store_problems(full) == []  # ...and checked at 1e-2 in a float32 store too
     _group(full)["attention"][0, 0, 0, 0, :] = att[0, 0, 0] * 1.01  # now off by ~1.4e-2
-    assert "rows do not sum to 1 (off by 0.014" in _lines(check_store(full))
+    assert "rows do not sum to 1 (off by 0.014" in _lines(store_problems(full))
 
 
 def test_many_problems_are_capped(built):
@@ -249,10 +249,10 @@ def test_many_problems_are_capped(built):
     group = _group(path)
     attention = group["attention"]
     attention[:, :, :, 0, 0] = np.nan  # every sample of every layer
-    problems = check_store(path)
+    problems = store_problems(path)
     assert len(problems) == check.MAX_PER_KIND + 1
     assert problems[-1].message.startswith(f"{2 * 24 - check.MAX_PER_KIND} more problems of this kind")
-    repaired = check_store(path, repair=True, force=True)
+    repaired = store_problems(path, repair=True, force=True)
     assert all(p.repaired for p in repaired)
     assert _manifest(path)["committed"] == 0
 
@@ -270,7 +270,7 @@ def test_interrupted_run_leftovers_are_repaired(built, cli):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock = {"pid": int(dead.stdout), "host": socket.gethostname(), "since": "2026-01-01T00:00:00+00:00", "purpose": "fastattn ingest"}
     (path / store.LOCK).write_text(json.dumps(lock))
-    problems = check_store(path)
+    problems = store_problems(path)
     text = _lines(problems)
     assert f"_fastattn/lock: stale lock left by fastattn ingest (pid {lock['pid']} on {lock['host']}" in text
     assert "attention: 6 batches past the last commit (24 committed), left by an interrupted run" in text
@@ -283,7 +283,7 @@ def test_interrupted_run_leftovers_are_repaired(built, cli):
     assert not (path / store.LOCK).exists()
     assert not list(path.rglob("*.partial")) and not list(path.rglob(".*.tmp"))
     assert zarr.open_array(str(path / "attention"), mode="r").shape[0] == 24
-    assert check_store(path) == []
+    assert store_problems(path) == []
     assert_same_store(path, clean)
     assert ingest([folder], path).ok  # and an ingest after the repair adds nothing
     assert_same_store(path, clean)
@@ -293,11 +293,11 @@ def test_a_live_writer_is_left_alone(built, cli):
     _, path, _ = built
     store.resize(_group(path), batch=30)  # what a running ingest looks like
     with store.Lock(store.Location(path), "fastattn ingest"):
-        assert check_store(path) == []  # committed content is fine; past-commit data is the writer's
+        assert store_problems(path) == []  # committed content is fine; past-commit data is the writer's
         out = cli(path, "--repair")
         assert out.exit_code == 1
         assert f"being written by fastattn ingest (pid {os.getpid()} on {socket.gethostname()} since" in out.stderr
-    assert [p.fix for p in check_store(path)] == [check.PAST, check.CONSOLIDATED]
+    assert [p.fix for p in store_problems(path)] == [check.PAST, check.CONSOLIDATED]
 
 
 # ---------------------------------------------------------------- the manifest
@@ -313,15 +313,15 @@ def test_manifest_inconsistencies(built):
     files[names[-1]]["stop"] = 99  # past the committed batches
     files["copy.npz"] = dict(first, status="duplicate of gone.npz")
     _write_manifest(path, body)
-    text = _lines(check_store(path))
+    text = _lines(store_problems(path))
     assert f"{store.MANIFEST}: {names[1]} and {names[0]} both claim batch {first['stop'] - 1}" in text
     assert f"{names[-1]}: batches {files[names[-1]]['start']}..98 are not within the 24 committed" in text
     assert "copy.npz: duplicate of gone.npz, which is not an ingested file" in text
     assert "batches are claimed by no file" in text  # the overlapping file was not counted
-    problems = check_store(path, repair=True, force=True)
+    problems = store_problems(path, repair=True, force=True)
     assert all(p.repaired for p in problems), _lines(problems)
     assert _manifest(path)["committed"] == first["start"] + 0 and "copy.npz" not in _manifest(path)["files"]
-    assert check_store(path) == []
+    assert store_problems(path) == []
 
 
 def test_unclaimed_batches_and_stats_count(built):
@@ -331,7 +331,7 @@ def test_unclaimed_batches_and_stats_count(built):
     del body["files"][rel]
     body["stats_committed"] = 30
     _write_manifest(path, body)
-    text = _lines(check_store(path))
+    text = _lines(store_problems(path))
     assert "3 committed batches are claimed by no file (21..23)" in text
     assert "statistics are committed for 30 batches, but the store has 24" in text
 
@@ -340,14 +340,14 @@ def test_stats_group_is_checked(built):
     _, path, _ = built
     write_stats(path)
     assert _manifest(path)["stats_committed"] == 24
-    assert check_store(path) == []
+    assert store_problems(path) == []
     _flip(path / "stats/entropy/c/0/0/0/0")
-    problems = check_store(path)
+    problems = store_problems(path)
     assert [p.where for p in problems] == ["stats/entropy/c/0/0/0/0"]
-    problems = check_store(path, repair=True)  # statistics can be recomputed: no --force needed
+    problems = store_problems(path, repair=True)  # statistics can be recomputed: no --force needed
     assert problems[0].repaired.startswith("statistics uncommitted")
     assert _manifest(path)["stats_committed"] == 0 and _manifest(path)["committed"] == 24
-    assert check_store(path) == []
+    assert store_problems(path) == []
 
 
 #: A derived group declared only here, as a new one would be in the schema: per batch and layer,
@@ -356,15 +356,14 @@ MEANS = store.schema.Derived(
     "means", "write_means", "attribute", ("scale",),
     layout=lambda record: {"mean": ("batch", "layer"), "batch": ("batch",), "layer": ("layer",)},
     extent=lambda manifest, record, dims: {"batch": (record["batches"],) * 2, "layer": (manifest.layers,) * 2},
-    noun="the means", none="no means yet", committed="the means of {batches} batches are committed",
-    lack="the means lack {names}", repaired="means removed; write_means recomputes them",
+    noun="the means", them="them",
 )
 
 
 def write_means(path, scale: float) -> None:
-    """The group's writer: all it needs of the store are check_store, writing_derived and commit_derived."""
+    """The group's writer: all it needs of the store are checked_manifest, writing_derived and commit_derived."""
     loc = store.as_location(path)
-    store.check_store(loc)
+    store.checked_manifest(loc)
     with store.writing_derived(loc, MEANS) as manifest:
         means = store.open_store(loc).attention.mean(("head", "query", "key")) * scale
         means.astype(np.float64).to_dataset(name="mean").to_zarr(loc.zarr_store(), group=MEANS.name, mode="w", consolidated=False)
@@ -384,25 +383,25 @@ def test_a_derived_group_declared_once_is_written_opened_checked_and_repaired(bu
     valid = ~np.isnan(attention)
     want = 2.0 * np.where(valid, attention, 0).sum(axis=(2, 3, 4)) / valid.sum(axis=(2, 3, 4))
     np.testing.assert_allclose(opened["mean"].values, want, rtol=1e-6)
-    assert check_store(path) == []
+    assert store_problems(path) == []
     chunk = next(p for p in (path / "means" / "mean" / "c").rglob("*") if p.is_file())
     chunk.unlink()  # zarr would read it as fill values: check must name it
-    problems = check_store(path)
+    problems = store_problems(path)
     key = chunk.relative_to(path).as_posix()
     assert [(p.where, p.fix) for p in problems] == [(key, "means")]
     assert "missing chunk" in problems[0].message
-    repaired = check_store(path, repair=True)
+    repaired = store_problems(path, repair=True)
     assert [p.repaired for p in repaired] == ["means removed; write_means recomputes them"]
-    assert not (path / "means").exists() and check_store(path) == []
+    assert not (path / "means").exists() and store_problems(path) == []
     write_means(path, scale=1.0)
     (path / "means" / "mean" / "zarr.json").write_text("{}")  # metadata the consolidation would choke on
-    assert {p.fix for p in check_store(path)} == {"means"}
+    assert {p.fix for p in store_problems(path)} == {"means"}
     write_means(path, scale=1.0)
     extra = write_dump(tmp_path / "more" / "extra.npz", softmax_rows(np.random.default_rng(3), (2, 3, 11, 11)))
     assert ingest([extra], path).ok
     with pytest.raises(StoreError, match="out of date .the means of 24 batches, the store has 25"):
         store.open_derived(loc, MEANS)
-    assert check_store(path) == []  # a stale record is nothing anyone trusts: not a problem
+    assert store_problems(path) == []  # a stale record is nothing anyone trusts: not a problem
 
 
 @pytest.mark.parametrize(
@@ -451,9 +450,9 @@ def test_a_lock_record_from_another_host_that_nobody_holds_is_stale(built):
     _, path, _ = built
     lock = {"pid": 1, "host": "gpu-node-7", "since": "2026-01-01T00:00:00+00:00", "purpose": "fastattn stats"}
     (path / store.LOCK).write_text(json.dumps(lock))
-    problems = check_store(path)
+    problems = store_problems(path)
     assert [p.fix for p in problems] == [check.LOCK]
     assert "stale lock left by fastattn stats (pid 1 on gpu-node-7 since 2026-01-01" in str(problems[0])
-    assert check_store(path, repair=True)[0].repaired
-    assert check_store(path) == [] and not (path / store.LOCK).exists()
+    assert store_problems(path, repair=True)[0].repaired
+    assert store_problems(path) == [] and not (path / store.LOCK).exists()
     assert store_snapshot(path)["committed"] == 24

@@ -18,7 +18,7 @@ import zarr
 from conftest import assert_same_store, ragged_dumps, batched_dump, softmax_rows, store_snapshot, write_dump
 
 from fastattn import check, corpus, dumps, store
-from fastattn.check import check_store, run_check
+from fastattn.check import store_problems, run_check
 from fastattn.errors import StoreError
 from fastattn.ingest import ingest
 from fastattn.stats import open_stats, read_errors, write_stats
@@ -46,7 +46,7 @@ def corpus_store(tmp_path_factory):
         corpus.write_rollout(clean)
     manifest = store.read_manifest(store.Location(clean))
     assert manifest.committed == 24 and manifest.batch_chunk == 5 and manifest.stats_committed == 24
-    assert check_store(clean) == []
+    assert store_problems(clean) == []
     return folder, clean
 
 
@@ -95,7 +95,7 @@ def _stats_json(cli, path) -> dict:
 def test_committed_raised_in_the_manifest_is_reported_not_a_crash(built, cli):
     folder, path, clean = built
     _edit(path / store.MANIFEST, lambda m: m.update(committed=30))
-    problems = check_store(path)  # used to raise "operands could not be broadcast"
+    problems = store_problems(path)  # used to raise "operands could not be broadcast"
     text = _lines(problems)
     for name in store.BATCHED:
         assert f"{name}: holds 24 batches but 30 are committed: committed data is missing" in text
@@ -107,21 +107,21 @@ def test_committed_raised_in_the_manifest_is_reported_not_a_crash(built, cli):
     out = cli("check", path, "--repair", "--force")
     assert out.exit_code == 0, out.output
     assert "dropped committed batches 24..29 and rewound the manifest to 24 batches" in out.stderr
-    assert check_store(path) == []
+    assert store_problems(path) == []
     assert_same_store(path, clean)
 
 
 def test_attention_shape_lowered_in_its_metadata_is_restored(built, cli):
     _, path, clean = built
     _edit(path / "attention/zarr.json", lambda m: m["shape"].__setitem__(0, 12))
-    problems = check_store(path)
+    problems = store_problems(path)
     first = problems[0]
     assert str(first) == "attention: holds 12 batches but 24 are committed: its metadata lost them, their chunks are on disk"
     assert first.fix == check.META
     out = cli("check", path, "--repair")  # no --force: restoring the shape loses nothing
     assert out.exit_code == 0, out.output
     assert "[repaired: shape restored to (24, 2, 3, 11, 11) from the manifest" in out.stderr
-    assert check_store(path) == []
+    assert store_problems(path) == []
     assert_same_store(path, clean)
 
 
@@ -130,10 +130,10 @@ def test_attention_shape_lowered_with_its_chunks_gone_needs_force(built):
     _edit(path / "attention/zarr.json", lambda m: m["shape"].__setitem__(0, 12))
     for chunk in (path / "attention/c").glob("4/*/0/0/0"):  # the chunk of batches 20..23, both layers
         chunk.unlink()
-    problems = check_store(path)
+    problems = store_problems(path)
     assert "attention: holds 12 batches but 24 are committed: committed data is missing" in _lines(problems)
-    check_store(path, repair=True, force=True)
-    assert _manifest(path)["committed"] <= 12 and check_store(path) == []
+    store_problems(path, repair=True, force=True)
+    assert _manifest(path)["committed"] <= 12 and store_problems(path) == []
     assert ingest([folder], path).ok  # the dropped files come back
     assert_same_store(path, clean)
 
@@ -141,14 +141,14 @@ def test_attention_shape_lowered_with_its_chunks_gone_needs_force(built):
 def test_empty_length_metadata_is_restored_by_repair(built, cli):
     _, path, clean = built
     (path / "length/zarr.json").write_text("{}")
-    problems = check_store(path)
+    problems = store_problems(path)
     assert [p.where for p in problems] == ["length/zarr.json"], _lines(problems)
     assert problems[0].message.startswith("unreadable array metadata")
     out = cli("check", path, "--repair")  # used to end in a MetadataValidationError traceback
     lines = _one_line_each(out)
     assert out.exit_code == 0, out.output
     assert lines[0].endswith("[repaired: restored from the consolidated metadata, shape from the manifest]")
-    assert check_store(path) == []
+    assert store_problems(path) == []
     assert_same_store(path, clean)
 
 
@@ -164,12 +164,12 @@ def test_query_dim_edited_64_to_32_is_found_and_repair_restores_it(tmp_path, rng
     clean = tmp_path / "clean.zarr"
     shutil.copytree(path, clean)
     _edit(path / "attention/zarr.json", lambda m: m["shape"].__setitem__(3, 32))
-    problems = check_store(path)  # used to pass
+    problems = store_problems(path)  # used to pass
     assert "attention: holds 32 x 64 tokens (query x key); the manifest needs 64 x 64" in _lines(problems)
     out = cli("check", path, "--repair")  # used to make the 32 permanent (query coordinate, token, consolidated)
     assert out.exit_code == 0, out.output
     assert zarr.open_array(str(path / "attention"), mode="r").shape == (8, 2, 3, 64, 64)
-    assert check_store(path) == []
+    assert store_problems(path) == []
     assert_same_store(path, clean)
 
 
@@ -180,14 +180,14 @@ def test_query_dim_edited_without_its_chunks_is_never_shrunk(built):
         m["shape"][3] = 5
         m["chunk_grid"]["configuration"]["chunk_shape"][3] = 5
     _edit(path / "attention/zarr.json", square_chunks_broken)
-    problems = check_store(path)
+    problems = store_problems(path)
     text = _lines(problems)
     assert "attention: chunks (5, 1, 3, 5, 11); the manifest's layout is (5, 1, 3, n, n; or heads or queries split)" in text
     assert "attention: holds 5 x 11 tokens (query x key); the manifest needs 11 x 11" in text
-    check_store(path, repair=True)
+    store_problems(path, repair=True)
     assert zarr.open_array(str(path / "query"), mode="r").shape == (11,)  # nothing cut to the wrong shape
     assert _manifest(path)["committed"] == 24
-    assert check_store(path)  # still reported
+    assert store_problems(path)  # still reported
 
 
 @pytest.mark.parametrize("name", [n for n, dims in STATS_SCHEMA.items() if dims[0] == "batch"])
@@ -197,7 +197,7 @@ def test_every_deleted_stats_chunk_is_found(built, name):
     while chunk.is_dir():
         chunk = next(chunk.iterdir())
     chunk.unlink()
-    problems = check_store(path)  # zarr reads a missing chunk as fill values: it used to pass
+    problems = store_problems(path)  # zarr reads a missing chunk as fill values: it used to pass
     key = chunk.relative_to(path).as_posix()
     says = "stats/batch: coordinate values are not 0..23" if name == "batch" else f"{key}: missing chunk: its committed values are lost (batches 0..23)"
     assert [str(p) for p in problems] == [says]
@@ -208,28 +208,28 @@ def test_deleted_stats_chunk_is_recomputed_after_repair(built, cli):
     _, path, _ = built
     want = _stats_json(cli, path)
     os.remove(path / "stats/entropy_mean/c/0/0/0")
-    assert [p.where for p in check_store(path)] == ["stats/entropy_mean/c/0/0/0"]
+    assert [p.where for p in store_problems(path)] == ["stats/entropy_mean/c/0/0/0"]
     out = cli("check", path, "--repair")
     assert out.exit_code == 0 and "[repaired: statistics uncommitted; fastattn stats recomputes them]" in out.stderr
     assert _manifest(path)["stats_committed"] == 0 and _manifest(path)["committed"] == 24
     assert _stats_json(cli, path) == want  # recomputed, not blanks
-    assert check_store(path) == []
+    assert store_problems(path) == []
 
 
 def test_deleted_stats_array_is_found_and_recomputed(built, cli):
     _, path, _ = built
     want = _stats_json(cli, path)
     shutil.rmtree(path / "stats/peak_key")
-    problems = check_store(path)  # used to pass
+    problems = store_problems(path)  # used to pass
     assert [str(p) for p in problems] == ["stats/peak_key: missing array; statistics are committed for 24 batches"]
     with pytest.raises(StoreError, match="the statistics lack peak_key"):
         open_stats(path)
     assert _stats_json(cli, path) == want  # `fastattn stats` lays the group out again (used to end in a KeyError)
-    assert check_store(path) == []
+    assert store_problems(path) == []
     shutil.rmtree(path / "stats/peak_key")
-    assert all(p.repaired for p in check_store(path, repair=True))  # or check --repair uncommits it
+    assert all(p.repaired for p in store_problems(path, repair=True))  # or check --repair uncommits it
     assert _stats_json(cli, path) == want
-    assert check_store(path) == []
+    assert store_problems(path) == []
 
 
 def test_stats_schema_is_what_write_stats_lays_out(corpus_store):
@@ -249,20 +249,20 @@ def test_rollout_is_checked_and_removed_when_broken(built, cli, damage):
         says = "missing chunk: its committed values are lost (batches 10..14)"
     elif damage == "array":
         shutil.rmtree(path / "rollout/length")
-        where, says = "rollout/length", "missing array; the rollout of 24 batches is committed"
+        where, says = "rollout/length", "missing array; the rollout is committed for 24 batches"
     else:
         _edit(path / "rollout/key/zarr.json", lambda m: m["shape"].__setitem__(0, 7))
         where, says = "rollout/key", "shape (7,), the store needs (11)"
-    problems = check_store(path)  # the rollout group used to be ignored
+    problems = store_problems(path)  # the rollout group used to be ignored
     assert [str(p) for p in problems] == [f"{where}: {says}"]
     out = cli("check", path, "--repair")
     assert out.exit_code == 0 and "[repaired: rollout removed; fastattn rollout recomputes it]" in out.stderr
     with pytest.raises(StoreError, match="no rollout yet"):
         corpus.open_rollout(path)
-    assert check_store(path) == []
+    assert store_problems(path) == []
     corpus.write_rollout(path)
     np.testing.assert_array_equal(corpus.open_rollout(path).rollout_incoming.values, want)
-    assert check_store(path) == []
+    assert store_problems(path) == []
 
 
 def test_rollout_length_must_match_the_store(built):
@@ -270,7 +270,7 @@ def test_rollout_length_must_match_the_store(built):
     lengths = zarr.open_array(str(path / "rollout/length"), mode="r+")
     n = int(lengths[3])
     lengths[3] = n - 1  # stored with a valid checksum: only a comparison with the store finds it
-    assert [str(p) for p in check_store(path)] == [f"rollout/length: batch 3 has length {n - 1}, the store {n}"]
+    assert [str(p) for p in store_problems(path)] == [f"rollout/length: batch 3 has length {n - 1}, the store {n}"]
 
 
 # ---------------------------------------------------------------- item 6: one row-sum tolerance, by the dump's dtype
@@ -287,7 +287,7 @@ def test_float16_dumps_in_a_float32_store_agree_with_ingest(tmp_path, rng, cli):
     assert ingest([folder], path).ok  # a float32 store
     files = _manifest(path)["files"]
     assert {os.path.basename(rel): e["dtype"] for rel, e in files.items()} == {"a0.npz": "float16", "a1.npz": "float32", "a2.npz": "float32", "a3.npz": "float32"}
-    assert check_store(path) == []  # used to flag batch 0 at 1e-3
+    assert store_problems(path) == []  # used to flag batch 0 at 1e-3
     before = store_snapshot(path)
     out = cli("check", path, "--repair", "--force")  # used to drop batch 0 and every later one
     assert out.exit_code == 0 and _manifest(path)["committed"] == 4
@@ -296,12 +296,12 @@ def test_float16_dumps_in_a_float32_store_agree_with_ingest(tmp_path, rng, cli):
     np.testing.assert_array_equal(store_snapshot(path)["attention"], before["attention"])
     # a store written before dtypes were recorded: the loosest tolerance, no false alarm
     _edit(path / store.MANIFEST, lambda m: [e.pop("dtype") for e in m["files"].values()])
-    assert check_store(path) == []
+    assert store_problems(path) == []
     # a float32 dump's batch off by the same amount is damage, at the float32 tolerance
     _edit(path / store.MANIFEST, lambda m: [e.update(dtype=dt) for e, dt in zip(m["files"].values(), ("float16", *["float32"] * 3))])
     attention = zarr.open_array(str(path / "attention"), mode="r+")
     attention[2, 1, 1, 3, :] = half[1, 1, 3] * 1.004
-    text = _lines(check_store(path))
+    text = _lines(store_problems(path))
     assert "attention batch 2 layer 1: rows do not sum to 1 (off by 0.004" in text
     assert f"tolerance {dumps.row_sum_tolerance('float32', 'float32'):.3g})" in text and "tolerance 0.001)" in text
     # and ingest refuses a float32 dump off by that much, by the same rule
@@ -326,7 +326,7 @@ def test_float32_dumps_in_a_float16_store_pass_check(tmp_path, rng):
         write_dump(folder / f"f{i}.npz", att.astype(np.float32))
     path = tmp_path / "s.zarr"
     assert ingest([folder], path, dtype="float16").ok
-    assert check_store(path) == []
+    assert store_problems(path) == []
 
 
 # ---------------------------------------------------------------- item 7: repair never drops a claimed batch without --force
@@ -338,10 +338,10 @@ def test_committed_lowered_keeps_claimed_batches_until_force(built, cli):
     past = sorted(rel for rel, e in files.items() if e["stop"] > 20)
     first = min(files[rel]["start"] for rel in past)
     _edit(path / store.MANIFEST, lambda m: m.update(committed=20))
-    problems = check_store(path)
+    problems = store_problems(path)
     assert all(p.fix in (check.DROP, check.STATS) for p in problems), _lines(problems)
     assert "batches past the last commit" not in _lines(problems)  # they are claimed, not leftovers
-    check_store(path, repair=True)  # without --force: nothing a file entry claims is dropped
+    store_problems(path, repair=True)  # without --force: nothing a file entry claims is dropped
     assert zarr.open_array(str(path / "attention"), mode="r").shape[0] == 24
     assert _manifest(path)["files"] == files
     out = cli("check", path, "--repair", "--force")
@@ -352,7 +352,7 @@ def test_committed_lowered_keeps_claimed_batches_until_force(built, cli):
     assert not set(past) & set(_manifest(path)["files"])
     assert ingest([folder], path).ok  # the files come back (it used to say "unchanged" and restore nothing)
     assert_same_store(path, clean)
-    assert check_store(path) == []
+    assert store_problems(path) == []
 
 
 def test_committed_lowered_to_a_file_boundary_says_the_right_range(built):
@@ -361,7 +361,7 @@ def test_committed_lowered_to_a_file_boundary_says_the_right_range(built):
     last = max(files, key=lambda rel: files[rel]["start"])
     start = files[last]["start"]
     _edit(path / store.MANIFEST, lambda m: m.update(committed=start))
-    problems = check_store(path, repair=True, force=True)
+    problems = store_problems(path, repair=True, force=True)
     note = next(p.repaired for p in problems if p.fix == check.DROP)
     assert note.startswith(f"--force: dropped batches {start}..23 that file entries claimed past the commit"
                            f" and rewound the manifest to {start} batches")
@@ -379,7 +379,7 @@ def test_stats_chunk_failing_its_checksum_is_one_line(built, cli):
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x40
     chunk.write_bytes(bytes(data))
-    problems = check_store(path)
+    problems = store_problems(path)
     assert [str(p) for p in problems] == [
         "stats/entropy_mean/c/0/0/0: does not decode (crc32c checksum mismatch: the bytes on disk changed)"
     ]
@@ -391,8 +391,8 @@ def test_stats_chunk_failing_its_checksum_is_one_line(built, cli):
     ]
     with pytest.raises(StoreError, match="fails its crc32c checksum"), read_errors(path):
         open_stats(path).entropy_mean.values
-    assert all(p.repaired for p in check_store(path, repair=True))
-    assert cli("stats", path).exit_code == 0 and check_store(path) == []
+    assert all(p.repaired for p in store_problems(path, repair=True))
+    assert cli("stats", path).exit_code == 0 and store_problems(path) == []
 
 
 def test_check_takes_storage_options(built, cli, monkeypatch):
@@ -466,6 +466,6 @@ def test_any_broken_metadata_is_lines_and_repair_recovers(built, cli):
         _one_line_each(out)
         assert out.exit_code in (0, 1), (rel, damage, out.output)
         assert ingest([folder], path).ok, (rel, damage)
-        remaining = check_store(path)
+        remaining = store_problems(path)
         assert remaining == [], (rel, damage, _lines(remaining))
         assert_same_store(path, clean)

@@ -51,7 +51,7 @@ def test_split_chunks_hold_exactly_what_was_ingested(tmp_path, rng, monkeypatch,
             plane[:, :, :n, :n] = weights[:, b, :, :n, :n]
             want.append(plane)
     np.testing.assert_array_equal(got.attention.values, np.stack(want))
-    assert check.check_store(target) == []
+    assert check.store_problems(target) == []
 
 
 def test_a_large_dump_is_mapped_and_checked_slab_by_slab(tmp_path, rng, monkeypatch):
@@ -196,9 +196,9 @@ def test_a_flipped_bit_in_a_chunk_fails_every_read(samples, tmp_path):
             store.open_store(out).attention.values
         with pytest.raises(ValueError, match="checksum"):
             zarr.open_array(str(out / "attention"), mode="r")[0, 3]
-        assert [p.where for p in check.check_store(out)] == ["attention/c/0/3/0/0/0"]
+        assert [p.where for p in check.store_problems(out)] == ["attention/c/0/3/0/0/0"]
     chunk.write_bytes(clean)
-    assert check.check_store(out) == []
+    assert check.store_problems(out) == []
 
 
 def test_plain_zarr_reads_an_ingested_store_without_fastattn(samples, tmp_path):

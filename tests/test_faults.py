@@ -407,7 +407,7 @@ def _only_leftovers(target: Path) -> list:
     """After a kill, check finds nothing but what --repair removes (never damaged committed data)."""
     if not (target / store.MANIFEST).exists():
         return []
-    problems = check.check_store(target)
+    problems = check.store_problems(target)
     assert all(p.fix in (check.LOCK, check.STRAY, check.PAST, check.CONSOLIDATED) for p in problems), [
         str(p) for p in problems
     ]
@@ -453,10 +453,10 @@ def _kill_and_resume(server, corpus, target: Path, point: str, n: int, folder=No
     _committed_prefix(target, clean)
     _only_leftovers(target)
     if repair_first and (target / store.MANIFEST).exists():
-        problems = check.check_store(target, repair=True)
+        problems = check.store_problems(target, repair=True)
         assert all(p.repaired for p in problems), problems
     assert ingest([folder], target, jobs=2).ok, f"re-run after a kill at {point} {n}"
-    leftovers = check.check_store(target)  # only temporary files can remain (--repair deletes them)
+    leftovers = check.store_problems(target)  # only temporary files can remain (--repair deletes them)
     assert all(p.fix == check.STRAY for p in leftovers), [str(p) for p in leftovers]
 
 
@@ -481,8 +481,8 @@ def test_kill_during_an_append_then_rerun(server, corpus, half, tmp_path):
         np.testing.assert_array_equal(now["attention"], before["attention"])
         _only_leftovers(target)
     assert ingest([folder], target).ok
-    check.check_store(target, repair=True)
-    assert check.check_store(target) == []
+    check.store_problems(target, repair=True)
+    assert check.store_problems(target) == []
     _same(store_snapshot(target), clean)
 
 
@@ -537,7 +537,7 @@ def test_disk_full_is_one_line_and_the_next_run_completes(point, n, says, server
     _only_leftovers(target)
     again = server.run("cli", "ingest", folder, target)  # space freed
     assert again.get("code") == 0, again["log"].read_text()
-    assert check.check_store(target) == []
+    assert check.store_problems(target) == []
     _same(store_snapshot(target), clean)
 
 
@@ -571,7 +571,7 @@ def test_a_real_full_disk(server, corpus, half, tmp_path):
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # space freed
         again = server.run("cli", "ingest", folder, target)
         assert again.get("code") == 0, again["log"].read_text()
-        assert check.check_store(target) == []
+        assert check.store_problems(target) == []
         _same(store_snapshot(target), clean)
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
@@ -598,7 +598,7 @@ def test_flipped_bytes_are_caught(corpus, tmp_path):
         data = bytearray((target / key).read_bytes())
         data[int(where * (len(data) - 1))] ^= 0x08
         (target / key).write_bytes(bytes(data))
-    problems = check.check_store(target)
+    problems = check.store_problems(target)
     assert sorted(p.where for p in problems) == sorted(FLIPS), [str(p) for p in problems]
     assert all("does not decode (crc32c checksum mismatch" in p.message for p in problems)
     ds = store.open_store(target)
@@ -644,7 +644,7 @@ def test_dump_changed_while_ingesting_is_rejected(change, server, corpus, tmp_pa
     assert os.path.realpath(victim) not in manifest.files and manifest.committed == 22
     snapshot = store_snapshot(target)
     assert victim.name not in snapshot["source"]
-    assert check.check_store(target) == []
+    assert check.store_problems(target) == []
     if change == "rewritten":  # the next run takes the new content, as a new file
         assert ingest([folder], target).ok
         got = store.open_store(target)
@@ -691,9 +691,9 @@ def test_a_second_writer_is_refused(holder, server, corpus, tmp_path):
             write_stats(target)
         assert who in str(refused.value)
         with pytest.raises(StoreError) as refused:
-            check.check_store(target, repair=True)
+            check.store_problems(target, repair=True)
         assert who in str(refused.value)
-        assert check.check_store(target) == []  # reading is always allowed
+        assert check.store_problems(target) == []  # reading is always allowed
     finally:
         go.touch()
         finished = server.reap(pid)
@@ -709,13 +709,13 @@ def test_a_killed_writers_lock_is_taken_over(server, corpus, tmp_path):
     assert killed.get("signal") == signal.SIGKILL
     lock = json.loads((target / store.LOCK).read_text())
     assert lock["host"] == socket.gethostname() and lock["purpose"] == "fastattn ingest"
-    problems = check.check_store(target)
+    problems = check.store_problems(target)
     assert [p.fix for p in problems] == [check.LOCK]
     assert f"stale lock left by fastattn ingest (pid {lock['pid']} on {lock['host']}" in str(problems[0])
     assert ingest([root / "dumps"], target).ok  # takes the lock over (and adds nothing)
     assert not (target / store.LOCK).exists()
     (target / store.LOCK).write_text("")  # a writer killed between creating the lock and writing it
-    assert check.check_store(target)[0].fix == check.LOCK
+    assert check.store_problems(target)[0].fix == check.LOCK
     assert ingest([root / "dumps"], target).ok
     _same(store_snapshot(target), clean)
 
@@ -751,7 +751,7 @@ def test_kill_during_stats_then_rerun(point, n, server, corpus, clean_stats, tmp
     again = server.run("stats", target)
     assert again.get("code") == 0, again["log"].read_text()
     _same_stats(target, clean_stats[1])
-    assert all(p.fix == check.STRAY for p in check.check_store(target))
+    assert all(p.fix == check.STRAY for p in check.store_problems(target))
 
 
 def test_kill_during_incremental_stats_then_rerun(server, corpus, half, clean_stats, tmp_path):

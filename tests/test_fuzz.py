@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fastattn import dumps
-from fastattn.check import check_store
+from fastattn.check import store_problems
 from fastattn.errors import DumpError
 from fastattn.ingest import ingest
 
@@ -450,4 +450,4 @@ def test_ingesting_fuzzed_files_only_rejects_them(files, committed, scratch):
     np.testing.assert_array_equal(after["attention"][:n, ..., : before["attention"].shape[-1], : before["attention"].shape[-1]], before["attention"])
     assert {k: v for k, v in after["files"].items() if k in before["files"]} == before["files"]
     assert not set(after["files"]) & {Path(f).name for f in rejected}
-    assert check_store(target) == []
+    assert store_problems(target) == []

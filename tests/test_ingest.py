@@ -218,7 +218,7 @@ def test_longer_sequences_after_many_batches_leave_no_chunk_unwritten(tmp_path, 
     """More than one batch-chunk row of short samples, then longer ones: the committed rows'
     chunks beyond their old query/key edge are written (NaN), so the store checks clean."""
     import fastattn
-    from fastattn.check import check_store
+    from fastattn.check import store_problems
 
     short = batched_dump(rng, tmp_path / "a" / "short.npz", [8] * 300, layers=2, heads=2)
     long = batched_dump(rng, tmp_path / "b" / "long.npz", [40, 33], layers=2, heads=2)
@@ -226,7 +226,7 @@ def test_longer_sequences_after_many_batches_leave_no_chunk_unwritten(tmp_path, 
     fastattn.ingest(short.parent, store)
     assert fastattn.open_store(store)["attention"].encoding["chunks"][0] < 300  # the case: two rows of chunks
     fastattn.ingest(long.parent, store)
-    assert check_store(store) == []
+    assert store_problems(store) == []
     ds = fastattn.open_store(store)
     attention = ds["attention"].values
     with np.load(short, allow_pickle=False) as z:

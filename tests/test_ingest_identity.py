@@ -40,7 +40,7 @@ def test_same_names_in_another_folder_are_other_files(tmp_path, cli):
             with np.load(tmp_path / "dB" / name, allow_pickle=False) as z:
                 n = int(after["length"][b])
                 np.testing.assert_array_equal(after["attention"][b, :, :, :n, :n], z["attention_weights"][:, :, :n, :n])
-    assert check.check_store(target) == []
+    assert check.store_problems(target) == []
 
 
 def test_replace_rewrites_only_the_file_it_names(tmp_path, rng):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 import pytest
-import reference as ref
+from benchmarks import reference as ref
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -1,5 +1,5 @@
 """The fused kernel (plane_stats, topk, attention_stats) against the plain float64 references in
-tests/reference.py."""
+benchmarks/reference.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numba
 import numpy as np
 import pytest
-import reference as ref
+from benchmarks import reference as ref
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fastattn
-from fastattn.check import check_store
+from fastattn.check import store_problems
 
 from conftest import DATA, softmax_rows, write_dump
 
@@ -48,7 +48,7 @@ def test_old_store_opens_with_its_values(old_store):
 
 
 def test_old_store_checks_clean(old_store):
-    assert check_store(old_store) == []
+    assert store_problems(old_store) == []
 
 
 def test_old_statistics_read_and_match_the_kernel(old_store):
@@ -79,6 +79,6 @@ def test_old_store_appends_and_recomputes_statistics(old_store, tmp_path, rng, c
     assert st.sizes["batch"] == 9
     fresh = fastattn.compute_stats(ds, k=3).compute()
     np.testing.assert_array_equal(st["entropy"].values, fresh["entropy"].values)
-    assert check_store(old_store) == []
+    assert store_problems(old_store) == []
     manifest = json.loads((old_store / "_fastattn" / "manifest.json").read_text())
     assert manifest["committed"] == 9

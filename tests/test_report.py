@@ -43,7 +43,7 @@ def built(tmp_path_factory):
     synthesize(root / "dumps", files=6, layers=LAYERS, heads=HEADS, seq="12-24", batch=4, seed=3, jobs=2)
     path = str(root / "store.zarr")
     assert ingest([str(root / "dumps")], path, jobs=2).ok
-    assert store.check_store(store.Location(path)).stats_committed == 0
+    assert store.checked_manifest(store.Location(path)).stats_committed == 0
 
     from fastattn_cli.plot_cmd import register
 
@@ -60,7 +60,7 @@ def data_uris(text: str) -> list[bytes]:
 
 
 def test_report_computes_missing_statistics(built):
-    manifest = store.check_store(store.Location(built["store"]))
+    manifest = store.checked_manifest(store.Location(built["store"]))
     assert manifest.stats_committed == manifest.committed == 24
     assert open_stats(built["store"]).sizes["batch"] == 24
 

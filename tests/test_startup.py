@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import reference as ref
+from benchmarks import reference as ref
 
 #: Runs a kernel on random attention (argv: seed, dtype, "log" for fast_log alone (quick to
 #: compile), or "parallel"/"serial" for plane_stats called so, and fast_log), saves the results

@@ -10,7 +10,7 @@ import numba
 import numpy as np
 import pytest
 import xarray as xr
-import reference as ref
+from benchmarks import reference as ref
 from conftest import SAMPLES, batched_dump, softmax_rows, write_dump
 from typer.testing import CliRunner
 

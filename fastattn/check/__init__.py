@@ -1,6 +1,6 @@
 """Verify a store end to end, and repair what can be repaired (`fastattn check`).
 
-`check_store(path)` reads everything a reader would trust and reports each problem as
+`store_problems(path)` reads everything a reader would trust and reports each problem as
 one `where: message` line; whatever a broken store makes a read raise becomes such a
 line too, never a traceback:
 
@@ -41,7 +41,7 @@ The package: `checker` (the state the passes share, their order, check-repair-ch
 checker), `reader` (chunk by chunk), `repair`, `problems` (what is reported).
 """
 
-from .checker import REPAIR_ROUNDS, Checker, check_store, run_check
+from .checker import REPAIR_ROUNDS, Checker, store_problems, run_check
 from .problems import (
     CONSOLIDATED,
     COORD,
@@ -62,5 +62,5 @@ from .problems import (
 
 __all__ = [
     "CONSOLIDATED", "COORD", "DROP", "ENTRY", "FORCE_HINT", "LOCK", "MAX_PER_KIND", "META", "PAST", "REPAIR_ROUNDS",
-    "ROLLOUT", "SOURCE", "STATS", "STRAY", "CheckResult", "Checker", "Problem", "check_store", "run_check",
+    "ROLLOUT", "SOURCE", "STATS", "STRAY", "CheckResult", "Checker", "Problem", "store_problems", "run_check",
 ]

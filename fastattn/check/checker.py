@@ -124,7 +124,7 @@ class Checker:
         self._guarded("zarr.json", metadata.check_hierarchy)
 
 
-def check_store(path, *, repair: bool = False, force: bool = False, storage_options: dict | None = None) -> list[Problem]:
+def store_problems(path, *, repair: bool = False, force: bool = False, storage_options: dict | None = None) -> list[Problem]:
     """Check a store (see `fastattn.check`); with `repair`, fix what can be fixed.
 
     Returns every problem found; the ones `repair` fixed carry what was done in
@@ -134,7 +134,7 @@ def check_store(path, *, repair: bool = False, force: bool = False, storage_opti
 
 
 def run_check(path, *, repair: bool = False, force: bool = False, storage_options: dict | None = None) -> CheckResult:
-    """`check_store` with the counts of what was read (for the CLI's summary line)."""
+    """`store_problems` with the counts of what was read (for the CLI's summary line)."""
     location = store.as_location(path, storage_options)
     if not repair:
         return Checker(location).run()

@@ -33,7 +33,7 @@ from .chunks import WholeChunks, read_all, write_all
 from .location import LocalLocation, Location, RemoteLocation, as_location, is_url
 from .lock import Lock, lock_holder, read_lock_record
 from .manifest import FileEntry, Manifest, Status, now
-from .read import check_store, is_fastattn, open_committed, open_group, open_store, read_json, read_manifest, require_batches
+from .read import checked_manifest, is_fastattn, open_committed, open_group, open_store, read_json, read_manifest, require_batches
 from .schema import (
     ARRAYS,
     BATCHED,
@@ -50,7 +50,7 @@ from .schema import (
 )
 
 __all__ = [
-    "ARRAYS", "as_location", "AT_LAST_COMMIT", "attention_chunks", "BATCHED", "check_store", "commit",
+    "ARRAYS", "as_location", "AT_LAST_COMMIT", "attention_chunks", "BATCHED", "checked_manifest", "commit",
     "commit_derived", "compressors", "create", "DERIVED", "derived_committed", "derived_current",
     "derived_record", "DIMS", "FileEntry", "FORMAT_VERSION", "is_fastattn", "is_url", "LocalLocation",
     "Location", "Lock", "LOCK", "lock_holder", "Manifest", "MANIFEST", "META", "nothing_committed", "now",

@@ -24,7 +24,7 @@ from ..errors import StoreError
 from .location import Location
 from .lock import Lock
 from .manifest import Manifest, now
-from .read import check_store, open_committed, require_batches
+from .read import checked_manifest, open_committed, require_batches
 from .schema import ARRAYS, DIMS, FORMAT_VERSION, MANIFEST, META, Derived, attention_chunks, create_array
 
 if TYPE_CHECKING:
@@ -121,11 +121,11 @@ def uncommit_derived(manifest: Manifest, spec: Derived, upto: int = 0) -> None:
 @contextlib.contextmanager
 def writing_derived(location: Location, spec: Derived):
     """A derived group's writer: under the store's lock, with the manifest as committed now;
-    a disk error on the way is one line. The store must exist (check_store it first: the
+    a disk error on the way is one line. The store must exist (read its `checked_manifest` first: the
     lock would create a missing store's folder)."""
     location.check_writable()
     with Lock(location, spec.command), nothing_committed(location, f"writing {spec.noun}"):
-        yield check_store(location)  # again: another writer may have committed meanwhile
+        yield checked_manifest(location)  # again: another writer may have committed meanwhile
 
 
 def commit_derived(location: Location, manifest: Manifest, spec: Derived, batches: int, **params) -> None:
@@ -144,7 +144,7 @@ def commit_derived(location: Location, manifest: Manifest, spec: Derived, batche
 def derived_committed(location: Location, spec: Derived) -> tuple[Manifest, dict]:
     """The manifest and a derived group's commit record, when the group is committed and up to
     date; else a one-line StoreError (no batches, none yet, out of date)."""
-    manifest = require_batches(location, check_store(location))
+    manifest = require_batches(location, checked_manifest(location))
     group = None
     if spec.record == "attribute":
         try:

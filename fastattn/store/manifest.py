@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from ..choices import STORE_DTYPES
 from ..errors import StoreError
 from .schema import FORMAT_VERSION
 
@@ -178,7 +179,7 @@ def _check_body(body: dict) -> None:
     for name in _COUNTS:
         if name in body and not _is_count(body[name]):
             raise _Damaged(f"'{name}' is {body[name]!r:.40}, not a count (a whole number >= 0)")
-    if body.get("dtype", "float32") not in ("float32", "float16"):
+    if body.get("dtype", "float32") not in STORE_DTYPES:
         raise _Damaged(f"'dtype' is {body['dtype']!r:.40}, not float32 or float16")
     missing = [name for name in _REQUIRED if name not in body]
     if missing:

@@ -43,7 +43,7 @@ def is_fastattn(location: Location) -> bool:
     return isinstance(attrs, dict) and isinstance(attrs.get("fastattn"), dict)
 
 
-def check_store(location: Location) -> Manifest:
+def checked_manifest(location: Location) -> Manifest:
     """The manifest of an existing fastattn store, or a one-line StoreError."""
     location.check_reachable()
     if not location.exists():
@@ -117,7 +117,7 @@ def open_store(location: str | os.PathLike | Location, *, storage_options: dict 
     (kernels need whole planes), batches are chunked as stored.
     """
     loc = as_location(location, storage_options)
-    manifest = check_store(loc)
+    manifest = checked_manifest(loc)
     n, size = manifest.committed, manifest.max_length
     ds = open_committed(loc, {"batch": n, "query": size, "key": size})
     ds = ds.chunk({"query": -1, "key": -1})

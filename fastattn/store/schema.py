@@ -194,11 +194,41 @@ class Derived:
     params: tuple[str, ...]  # the parameters its record keeps (its variables may depend on them)
     layout: Callable[[dict], dict[str, tuple[str, ...]]]  # record -> every variable and its dims
     extent: Callable[[object, dict, dict], dict[str, tuple[int, int | None]]]  # see `sizes`
-    noun: str  # how messages name it: "writing {noun} failed", "{noun} predates the last ingest"
-    none: str  # what opening it says before its first commit
-    committed: str  # "... are committed for {batches} batches": what a missing variable loses
-    lack: str  # what opening it says when variables are missing ({names})
-    repaired: str  # what repair says after removing it
+    noun: str  # how messages name it: "writing {noun} failed", "{noun} of 24 batches" ("statistics", "the rollout")
+    them: str  # the pronoun for it, "them" or "it" (the verbs of the messages agree with it)
+
+    # Every message about the group, made from `noun`, `them`, `command` and `record`.
+
+    @property
+    def _bare(self) -> str:
+        return self.noun.removeprefix("the ")
+
+    @property
+    def _are(self) -> str:
+        return "are" if self.them == "them" else "is"
+
+    @property
+    def none(self) -> str:
+        """What opening it says before its first commit."""
+        return f"no {self._bare} yet"
+
+    @property
+    def committed(self) -> str:
+        """What a missing variable loses (a template of `batches`)."""
+        return f"{self.noun} {self._are} committed for {{batches}} batches"
+
+    @property
+    def lack(self) -> str:
+        """What opening it says when variables are missing (a template of `names`)."""
+        lack = "lack" if self.them == "them" else "lacks"
+        return (f"the {self._bare} {lack} {{names}} (written by an older fastattn, or damaged);"
+                f" run {self.command} to compute {self.them} again")
+
+    @property
+    def repaired(self) -> str:
+        """What repair says after uncommitting (a manifest record) or removing it."""
+        done = "uncommitted" if self.record == "manifest" else "removed"
+        return f"{self._bare} {done}; {self.command} recomputes {self.them}"
 
     @property
     def attribute(self) -> str:
@@ -241,21 +271,9 @@ def _rollout_extent(manifest, record: dict, dims: dict) -> dict:
     return {"batch": (n, n), "layer": (manifest.layers,) * 2, "query": (size, size), "key": (size, size)}
 
 
-STATS = Derived(
-    "stats", "fastattn stats", "manifest", ("k",), _stats_layout, _stats_extent,
-    noun="statistics",
-    none="no statistics yet",
-    committed="statistics are committed for {batches} batches",
-    lack="the statistics lack {names} (written by an older fastattn, or damaged); run fastattn stats to compute them again",
-    repaired="statistics uncommitted; fastattn stats recomputes them",
-)
+STATS = Derived("stats", "fastattn stats", "manifest", ("k",), _stats_layout, _stats_extent, noun="statistics", them="them")
 ROLLOUT = Derived(
-    "rollout", "fastattn rollout", "attribute", ("keep_matrix",), _rollout_layout, _rollout_extent,
-    noun="the rollout",
-    none="no rollout yet",
-    committed="the rollout of {batches} batches is committed",
-    lack="the rollout lacks {names} (written by an older fastattn, or damaged); run fastattn rollout to compute it again",
-    repaired="rollout removed; fastattn rollout recomputes it",
+    "rollout", "fastattn rollout", "attribute", ("keep_matrix",), _rollout_layout, _rollout_extent, noun="the rollout", them="it"
 )
 #: Every derived group, by name: `fastattn check` verifies each one that is committed.
 DERIVED = {spec.name: spec for spec in (STATS, ROLLOUT)}

@@ -1,8 +1,12 @@
-"""Plain float64 NumPy references for fastattn.kernels.
+"""The NumPy reference of fastattn's statistics and attention weights, once, for tests and benchmarks.
 
-Written to be obviously right, not fast: loop over planes, slice each plane's
-valid block, compute one statistic with ordinary NumPy, write it into a
-NaN-filled output.  Conventions, as in the kernels:
+The formulas (`ROWS`, `col_sum_of`) are ordinary NumPy over the last two axes of any array
+of planes. The tests apply them in float64 to each plane's valid block (`row_sum`, …,
+`summaries`: obviously right, not fast: loop over planes, slice each plane's valid block,
+write into a NaN-filled output); the benchmarks time the same formulas over whole chunks of
+float32 planes (`numpy_plane_stats`, `numpy_topk`: a fair NumPy contender, accumulating in
+float64). NumPy only: the benchmarks run without the test dependencies. Conventions, as in
+the kernels:
 
 - a plane with length L has the valid block A[:min(L, Q), :min(L, K)]; a block
   with no rows or no keys is empty and every output of that plane is NaN;
@@ -50,11 +54,51 @@ def _row_stat(a, lengths, fn):
     return out
 
 
-# ---------------------------------------------------------------- statistics
+# ---------------------------------------------------------------- the formulas
+# Each takes planes `b (..., Q, K)` of any float dtype and sums in float64.
+
+
+def _entropy_rows(b):
+    """−Σ_k b ln b, natural log, 0·ln 0 = 0 (the NaN of 0·ln 0 is replaced), no epsilon."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(b > 0, b * np.log(b), 0)
+    return -terms.sum(axis=-1, dtype=np.float64)
+
+
+def _distance_rows(b):
+    """Σ_k b·|q − k|, the mean attention distance."""
+    Q, K = b.shape[-2:]
+    return (b * np.abs(np.subtract.outer(np.arange(Q), np.arange(K))).astype(b.dtype)).sum(axis=-1, dtype=np.float64)
+
+
+#: Per-query statistics: planes (..., Q, K) -> (..., Q), float64.
+ROWS = {
+    "row_sum": lambda b: b.sum(axis=-1, dtype=np.float64),
+    "entropy": _entropy_rows,
+    "max_weight": lambda b: b.max(axis=-1).astype(np.float64),
+    "diag": lambda b: np.diagonal(b, axis1=-2, axis2=-1).astype(np.float64),
+    "distance": _distance_rows,
+    "sq_sum": lambda b: (b * b).sum(axis=-1, dtype=np.float64),
+}
+
+
+def col_sum_of(b):
+    """Σ_q b: the incoming attention of each key, (..., Q, K) -> (..., K), float64."""
+    return b.sum(axis=-2, dtype=np.float64)
+
+
+def topk_of(b, k: int):
+    """The `k` largest weights of each row and their keys, (..., Q, k): a stable argsort of −w
+    (descending, ties to the lower key index); (int32 index, float64 weight)."""
+    order = np.argsort(-b, axis=-1, kind="stable")[..., :k]
+    return order.astype(np.int32), np.take_along_axis(b, order, axis=-1).astype(np.float64)
+
+
+# ---------------------------------------------------------------- per plane, with lengths (the tests)
 
 
 def row_sum(a, lengths=None):
-    return _row_stat(a, lengths, lambda b: b.sum(axis=1))
+    return _row_stat(a, lengths, ROWS["row_sum"])
 
 
 def col_sum(a, lengths=None):
@@ -62,40 +106,31 @@ def col_sum(a, lengths=None):
     out = np.full(a.shape[:-2] + a.shape[-1:], np.nan)
     for index, block in _planes(a, lengths):
         if block.size:
-            out[index][: block.shape[1]] = block.sum(axis=0)
+            out[index][: block.shape[1]] = col_sum_of(block)
     return out
 
 
 def entropy(a, lengths=None):
-    def fn(b):
-        safe = np.where(b > 0, b, 1.0)  # 0·log 0 = 0: log(1) = 0 where b == 0
-        return -np.sum(np.where(b > 0, b * np.log(safe), 0.0), axis=1)
-
-    return _row_stat(a, lengths, fn)
+    return _row_stat(a, lengths, ROWS["entropy"])
 
 
 def max_weight(a, lengths=None):
-    return _row_stat(a, lengths, lambda b: b.max(axis=1))
+    return _row_stat(a, lengths, ROWS["max_weight"])
 
 
 def diag(a, lengths=None):
     a = np.asarray(a)
     if a.shape[-2] != a.shape[-1]:
         return np.full(a.shape[:-1], np.nan)
-    return _row_stat(a, lengths, lambda b: np.diagonal(b).copy())
+    return _row_stat(a, lengths, ROWS["diag"])
 
 
 def distance(a, lengths=None):
-    def fn(b):
-        q = np.arange(b.shape[0])[:, None]
-        k = np.arange(b.shape[1])[None, :]
-        return np.sum(b * np.abs(q - k), axis=1)
-
-    return _row_stat(a, lengths, fn)
+    return _row_stat(a, lengths, ROWS["distance"])
 
 
 def sq_sum(a, lengths=None):
-    return _row_stat(a, lengths, lambda b: np.sum(b * b, axis=1))
+    return _row_stat(a, lengths, ROWS["sq_sum"])
 
 
 def topk(a, k, lengths=None):
@@ -107,10 +142,10 @@ def topk(a, k, lengths=None):
     for lead, block in _planes(a, lengths):
         if not block.size:
             continue
-        order = np.argsort(-block, axis=1, kind="stable")[:, :k]
+        order, top = topk_of(block, k)
         m = order.shape[1]
         index[lead][: block.shape[0], :m] = order
-        weight[lead][: block.shape[0], :m] = np.take_along_axis(block, order, axis=1)
+        weight[lead][: block.shape[0], :m] = top
     return index, weight
 
 
@@ -127,16 +162,15 @@ def plane_summary(block, n: int, square: bool) -> dict:
     if not block.size:
         return out
     nq, nk = block.shape
-    logs = np.log(np.where(block > 0, block, 1.0))
-    entropy = -(block * logs).sum(axis=1)
-    col = block.sum(axis=0)
-    rows = block.sum(axis=1)
-    distance = (block * np.abs(np.arange(nq)[:, None] - np.arange(nk)[None, :])).sum(axis=1)
+    entropy = ROWS["entropy"](block)
+    col = col_sum_of(block)
+    rows = ROWS["row_sum"](block)
+    distance = ROWS["distance"](block)
     out["entropy_mean"] = entropy.mean()
     out["entropy_norm"] = entropy.mean() / np.log(nk) if nk > 1 else np.nan
     out["peak_key"] = int(np.argmax(col))
     out["peak_incoming"] = col.max()
-    out["confidence"] = block.max(axis=1).mean()
+    out["confidence"] = ROWS["max_weight"](block).mean()
     out["distance_mean"] = distance.mean()
     out["row_sum_error"] = np.abs(rows - 1.0).max()
     out["first_token"] = col[0] / nq
@@ -192,6 +226,31 @@ STATISTICS = {
     "distance": distance,
     "sq_sum": sq_sum,
 }
+
+
+# ---------------------------------------------------------------- whole arrays (the benchmarks)
+
+#: Samples per chunk of `numpy_plane_stats` and `numpy_topk` (~19 MB of MiniLM-sized float32
+#: planes), so their temporaries stay small: a stronger contender than whole-array temporaries.
+CHUNK = 16
+
+
+def numpy_plane_stats(a: np.ndarray, chunk: int = CHUNK) -> dict[str, np.ndarray]:
+    """Every per-query statistic and `col_sum` of full planes (no lengths), in NumPy over
+    chunks of `chunk` samples; logs in the input's precision, sums in float64."""
+    out = {name: [] for name in (*ROWS, "col_sum")}
+    for i in range(0, a.shape[0], chunk):
+        c = a[i : i + chunk]
+        for name, formula in ROWS.items():
+            out[name].append(formula(c))
+        out["col_sum"].append(col_sum_of(c))
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+def numpy_topk(a: np.ndarray, k: int, chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """`topk_of` over chunks of `chunk` samples (int32 index, float64 weight)."""
+    parts = [topk_of(a[i : i + chunk], k) for i in range(0, a.shape[0], chunk)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def fill_outside_valid(a, lengths, value=np.nan):
