@@ -25,7 +25,7 @@ DROP = "drop"  # committed data is damaged: only --force drops it
 STATS = schema.STATS.name
 ROLLOUT = schema.ROLLOUT.name
 
-FORCE_HINT = "; --repair --force drops the batches from its file onwards"
+FORCE_HINT = "; fastattn check --repair --force drops the batches from its file onwards"
 
 
 @dataclass
@@ -73,9 +73,9 @@ class CheckResult:
         count = f"{len(self.problems)} problem{'s' * (len(self.problems) != 1)}"
         text = f"{self.store}: {count} ({repaired} repaired, {len(self.remaining)} remaining; {read})"
         if self.remaining and all(p.fix == DROP for p in self.remaining):
-            return text + "; --repair --force drops the damaged batches"
+            return text + "; fastattn check --repair --force drops the damaged batches"
         if any(p.fix not in (None, DROP) for p in self.remaining):
-            return text + "; --repair fixes some of them"
+            return text + "; fastattn check --repair fixes some of them"
         return text
 
 
