@@ -525,13 +525,16 @@ def read_planes(
     root = store.open_group(loc, "r")
     group = root[GROUP] if GROUP in root else None
     store.require_variables(loc, store.schema.STATS, record, set(group.array_keys()) if group is not None else ())
-    arrays = [group[name] for name in names]
+    held = [name for name in names if name in group]  # the rest: added later, NaN in an older group
+    arrays = [group[name] for name in held]
     picks = {}
     for dim, values, size in (("layer", layer, arrays[0].shape[1]), ("head", head, arrays[0].shape[2])):
         positions = np.arange(size)
         picks[dim] = positions if not values else positions[[check_index(dim, v, size) for v in values]]
     selection = (slice(0, n), picks["layer"], picks["head"])
-    return {**dict(zip(names, store.read_all((array, selection) for array in arrays))), **picks}
+    out = dict(zip(held, store.read_all((array, selection) for array in arrays)))
+    shape = (n, picks["layer"].size, picks["head"].size)
+    return {**{name: out[name] if name in out else np.full(shape, np.nan) for name in names}, **picks}
 
 
 @contextlib.contextmanager

@@ -219,6 +219,10 @@ class Derived:
     committed: str  # "... are committed for {batches} batches": what a missing variable loses
     lack: str  # what opening it says when variables are missing ({names})
     repaired: str  # what repair says after removing it
+    #: Variables added after groups of this kind were first written: a committed group may lack
+    #: them (check accepts that, readers see NaN in their place, and the writer lays the group
+    #: out again and computes them on its next run).
+    later: tuple[str, ...] = ()
 
     @property
     def attribute(self) -> str:
@@ -268,6 +272,7 @@ STATS = Derived(
     committed="statistics are committed for {batches} batches",
     lack="the statistics lack {names} (written by an older fastattn, or damaged); run fastattn stats to compute them again",
     repaired="statistics uncommitted; fastattn stats recomputes them",
+    later=("duplicate_token", "induction"),
 )
 ROLLOUT = Derived(
     "rollout", "fastattn rollout", "attribute", ("keep_matrix",), _rollout_layout, _rollout_extent,
