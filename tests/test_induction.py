@@ -297,6 +297,14 @@ def test_check_finds_and_repairs_a_lost_input_id(rng, tmp_path):
     check_store(store, repair=True)
     assert check_store(store) == []
     np.testing.assert_array_equal(fastattn.open_store(store).input_id.values, want)
+    import zarr
+
+    zarr.open_array(store / "input_id", mode="r+")[1, 4] = 7  # an id past length 3: none belongs there
+    problems = check_store(store)
+    assert [(p.where, p.batch) for p in problems] == [("input_id batch 1", 1)]
+    assert "7 at position 4, past the sample's length 3, where -1 belongs" in problems[0].message
+    zarr.open_array(store / "input_id", mode="r+")[1, 4] = -1
+    assert check_store(store) == []
     chunk = next(p for p in (store / "input_id").rglob("*") if p.is_file() and p.name != "zarr.json")
     chunk.write_bytes(chunk.read_bytes()[:-1] + b"\x00")  # a flipped checksum byte is damage, named
     assert any(p.where.startswith("input_id") for p in check_store(store))
