@@ -210,10 +210,16 @@ def test_ingest_keeps_ids_and_stats_score_them(rng, tmp_path, cli):
     rows = json.loads(result.stdout)["heads"]
     mean = np.nanmean(st.induction.values, axis=0)
     assert [r["induction"] for r in rows] == pytest.approx(mean.ravel().tolist(), rel=1e-12)
-    # the lazy path (dask, one task per block) gives the same numbers
-    fresh = fastattn.compute_stats(fastattn.open_store(store)).compute()
+    # the lazy path (dask, one task per block) gives the same numbers, in any order of the dims,
+    # and so does the in-memory one
+    ds = fastattn.open_store(store)
+    fresh = fastattn.compute_stats(ds).compute()
+    turned = fastattn.compute_stats(ds.transpose("head", "batch", "layer", "query", "key")).compute()
+    loaded = fastattn.compute_stats(ds.transpose("layer", "head", "batch", "query", "key").load())
     for name in ("duplicate_token", "induction"):
         np.testing.assert_array_equal(fresh[name].values, st[name].values)
+        np.testing.assert_array_equal(turned[name].transpose("batch", "layer", "head").values, st[name].values)
+        np.testing.assert_array_equal(loaded[name].transpose("batch", "layer", "head").values, st[name].values)
 
 
 def test_blocks_and_plane_pieces_carry_the_right_ids(rng, tmp_path, monkeypatch):
