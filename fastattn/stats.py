@@ -108,7 +108,7 @@ def _plane_lengths(length: xr.DataArray | None, lead: tuple[str, ...], shape: tu
 
 
 def _plane_ids(ids: xr.DataArray | None, lead: tuple[str, ...], query: int) -> np.ndarray | None:
-    """Token ids (int32) shaped `lead` + (query,), size 1 along the leading dims `ids` lacks,
+    """Token ids shaped `lead` + (query,), size 1 along the leading dims `ids` lacks,
     from an `input_id` over some of the leading dims and `query`."""
     if ids is None:
         return None
