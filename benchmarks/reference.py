@@ -197,6 +197,7 @@ def plane_summary(block, n: int, square: bool) -> dict:
 PLANE_STATS = (
     "entropy_mean", "entropy_norm", "self_attention", "diag_share", "peak_incoming", "confidence",
     "distance_mean", "row_sum_error", "prev_token", "next_token", "first_token", "last_token",
+    "duplicate_token", "induction",  # NaN here: these need token ids (tests/test_induction.py)
 )
 FLAGS = ("uniform", "diagonal_only", "dominant_key", "weak", "critical_key", "strong_self")
 

@@ -29,11 +29,12 @@ def capture(
     model_dir: Path = typer.Argument(
         ..., help="A local model folder, as saved by save_pretrained (config.json, weights, tokenizer files)."
     ),
-    texts: Path = typer.Argument(
-        ..., help="Inputs: a text file with one input per line (blank lines skipped), or a .jsonl with a \"text\" field."
-    ),
-    out: str = typer.Argument(
-        ..., help="Folder for the dumps (attention_batch_NNNNN.npz), or a path ending in .zarr to ingest into that store."
+    paths: list[str] = typer.Argument(
+        ...,
+        metavar="[TEXTS] OUT",
+        help="TEXTS: a text file with one input per line (blank lines skipped), or a .jsonl with a \"text\" field"
+        " (none with --repeat). OUT: a folder for the dumps (attention_batch_NNNNN.npz), or a path ending in .zarr"
+        " to ingest into that store.",
     ),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Texts per forward pass, and per dump."),
     max_length: Optional[int] = typer.Option(
@@ -45,6 +46,15 @@ def capture(
         StoreDtype.float32, help="float32 (exactly the model's weights), or float16 to halve the dumps (~3 significant digits)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace attention_batch_*.npz dumps already in the OUT folder."),
+    repeat: Optional[int] = typer.Option(
+        None,
+        "--repeat",
+        min=1,
+        help="Instead of TEXTS, the classic induction-head input: N random token ids (no special tokens), then the"
+        " same N again, framed like a text by the tokenizer. fastattn stats then scores duplicate-token and induction heads.",
+    ),
+    samples: int = typer.Option(32, "--samples", min=1, help="With --repeat: how many random sequences."),
+    seed: int = typer.Option(0, "--seed", help="With --repeat: the random generator's seed."),
 ) -> None:
     """Capture attention weights from a model, one dump per batch of texts.
 
@@ -54,8 +64,14 @@ def capture(
 
     Memory holds one batch's attention at a time: layers x batch x heads x seq² x 4 bytes. Only the local folder is read; nothing is downloaded.
 
-    Example: `fastattn capture ./all-MiniLM-L6-v2 texts.txt dumps/`, then `fastattn ingest dumps/ store.zarr`.
+    Example: `fastattn capture ./all-MiniLM-L6-v2 texts.txt dumps/`, then `fastattn ingest dumps/ store.zarr`;
+    `fastattn capture ./gpt2 --repeat 50 dumps/` for the induction test input.
     """
+    if repeat is None and len(paths) != 2:
+        fail("give TEXTS and OUT (or --repeat N and OUT alone)", code=2)
+    if repeat is not None and len(paths) != 1:
+        fail("with --repeat give OUT alone: the inputs are random token ids, not TEXTS", code=2)
+    texts, out = (None, paths[0]) if repeat is not None else (Path(paths[0]), paths[1])
     layer_list = _index_list(layers, "--layers")
     head_list = _index_list(heads, "--heads")
     os.environ["HF_HUB_OFFLINE"] = "1"  # a local folder only: never reach the hub
@@ -63,11 +79,14 @@ def capture(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from fastattn import capture as capture_mod
 
-    inputs = run(capture_mod.load_texts, texts)
+    inputs = run(capture_mod.load_texts, texts) if texts is not None else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # third-party deprecation chatter is not the user's business here
         model, tokenizer = run(capture_mod.load_model, model_dir)
-        batches = capture_mod.batched(inputs, batch_size)
+        if inputs is None:
+            batches = run(lambda: capture_mod.repeated_batches(tokenizer, repeat, samples, batch_size, seed=seed))
+        else:
+            batches = capture_mod.batched(inputs, batch_size)
 
         def work(advance):
             return capture_mod.record(
@@ -86,16 +105,17 @@ def capture(
         with progress_bar("capturing") as advance:
             result = run(work, advance)
     shape = f"{result.layers} layers x {result.heads} heads"
+    noun = "texts" if repeat is None else "repeated sequences"
     if result.ingests:
         err.print(
-            f"captured {result.samples} texts in {result.batches} batches ({shape}) into {out};"
+            f"captured {result.samples} {noun} in {result.batches} batches ({shape}) into {out};"
             f" {result.store_batches} in store",
             markup=False,
             highlight=False,
         )
     else:
         err.print(
-            f"wrote {result.batches} dumps ({result.samples} texts, {shape}) to {out}", markup=False, highlight=False
+            f"wrote {result.batches} dumps ({result.samples} {noun}, {shape}) to {out}", markup=False, highlight=False
         )
 
 

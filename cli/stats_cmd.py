@@ -16,6 +16,8 @@ Format = choices("Format", ("table", "json", "csv"))
 
 #: Findings listed under the table (all of them, with every head, go to --format json).
 MAX_FINDINGS = 24
+#: Table columns of the duplicate-token and induction scores (means over the batches with repeats).
+REPEAT_COLUMNS = {"duplicate_token": "dup. token", "induction": "induction"}
 
 
 def _pct(value: float) -> str:
@@ -54,7 +56,8 @@ def register(app: typer.Typer) -> None:
         entropy, normalised entropy, self-attention, most common peak key, flag shares) and the
         findings, one line each: the heads grouped by what they do. Previous-token, next-token,
         first-token and last-token heads by their mean attention mass on q−1, q+1, key 0 and
-        the last key; then the heads where a flag holds in at least half the batches (dominant
+        the last key; duplicate-token and induction heads by TransformerLens's scores (when the
+        dumps carried input_ids; means over the batches whose tokens repeat); then the heads where a flag holds in at least half the batches (dominant
         and critical keys grouped by key, diagonal_only, strong_self, uniform, weak; thresholds
         scale with each sample's length, see fastattn.stats).
 
@@ -113,7 +116,11 @@ def register(app: typer.Typer) -> None:
             grid = rich_table(f"{store}: {done['total']} batches")
             token_columns = table.get("token_means", [])
             titles = [name[3:] if name.startswith("to_") else "sep→sep" for name in token_columns]
-            for column in ("layer", "head", "entropy", "norm.", "self-attn", *titles, "peak key", "flags (share of batches)"):
+            # the repeat scores only when some batch repeats a token id (they need the dumps' input_ids)
+            repeats = [name for name in ("duplicate_token", "induction") if any(r.get(name) is not None for r in rows)]
+            columns = ("layer", "head", "entropy", "norm.", "self-attn", *(REPEAT_COLUMNS[n] for n in repeats), *titles,
+                       "peak key", "flags (share of batches)")
+            for column in columns:
                 grid.add_column(column, justify="right" if column != "flags (share of batches)" else "left")
             for r in rows:
                 flags = ", ".join(
@@ -125,6 +132,7 @@ def register(app: typer.Typer) -> None:
                     _num(r["entropy_mean"]),
                     _num(r["entropy_norm"]),
                     _num(r["self_attention"]),
+                    *(_num(r[name]) for name in repeats),
                     *(_num(r[name]) for name in token_columns),
                     f"{r['peak_key']} ({_pct(r['peak_key_share'])})",
                     flags,

@@ -9,7 +9,8 @@ so `import fastattn` stays light.
 - `record_module(model, inputs, out)`: any PyTorch module, through hooks on its
   `nn.MultiheadAttention` layers or on named submodules that output attention weights.
 - `load_model(folder)`, `load_texts(path)`, `batched(texts, size)`: the pieces the
-  `fastattn capture` command needs.
+  `fastattn capture` command needs; `repeated_batches(tokenizer, run, samples, size)`: the
+  classic induction-head input (a random run of token ids repeated twice) as model inputs.
 
 Each batch becomes one dump `attention_batch_NNNNN.npz` (uncompressed `np.savez`,
 written to a temporary name and renamed into place): `attention_weights`
@@ -157,6 +158,56 @@ def batched(items: Sequence, size: int) -> list[list]:
     if size < 1:
         raise CaptureError(f"batch size must be at least 1, not {size}")
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def repeated_ids(tokenizer, run: int, samples: int, *, seed: int = 0) -> np.ndarray:
+    """The classic input of induction-head studies (Olsson et al. 2022; TransformerLens's
+    `detect_head` examples): per sample a run of `run` random token ids, then the same run again.
+
+    int64 `(samples, length)`. Each run draws `run` distinct ids (so only the second run repeats
+    anything) uniformly from the tokenizer's vocabulary without its special tokens, with NumPy's
+    generator seeded by `seed`. The runs are framed the way the tokenizer frames a text
+    (`[CLS] … [SEP]` for BERT); a tokenizer that adds nothing gets its BOS token in front, as
+    TransformerLens prepends it. Every sample has the same length: no padding.
+    """
+    if run < 1 or samples < 1:
+        raise CaptureError(f"a repeated run needs run >= 1 and samples >= 1, not run={run}, samples={samples}")
+    special = {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or [])}
+    allowed = np.array([i for i in range(len(tokenizer)) if i not in special], dtype=np.int64)
+    if allowed.size < run:
+        raise CaptureError(f"the tokenizer has {allowed.size} ordinary tokens, fewer than a run of {run}")
+    prefix, suffix = _framing(tokenizer)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(samples):
+        half = rng.choice(allowed, size=run, replace=False)
+        rows.append(np.concatenate([prefix, half, half, suffix]))
+    return np.stack(rows).astype(np.int64)
+
+
+def _framing(tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """The ids the tokenizer puts before and after a text's own (BOS when it puts none)."""
+    try:
+        full = list(tokenizer("a")["input_ids"])
+        own = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    except Exception as exc:
+        raise CaptureError(f"the tokenizer cannot encode a word ({_one_line(exc)})") from None
+    start = next((i for i in range(len(full) - len(own) + 1) if full[i : i + len(own)] == own), None) if own else None
+    prefix, suffix = (full[:start], full[start + len(own):]) if start is not None else ([], [])
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if not prefix and not suffix and bos is not None:
+        prefix = [bos]
+    return np.array(prefix, dtype=np.int64), np.array(suffix, dtype=np.int64)
+
+
+def repeated_batches(tokenizer, run: int, samples: int, size: int, *, seed: int = 0) -> list[dict]:
+    """`repeated_ids` as batches of model inputs (`input_ids`, `attention_mask` all ones) of
+    `size` samples each, for `record`."""
+    if size < 1:
+        raise CaptureError(f"batch size must be at least 1, not {size}")
+    ids = repeated_ids(tokenizer, run, samples, seed=seed)
+    parts = [ids[i : i + size] for i in range(0, samples, size)]
+    return [{"input_ids": part, "attention_mask": np.ones_like(part)} for part in parts]
 
 
 def load_model(model_dir: str | os.PathLike, *, eager: bool = True):

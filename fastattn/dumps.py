@@ -103,6 +103,8 @@ class Dump:
     attention: np.ndarray
     lengths: np.ndarray
     tokens: np.ndarray | None = None
+    #: The dump's `input_ids` as int32 (batch, key), compacted like the tokens; None without them.
+    input_ids: np.ndarray | None = None
     release: Callable[[], None] = field(default=lambda: None, repr=False)  # hand a mapped file's pages back
     inferred: int = 0
 
@@ -371,6 +373,7 @@ def scan(path: str, layout: str | None = None, *, infer_padding: bool = True) ->
     )
     _check_per_token(header, MASK, integer_or_bool=True)
     _check_per_token(header, TOKENS, integer_or_bool=False)
+    _check_per_token(header, INPUT_IDS, integer_or_bool=True)
     mask = header.member(MASK)
     if mask is not None and header.query != header.key:
         raise DumpError(f"{MASK} given for cross-attention (query {header.query} != key {header.key})")
@@ -464,6 +467,7 @@ def read(header: DumpHeader) -> Dump:
             raw = _read_member(data, zf, ATTENTION, header.member(ATTENTION))
             mask = _read_member(data, zf, MASK, header.member(MASK)) if header.member(MASK) else None
             tokens = _read_member(data, zf, TOKENS, header.member(TOKENS)) if header.member(TOKENS) else None
+            ids = _read_member(data, zf, INPUT_IDS, header.member(INPUT_IDS)) if header.member(INPUT_IDS) else None
     except zipfile.BadZipFile as exc:
         raise DumpError(f"corrupt zip archive ({exc})") from None
     except (NotImplementedError, RuntimeError, zlib.error, lzma.LZMAError) as exc:
@@ -478,10 +482,14 @@ def read(header: DumpHeader) -> Dump:
         lengths = infer_lengths(attention, release)
     if tokens is not None:
         tokens = tokens.reshape(header.batch, header.key)
+    if ids is not None:
+        ids = ids.reshape(header.batch, header.key)
     if order is not None:
-        attention, tokens = _compact(attention, tokens, order, lengths)
+        attention, tokens, ids = _compact(attention, tokens, ids, order, lengths)
     _validate(attention, lengths, header.dtype, release)
-    dump = Dump(header=header, content_hash=digest, attention=attention, lengths=lengths, tokens=tokens,
+    if ids is not None:
+        ids = _token_ids(ids, lengths)
+    dump = Dump(header=header, content_hash=digest, attention=attention, lengths=lengths, tokens=tokens, input_ids=ids,
                 inferred=int(np.count_nonzero(lengths < header.key)) if mask is None else 0)
     if release is not None:
         dump.release = release
@@ -542,16 +550,35 @@ def infer_lengths(attention: np.ndarray, release: Callable[[], None] | None = No
     return lengths
 
 
-def _compact(attention, tokens, order, lengths):
-    """Move each sample's valid tokens to the front (left padding, holes), NaN after."""
+def _compact(attention, tokens, ids, order, lengths):
+    """Move each sample's valid tokens to the front (left padding, holes), NaN after; the token
+    strings and ids with them ("" and -1 after)."""
     out = np.full(attention.shape, np.nan, dtype=attention.dtype)
     tok = None if tokens is None else np.full(tokens.shape, "", dtype=tokens.dtype)
+    kept = None if ids is None else np.full(ids.shape, -1, dtype=ids.dtype)
     for b, idx in enumerate(order):
         n = lengths[b]
         out[b, :, :, :n, :n] = attention[b][:, :, idx[:, None], idx]
         if tok is not None:
             tok[b, :n] = tokens[b, idx]
-    return out, tok
+        if kept is not None:
+            kept[b, :n] = ids[b, idx]
+    return out, tok, kept
+
+
+#: Token ids a store keeps: int32, and never negative (the store's -1 means "no id here").
+MAX_TOKEN_ID = np.iinfo(np.int32).max
+
+
+def _token_ids(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """`input_ids` as int32, -1 past each sample's length; a valid position must hold an id in
+    [0, 2**31 - 1] (padding may hold anything: it is never stored)."""
+    valid = np.arange(ids.shape[1])[np.newaxis, :] < lengths[:, np.newaxis]
+    bad = valid & ((ids < 0) | (ids > MAX_TOKEN_ID))
+    if bad.any():
+        b, k = np.argwhere(bad)[0]
+        raise DumpError(f"{INPUT_IDS} holds {ids[b, k]} (sample {b}, token {k}); expected token ids in [0, {MAX_TOKEN_ID}]")
+    return np.where(valid, ids, -1).astype(np.int32)
 
 
 def row_sum_tolerance(dtype=None, stored_as=None) -> float:
@@ -628,5 +655,5 @@ def describe(path: str, layout: str | None = None) -> dict:
         "query": header.query,
         "key": header.key,
         "arrays": [{"name": m.name, "shape": list(m.shape), "dtype": str(m.dtype)} for m in header.members],
-        "used": [m.name for m in header.members if m.name in (ATTENTION, MASK, TOKENS)],
+        "used": [m.name for m in header.members if m.name in (ATTENTION, MASK, TOKENS, INPUT_IDS)],
     }

@@ -293,7 +293,7 @@ def _prepare(location, manifest, plan: _Plan, dtype: str):
         manifest.files, manifest.ingests = files, ingests
     group = store.open_group(location)
     planned = manifest.committed + sum(h.batch for _, h in plan.appends)
-    grown = {spec.name: group[spec.name].shape for spec in store.ARRAYS if spec.batched and {"query", "key"} & set(spec.dims)}
+    grown = {spec.name: group[spec.name].shape for spec in store.present(group) if spec.batched and {"query", "key"} & set(spec.dims)}
     store.resize(group, batch=planned, query=query, key=key)
     for name, old_shape in grown.items():  # committed batches' chunks beyond their old query/key edge
         store.WholeChunks(location, group[name]).fill_new_chunks(old_shape, manifest.committed)
@@ -327,8 +327,9 @@ class _ChunkWriter:
     def __init__(self, location: store.Location, group):
         self.attention = group["attention"]
         self.attention_chunks = store.WholeChunks(location, self.attention)
-        self.per_batch = {name: group[name] for name in store.BATCHED if name != "attention"}
-        self.per_batch_chunks = {name: store.WholeChunks(location, array) for name, array in self.per_batch.items()}
+        # the store's per-sample arrays (a store created before an optional one lacks it, and keeps no values for it)
+        self.per_batch = {spec.name: (spec, group[spec.name]) for spec in store.present(group) if spec.batched and spec is not store.schema.ATTENTION}
+        self.per_batch_chunks = {name: store.WholeChunks(location, array) for name, (_, array) in self.per_batch.items()}
         self._buffers = threading.local()
 
     def _buffer(self) -> np.ndarray:
@@ -374,23 +375,29 @@ class _ChunkWriter:
             if done % self.RELEASE_EVERY == 0:
                 for sample in samples.values():
                     sample.dump.release()  # a large dump's pages: read again only where needed
-        length = np.zeros(count, dtype=np.int32)
-        source = np.full(count, "", dtype=object)
-        source_index = np.full(count, -1, dtype=np.int32)
-        token = np.full((count, self.attention.shape[3]), "", dtype=object)
+        rows = {name: spec.empty((count, *array.shape[1:]), self.attention.dtype) for name, (spec, array) in self.per_batch.items()}
         if old:
-            for name, values in (("length", length), ("source", source), ("source_index", source_index), ("token", token)):
-                values[:old] = self.per_batch[name][start : start + old]
+            for name, values in rows.items():
+                values[:old] = self.per_batch[name][1][start : start + old]
         for batch, sample in samples.items():
-            i = batch - start
-            length[i], source[i], source_index[i] = int(sample.dump.lengths[sample.index]), sample.source, sample.index
-            if sample.dump.tokens is not None:
-                n = min(length[i], sample.dump.attention.shape[-2])
-                token[i, :n] = sample.dump.tokens[sample.index, :n]
-        for name, values in (("length", length), ("source", source), ("source_index", source_index), ("token", token)):
+            _sample_rows(rows, batch - start, sample)
+        for name, values in rows.items():
             self.per_batch_chunks[name].write_rows(start, values)
         for sample in samples.values():
             sample.dump.release()
+
+
+def _sample_rows(rows: dict[str, np.ndarray], i: int, sample: _Sample) -> None:
+    """Row `i` of every per-sample array of the store (`rows`, by name) from one sample; an array
+    the dump has nothing for keeps the fill value there ("" tokens, -1 token ids)."""
+    dump = sample.dump
+    n = int(dump.lengths[sample.index])
+    for name, value in (("length", n), ("source", sample.source), ("source_index", sample.index)):
+        rows[name][i] = value
+    width = min(n, dump.attention.shape[-2])
+    for name, per_token in (("token", dump.tokens), ("input_id", dump.input_ids)):
+        if per_token is not None and name in rows:
+            rows[name][i, :width] = per_token[sample.index, :width]
 
 
 def _fill(out: np.ndarray, sample: _Sample, layer: int, heads: slice, queries: slice, keys: slice) -> None:

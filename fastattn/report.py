@@ -119,6 +119,18 @@ def _summary_html(info: dict, batch: int, length: int, source: str, median: bool
     )
 
 
+#: The table's heading of each score of `summary.SCORE_FINDINGS`.
+SCORE_HEADINGS = {
+    "prev_token": "previous token", "next_token": "next token", "first_token": "first token",
+    "last_token": "last token", "duplicate_token": "duplicate token", "induction": "induction",
+}
+
+
+def _score(value: float) -> str:
+    """A mean score in the table; "–" when no batch has one (no repeated token ids, say)."""
+    return "–" if np.isnan(value) else f"{value:.3f}"
+
+
 def _table_html(table: dict) -> str:
     batches = table["batches"]
     flags = list(table["flag_counts"])
@@ -134,7 +146,7 @@ def _table_html(table: dict) -> str:
                 f"<td>{table['entropy_mean'][layer, head]:.3f}</td>",
                 f"<td>{table['entropy_norm'][layer, head]:.3f}</td>",
                 f"<td>{table['self_attention'][layer, head]:.3f}</td>",
-                *(f"<td>{table[name][layer, head]:.3f}</td>" for name in summary.SCORE_FINDINGS),
+                *(f"<td>{_score(table[name][layer, head])}</td>" for name in summary.SCORE_FINDINGS),
                 f"<td>{table['peak_key'][layer, head]} ({table['peak_share'][layer, head]:.0%})</td>",
             ]
             for f in flags:
@@ -145,7 +157,7 @@ def _table_html(table: dict) -> str:
             rows.append(f"<tr{start}>{''.join(cells)}</tr>")
     return (
         "<table><tr><th>layer</th><th>head</th><th>entropy (nats)</th><th>normalised entropy</th>"
-        "<th>self-attention</th><th>previous token</th><th>next token</th><th>first token</th><th>last token</th>"
+        "<th>self-attention</th>" + "".join(f"<th>{html.escape(SCORE_HEADINGS[name])}</th>" for name in summary.SCORE_FINDINGS) +
         f"<th>most common peak key</th>{head_cells}</tr>{''.join(rows)}</table>"
     )
 

@@ -68,21 +68,23 @@ def variables(lead: tuple[str, ...], k: int) -> dict[str, tuple[tuple[str, ...],
     return out
 
 
-def _block_arrays(pieces, lengths, shape: tuple[int, ...], k: int, parallel: bool) -> dict[str, np.ndarray]:
+def _block_arrays(pieces, lengths, shape: tuple[int, ...], k: int, parallel: bool, ids=None) -> dict[str, np.ndarray]:
     """The fused kernel over one block of planes, `shape` of them (the leading dims).
 
     `pieces` are `(array (*piece, Q, K), offset)` pairs tiling the block (e.g. its store chunks);
     each is written straight into the block's outputs, so they are never concatenated.
-    `lengths` holds one length per plane of the block (None: every plane whole)."""
+    `lengths` holds one length per plane of the block (None: every plane whole); `ids` the token
+    ids (..., Q), leading dims broadcasting to `shape` (None: no ids, whose scores are NaN)."""
     from .kernels import stats as kernel
 
     Q, K = (pieces.shape if isinstance(pieces, _Planes) else pieces[0][0].shape)[-2:]
     out = kernel.empty_buffers(math.prod(shape), Q, K, k, np.float32)
     planes = np.arange(math.prod(shape)).reshape(shape)  # a block plane's index in the outputs
+    repeats = None if ids is None else kernel.repeats(ids, shape)  # once per block: every piece's planes are in it
     for array, offset in pieces:
         where = tuple(slice(o, o + n) for o, n in zip(offset, array.shape[:-2]))
         lens = None if lengths is None else lengths[where]
-        kernel.fill(out, array, lens, planes[where].ravel(), parallel=parallel)
+        kernel.fill(out, array, lens, planes[where].ravel(), parallel=parallel, repeats=repeats)
     return kernel.named(out, shape)
 
 
@@ -106,6 +108,27 @@ def _plane_lengths(length: xr.DataArray | None, lead: tuple[str, ...], shape: tu
         raise ValueError(f"length must hold integers, not {values.dtype}")
     expanded = values.reshape([length.sizes.get(d, 1) for d in lead]).astype(np.int64)
     return np.broadcast_to(expanded, shape)
+
+
+def _plane_ids(ids: xr.DataArray | None, lead: tuple[str, ...], query: int) -> np.ndarray | None:
+    """Token ids shaped `lead` + (query,), size 1 along the leading dims `ids` lacks,
+    from an `input_id` over some of the leading dims and `query`."""
+    if ids is None:
+        return None
+    extra = set(ids.dims) - set(lead) - {"query"}
+    if extra or "query" not in ids.dims or ids.sizes["query"] != query:
+        raise ValueError(f"input_id has dims {dict(ids.sizes)}; it needs the attention's query dim and only its leading dims")
+    values = np.asarray(ids.transpose(*[d for d in lead if d in ids.dims], "query").values)
+    if values.dtype.kind not in "iu":
+        raise ValueError(f"input_id must hold integers, not {values.dtype}")
+    return values.reshape([ids.sizes.get(d, 1) for d in lead] + [query])
+
+
+def _block_ids(ids: np.ndarray | None, where: tuple[slice, ...]) -> np.ndarray | None:
+    """The ids of a block (`where`: its slices of the leading dims); a size-1 dim is kept whole."""
+    if ids is None:
+        return None
+    return np.ascontiguousarray(ids[tuple(w if n > 1 else slice(None) for w, n in zip(where, ids.shape))])
 
 
 def _runs(chunks: tuple[tuple[int, ...], ...], plane_bytes: int) -> list[list[tuple[int, int]]]:
@@ -135,7 +158,7 @@ def _runs(chunks: tuple[tuple[int, ...], ...], plane_bytes: int) -> list[list[tu
     return runs[::-1]
 
 
-def _lazy_arrays(data, lengths: np.ndarray | None, k: int, parallel: bool) -> dict:
+def _lazy_arrays(data, lengths: np.ndarray | None, k: int, parallel: bool, ids: np.ndarray | None = None) -> dict:
     """Dask arrays of every output: one task per block of whole chunks (see `_runs`), which is
     handed its chunks as they are, and one `getitem` per variable and block. The graph is
     written out directly: through `dask.delayed` its ~300 small pieces took ~0.5 s to build."""
@@ -150,7 +173,7 @@ def _lazy_arrays(data, lengths: np.ndarray | None, k: int, parallel: bool) -> di
     lead_chunks = data.chunks[:-2]
     starts = [np.cumsum((0,) + c) for c in lead_chunks]
     runs = _runs(lead_chunks, data.shape[-2] * data.shape[-1] * data.dtype.itemsize)
-    token = tokenize(data.name, lengths, k, parallel)
+    token = tokenize(data.name, lengths, k, parallel, ids)
     blocks, tasks = f"fastattn-stats-{token}", {}
     for at in itertools.product(*[range(len(r)) for r in runs]):
         spans = [r[i] for r, i in zip(runs, at)]
@@ -161,7 +184,7 @@ def _lazy_arrays(data, lengths: np.ndarray | None, k: int, parallel: bool) -> di
         where = tuple(slice(o, o + n) for o, n in zip(origin, shape))
         lens = None if lengths is None else np.ascontiguousarray(lengths[where])
         keys = [(data.name, *index, 0, 0) for index in chunks]
-        tasks[(blocks, *at)] = (_block_of_chunks, keys, offsets, lens, shape, k, parallel)
+        tasks[(blocks, *at)] = (_block_of_chunks, keys, offsets, lens, shape, k, parallel, _block_ids(ids, where))
     graph = HighLevelGraph.from_collections(blocks, tasks, dependencies=[data])
     sizes = [tuple(int(starts[d][b] - starts[d][a]) for a, b in runs[d]) for d in range(len(runs))]
     trailing = {"query": data.shape[-2], "key": data.shape[-1], "rank": k}
@@ -177,9 +200,9 @@ def _lazy_arrays(data, lengths: np.ndarray | None, k: int, parallel: bool) -> di
     return out
 
 
-def _block_of_chunks(arrays, offsets, lengths, shape, k, parallel) -> dict[str, np.ndarray]:
+def _block_of_chunks(arrays, offsets, lengths, shape, k, parallel, ids=None) -> dict[str, np.ndarray]:
     """`_block_arrays` as a dask task: the block's chunks and their offsets in it."""
-    return _block_arrays(list(zip(arrays, offsets)), lengths, shape, k, parallel)
+    return _block_arrays(list(zip(arrays, offsets)), lengths, shape, k, parallel, ids)
 
 
 def compute_stats(ds: xr.Dataset | xr.DataArray, k: int = 5, *, parallel: bool | None = None) -> xr.Dataset:
@@ -192,8 +215,10 @@ def compute_stats(ds: xr.Dataset | xr.DataArray, k: int = 5, *, parallel: bool |
     max_weight, distance, diag, sq_sum`; per key `col_sum`; `topk_index, topk_weight` (…,
     query, rank); per plane `entropy_mean, entropy_norm, self_attention, diag_share, peak_key,
     peak_incoming, confidence, distance_mean, row_sum_error, prev_token, next_token,
-    first_token, last_token` and the boolean flags `uniform, diagonal_only, dominant_key,
-    weak, critical_key, strong_self` (formulas: `fastattn.kernels.stats`).
+    first_token, last_token, duplicate_token, induction` and the boolean flags `uniform,
+    diagonal_only, dominant_key, weak, critical_key, strong_self` (formulas:
+    `fastattn.kernels.stats`). `duplicate_token` and `induction` need the Dataset's `input_id`
+    (dims: some of the leading ones and `query`; -1 for no id): NaN without it.
     `parallel`: the kernel's own threads; by default on for in-memory arrays, off inside dask
     (whose threads already use the cores).
     """
@@ -203,17 +228,19 @@ def compute_stats(ds: xr.Dataset | xr.DataArray, k: int = 5, *, parallel: bool |
         raise ValueError(f"k must be between 1 and 64, not {k}")
     attention = ds if isinstance(ds, xr.DataArray) else ds["attention"]
     length = ds["length"] if isinstance(ds, xr.Dataset) and "length" in ds else None
+    input_id = ds["input_id"] if isinstance(ds, xr.Dataset) and "input_id" in ds else None
     if "query" not in attention.dims or "key" not in attention.dims:
         raise ValueError(f"attention needs 'query' and 'key' dims, this has {attention.dims}")
     lead = tuple(d for d in attention.dims if d not in ("query", "key"))
     attention = attention.transpose(*lead, "query", "key")
     shape = attention.shape[:-2]
     lengths = _plane_lengths(length, lead, shape)
+    ids = _plane_ids(input_id, lead, attention.sizes["query"])
     if attention.chunks is None:
         values = attention.values
-        arrays = _block_arrays([(values, (0,) * len(lead))], lengths, shape, k, True if parallel is None else parallel)
+        arrays = _block_arrays([(values, (0,) * len(lead))], lengths, shape, k, True if parallel is None else parallel, ids)
     else:
-        arrays = _lazy_arrays(attention.data, lengths, k, False if parallel is None else parallel)
+        arrays = _lazy_arrays(attention.data, lengths, k, False if parallel is None else parallel, ids)
     st = _dataset(arrays, lead, k, attention.coords)
     if length is not None:
         st["length"] = length
@@ -261,20 +288,22 @@ class _Planes:
 
 def _read_block(group, b0: int, b1: int) -> tuple:
     """Batches [b0, b1) of the store: in memory (zarr reads and decodes the chunks concurrently),
-    or as `_Planes` read during the kernel when they are larger than BLOCK_BYTES."""
+    or as `_Planes` read during the kernel when they are larger than BLOCK_BYTES; their lengths,
+    and their token ids (None in a store created before it kept them)."""
     attention = group["attention"]
+    ids = group["input_id"][b0:b1] if "input_id" in group else None
     if (b1 - b0) * math.prod(attention.shape[1:]) * attention.dtype.itemsize > BLOCK_BYTES:
-        return _Planes(attention, b0, b1), group["length"][b0:b1]
-    return attention[b0:b1], group["length"][b0:b1]
+        return _Planes(attention, b0, b1), group["length"][b0:b1], ids
+    return attention[b0:b1], group["length"][b0:b1], ids
 
 
 def _block_stats(block: tuple, k: int, parallel: bool) -> dict[str, np.ndarray]:
     """Every statistic of a block (batch, layer, head, query, key), and its lengths."""
-    attention, length = block
+    attention, length, ids = block
     shape = attention.shape[:-2]
     lengths = np.broadcast_to(length.astype(np.int64).reshape(-1, 1, 1), shape)
     pieces = attention if isinstance(attention, _Planes) else [(attention, (0, 0, 0))]
-    arrays = _block_arrays(pieces, lengths, shape, k, parallel)
+    arrays = _block_arrays(pieces, lengths, shape, k, parallel, ids)
     arrays["length"] = length
     return arrays
 
@@ -501,13 +530,16 @@ def read_planes(
     root = store.open_group(loc, "r")
     group = root[GROUP] if GROUP in root else None
     store.require_variables(loc, STATS, record, set(group.array_keys()) if group is not None else ())
-    arrays = [group[name] for name in names]
+    held = [name for name in names if name in group]  # the rest: added later, NaN in an older group
+    arrays = [group[name] for name in held]
     picks = {}
     for dim, values, size in (("layer", layer, arrays[0].shape[1]), ("head", head, arrays[0].shape[2])):
         positions = np.arange(size)
         picks[dim] = positions if not values else positions[[check_index(dim, v, size) for v in values]]
     selection = (slice(0, n), picks["layer"], picks["head"])
-    return {**dict(zip(names, store.read_all((array, selection) for array in arrays))), **picks}
+    out = dict(zip(held, store.read_all((array, selection) for array in arrays)))
+    shape = (n, picks["layer"].size, picks["head"].size)
+    return {**{name: out[name] if name in out else np.full(shape, np.nan) for name in names}, **picks}
 
 
 @contextlib.contextmanager

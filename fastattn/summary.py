@@ -107,22 +107,33 @@ FLAG_SHARE = 0.5
 #: live here so that `fastattn stats` states its findings without importing xarray.
 POSITION_MASS = 0.5
 SINK_SHARE = 0.25
-#: Per-plane statistics whose mean over the batches the table holds.
+#: Share of all attention on the repeat pattern (TransformerLens's duplicate-token and induction
+#: scores) that makes a duplicate-token / induction head: half of what a perfect head reaches on
+#: the classic test input, a random run repeated twice (`fastattn capture --repeat`), where only
+#: the second run's queries (half of them) have an earlier occurrence: 0.5.
+REPEAT_MASS = 0.25
+#: Per-plane statistics whose mean over the batches the table holds. `duplicate_token` and
+#: `induction` are NaN in a batch whose tokens repeat no id (or that has no ids): their mean is
+#: over the batches with repeats, NaN when there are none.
 MEANS = (
     "entropy_mean", "entropy_norm", "self_attention", "confidence", "distance_mean",
-    "prev_token", "next_token", "first_token", "last_token",
+    "prev_token", "next_token", "first_token", "last_token", "duplicate_token", "induction",
 )
 #: Per-plane statistics the table needs (small: batch x layer x head).
 TABLE_VARS = (*MEANS, "peak_key")
 #: The score findings: a head is listed when the mean of its score over the batches reaches
 #: the threshold. The scores are shares of all attention (`fastattn.kernels.stats`):
 #: `prev_token`/`next_token` the mass on q − 1 / q + 1 (Clark et al. 2019's left/right,
-#: TransformerLens's previous-token score), `first_token`/`last_token` on key 0 / n − 1.
+#: TransformerLens's previous-token score), `first_token`/`last_token` on key 0 / n − 1,
+#: `duplicate_token`/`induction` on the earlier occurrences of the query's token / the tokens
+#: right after them (TransformerLens's duplicate-token and induction scores; batches with repeats).
 SCORE_FINDINGS = {
     "prev_token": (POSITION_MASS, "previous-token heads (≥ {t:g} of attention on q−1)"),
     "next_token": (POSITION_MASS, "next-token heads (≥ {t:g} of attention on q+1)"),
     "first_token": (SINK_SHARE, "first-token heads (≥ {t:g} of attention on key 0)"),
     "last_token": (SINK_SHARE, "last-token heads (≥ {t:g} of attention on the last valid key)"),
+    "duplicate_token": (REPEAT_MASS, "duplicate-token heads (≥ {t:g} of attention on earlier copies of the query's token)"),
+    "induction": (REPEAT_MASS, "induction heads (≥ {t:g} of attention on the token after an earlier copy of the query's token)"),
 }
 #: The flag findings, in the order they are stated: `{key}` is the key the flagged batches
 #: single out (dominant and critical keys are grouped by it), `{share}` the `FLAG_SHARE`.

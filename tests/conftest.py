@@ -100,6 +100,7 @@ def store_snapshot(path) -> dict:
         "source": ds.source.values.tolist(),
         "source_index": ds.source_index.values,
         "token": ds.token.values.tolist(),
+        "input_id": ds.input_id.values if "input_id" in ds else None,  # a store from before input_id has none
         "committed": manifest["committed"],
         "files": files,
     }
@@ -110,7 +111,7 @@ def assert_same_store(a, b) -> None:
     assert sa["committed"] == sb["committed"]
     assert sa["files"] == sb["files"]
     assert sa["source"] == sb["source"] and sa["token"] == sb["token"]
-    for name in ("length", "source_index"):
+    for name in ("length", "source_index", "input_id"):
         np.testing.assert_array_equal(sa[name], sb[name], err_msg=name)
     np.testing.assert_array_equal(sa["attention"], sb["attention"])  # NaNs compare equal here
 

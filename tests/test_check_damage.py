@@ -447,7 +447,7 @@ def test_any_broken_metadata_is_lines_and_repair_recovers(built, cli):
     pristine = path.parent / "pristine.zarr"
     shutil.copytree(path, pristine)
     files = _metadata_files(pristine)
-    assert len(files) == 21
+    assert len(files) == 22
     for i, rel in enumerate(files):
         damage = DAMAGE[i % len(DAMAGE)]
         shutil.rmtree(path)

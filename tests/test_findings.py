@@ -122,12 +122,11 @@ def test_minilm_findings_match_numpy(tmp_path, cli):
     groups = as_groups(body["findings"])
     assert "L0H2" in groups[("prev_token", None)]  # the known previous-token head (0.97 on q−1)
     assert "L1H8" in groups[("next_token", None)]  # and next-token head (0.64 on q+1)
-    # the rows carry the mean scores too (json and csv)
+    # the rows carry the mean scores too (json and csv; null where NaN: these dumps carry no input_ids)
     rows = {(r["layer"], r["head"]): r for r in body["heads"]}
     for name in summary.SCORE_FINDINGS:
-        np.testing.assert_allclose(
-            [[rows[(l, h)][name] for h in range(12)] for l in range(6)], planes[name].mean(axis=0), rtol=1e-9, err_msg=name
-        )
+        got = [[np.nan if rows[(l, h)][name] is None else rows[(l, h)][name] for h in range(12)] for l in range(6)]
+        np.testing.assert_allclose(got, planes[name].mean(axis=0), rtol=1e-9, err_msg=name)
     csv = cli("stats", path, "--format", "csv")
     assert set(summary.SCORE_FINDINGS) <= set(csv.stdout.splitlines()[0].split(","))
     # the table: one line per finding, under the layer x head table

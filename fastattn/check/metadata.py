@@ -114,6 +114,8 @@ def check_schema(c: Checker) -> None:
             array = c.group[name]
         except Exception as exc:
             unreadable = not isinstance(exc, KeyError) or c.loc.exists(f"{name}/zarr.json")
+            if spec.optional and not unreadable and _consolidated(c).get(name) is None:
+                continue  # a store created before this array existed: it never had one
             where, what = (f"{name}/zarr.json", f"unreadable array metadata ({reason(exc)})") if unreadable else (name, "missing array")
             if coordinate:
                 c.add(where, what, fix=COORD)
@@ -153,7 +155,7 @@ def _restore_all(c: Checker, spec: schema.Array, where: str, what: str) -> None:
     """An array whose metadata is missing or unreadable: restorable from the consolidated copy in
     the root zarr.json (chunking and codecs never change; the shape comes from the manifest)."""
     m, name = c.manifest, spec.name
-    meta = ((c.root.get("consolidated_metadata") or {}).get("metadata") or {}).get(name)
+    meta = _consolidated(c).get(name)
     try:
         template = _memory_array(meta)
     except Exception:
@@ -169,6 +171,13 @@ def _restore_all(c: Checker, spec: schema.Array, where: str, what: str) -> None:
     sizes = {"batch": m.committed, "layer": m.layers, "head": m.heads, **tokens}
     c.add(where, f"{what}; the consolidated metadata has a copy", fix=META, subject=name)
     c.restore[name] = ({**meta, "shape": list(spec.shape(sizes))}, "restored from the consolidated metadata, shape from the manifest")
+
+
+def _consolidated(c: Checker) -> dict:
+    """The root's consolidated copy of every array's metadata, by name ({} when there is none)."""
+    copy = c.root.get("consolidated_metadata")
+    metadata = copy.get("metadata") if isinstance(copy, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def _memory_array(meta) -> zarr.Array | None:

@@ -71,8 +71,9 @@ def _repair_store(location: store.Location, found: Checker, manifest: store.Mani
             for p in by_fix[COORD]:
                 p.repaired = "rebuilt"
         keep = max(manifest.committed, manifest.claimed())  # a batch a file entry claims stays
-        if found.trusted and all(spec.name in group for spec in schema.ARRAYS):
-            batched = [group[name] for name in (*store.BATCHED, "batch")]
+        present = schema.present(group)
+        if found.trusted and all(spec.name in group for spec in present):
+            batched = [group[spec.name] for spec in present if spec.batched or spec.name == "batch"]
             if all(a.shape[0] >= keep for a in batched) and (any(a.shape[0] != keep for a in batched) or by_fix[PAST]):
                 store.resize(group, batch=keep)
                 for p in by_fix[PAST]:

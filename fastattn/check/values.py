@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..store import schema
 from .problems import DROP
 
 if TYPE_CHECKING:
@@ -74,6 +75,22 @@ def _check_values(c: Checker, block, valid, lengths, start, layer, tolerance) ->
 
 
 def check_decodes(c: Checker, name: str) -> None:
-    """Every chunk of a batched array's committed batches decodes (its values are the writer's)."""
-    for _ in c.reader.values(c.arrays[name], c.held(name), fix=DROP):
-        pass
+    """Every chunk of a batched array's committed batches decodes (its values are the writer's);
+    a per-token one (`token`, `input_id`: dims batch, query) holds its fill value past each
+    sample's length, where ingest writes nothing else."""
+    spec = schema.BY_NAME[name]
+    fill = spec.empty((1,), c.manifest.dtype)[0] if spec.dims == ("batch", "query") else None
+    fill = fill.item() if isinstance(fill, np.generic) else fill
+    for region, values in c.reader.values(c.arrays[name], c.held(name), fix=DROP):
+        if values is None or fill is None:
+            continue
+        rows, cols = region[0], region[1]
+        n = c.lengths[rows]
+        past = (np.arange(cols.start, cols.stop)[None, :] >= n[:, None]) & (n >= 0)[:, None]  # -1: length unknown
+        bad = past & (np.asarray(values) != fill)
+        for i in np.flatnonzero(bad.any(axis=1)):
+            k = int(np.flatnonzero(bad[i])[0])
+            b = rows.start + int(i)
+            value = values[i, k].item() if isinstance(values[i, k], np.generic) else values[i, k]
+            c.add(f"{name} batch {b}", f"{value!r} at position {cols.start + k}, past the sample's length {n[i]},"
+                  f" where {fill!r} belongs", fix=DROP, batch=b, kind="values")

@@ -42,6 +42,17 @@ self-attention nq = nk = n; NaN where undefined, e.g. for an empty plane):
     next_token     = Σ_{q=0}^{n−2} A[q,q+1] / n           (NaN for Q ≠ K)
     first_token    = col_sum[0] / nq
     last_token     = col_sum[nk−1] / nq
+    duplicate_token = Σ_q Σ_{k<q, id[k]=id[q]} A[q,k] / Σ_qk A[q,k]
+    induction      = Σ_q Σ_{k<q, id[k]=id[q]} A[q,k+1] / Σ_qk A[q,k]
+
+The last two need the plane's token ids (``repeats``; NaN without them, for Q ≠ K,
+and for a plane whose valid tokens repeat no id).  They are TransformerLens's
+``head_detector`` scores with its defaults (``error_measure="mul"``, nothing
+excluded): its duplicate-token pattern marks the earlier positions holding the
+query's id, its induction pattern the position right after each of them
+(k + 1 ≤ q, so the pattern stays lower triangular), and the score is
+Σ A·pattern / Σ A.  The pairs (q, k) are found once per sequence in NumPy
+(``repeats``), not per plane: each row adds only its own few pairs.
 
 Pattern flags.  The seed rules were written for 8 tokens, where a uniform row
 gives every key u = 1/8 and every key receives 1 in total.  Each rule is
@@ -78,7 +89,9 @@ _inline = numba.njit(inline="always", fastmath=FASTMATH, error_model="numpy")
 
 __all__ = [
     "PlaneStats",
+    "Repeats",
     "StatsBuffers",
+    "repeats",
     "plane_stats",
     "topk",
     "attention_stats",
@@ -99,6 +112,7 @@ ROW_STATS = ("row_sum", "entropy", "max_weight", "distance", "diag", "sq_sum")
 PLANE_STATS = (
     "entropy_mean", "entropy_norm", "self_attention", "diag_share", "peak_incoming", "confidence",
     "distance_mean", "row_sum_error", "prev_token", "next_token", "first_token", "last_token",
+    "duplicate_token", "induction",
 )
 #: Pattern flags: the rows of ``StatsBuffers.flags``, in this order.
 FLAGS = ("uniform", "diagonal_only", "dominant_key", "weak", "critical_key", "strong_self")
@@ -115,7 +129,7 @@ STRONG_SELF = 0.15
 # Row indices into the kernel's outputs (numba freezes module globals as constants).
 _ROW_SUM, _ENTROPY, _MAX_WEIGHT, _DISTANCE, _DIAG, _SQ_SUM = range(len(ROW_STATS))
 (_ENTROPY_MEAN, _ENTROPY_NORM, _SELF_ATTENTION, _DIAG_SHARE, _PEAK_INCOMING, _CONFIDENCE, _DISTANCE_MEAN,
- _ROW_SUM_ERROR, _PREV_TOKEN, _NEXT_TOKEN, _FIRST_TOKEN, _LAST_TOKEN) = range(len(PLANE_STATS))
+ _ROW_SUM_ERROR, _PREV_TOKEN, _NEXT_TOKEN, _FIRST_TOKEN, _LAST_TOKEN, _DUPLICATE_TOKEN, _INDUCTION) = range(len(PLANE_STATS))
 _UNIFORM, _DIAGONAL_ONLY, _DOMINANT_KEY, _WEAK, _CRITICAL_KEY, _STRONG_SELF = range(len(FLAGS))
 
 
@@ -506,7 +520,7 @@ def _valid(n, Q, K):
 
 
 @ngjit
-def _stats_planes(lo, hi, a, lens, dest, absd, rows, col_sum, index, weight, plane, peak_key, flags):
+def _stats_planes(lo, hi, a, lens, dest, seq, ptr, pair_key, absd, rows, col_sum, index, weight, plane, peak_key, flags):
     """Every statistic of input planes ``lo … hi − 1`` (a piece of a ``parallel_for``), plane ``p``
     into output plane ``dest[p]``, reading each valid row once.
 
@@ -520,8 +534,9 @@ def _stats_planes(lo, hi, a, lens, dest, absd, rows, col_sum, index, weight, pla
        table, no abs/convert), x², and the column sum (load-add-store into
        the float64 scratch ``col``, copied to ``col_sum[d]`` at the end);
     3. the top-k (``_row_topk``: the row's keys, from L1; the ranks of two rows at a time);
-    4. scalars: the diagonal and its neighbours, and the running sums of the
-       plane summaries.
+    4. scalars: the diagonal and its neighbours, the row's repeated-id pairs
+       (``pair_key[ptr[s, q] : ptr[s, q + 1]]`` for the plane's sequence
+       ``s = seq[d]``, -1 for none), and the running sums of the plane summaries.
     """
     Q = a.shape[1]
     K = a.shape[2]
@@ -544,6 +559,10 @@ def _stats_planes(lo, hi, a, lens, dest, absd, rows, col_sum, index, weight, pla
         sq_total = 0.0
         prev = 0.0
         nxt = 0.0
+        duplicate = 0.0
+        induction = 0.0
+        pairs = 0
+        s = seq[d]
         largest = -np.inf
         error = 0.0
         for q in range(nq):
@@ -581,6 +600,12 @@ def _stats_planes(lo, hi, a, lens, dest, absd, rows, col_sum, index, weight, pla
                     prev += np.float64(a[p, q, q - 1])
                 if q + 1 < nk:
                     nxt += np.float64(a[p, q, q + 1])
+                if s >= 0:  # every pair has j < q, so j + 1 ≤ q is valid too
+                    for i in range(ptr[s, q], ptr[s, q + 1]):
+                        j = pair_key[i]
+                        duplicate += np.float64(a[p, q, j])
+                        induction += np.float64(a[p, q, j + 1])
+                    pairs += ptr[s, q + 1] - ptr[s, q]
             else:
                 rows[_DIAG, d, q] = np.nan
             entropy_sum -= ent
@@ -629,6 +654,9 @@ def _stats_planes(lo, hi, a, lens, dest, absd, rows, col_sum, index, weight, pla
         if square:
             plane[_PREV_TOKEN, d] = prev / fq
             plane[_NEXT_TOKEN, d] = nxt / fq
+            if pairs > 0:
+                plane[_DUPLICATE_TOKEN, d] = duplicate / total
+                plane[_INDUCTION, d] = induction / total
         plane[_FIRST_TOKEN, d] = col[0] / fq
         plane[_LAST_TOKEN, d] = col[nk - 1] / fq
 
@@ -683,6 +711,63 @@ class PlaneStats(NamedTuple):
     diag: np.ndarray
     distance: np.ndarray
     sq_sum: np.ndarray
+
+
+class Repeats(NamedTuple):
+    """Where token ids repeat, for the duplicate-token and induction scores (``repeats``).
+
+    seq   (P,)        int64  each output plane's sequence: a row of ``ptr`` (-1: no ids)
+    ptr   (S, Q + 1)  int64  sequence s, query q: its pairs are ``key[ptr[s, q] : ptr[s, q + 1]]``
+    key   (M,)        int32  the earlier positions k < q holding the query's id, ascending
+    """
+
+    seq: np.ndarray
+    ptr: np.ndarray
+    key: np.ndarray
+
+
+def repeats(ids, lead: tuple[int, ...]) -> Repeats:
+    """The repeated-id pairs of token ids ``ids`` (..., Q) for planes laid out as ``lead``.
+
+    ``ids``' leading dims broadcast to ``lead`` (e.g. ``(B, 1, 1, Q)`` or ``(B, Q)`` for planes
+    ``(B, layer, head)``: one sequence serves all the layers and heads of a sample).  Negative
+    ids are "no id" and repeat nothing.  The pairs of a sequence are found once, here, with
+    NumPy: a (Q, Q) comparison per sequence, against layers × heads planes of Q × Q weights.
+    """
+    ids = np.asarray(ids)
+    lead = tuple(int(n) for n in lead)
+    if ids.ndim < 1 or ids.dtype.kind not in "iu":
+        raise ValueError(f"token ids must be an integer array (..., Q), not {ids.dtype} of shape {ids.shape}")
+    prefix = ids.shape[:-1]
+    if len(prefix) < len(lead):
+        prefix = prefix + (1,) * (len(lead) - len(prefix))
+    if len(prefix) != len(lead) or any(m not in (1, n) for m, n in zip(prefix, lead)):
+        raise ValueError(f"token ids of shape {ids.shape} do not fit planes {lead}")
+    Q = ids.shape[-1]
+    table = ids.reshape(-1, Q).astype(np.int64)
+    S = table.shape[0]
+    earlier = np.tri(Q, Q, -1, dtype=bool)  # k < q
+    ptr = np.zeros((max(S, 1), Q + 1), dtype=np.int64)
+    keys, total = [], 0
+    for s in range(S):
+        row = table[s]
+        ptr[s, 0] = total
+        if row.max(initial=-1) < 0 or np.unique(row[row >= 0]).size == np.count_nonzero(row >= 0):
+            ptr[s, 1:] = total  # no id repeats: no pair (the usual case of a sequence without ids)
+            continue
+        same = (row[:, None] == row[None, :]) & earlier & (row >= 0)[:, None]
+        qs, ks = np.nonzero(same)  # row-major: by query, then key
+        ptr[s, 1:] = total + np.cumsum(np.bincount(qs, minlength=Q))
+        keys.append(ks.astype(np.int32))
+        total += ks.size
+    seq = np.arange(S, dtype=np.int64).reshape(prefix)
+    seq = np.ascontiguousarray(np.broadcast_to(seq, lead)).ravel()
+    key = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int32)
+    return Repeats(seq, ptr, key)
+
+
+def _no_repeats(planes: int, Q: int) -> Repeats:
+    return Repeats(np.full(planes, -1, dtype=np.int64), np.zeros((1, Q + 1), dtype=np.int64), np.zeros(0, dtype=np.int32))
 
 
 class StatsBuffers(NamedTuple):
@@ -740,12 +825,14 @@ def _as_planes(a) -> tuple[np.ndarray, tuple[int, ...]]:
     return planes, lead
 
 
-def fill(out: StatsBuffers, a, lengths=None, dest=None, *, parallel: bool = True) -> None:
+def fill(out: StatsBuffers, a, lengths=None, dest=None, *, parallel: bool = True, repeats: Repeats | None = None) -> None:
     """Run the fused kernel on ``a`` (..., Q, K), writing input plane i into output plane ``dest[i]``.
 
     ``dest`` (None: 0, 1, 2, …) holds distinct plane indices of ``out``, one per plane of
     ``a`` in C order: it lets pieces of a bigger array (e.g. the store chunks of one block)
     write straight into the block's outputs.  ``parallel`` as in :func:`plane_stats`.
+    ``repeats`` (from :func:`repeats`, over ``out``'s planes) gives the token ids' repeats for
+    ``duplicate_token`` and ``induction``; None: no ids, both NaN.
     """
     planes, lead = _as_planes(a)
     P, Q, K = planes.shape
@@ -758,8 +845,12 @@ def fill(out: StatsBuffers, a, lengths=None, dest=None, *, parallel: bool = True
     if dest.shape != (P,) or (P and (dest.min() < 0 or dest.max() >= P_out)):
         raise ValueError(f"dest must hold {P} plane indices in [0, {P_out})")
     lens = plane_lengths(lengths, lead, max(Q, K))
+    if repeats is None:
+        repeats = _no_repeats(P_out, Q)
+    if repeats.seq.shape != (P_out,) or repeats.ptr.shape[1] != Q + 1:
+        raise ValueError(f"repeats are for {repeats.seq.shape[0]} planes of {repeats.ptr.shape[1] - 1} queries, not {P_out} of {Q}")
     absd = np.abs(np.arange(-(Q - 1), K, dtype=np.float64))
-    parallel_for(_stats_planes, P, planes, lens, dest, absd, *out, parallel=parallel)
+    parallel_for(_stats_planes, P, planes, lens, dest, *repeats, absd, *out, parallel=parallel)
 
 
 def named(out: StatsBuffers, lead: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -779,18 +870,21 @@ def named(out: StatsBuffers, lead: tuple[int, ...]) -> dict[str, np.ndarray]:
     return res
 
 
-def attention_stats(a, k: int = 5, lengths=None, *, parallel: bool = True, dtype=np.float64) -> dict[str, np.ndarray]:
+def attention_stats(a, k: int = 5, lengths=None, *, parallel: bool = True, dtype=np.float64, ids=None) -> dict[str, np.ndarray]:
     """Every statistic, top-k and flag of every plane of ``a`` (..., Q, K), in one pass.
 
     Returns arrays by name: ``ROW_STATS`` (..., Q), ``col_sum`` (..., K), ``topk_index``
     int32 and ``topk_weight`` (..., Q, k), ``PLANE_STATS`` float64 and ``peak_key`` int32
     (...), ``FLAGS`` bool (...).  ``dtype`` (float32 or float64) is that of the per-query,
     per-key and top-k weight outputs (they are accumulated in float64 either way).
+    ``ids``: token ids (..., Q) whose leading dims broadcast to the planes' (see
+    :func:`repeats`), for ``duplicate_token`` and ``induction`` (None: both NaN).
     """
     planes, lead = _as_planes(a)
     P, Q, K = planes.shape
     out = empty_buffers(P, Q, K, int(k), dtype)
-    fill(out, planes, None if lengths is None else plane_lengths(lengths, lead, max(Q, K)), parallel=parallel)
+    rep = None if ids is None else repeats(ids, lead)
+    fill(out, planes, None if lengths is None else plane_lengths(lengths, lead, max(Q, K)), parallel=parallel, repeats=rep)
     return named(out, lead)
 
 

@@ -46,6 +46,7 @@ from .schema import (
     PER_BATCH,
     attention_chunks,
     compressors,
+    present,
     resize,
 )
 
@@ -54,7 +55,7 @@ __all__ = [
     "commit_derived", "compressors", "create", "DERIVED", "derived_committed", "derived_current",
     "derived_record", "DIMS", "FileEntry", "FORMAT_VERSION", "is_fastattn", "is_url", "LocalLocation",
     "Location", "Lock", "LOCK", "lock_holder", "Manifest", "MANIFEST", "META", "nothing_committed", "now",
-    "open_committed", "open_derived", "open_group", "open_store", "PER_BATCH", "read_all", "read_json",
+    "open_committed", "open_derived", "open_group", "open_store", "PER_BATCH", "present", "read_all", "read_json",
     "read_lock_record", "read_manifest", "refresh_consolidated", "RemoteLocation", "require_batches",
     "require_variables", "resize", "Status", "uncommit_derived", "WholeChunks", "write_all", "write_manifest",
     "writing_derived",

@@ -163,17 +163,25 @@ def derived_committed(location: Location, spec: Derived) -> tuple[Manifest, dict
 
 
 def require_variables(location: Location, spec: Derived, record: dict, names) -> None:
-    """Every variable of the group's layout is among `names`, or a one-line StoreError."""
-    missing = [name for name in spec.variables(record) if name not in names]
+    """Every variable of the group's layout is among `names` (but those added `later`), or a
+    one-line StoreError."""
+    missing = [name for name in spec.variables(record) if name not in names and name not in spec.later]
     if missing:
         raise StoreError(f"{location}: {spec.lack.format(names=', '.join(missing))}")
 
 
 def open_derived(location: Location, spec: Derived) -> xr.Dataset:
     """The committed batches of a derived group, lazily; a StoreError when it has none, is out
-    of date, or lacks a variable its layout has. `attrs`: the store and the commit record."""
+    of date, or lacks a variable its layout has. A variable added `later` that an older group
+    lacks reads as NaN. `attrs`: the store and the commit record."""
+    import xarray as xr
+
     _, record = derived_committed(location, spec)
     ds = open_committed(location, {"batch": record["batches"]}, group=spec.name)  # survives a killed resize
     require_variables(location, spec, record, ds.variables)
+    for name, dims in spec.variables(record).items():
+        if name not in ds.variables:  # one added later: the same dims as a variable the group has
+            template = next(v for v in ds.data_vars.values() if v.dims == dims)
+            ds[name] = xr.full_like(template, np.nan, dtype=np.float64)
     ds.attrs = {"store": str(location), **record}
     return ds

@@ -7,6 +7,8 @@ Layout of `store.zarr` (Zarr v3, opened by plain `xarray.open_zarr` too):
     source        (batch,)                          str, the dump it came from, relative to the common parent of its ingest's inputs
     source_index  (batch,)                          int32, position in that file's batch axis
     token         (batch, query)                    str, token strings when dumps carry them
+    input_id      (batch, query)                    int32, token ids when dumps carry them, -1 elsewhere
+                                                    (stores created before it have none: `Array.optional`)
     batch, layer, head, query, key                  int32 coordinates (positions)
     stats/, rollout/                                derived groups (`DERIVED`), recomputable
     _fastattn/manifest.json                         the commit record (`manifest.py`)
@@ -14,7 +16,8 @@ Layout of `store.zarr` (Zarr v3, opened by plain `xarray.open_zarr` too):
 
 Ingest lays the arrays out from `ARRAYS` and grows them with `resize`; `fastattn check`
 verifies every array of `ARRAYS` and every group of `DERIVED`, and repair rebuilds from them.
-A new per-batch array is one `Array` line here (plus the code that fills it in ingest); a new
+A new per-batch array is one `Array` line here (plus the code that fills it in ingest), marked
+`optional` so that stores created before it keep opening, checking and appending; a new
 derived group is one `Derived` entry (plus its writer, which commits through `commit.py`).
 """
 
@@ -87,6 +90,10 @@ class Array:
     fill: object = None  # None: zarr's default for the dtype
     attributes: dict = field(default_factory=dict)
     coordinate: bool = False
+    #: Added after stores were first written: a store created before it lacks it and stays so
+    #: (readers and writers skip it there; `fastattn check` accepts its absence when no trace of
+    #: it is left, i.e. neither its metadata nor a consolidated copy). New stores always have it.
+    optional: bool = False
 
     @property
     def batched(self) -> bool:
@@ -126,6 +133,14 @@ ARRAYS: tuple[Array, ...] = (
     Array("source", ("batch",), STR),
     Array("source_index", ("batch",), "int32", -1),
     Array("token", ("batch", "query"), STR),
+    Array(
+        "input_id",
+        ("batch", "query"),
+        "int32",
+        -1,
+        attributes={"long_name": "token id", "valid": "-1 past each sample's length, and where its dump had no input_ids"},
+        optional=True,
+    ),
     *(Array(dim, (dim,), "int32", coordinate=True) for dim in DIMS),
 )
 BY_NAME = {spec.name: spec for spec in ARRAYS}
@@ -133,6 +148,11 @@ BY_NAME = {spec.name: spec for spec in ARRAYS}
 BATCHED = tuple(spec.name for spec in ARRAYS if spec.batched)
 #: The arrays with one value per sample.
 PER_BATCH = tuple(spec.name for spec in ARRAYS if spec.batched and spec.dims == ("batch",))
+
+
+def present(group) -> tuple[Array, ...]:
+    """The arrays of `ARRAYS` that `group` holds or must hold: all but the optional ones it lacks."""
+    return tuple(spec for spec in ARRAYS if not spec.optional or spec.name in group)
 
 
 def create_array(group, spec: Array, sizes: dict[str, int], attention_chunks: tuple[int, ...], dtype: str):
@@ -159,7 +179,7 @@ def resize(group, *, batch: int, query: int = 0, key: int = 0) -> None:
     """Resize every array to `batch` batches; query and key only ever grow. Old values stay."""
     _, layers, heads, q0, k0 = group["attention"].shape
     sizes = dict(zip(DIMS, (batch, layers, heads, max(query, q0), max(key, k0))))
-    for spec in ARRAYS:
+    for spec in present(group):
         array = group[spec.name]
         shape = spec.shape(sizes)
         if not spec.coordinate:
@@ -229,6 +249,10 @@ class Derived:
         """What repair says after uncommitting (a manifest record) or removing it."""
         done = "uncommitted" if self.record == "manifest" else "removed"
         return f"{self._bare} {done}; {self.command} recomputes {self.them}"
+    #: Variables added after groups of this kind were first written: a committed group may lack
+    #: them (check accepts that, readers see NaN in their place, and the writer lays the group
+    #: out again and computes them on its next run).
+    later: tuple[str, ...] = ()
 
     @property
     def attribute(self) -> str:
@@ -271,7 +295,10 @@ def _rollout_extent(manifest, record: dict, dims: dict) -> dict:
     return {"batch": (n, n), "layer": (manifest.layers,) * 2, "query": (size, size), "key": (size, size)}
 
 
-STATS = Derived("stats", "fastattn stats", "manifest", ("k",), _stats_layout, _stats_extent, noun="statistics", them="them")
+STATS = Derived(
+    "stats", "fastattn stats", "manifest", ("k",), _stats_layout, _stats_extent,
+    noun="statistics", them="them", later=("duplicate_token", "induction"),
+)
 ROLLOUT = Derived(
     "rollout", "fastattn rollout", "attribute", ("keep_matrix",), _rollout_layout, _rollout_extent, noun="the rollout", them="it"
 )
