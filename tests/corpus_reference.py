@@ -357,3 +357,39 @@ def guttman_transform(coords, delta):
     np.fill_diagonal(b, 0.0)
     np.fill_diagonal(b, -b.sum(axis=1))
     return b @ x / n
+
+
+# ---------------------------------------------------------------- TransformerLens's duplicate-token and induction detectors
+
+
+def tl_duplicate_pattern(ids: np.ndarray) -> np.ndarray:
+    """`get_duplicate_token_head_detection_pattern`: the tokens repeated as rows, compared with
+    their transpose, the diagonal zeroed, the lower triangle kept."""
+    n = ids.shape[-1]
+    token_pattern = np.tile(ids, (n, 1))
+    eq_mask = np.equal(token_pattern, token_pattern.T).astype(int)
+    np.fill_diagonal(eq_mask, 0)
+    return np.tril(eq_mask.astype(np.float64))
+
+
+def tl_induction_pattern(ids: np.ndarray) -> np.ndarray:
+    """`get_induction_head_detection_pattern`: the duplicate pattern rolled one column to the
+    right, its first column replaced by zeros, the lower triangle kept."""
+    duplicate = tl_duplicate_pattern(ids)
+    shifted = np.roll(duplicate, shift=1, axis=1)
+    result = np.concatenate([np.zeros((duplicate.shape[0], 1)), shifted[:, 1:]], axis=1)
+    return np.tril(result)
+
+
+def tl_score(attention: np.ndarray, pattern: np.ndarray) -> float:
+    """`compute_head_attention_similarity_score` with `error_measure="mul"` and nothing excluded
+    (detect_head's defaults); NaN (fastattn's convention) where the pattern marks nothing."""
+    if not pattern.any():
+        return np.nan
+    return float((attention * pattern).sum() / attention.sum())
+
+
+def tl_scores(attention: np.ndarray, ids: np.ndarray) -> tuple[float, float]:
+    """(duplicate-token, induction) of one plane's float64 valid block and its ids."""
+    block = attention.astype(np.float64)
+    return tl_score(block, tl_duplicate_pattern(ids)), tl_score(block, tl_induction_pattern(ids))

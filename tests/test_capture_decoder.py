@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import zarr
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -17,6 +18,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from fastattn import capture  # noqa: E402
 
 from benchmarks import reference as ref  # noqa: E402
+from corpus_reference import tl_scores  # noqa: E402
 
 WORDS = (
     "the a cat dog sat on mat ran to house big small red blue and bird tree saw under over "
@@ -177,14 +179,26 @@ def test_decoder_statistics_equal_the_numpy_reference(decoder, pipeline):
     seq = max(len(t.split()) for t in TEXTS)
     expected = np.full((len(TEXTS), LAYERS, HEADS, seq, seq), np.nan, dtype=np.float32)
     lengths = np.array([len(t.split()) for t in TEXTS])
+    ids = np.full((len(TEXTS), seq), -1, dtype=np.int32)
     for i in range(len(TEXTS) // BATCH):
         encoded = tokenizer(TEXTS[i * BATCH : (i + 1) * BATCH], padding=True, return_tensors="pt")
         own = own_attention(model, encoded, positions(encoded["attention_mask"].numpy()))
         for j in range(BATCH):
             n = lengths[i * BATCH + j]
             expected[i * BATCH + j, :, :, :n, :n] = own[:, j, :, -n:, -n:]
+            ids[i * BATCH + j, :n] = encoded["input_ids"][j, -n:].numpy()
     want = ref.summaries(expected, lengths)
     got = read_planes(work / "store.zarr", [*ref.PLANE_STATS, "peak_key", *ref.FLAGS])
+    # the token ids moved with their attention (left padding), -1 after each text
+    np.testing.assert_array_equal(zarr.open_array(str(work / "store.zarr" / "input_id"), mode="r")[...], ids)
+    # TransformerLens's duplicate-token and induction scores (its head_detector.py, ported), per plane
+    for b, n in enumerate(lengths):
+        for layer in range(LAYERS):
+            for head in range(HEADS):
+                want["duplicate_token"][b, layer, head], want["induction"][b, layer, head] = tl_scores(
+                    expected[b, layer, head, :n, :n], ids[b, :n]
+                )
+    assert np.isfinite(want["induction"][4]).all()  # TEXTS[4], a run repeated twice: scored
     for name in ref.PLANE_STATS:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-12, err_msg=name)
     np.testing.assert_array_equal(got["peak_key"], want["peak_key"])
