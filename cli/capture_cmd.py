@@ -45,6 +45,13 @@ def capture(
         "float32", help="float32 (exactly the model's weights), or float16 to halve the dumps (~3 significant digits)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace attention_batch_*.npz dumps already in the OUT folder."),
+    stats_only: bool = typer.Option(
+        False,
+        "--stats-only",
+        help="Write only the statistics of `fastattn stats` into OUT (a .zarr store), computed layer by layer as the"
+        " model runs; no attention map is kept. Resumable: texts already in the store are skipped.",
+    ),
+    k: int = typer.Option(5, "-k", min=1, max=64, help="With --stats-only: top-k keys kept per query."),
 ) -> None:
     """Capture attention weights from a model, one dump per batch of texts.
 
@@ -63,7 +70,15 @@ def capture(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from fastattn import capture as capture_mod
 
+    if stats_only:
+        if not out.rstrip("/\\").lower().endswith(".zarr"):
+            fail(f"--stats-only writes into a store: give an OUT ending in .zarr, not {out}")
+        if dtype != "float32":
+            fail("--dtype does not apply to --stats-only (the statistics are float32 and float64)")
     inputs = run(capture_mod.load_texts, texts)
+    if stats_only:
+        _capture_stats(model_dir, texts, inputs, out, batch_size, max_length, layer_list, head_list, k)
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # third-party deprecation chatter is not the user's business here
         model, tokenizer = run(capture_mod.load_model, model_dir)
@@ -97,6 +112,38 @@ def capture(
         err.print(
             f"wrote {result.batches} dumps ({result.samples} texts, {shape}) to {out}", markup=False, highlight=False
         )
+
+
+def _capture_stats(model_dir, texts, inputs, out, batch_size, max_length, layers, heads, k) -> None:
+    """`--stats-only`: the statistics straight from the model (fastattn.live)."""
+    import time
+
+    from fastattn import capture as capture_mod
+    from fastattn import live
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, tokenizer = run(capture_mod.load_model, model_dir)
+        with progress_bar("statistics from the model") as advance:
+            started = time.perf_counter()
+
+            def report(done: int, total: int, tokens: int) -> None:
+                elapsed = time.perf_counter() - started
+                advance(done, total, f"{tokens / elapsed:,.0f} tokens/s" if tokens and elapsed > 0 else "")
+
+            result = run(
+                lambda: live.record_stats(
+                    model, inputs, out, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, k=k,
+                    layers=layers, heads=heads, source=Path(texts).name, progress=report if advance else None,
+                )
+            )
+    rate = f", {result.tokens / result.seconds:,.0f} tokens/s" if result.seconds > 0 else ""
+    err.print(
+        f"statistics of {result.computed} texts ({result.tokens:,} tokens{rate}; {result.layers} layers x"
+        f" {result.heads} heads) committed into {out}; {result.skipped} already there; {result.committed} in store",
+        markup=False,
+        highlight=False,
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -135,6 +135,20 @@ BATCHED = tuple(spec.name for spec in ARRAYS if spec.batched)
 PER_BATCH = tuple(spec.name for spec in ARRAYS if spec.batched and spec.dims == ("batch",))
 
 
+def stored(stats_only: bool) -> tuple[Array, ...]:
+    """The arrays a store holds: all of `ARRAYS`, or all but the attention in a store of
+    statistics captured straight from a model (`Manifest.stats_only`)."""
+    return tuple(spec for spec in ARRAYS if not (stats_only and spec is ATTENTION))
+
+
+def sizes_of(group) -> tuple[int, ...]:
+    """The store's `(batch, layer, head, query, key)` sizes: the attention's shape, or the
+    coordinates' lengths in a store without attention."""
+    if "attention" in group:
+        return tuple(group["attention"].shape)
+    return tuple(group[dim].shape[0] for dim in DIMS)
+
+
 def create_array(group, spec: Array, sizes: dict[str, int], attention_chunks: tuple[int, ...], dtype: str):
     """Lay out `spec` in `group` (replacing what was there) at `sizes`; a coordinate gets its values."""
     options = {} if spec.fill is None else {"fill_value": spec.fill}
@@ -157,9 +171,9 @@ def create_array(group, spec: Array, sizes: dict[str, int], attention_chunks: tu
 
 def resize(group, *, batch: int, query: int = 0, key: int = 0) -> None:
     """Resize every array to `batch` batches; query and key only ever grow. Old values stay."""
-    _, layers, heads, q0, k0 = group["attention"].shape
+    _, layers, heads, q0, k0 = sizes_of(group)
     sizes = dict(zip(DIMS, (batch, layers, heads, max(query, q0), max(key, k0))))
-    for spec in ARRAYS:
+    for spec in stored("attention" not in group):
         array = group[spec.name]
         shape = spec.shape(sizes)
         if not spec.coordinate:
