@@ -486,7 +486,9 @@ def corpus_stats(source, *, k: int = 5, entropy_smoothing: float = 0.0) -> xr.Da
     elif isinstance(source, (str, os.PathLike, store.Location)):
         loc = store.as_location(source)
         manifest = store.require_batches(loc, store.check_store(loc))
-        ds = store.open_store(loc)
+        if entropy_smoothing:
+            store.require_maps(loc, manifest)  # smoothed entropy is computed from the maps
+        ds = store.open_store(loc, attention=not manifest.stats_only)
         if manifest.stats_committed == manifest.committed and manifest.committed:
             from .stats import open_stats
 
