@@ -51,7 +51,11 @@ def capture(
         help="Write only the statistics of `fastattn stats` into OUT (a .zarr store), computed layer by layer as the"
         " model runs; no attention map is kept. Resumable: texts already in the store are skipped.",
     ),
-    k: int = typer.Option(5, "-k", min=1, max=64, help="With --stats-only: top-k keys kept per query."),
+    k: int = typer.Option(
+        5, "-k", "--keep-topk", min=1, max=64,
+        help="With --stats-only: each query's K strongest keys kept (index and weight), from which plot draws"
+        " overview, layers and heads approximately.",
+    ),
 ) -> None:
     """Capture attention weights from a model, one dump per batch of texts.
 

@@ -61,7 +61,7 @@ def plot(
         from fastattn.store import open_store
 
         # the corpus figures read only the statistics (a store of statistics only has no maps)
-        ds = open_stats(store) if kind in ("batches", "entropy") else open_store(store)
+        ds = open_stats(store) if kind in ("batches", "entropy") else plot_mod.open_sample_data(store)
         if kind == "overview":
             fig = plot_mod.overview(ds, batch, layer, head, dpi=dpi)
         elif kind == "layers":

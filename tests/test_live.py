@@ -277,7 +277,7 @@ def test_cli_stats_only(cli, minilm_stores, tmp_path):
     table = cli("stats", out, "--format", "json")
     assert table.exit_code == 0 and json.loads(table.stdout)["batches"] == 10
     for args, says in [
-        (("plot", out, "overview", "-o", tmp_path / "o.png"), "holds statistics only"),
+        (("similarity", out), "holds statistics only"),
         (("capture", MODEL_DIR, texts, tmp_path / "dumps", "--stats-only"), "give an OUT ending in .zarr"),
         (("capture", MODEL_DIR, texts, out, "--stats-only", "-k", 3), "captured with k=5, this run has 3"),
     ]:
@@ -285,3 +285,24 @@ def test_cli_stats_only(cli, minilm_stores, tmp_path):
         lines = bad.stderr.strip().splitlines()
         assert bad.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], bad.stderr
     assert cli("plot", out, "entropy", "-o", tmp_path / "e.png").exit_code == 0
+    assert cli("plot", out, "overview", "--batch", 7, "-o", tmp_path / "o.png").exit_code == 0
+
+
+def test_sample_figures_draw_each_query_s_top_k_keys(minilm_stores):
+    """A store without maps: a plane is rebuilt from the top-k, each query's k strongest keys at
+    their full weights and 0 elsewhere; the figure's title says it is approximate."""
+    from fastattn import plot
+
+    live_store, dumped, _ = minilm_stores
+    approx = plot.Sample(plot.open_sample_data(live_store), 7)
+    full = plot.Sample(store_mod.open_store(dumped), 7)
+    assert "approximate: each query's 5 strongest keys only" in approx.title and not full.topk
+    n = approx.n
+    for (h, a), (_, f) in zip(approx.planes(3, [0, 5]), full.planes(3, [0, 5])):
+        assert a.shape == f.shape == (n, n)
+        for q in range(n):
+            strongest = np.argsort(-f[q].astype(np.float64), kind="stable")[:K]
+            assert set(np.flatnonzero(a[q])) == set(strongest), (h, q)
+            np.testing.assert_allclose(a[q, strongest], f[q, strongest], rtol=0, atol=1e-7)
+    fig = plot.overview(plot.open_sample_data(live_store), 7, 3)
+    assert "approximate" in fig._suptitle.get_text()
