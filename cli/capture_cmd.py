@@ -56,6 +56,14 @@ def capture(
         help="With --stats-only: each query's K strongest keys kept (index and weight), from which plot draws"
         " overview, layers and heads approximately.",
     ),
+    window: Optional[int] = typer.Option(
+        None, "--window", min=1,
+        help="With --stats-only: cut each text into windows of W tokens (each a sample; source_index is the window's"
+        " number), for texts longer than the model takes.",
+    ),
+    stride: Optional[int] = typer.Option(
+        None, "--stride", min=1, help="With --window: tokens between the starts of two windows (default: the window)."
+    ),
 ) -> None:
     """Capture attention weights from a model, one dump per batch of texts.
 
@@ -74,6 +82,8 @@ def capture(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from fastattn import capture as capture_mod
 
+    if (window is not None or stride is not None) and not stats_only:
+        fail("--window and --stride apply to --stats-only", 2)
     if stats_only:
         if not out.rstrip("/\\").lower().endswith(".zarr"):
             fail(f"--stats-only writes into a store: give an OUT ending in .zarr, not {out}")
@@ -81,7 +91,7 @@ def capture(
             fail("--dtype does not apply to --stats-only (the statistics are float32 and float64)")
     inputs = run(capture_mod.load_texts, texts)
     if stats_only:
-        _capture_stats(model_dir, texts, inputs, out, batch_size, max_length, layer_list, head_list, k)
+        _capture_stats(model_dir, texts, inputs, out, batch_size, max_length, layer_list, head_list, k, window, stride)
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # third-party deprecation chatter is not the user's business here
@@ -118,7 +128,7 @@ def capture(
         )
 
 
-def _capture_stats(model_dir, texts, inputs, out, batch_size, max_length, layers, heads, k) -> None:
+def _capture_stats(model_dir, texts, inputs, out, batch_size, max_length, layers, heads, k, window, stride) -> None:
     """`--stats-only`: the statistics straight from the model (fastattn.live)."""
     import time
 
@@ -139,6 +149,7 @@ def _capture_stats(model_dir, texts, inputs, out, batch_size, max_length, layers
                 lambda: live.record_stats(
                     model, inputs, out, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, k=k,
                     layers=layers, heads=heads, source=Path(texts).name, progress=report if advance else None,
+                    window=window, stride=stride,
                 )
             )
     rate = f", {result.tokens / result.seconds:,.0f} tokens/s" if result.seconds > 0 else ""

@@ -47,7 +47,7 @@ COMMIT_SECONDS = 10.0
 #: The stats group's attribute recording how its statistics were captured (a later run must match).
 ATTRIBUTE = "fastattn_capture"
 #: The settings a run into an existing store must share with the runs before it.
-SETTINGS = ("model", "max_length", "layers", "heads", "k")
+SETTINGS = ("model", "max_length", "layers", "heads", "k", "window", "stride")
 
 #: (texts done, texts in all, tokens run so far this run)
 LiveProgress = Callable[[int, int, int], None]
@@ -92,10 +92,16 @@ def record_stats(
     progress: LiveProgress | None = None,
     commit_seconds: float = COMMIT_SECONDS,
     after_batch: Callable[[int], None] | None = None,
+    window: int | None = None,
+    stride: int | None = None,
 ) -> LiveResult:
     """Run `model` over `texts` and commit every layer's statistics into the store `out`.
 
-    `texts` are strings; each is one sample, `source` `"{source}:{number}"` (1-based).
+    `texts` are strings; each is one sample, `source` `"{source}:{number}"` (1-based). With
+    `window` W, each text is cut into windows of W tokens (special tokens added to each) that
+    start `stride` tokens apart (default W), the last ending at the text's end or before: each
+    window is a sample, its `source_index` the window's number, so its first token is token
+    `source_index × stride` of the text (without special tokens).
     `max_length` truncates (default: the tokenizer's limit), `k` is the top-k kept, `layers`
     and `heads` keep a subset, as in `capture.record`. The store is created, or resumed when it
     holds statistics captured with the same model and settings (a store with attention maps,
@@ -110,6 +116,13 @@ def record_stats(
         raise CaptureError(f"k must be between 1 and 64, not {k}")
     if batch_size < 1:
         raise CaptureError(f"batch size must be at least 1, not {batch_size}")
+    if window is None and stride is not None:
+        raise CaptureError("applies to windows only; give a window too", parameter="stride")
+    if window is not None:
+        stride = window if stride is None else stride
+        if window < 1 or not 1 <= stride <= window:
+            raise CaptureError(f"must be at least 1, with the stride between 1 and it; not {window} and stride {stride}",
+                               parameter="window")
     texts = list(texts)
     if not texts or not all(isinstance(t, str) for t in texts):
         raise CaptureError("texts must be a non-empty list of strings")
@@ -128,9 +141,11 @@ def record_stats(
         total_layers = len(targets) if targets else _count_layers(model)
         layer_index = capture._selection(layers, total_layers, "layer")
         head_index = capture._selection(heads, _count_heads(model), "head")
-        settings = {"model": _model_name(model), "max_length": limit, "layers": layer_index, "heads": head_index, "k": k}
-        todo, lengths = _plan(texts, tokenizer, limit, store.read_manifest(loc), source, result)
-        writer = _Writer(loc, settings, len(layer_index), len(head_index), max(lengths, default=1), commit_seconds)
+        settings = {"model": _model_name(model), "max_length": limit, "layers": layer_index, "heads": head_index, "k": k,
+                    "window": window, "stride": stride}
+        todo = _plan(texts, tokenizer, limit, store.read_manifest(loc), source, result, window, stride)
+        longest = max((s.length for s in todo), default=1)
+        writer = _Writer(loc, settings, len(layer_index), len(head_index), longest, commit_seconds)
         result.layers, result.heads = len(layer_index), len(head_index)
         done = result.skipped
         if progress is not None:
@@ -138,17 +153,21 @@ def record_stats(
         try:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start : start + batch_size]
-                inputs = capture._hf_inputs([t for t, _, _ in batch], result.batches, tokenizer, limit)
+                if window is None:
+                    inputs = capture._hf_inputs([s.text for s in batch], result.batches, tokenizer, limit)
+                else:
+                    inputs = dict(tokenizer.pad({"input_ids": [s.ids for s in batch]}, padding=True, return_tensors="pt"))
                 mask = _mask(inputs)
                 run = _BatchStats(mask, layer_index, head_index, k, jobs, total_layers)
                 _forward(model, inputs, targets, run, result.batches)
                 ids = inputs["input_ids"].cpu().numpy()
                 tokens = [[t if isinstance(t, str) else "" for t in tokenizer.convert_ids_to_tokens(row)] for row in ids.tolist()]
-                writer.add(run.finish(writer.query), run.lengths, batch, run.valid_tokens(tokens))
+                writer.add(run.finish(writer.query), batch, run.valid_tokens(tokens))
                 result.batches += 1
-                result.computed += len(batch)
+                finished = sum(s.index == s.count - 1 for s in batch)  # texts whose last window ran
+                result.computed += finished
                 result.tokens += int(run.lengths.sum())
-                done += len(batch)
+                done += finished
                 if progress is not None:
                     progress(done, len(texts), result.tokens)
                 if after_batch is not None:
@@ -164,9 +183,22 @@ def record_stats(
 # ---------------------------------------------------------------- planning
 
 
-def _plan(texts, tokenizer, limit, manifest, source: str, result: LiveResult):
-    """The texts to run, `(text, key, source)`, and their token counts: those not in the store
-    already, each once (by content hash)."""
+@dataclass
+class _Sample:
+    """One sample to run: a text, or one window of it (`index` of `count`)."""
+
+    text: str
+    key: str
+    source: str
+    length: int  # tokens, special tokens included
+    index: int = 0
+    count: int = 1
+    ids: list | None = None  # a window's token ids (a whole text is tokenized with its batch)
+
+
+def _plan(texts, tokenizer, limit, manifest, source: str, result: LiveResult, window=None, stride=None) -> list[_Sample]:
+    """The samples to run: the texts not in the store already, each once (by content hash),
+    whole or cut into windows."""
     if manifest is not None and not manifest.stats_only and manifest.committed:
         raise CaptureError(
             f"{result.out}: holds attention maps; statistics captured from a model go into a store of their own"
@@ -181,9 +213,34 @@ def _plan(texts, tokenizer, limit, manifest, source: str, result: LiveResult):
         seen.add(key)
         todo.append((text, key, f"{source}:{number}"))
     if not todo:
-        return [], []
-    encoded = tokenizer([t for t, _, _ in todo], truncation=limit is not None, max_length=limit)
-    return todo, [len(ids) for ids in encoded["input_ids"]]
+        return []
+    if window is None:
+        encoded = tokenizer([t for t, _, _ in todo], truncation=limit is not None, max_length=limit)
+        return [_Sample(text, key, name, len(ids)) for (text, key, name), ids in zip(todo, encoded["input_ids"])]
+    prefix, suffix = _special_tokens(tokenizer)
+    specials = len(prefix) + len(suffix)
+    if limit is not None and window + specials > limit:
+        raise CaptureError(f"a window of {window} tokens and {specials} special tokens is longer than the limit, {limit}",
+                           parameter="window")
+    samples = []
+    for (text, key, name), ids in zip(todo, tokenizer([t for t, _, _ in todo], add_special_tokens=False)["input_ids"]):
+        starts = list(range(0, max(1, len(ids) - window + stride), stride))
+        for index, offset in enumerate(starts):
+            piece = prefix + list(ids[offset : offset + window]) + suffix
+            samples.append(_Sample(text, key, name, len(piece), index, len(starts), piece))
+    return samples
+
+
+def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text's own tokens ([CLS] and [SEP], a BOS,
+    or none), found by tokenizing one word with and without them."""
+    probe = "a"
+    whole = list(tokenizer(probe)["input_ids"])
+    own = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    for start in range(len(whole) - len(own) + 1):
+        if whole[start : start + len(own)] == own:
+            return whole[:start], whole[start + len(own) :]
+    raise CaptureError("cannot tell which special tokens the tokenizer adds, so windows cannot be cut")
 
 
 def _model_name(model) -> str:
@@ -394,7 +451,9 @@ class _Writer:
         from . import store
 
         self.loc, self.settings, self.commit_seconds = loc, settings, commit_seconds
-        self.pending: list = []
+        self.pending: list[dict] = []  # statistics of the batches run since the last commit
+        self.samples: list[_Sample] = []  # and their samples, in order
+        self.tokens: list[list[str]] = []
         self.pending_bytes = 0
         self.last = time.monotonic()
         self.manifest = store.read_manifest(loc)
@@ -460,8 +519,10 @@ class _Writer:
                 store.WholeChunks(self.loc, array).fill_new_chunks(old, n)
         self.manifest.max_length = longest
 
-    def add(self, st: dict, lengths, batch, tokens) -> None:
-        self.pending.append((st, batch, tokens))
+    def add(self, st: dict, samples: list[_Sample], tokens) -> None:
+        self.pending.append(st)
+        self.samples += samples
+        self.tokens += tokens
         self.pending_bytes += sum(v.nbytes for v in st.values())
 
     def maybe_commit(self) -> int:
@@ -475,14 +536,15 @@ class _Writer:
 
         from . import stats, store
 
-        if not self.pending:
+        # whole texts only: a text's windows are committed together, under its one file entry
+        count = max((i + 1 for i, s in enumerate(self.samples) if s.index == s.count - 1), default=0)
+        if not count:
             return 0
         n0 = self.manifest.committed
-        count = sum(len(batch) for _, batch, _ in self.pending)
         n1 = n0 + count
-        st = {name: np.concatenate([p[0][name] for p in self.pending]) for name in self.pending[0][0]}
-        entries = [entry for _, batch, _ in self.pending for entry in batch]
-        tokens = [row for _, _, rows in self.pending for row in rows]
+        both = {name: np.concatenate([p[name] for p in self.pending]) for name in self.pending[0]}
+        st = {name: values[:count] for name, values in both.items()}
+        entries, tokens = self.samples[:count], self.tokens[:count]
         query = self.manifest.max_length
         token = np.full((count, query), "", dtype=object)
         for i, row in enumerate(tokens):
@@ -499,25 +561,27 @@ class _Writer:
                         array[:] = np.arange(n1, dtype=array.dtype)
             per_sample = {
                 "length": st["length"],
-                "source": np.array([source for _, _, source in entries], dtype=object),
-                "source_index": np.zeros(count, dtype=np.int32),
+                "source": np.array([s.source for s in entries], dtype=object),
+                "source_index": np.array([s.index for s in entries], dtype=np.int32),
                 "token": token,
             }
             store.write_all((self.group[name], slice(n0, n1), values) for name, values in per_sample.items())
             stats._write_block(dict(group.arrays()), st, n0, n1)
-        for (text, key, source), length in zip(entries, st["length"]):
-            size = len(text.encode("utf-8"))
-            self.manifest.files[key] = store.FileEntry(size, 0, key[len("text:"):], n0, n0 + 1, source=source,
-                                                       dtype="float32")
-            n0 += 1
+        for i, s in enumerate(entries):
+            if s.index == 0:
+                self.manifest.files[s.key] = store.FileEntry(len(s.text.encode("utf-8")), 0, s.key[len("text:"):],
+                                                             n0 + i, n0 + i + s.count, source=s.source, dtype="float32")
         self.manifest.committed = self.manifest.stats_committed = n1
         self.manifest.stats_k = self.settings["k"]
-        self._record_run(count)
+        self._record_run(sum(s.index == 0 for s in entries), count)
         store.commit(self.loc, self.manifest)
-        self.pending, self.pending_bytes, self.last = [], 0, time.monotonic()
+        rest = {name: values[count:] for name, values in both.items()}
+        self.pending = [rest] if len(rest["length"]) else []
+        self.samples, self.tokens = self.samples[count:], self.tokens[count:]
+        self.pending_bytes, self.last = sum(v.nbytes for v in rest.values()), time.monotonic()
         return 1
 
-    def _record_run(self, count: int) -> None:
+    def _record_run(self, texts: int, count: int) -> None:
         """This run's entry in the manifest's `ingests`, updated at each commit."""
         from . import store
 
@@ -525,6 +589,6 @@ class _Writer:
             self.run_entry = {"time": store.now(), "capture": "stats_only", "files": 0, "batches": 0, "rejected": 0,
                               "seconds": 0.0}
             self.manifest.ingests.append(self.run_entry)
-        self.run_entry["files"] += count
+        self.run_entry["files"] += texts
         self.run_entry["batches"] += count
         self.run_entry["seconds"] = round(time.perf_counter() - self.started, 3)

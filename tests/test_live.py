@@ -72,13 +72,13 @@ def stats_group(path) -> dict[str, np.ndarray]:
     return {name: (array[:n] if "batch" in array.metadata.dimension_names else array[:]) for name, array in group.arrays()}
 
 
-def assert_same_stats(got: dict, want: dict, atol: float) -> None:
+def assert_same_stats(got: dict, want: dict, atol: float, rtol: float = 0.0) -> None:
     assert sorted(got) == sorted(want) == sorted(stats.schema(K))
     for name, values in want.items():
         assert got[name].shape == values.shape and got[name].dtype == values.dtype, name
         if values.dtype.kind == "f":
             assert np.array_equal(np.isnan(got[name]), np.isnan(values)), name
-            np.testing.assert_allclose(got[name], values, rtol=0, atol=atol, equal_nan=True, err_msg=name)
+            np.testing.assert_allclose(got[name], values, rtol=rtol, atol=atol, equal_nan=True, err_msg=name)
         else:
             assert np.array_equal(got[name], values), name
 
@@ -306,3 +306,63 @@ def test_sample_figures_draw_each_query_s_top_k_keys(minilm_stores):
             np.testing.assert_allclose(a[q, strongest], f[q, strongest], rtol=0, atol=1e-7)
     fig = plot.overview(plot.open_sample_data(live_store), 7, 3)
     assert "approximate" in fig._suptitle.get_text()
+
+
+# ---------------------------------------------------------------- sliding windows
+
+
+def test_sliding_windows_are_samples_with_their_offsets(minilm, tmp_path):
+    """Each window of W tokens, `stride` apart, is a sample: its statistics are the model's on
+    that window alone (float64 reference), its source the text and its source_index the window's
+    number (offset = source_index x stride); a run stopped with a text's windows split across
+    batches commits whole texts only and resumes to the same store."""
+    model, tokenizer = minilm
+    texts = [TEXTS[7], TEXTS[3], TEXTS[4]]
+    window, stride = 8, 5
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert [len(t) for t in ids] == [19, 4, 19]  # without [CLS] and [SEP]
+    # windows start at 0, 5, 10, 15 (the last reaches the end: 15 + 8 >= 19); 4 tokens fit one
+    starts = [[0, 5, 10, 15], [0], [0, 5, 10, 15]]
+    one = live.record_stats(model, texts, tmp_path / "one.zarr", tokenizer=tokenizer, batch_size=3, window=window,
+                            stride=stride, source="t.txt", commit_seconds=0)
+    assert (one.computed, one.committed, one.batches) == (3, 9, 3)  # text 1's windows straddle batches of 3
+    root = zarr.open_group(str(tmp_path / "one.zarr"), mode="r", use_consolidated=False)
+    assert list(root["source"][:]) == ["t.txt:1"] * 4 + ["t.txt:2"] + ["t.txt:3"] * 4
+    assert list(root["source_index"][:]) == [0, 1, 2, 3, 0, 0, 1, 2, 3]
+    st = stats_group(tmp_path / "one.zarr")
+    b = 0
+    for text_ids, text_starts in zip(ids, starts):
+        for i, offset in enumerate(text_starts):
+            piece = [tokenizer.cls_token_id, *text_ids[offset : offset + window], tokenizer.sep_token_id]
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([piece]), output_attentions=True).attentions
+            block = np.stack([t[0].numpy() for t in out]).astype(np.float64)  # (layer, head, n, n)
+            n = len(piece)
+            assert root["length"][b] == n and root["source_index"][b] * stride == offset
+            with np.errstate(divide="ignore", invalid="ignore"):
+                entropy = -np.where(block > 0, block * np.log(block), 0.0).sum(-1)
+            np.testing.assert_allclose(st["entropy"][b, :, :, :n], entropy, atol=2e-5)
+            np.testing.assert_allclose(st["distance_mean"][b], (block * np.abs(np.subtract.outer(
+                np.arange(n), np.arange(n)))).sum(-1).mean(-1), rtol=1e-5)
+            b += 1
+    assert check.check_store(tmp_path / "one.zarr") == []
+
+    out = tmp_path / "stopped.zarr"
+
+    def stop(batches: int) -> None:
+        if batches == 1:  # text 1's windows 0-2 ran, window 3 not
+            raise Stop
+
+    with pytest.raises(Stop):
+        live.record_stats(model, texts, out, tokenizer=tokenizer, batch_size=3, window=window, stride=stride,
+                          source="t.txt", commit_seconds=0, after_batch=stop)
+    assert store_mod.read_manifest(store_mod.as_location(out)) is None  # no whole text yet: nothing committed
+    live.record_stats(model, texts[:2], out, tokenizer=tokenizer, batch_size=3, window=window, stride=stride,
+                      source="t.txt", commit_seconds=0)
+    again = live.record_stats(model, texts, out, tokenizer=tokenizer, batch_size=3, window=window, stride=stride,
+                              source="t.txt")
+    assert (again.computed, again.skipped) == (1, 2)
+    # text 3 ran in other batches than in one run (padded to other lengths): float32 rounding apart
+    assert_same_stats(stats_group(out), st, atol=1e-6, rtol=1e-6)
+    with pytest.raises(capture.CaptureError, match="captured with window=8, this run has None"):
+        live.record_stats(model, ["new"], out, tokenizer=tokenizer)
