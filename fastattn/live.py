@@ -404,8 +404,25 @@ class _BatchStats:
             a = a[:, self.heads]
         if self.order is not None:
             a = _compact(a, self.order, self.lengths)
+        dest = self.planes[:, position].ravel()
         with kernel_threads(self.jobs):
-            kernel.fill(self.out, a, self.lengths, self.planes[:, position].ravel(), parallel=True)
+            kernel.fill(self.out, a, self.lengths, dest, parallel=True)
+        self._check_rows(number, a.dtype, dest)
+
+    def _check_rows(self, number: int, dtype, dest) -> None:
+        """Rows must sum to 1 within ingest's tolerance: logits returned by mistake are an error, not
+        statistics. (NaN weights are not caught here: the kernel is compiled with fastmath.)"""
+        from .dumps import row_sum_tolerance
+        from .kernels import stats as kernel
+
+        error = self.out.plane[kernel.PLANE_STATS.index("row_sum_error"), dest]
+        bad = np.flatnonzero(~(error <= row_sum_tolerance(dtype)))
+        if bad.size:
+            b, h = divmod(int(bad[0]), len(self.heads))
+            raise CaptureError(
+                f"layer {number}, head {self.heads[h]} of sample {b} of the batch has attention rows that do not sum"
+                f" to 1 (off by {error[bad[0]]:.3g}): not attention weights (logits?)"
+            )
 
     def finish(self, query: int) -> dict[str, np.ndarray]:
         """Every statistic of the batch, `(batch, layer, head, ...)`, padded to the store's

@@ -366,3 +366,22 @@ def test_sliding_windows_are_samples_with_their_offsets(minilm, tmp_path):
     assert_same_stats(stats_group(out), st, atol=1e-6, rtol=1e-6)
     with pytest.raises(capture.CaptureError, match="captured with window=8, this run has None"):
         live.record_stats(model, ["new"], out, tokenizer=tokenizer)
+
+
+def test_weights_that_are_not_softmax_rows_are_refused():
+    """Rows that do not sum to 1 (logits returned by mistake) stop the capture, as ingest
+    refuses such a dump; softmax rows pass."""
+    rng = np.random.default_rng(3)
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=bool)
+    logits = torch.from_numpy(rng.standard_normal((2, 3, 5, 5)).astype(np.float32))
+    ok = torch.softmax(logits.masked_fill(~torch.from_numpy(mask)[:, None, None, :], float("-inf")), dim=-1)
+    run = live._BatchStats(mask, [0], [0, 1, 2], K, 1, 1)
+    run.layer(0, ok)
+    st = run.finish(6)
+    assert st["entropy"].shape == (2, 1, 3, 6) and np.isnan(st["entropy"][1, :, :, 3:]).all()
+    with pytest.raises(capture.CaptureError, match="head 0 of sample 0 of the batch has attention rows that do not sum"):
+        live._BatchStats(mask, [0], [0, 1, 2], K, 1, 1).layer(0, logits)
+    scaled = ok.clone()
+    scaled[1, 2] *= 1.01  # one head of the padded sample: its rows sum to 1.01
+    with pytest.raises(capture.CaptureError, match=r"layer 0, head 2 of sample 1 of the batch .* \(off by 0.01\)"):
+        live._BatchStats(mask, [0], [0, 1, 2], K, 1, 1).layer(0, scaled)
