@@ -72,6 +72,8 @@ def capture(
     Memory holds one batch's attention at a time: layers x batch x heads x seq² x 4 bytes. Only the local folder is read; nothing is downloaded.
 
     Example: `fastattn capture ./all-MiniLM-L6-v2 texts.txt dumps/`, then `fastattn ingest dumps/ store.zarr`.
+
+    With --stats-only no map is kept: each layer's statistics are computed as soon as it has run (memory: the model, its activations and one layer's maps of one batch) and committed into OUT's stats group; `fastattn stats`, `roles`, `compare`, `plot` and `report` read them. Example: `fastattn capture ./model texts.txt stats.zarr --stats-only --window 4000 --stride 2000`.
     """
     if dtype not in ("float32", "float16"):
         fail(f"--dtype must be float32 or float16, not {dtype}")
