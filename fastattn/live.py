@@ -520,7 +520,8 @@ class _Writer:
 
     def _grow(self, longest: int) -> None:
         """Longer texts than the store has seen: every query/key dim grows (old values stay; the
-        new positions of committed batches hold the fill value, written as whole chunks)."""
+        new positions of committed batches hold what the kernel writes there: the fill value, written
+        as whole chunks, and -1 for the top-k index)."""
         from . import stats, store
 
         n = self.manifest.committed
@@ -533,7 +534,10 @@ class _Writer:
             elif "query" in dims or "key" in dims:
                 old = tuple(array.shape)
                 array.resize(tuple(longest if d in ("query", "key") else s for d, s in zip(dims, old)))
-                store.WholeChunks(self.loc, array).fill_new_chunks(old, n)
+                if array.path.endswith("topk_index"):  # past a query's keys the kernel writes -1, not the fill value 0
+                    array[:n, :, :, old[3]:] = -1
+                else:
+                    store.WholeChunks(self.loc, array).fill_new_chunks(old, n)
         self.manifest.max_length = longest
 
     def add(self, st: dict, samples: list[_Sample], tokens) -> None:

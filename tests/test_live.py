@@ -385,3 +385,27 @@ def test_weights_that_are_not_softmax_rows_are_refused():
     scaled[1, 2] *= 1.01  # one head of the padded sample: its rows sum to 1.01
     with pytest.raises(capture.CaptureError, match=r"layer 0, head 2 of sample 1 of the batch .* \(off by 0.01\)"):
         live._BatchStats(mask, [0], [0, 1, 2], K, 1, 1).layer(0, scaled)
+
+
+def test_an_interrupted_run_that_grew_the_store_checks_and_repairs(decoder, tmp_path, monkeypatch):
+    """Killed during a commit after growing the store for longer texts: `check` reports only the
+    batches past the commit (as after an ingest), `--repair` shrinks them, and the next run
+    completes the store to what one run gives."""
+    model, tokenizer = decoder
+    texts = [f"text number {i} " * (i + 1) for i in range(6)]  # longer and longer
+    out = tmp_path / "grown.zarr"
+    live.record_stats(model, texts[:3], out, tokenizer=tokenizer, batch_size=1, commit_seconds=0)
+    monkeypatch.setattr(store_mod, "commit", lambda *a: (_ for _ in ()).throw(Stop()))
+    with pytest.raises(Stop):
+        live.record_stats(model, texts, out, tokenizer=tokenizer, batch_size=1)
+    monkeypatch.undo()
+    problems = check.check_store(out)
+    assert [p.where for p in problems] == ["length", "zarr.json"], problems
+    assert "3 batches past the last commit (3 committed)" in problems[0].message
+    assert all(p.repaired for p in check.check_store(out, repair=True))
+    assert check.check_store(out) == []
+    done = live.record_stats(model, texts, out, tokenizer=tokenizer, batch_size=1)
+    assert (done.computed, done.skipped, done.committed) == (3, 3, 6)
+    assert check.check_store(out) == []
+    live.record_stats(model, texts, tmp_path / "one.zarr", tokenizer=tokenizer, batch_size=1)
+    assert_same_stats(stats_group(out), stats_group(tmp_path / "one.zarr"), atol=0)  # one text per batch: no padding

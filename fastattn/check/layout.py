@@ -82,8 +82,9 @@ def _check_without_attention(c: Checker) -> None:
     dims are the manifest's, and the batched arrays share the batch chunk (`token` keeps the
     query chunk it was laid out with: the attention's, had there been one)."""
     m = c.manifest
-    c.dims = {"layer": m.layers, "head": m.heads, "query": m.max_length, "key": m.max_length}
     token = c.arrays.get("token")
+    size = max(m.max_length, token.shape[1] if token is not None else 0)  # a killed run may have grown it
+    c.dims = {"layer": m.layers, "head": m.heads, "query": size, "key": size}
     rows = token.chunks[1] if token is not None else m.max_length
     layout = (m.batch_chunk, 1, m.heads, rows, rows)
     for spec in schema.ARRAYS:

@@ -72,7 +72,7 @@ def _repair_store(location: store.Location, found: Checker, manifest: store.Mani
                 p.repaired = "rebuilt"
         keep = max(manifest.committed, manifest.claimed())  # a batch a file entry claims stays
         if found.trusted and all(spec.name in group for spec in schema.stored(manifest.stats_only)):
-            batched = [group[name] for name in (*store.BATCHED, "batch")]
+            batched = [group[name] for name in (*store.BATCHED, "batch") if name in group]  # no attention: stats only
             if all(a.shape[0] >= keep for a in batched) and (any(a.shape[0] != keep for a in batched) or by_fix[PAST]):
                 store.resize(group, batch=keep)
                 for p in by_fix[PAST]:
