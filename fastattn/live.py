@@ -486,7 +486,7 @@ class _Writer:
         return self.manifest.max_length
 
     def _create(self, layers: int, heads: int, longest: int) -> None:
-        from . import stats, store
+        from . import store
 
         self.manifest = store.create(self.loc, layers=layers, heads=heads, query=longest, key=longest,
                                      dtype="float32", stats_only=True)
