@@ -3,7 +3,7 @@
     python -m benchmarks [--quick] [--out results.json] [--only NAME ...] [--keep] [--data DIR] [--dumps N]
 
 Figures, in the order they run: whole, whole-long, kernels, sdpa, ingest, stats, scaling,
-memory. `whole` and `whole-long` time `fastattn` commands as whole processes, first and
+memory, live (peak RSS of capture --stats-only on a random GPT-2, benchmarks/live_bench.py). `whole` and `whole-long` time `fastattn` commands as whole processes, first and
 second run (benchmarks/whole.py); the others call the library in this process, after
 a warm-up. Each comparison is measured in this one run, interleaved (A B A B …), and
 the median is reported. Prints a table and writes the same rows as
@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import ingest_bench, memory, sdpa_bench, stats_bench, whole
+from . import ingest_bench, live_bench, memory, sdpa_bench, stats_bench, whole
 from .runner import DEFAULT_DATA, DEFAULT_OUT, NUMBA_CACHE, Config, Context, markdown_table, print_table, row, run, skipped, write_json
 
 
@@ -58,6 +58,7 @@ FIGURES = {
     "stats": stats_bench.figure,
     "scaling": ingest_bench.scaling,
     "memory": memory.figure,
+    "live": live_bench.figure,
 }
 
 

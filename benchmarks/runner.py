@@ -72,6 +72,11 @@ class Config:
     # scaling
     scaling_files: tuple[int, ...] = (250, 500, 1000, 2000)
     scaling_repeats: int = 1
+    # live: capture --stats-only on a random GPT-2, (layers), (texts) compared
+    live_seq: int = 4096
+    live_heads: int = 16
+    live_layers: tuple[int, int] = (2, 4)
+    live_texts: tuple[int, int] = (2, 8)
     jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     @classmethod
@@ -97,6 +102,8 @@ class Config:
             group_size=25,
             memory_files=150,
             scaling_files=(25, 50, 100),
+            live_seq=256,
+            live_heads=4,
         )
 
     @property

@@ -104,17 +104,19 @@ STORAGE_HELP = "fsspec option for a store URL such as s3://bucket/store.zarr, as
 
 @contextlib.contextmanager
 def progress_bar(label: str):
-    """Yield a `(done, total)` callback that drives a bar on a terminal, and does nothing in a pipe."""
+    """Yield a `(done, total, note="")` callback that drives a bar on a terminal (the note, such
+    as a rate, shown after the count), and does nothing in a pipe."""
     if not sys.stderr.isatty():
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
+               TimeRemainingColumn())
     with Progress(*columns, console=err.rich, transient=True) as bar:
-        task = bar.add_task(label, total=None)
+        task = bar.add_task(label, total=None, note="")
 
-        def advance(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+        def advance(done: int, total: int, note: str = "") -> None:
+            bar.update(task, completed=done, total=total, note=note)
 
         yield advance

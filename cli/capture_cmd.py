@@ -55,6 +55,25 @@ def capture(
     ),
     samples: int = typer.Option(32, "--samples", min=1, help="With --repeat: how many random sequences."),
     seed: int = typer.Option(0, "--seed", help="With --repeat: the random generator's seed."),
+    stats_only: bool = typer.Option(
+        False,
+        "--stats-only",
+        help="Write only the statistics of `fastattn stats` into OUT (a .zarr store), computed layer by layer as the"
+        " model runs; no attention map is kept. Resumable: texts already in the store are skipped.",
+    ),
+    k: int = typer.Option(
+        5, "-k", "--keep-topk", min=1, max=64,
+        help="With --stats-only: each query's K strongest keys kept (index and weight), from which plot draws"
+        " overview, layers and heads approximately.",
+    ),
+    window: Optional[int] = typer.Option(
+        None, "--window", min=1,
+        help="With --stats-only: cut each text into windows of W tokens (each a sample; source_index is the window's"
+        " number), for texts longer than the model takes.",
+    ),
+    stride: Optional[int] = typer.Option(
+        None, "--stride", min=1, help="With --window: tokens between the starts of two windows (default: the window)."
+    ),
 ) -> None:
     """Capture attention weights from a model, one dump per batch of texts.
 
@@ -66,6 +85,8 @@ def capture(
 
     Example: `fastattn capture ./all-MiniLM-L6-v2 texts.txt dumps/`, then `fastattn ingest dumps/ store.zarr`;
     `fastattn capture ./gpt2 --repeat 50 dumps/` for the induction test input.
+
+    With --stats-only no map is kept: each layer's statistics are computed as soon as it has run (memory: the model, its activations and one layer's maps of one batch) and committed into OUT's stats group; `fastattn stats`, `roles`, `compare`, `plot` and `report` read them. Example: `fastattn capture ./model texts.txt stats.zarr --stats-only --window 4000 --stride 2000`.
     """
     if repeat is None and len(paths) != 2:
         fail("give TEXTS and OUT (or --repeat N and OUT alone)", code=2)
@@ -79,7 +100,19 @@ def capture(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from fastattn import capture as capture_mod
 
+    if (window is not None or stride is not None) and not stats_only:
+        fail("--window and --stride apply to --stats-only", 2)
+    if stats_only:
+        if repeat is not None:
+            fail("--repeat writes dumps; --stats-only reads TEXTS", 2)
+        if not out.rstrip("/\\").lower().endswith(".zarr"):
+            fail(f"--stats-only writes into a store: give an OUT ending in .zarr, not {out}")
+        if dtype.value != "float32":
+            fail("--dtype does not apply to --stats-only (the statistics are float32 and float64)")
     inputs = run(capture_mod.load_texts, texts) if texts is not None else None
+    if stats_only:
+        _capture_stats(model_dir, texts, inputs, out, batch_size, max_length, layer_list, head_list, k, window, stride)
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # third-party deprecation chatter is not the user's business here
         model, tokenizer = run(capture_mod.load_model, model_dir)
@@ -117,6 +150,39 @@ def capture(
         err.print(
             f"wrote {result.batches} dumps ({result.samples} {noun}, {shape}) to {out}", markup=False, highlight=False
         )
+
+
+def _capture_stats(model_dir, texts, inputs, out, batch_size, max_length, layers, heads, k, window, stride) -> None:
+    """`--stats-only`: the statistics straight from the model (fastattn.live)."""
+    import time
+
+    from fastattn import capture as capture_mod
+    from fastattn import live
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, tokenizer = run(capture_mod.load_model, model_dir)
+        with progress_bar("statistics from the model") as advance:
+            started = time.perf_counter()
+
+            def report(done: int, total: int, tokens: int) -> None:
+                elapsed = time.perf_counter() - started
+                advance(done, total, f"{tokens / elapsed:,.0f} tokens/s" if tokens and elapsed > 0 else "")
+
+            result = run(
+                lambda: live.record_stats(
+                    model, inputs, out, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, k=k,
+                    layers=layers, heads=heads, source=Path(texts).name, progress=report if advance else None,
+                    window=window, stride=stride,
+                )
+            )
+    rate = f", {result.tokens / result.seconds:,.0f} tokens/s" if result.seconds > 0 else ""
+    err.print(
+        f"statistics of {result.computed} texts ({result.tokens:,} tokens{rate}; {result.layers} layers x"
+        f" {result.heads} heads) committed into {out}; {result.skipped} already there; {result.committed} in store",
+        markup=False,
+        highlight=False,
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -57,9 +57,11 @@ def plot(
     fmt = run(plot_mod.file_format, output)
 
     def work():
+        from fastattn.stats import open_stats
         from fastattn.store import open_store
 
-        ds = open_store(store)
+        # the corpus figures read only the statistics (a store of statistics only has no maps)
+        ds = open_stats(store) if kind in ("batches", "entropy") else plot_mod.open_sample_data(store)
         if kind == "overview":
             fig = plot_mod.overview(ds, batch, layer, head, dpi=dpi)
         elif kind == "layers":

@@ -543,19 +543,30 @@ def _left_padded_positions(mask):
     return (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
 
 
+def _parameters(model):
+    """The parameters of the model's forward (empty when it has no readable signature)."""
+    try:
+        return inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
+def _add_positions(inputs: dict, parameters) -> None:
+    """Left-padded inputs get their position ids (`_left_padded_positions`), unless the batch
+    brings its own or the model takes none."""
+    positions = _left_padded_positions(inputs.get("attention_mask"))
+    if positions is not None and "position_ids" not in inputs and "position_ids" in parameters:
+        inputs["position_ids"] = positions
+
+
 def _hf_batch(model, batch, index, layers, heads, dtype, tokenizer, limit) -> dict[str, np.ndarray]:
     torch = _torch()
     inputs = _hf_inputs(batch, index, tokenizer, limit)
     ids = inputs.get("input_ids")
     if ids is None or ids.ndim != 2:
         raise CaptureError(f"batch {index} has no 2-D input_ids (batch, seq)")
-    try:
-        parameters = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        parameters = {}
-    positions = _left_padded_positions(inputs.get("attention_mask"))
-    if positions is not None and "position_ids" not in inputs and "position_ids" in parameters:
-        inputs["position_ids"] = positions
+    parameters = _parameters(model)
+    _add_positions(inputs, parameters)
     device = _device(model)
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     kwargs = {"output_attentions": True, "return_dict": True}

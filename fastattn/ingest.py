@@ -141,6 +141,11 @@ def ingest(
         zarr.config.set({"array.write_empty_chunks": True}),
     ):
         manifest = store.read_manifest(location)
+        if manifest is not None and manifest.stats_only:
+            raise StoreError(
+                f"{location}: holds statistics captured from a model and no attention maps; dumps cannot be appended"
+                " to it (ingest them into another store)"
+            )
         plan = _plan(found, manifest, layout, replace, report, infer_padding)
         if strict:
             _validate_all(plan, pool, report)

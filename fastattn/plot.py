@@ -228,6 +228,13 @@ class Sample:
         self.tokens = _tokens(ds, self.batch, self.n)
         self.title = _title(ds, self.batch, self.n)
         self.heads = int(ds.sizes["head"])
+        # no maps (a store of statistics captured from a model): each plane drawn from its top-k
+        self.topk = "attention" not in ds
+        if self.topk:
+            if "topk_index" not in ds:
+                raise FastattnError("this dataset has neither attention nor top-k statistics to draw")
+            k = int(ds.sizes["rank"])
+            self.title += f" (approximate: each query's {k} strongest keys only, the other weights drawn as 0)"
 
     def draw(self, figures: list) -> list[Figure]:
         """Feed every plane that one of `figures` (Overview, Layers, Heads) wants to each that
@@ -253,6 +260,9 @@ class Sample:
         The heads held by one stored chunk are read together: the chunk is decoded once, and
         at most one chunk's worth of planes is in memory."""
         n = self.n
+        if self.topk:
+            yield from self._topk_planes(layer, heads)
+            return
         attention = self.ds["attention"].isel(batch=self.batch, layer=layer, query=slice(0, n), key=slice(0, n))
         for group in _chunk_groups(attention, "head", heads):
             contiguous = group == list(range(group[0], group[-1] + 1))
@@ -262,6 +272,21 @@ class Sample:
                 if np.isnan(plane).any():  # never inside an ingested block; a copy, so the dataset is unchanged
                     plane = np.nan_to_num(plane, nan=0.0)
                 yield head, plane
+
+
+    def _topk_planes(self, layer: int, heads: list[int]):
+        """Yield `(head, plane)` rebuilt from the top-k: each query's k strongest weights at their
+        keys, 0 elsewhere (an approximation: the rest of each row is not stored)."""
+        n = self.n
+        where = {"batch": self.batch, "layer": layer, "head": heads, "query": slice(0, n)}
+        index = np.asarray(self.ds["topk_index"].isel(where).values)
+        weight = np.asarray(self.ds["topk_weight"].isel(where).values)
+        rows = np.broadcast_to(np.arange(n)[:, None], index.shape[1:])
+        for head, idx, w in zip(heads, index, weight):
+            plane = np.zeros((n, n), dtype=np.float32)
+            valid = (idx >= 0) & (idx < n)
+            plane[rows[valid], idx[valid]] = w[valid]
+            yield head, plane
 
 
 def _chunk_groups(array: xr.DataArray, dim: str, indices: list[int]) -> list[list[int]]:
@@ -452,6 +477,21 @@ class Heads:
         self.norm.vmax = float(max(cells.max() for cells in self.maps)) or 1.0
         self.colorbar.set_label("Attention weight" + _blocks_label(self.factor))
         return self.fig
+
+
+def open_sample_data(location) -> xr.Dataset:
+    """What the figures of one sample draw from: the store (lazily), or for a store of statistics
+    captured from a model (no maps) its per-sample arrays and the statistics' top-k, from which
+    `Sample` draws each plane approximately (the figure says so)."""
+    from . import store
+
+    loc = store.as_location(location)
+    if not store.checked_manifest(loc).stats_only:
+        return store.open_store(loc)
+    from .stats import open_stats
+
+    st = open_stats(loc)
+    return store.open_store(loc, attention=False).assign(topk_index=st["topk_index"], topk_weight=st["topk_weight"])
 
 
 def overview(ds: xr.Dataset, batch: int, layer: int, head: int | None = None, *, dpi: float = 100) -> Figure:

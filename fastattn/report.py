@@ -91,10 +91,12 @@ def _summary_html(info: dict, batch: int, length: int, source: str, median: bool
         ("Lengths", f"{info['length_min']} to {info['length_max']}"),
         (
             "Size",
-            f"{_mb(info['size_on_disk'])} on disk; attention {_mb(info['attention_bytes'])} stored in "
+            f"{_mb(info['size_on_disk'])} on disk; no attention maps (statistics captured from a model)"
+            if info.get("stats_only")
+            else f"{_mb(info['size_on_disk'])} on disk; attention {_mb(info['attention_bytes'])} stored in "
             f"{_mb(info['stored_bytes'])}" + (f" (ratio {ratio:.2f})" if ratio else ""),
         ),
-        ("Sources", f"{info['source_files']:,} dump files"),
+        ("Sources", f"{info['source_files']:,} {'texts' if info.get('stats_only') else 'dump files'}"),
         ("Sample shown", f"batch {batch} (length {length}{', the median' if median else ''}) from {source}"),
     ]
     if last:
@@ -162,40 +164,8 @@ def _table_html(table: dict) -> str:
     )
 
 
-def write_report(
-    store_path: str | os.PathLike, out_path: str | os.PathLike, *, batch: int | None = None, dpi: int = 80
-) -> str:
-    """Write the HTML report of a store to `out_path` and return that path.
-
-    Computes (and saves) the statistics first when some batches have none. `batch`
-    picks the sample shown in detail; by default the one with the median length."""
-    from . import stats as stats_mod
-    from .store import open_store
-
-    store_path = os.fspath(store_path)
-    info = summary.store_info(store_path)
-    if info["batches"] == 0:
-        raise FastattnError(f"{store_path}: the store has no batches yet (run fastattn ingest)")
-    if info["stats_batches"] < info["batches"]:
-        stats_mod.write_stats(store_path)
-        info = summary.store_info(store_path)
-    ds = open_store(store_path)
-    stats = stats_mod.open_stats(store_path)
-    lengths = np.asarray(ds["length"].values)
-    median = batch is None
-    if median:
-        batch = representative_batch(lengths)
-    else:
-        batch = plot._check_index(ds, "batch", batch)
-    length = int(lengths[batch])
-    source = str(ds["source"].isel(batch=batch).values) or "?"
-    table = summary.head_table(stats)
-    with contextlib.suppress(tokens.NoTokenStrings):  # a store with token strings: findings on token classes too
-        tokens.add_to_table(table, tokens.token_class_stats(store_path, sep_sep=False))
-    found = summary.findings(table)
-    picked = chosen_layers(ds.sizes["layer"])
-    some = "every layer" if len(picked) == ds.sizes["layer"] else f"layers {', '.join(map(str, picked))}"
-
+def _sample_figures(ds, stats, table, batch: int, picked: list[int], dpi: int) -> list[str]:
+    """The figures of one sample: its overview, its layers and the heads of the `picked` layers."""
     # the layer shown in the overview: the most focused one (lowest mean normalised entropy)
     by_layer = np.nanmean(np.where(np.isfinite(table["entropy_norm"]), table["entropy_norm"], np.inf), axis=1)
     focus = int(np.argmin(by_layer))
@@ -232,6 +202,46 @@ def write_report(
                 f"Batch {batch}, layer {layer}: every head; H is the head's mean row entropy in nats.",
             )
         )
+    return sample_figures
+
+
+def write_report(
+    store_path: str | os.PathLike, out_path: str | os.PathLike, *, batch: int | None = None, dpi: int = 80
+) -> str:
+    """Write the HTML report of a store to `out_path` and return that path.
+
+    Computes (and saves) the statistics first when some batches have none. `batch`
+    picks the sample shown in detail; by default the one with the median length."""
+    from . import stats as stats_mod
+    from .store import open_store
+
+    store_path = os.fspath(store_path)
+    info = summary.store_info(store_path)
+    if info["batches"] == 0:
+        raise FastattnError(f"{store_path}: the store has no batches yet (run fastattn ingest)")
+    if info["stats_batches"] < info["batches"]:
+        stats_mod.write_stats(store_path)
+        info = summary.store_info(store_path)
+    ds = open_store(store_path, attention=not info.get("stats_only"))
+    stats = stats_mod.open_stats(store_path)
+    lengths = np.asarray(ds["length"].values)
+    median = batch is None
+    if median:
+        batch = representative_batch(lengths)
+    else:
+        batch = plot._check_index(ds, "batch", batch)
+    length = int(lengths[batch])
+    source = str(ds["source"].isel(batch=batch).values) or "?"
+    table = summary.head_table(stats)
+    with contextlib.suppress(tokens.NoTokenStrings):  # a store with token strings: findings on token classes too
+        tokens.add_to_table(table, tokens.token_class_stats(store_path, sep_sep=False))
+    found = summary.findings(table)
+    picked = chosen_layers(ds.sizes["layer"])
+    some = "every layer" if len(picked) == ds.sizes["layer"] else f"layers {', '.join(map(str, picked))}"
+
+    maps = not info.get("stats_only")  # a store of statistics captured from a model has no maps to draw
+    sample_figures = _sample_figures(ds, stats, table, batch, picked, dpi) if maps else []
+    sample_note = "<p>This store holds statistics captured straight from a model and no attention maps: no sample is drawn.</p>"
     corpus_figures = [
         _figure(
             plot.entropy_map(stats),
@@ -277,7 +287,7 @@ def write_report(
 {''.join(corpus_figures)}
 
 <h2>{"Representative sample" if median else "Sample"}: batch {batch}</h2>
-<p class="muted">{"The sample with the median length" if median else "The sample asked for"} ({length} tokens); only its valid tokens are drawn.
+{sample_note if not maps else ""}<p class="muted">{"The sample with the median length" if median else "The sample asked for"} ({length} tokens); only its valid tokens are drawn.
 Figures of heads: {some}.</p>
 {''.join(sample_figures)}
 

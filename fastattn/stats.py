@@ -343,16 +343,17 @@ def schema(k: int = 1) -> dict[str, tuple[tuple[str, ...], np.dtype]]:
     return arrays
 
 
-def _create_layout(group, n: int, k: int, block: int) -> None:
+def _create_layout(group, n: int, k: int, block: int, shape: tuple[int, ...] | None = None) -> None:
     """The stats group's arrays for `n` batches, empty, one chunk per block (replacing old ones).
 
     Laid out with zarr from `schema` and the attention's shape, as `xarray.Dataset.to_zarr`
     would lay out the Dataset `compute_stats` returns (dims, dtypes, fill values, attributes),
     so `open_stats` and plain `xr.open_zarr` read it; no chunk of a variable is written here
-    (`_write_block` writes them all), only the coordinates."""
+    (`_write_block` writes them all), only the coordinates. `shape`: the attention's
+    `(layer, head, query, key)` when the store has none (statistics captured from a model)."""
     from . import store
 
-    _, layers, heads, query, key = group["attention"].shape
+    layers, heads, query, key = shape if shape is not None else group["attention"].shape[1:]
     sizes = {"batch": n, "layer": layers, "head": heads, "query": query, "key": key, "rank": k}
     stats = group.create_group(GROUP, overwrite=True)
     # overwrite=True although the group is empty now: it spares zarr's check for an existing node,
@@ -403,6 +404,8 @@ def write_stats(
 
     loc = store.as_location(location, storage_options)
     manifest = store.checked_manifest(loc)  # before the lock, which would create a missing store's folder
+    if manifest.stats_only:
+        return _captured(loc, manifest, k)
     if _up_to_date(store.open_group(loc, "r"), manifest, k):  # nothing to do: no lock, no write (read-only is fine)
         return {"computed": 0, "total": manifest.committed}
     with store.writing_derived(loc, STATS) as manifest:
@@ -437,6 +440,19 @@ def write_stats(
             _run_local(loc, group, blocks, k, jobs, progress, n - done)
         store.commit_derived(loc, manifest, STATS, n, k=k)
     return {"computed": n - done, "total": n}
+
+
+def _captured(loc, manifest, k: int) -> dict:
+    """A store of statistics captured from a model has no attention to compute them from: its
+    statistics are complete as captured, with the k they were captured with."""
+    from .errors import StoreError
+
+    if manifest.stats_k != k and manifest.committed:
+        raise StoreError(
+            f"{loc}: holds statistics only, captured with k={manifest.stats_k}, and no attention maps to compute them"
+            f" again with k={k}; use k={manifest.stats_k}, or capture again"
+        )
+    return {"computed": 0, "total": manifest.stats_committed}
 
 
 def _done(manifest, k: int) -> int:

@@ -16,9 +16,10 @@ def store_info(location, *, storage_options: dict | None = None, bins: int = 8) 
     group = store.open_group(loc, mode="r")
     n = manifest.committed
     lengths = np.asarray(group["length"][:n]) if n else np.zeros(0, dtype=np.int32)
-    attention = group["attention"]
-    stored = loc.nbytes("attention")
-    logical = n * int(np.prod(attention.shape[1:])) * np.dtype(manifest.dtype).itemsize
+    maps = not manifest.stats_only  # a store of statistics captured from a model holds no attention
+    stored = loc.nbytes("attention") if maps else 0
+    shape = group["attention"].shape[1:] if maps else (manifest.layers, manifest.heads, manifest.max_length, manifest.max_length)
+    logical = n * int(np.prod(shape)) * np.dtype(manifest.dtype).itemsize if maps else 0
     counts, edges = np.histogram(lengths, bins=min(bins, max(1, len(np.unique(lengths))))) if n else ([], [])
     return {
         "store": str(loc),
@@ -27,7 +28,8 @@ def store_info(location, *, storage_options: dict | None = None, bins: int = 8) 
         "heads": manifest.heads,
         "max_length": manifest.max_length,
         "dtype": manifest.dtype,
-        "chunks": list(attention.chunks),
+        "chunks": list(group["attention"].chunks) if maps else [],
+        "stats_only": manifest.stats_only,
         "length_min": int(lengths.min()) if n else 0,
         "length_max": int(lengths.max()) if n else 0,
         "length_histogram": [
@@ -59,11 +61,19 @@ def format_store(info: dict) -> str:
         bar = "#" * (round(30 * b["count"] / peak) if peak else 0)
         lines.append(f"  {b['from']:6.0f} - {b['to']:<6.0f} {b['count']:8,}  {bar}")
     ratio = info["compression_ratio"]
+    if info.get("stats_only"):
+        lines += [
+            f"size         {_mb(info['size_on_disk'])} on disk; no attention maps (statistics captured from a model)",
+            f"sources      {info['source_files']:,} texts",
+        ]
+    else:
+        lines += [
+            f"size         {_mb(info['size_on_disk'])} on disk; attention {_mb(info['attention_bytes'])}"
+            f" stored in {_mb(info['stored_bytes'])}" + (f" (ratio {ratio:.2f})" if ratio else ""),
+            f"chunks       {tuple(info['chunks'])}",
+            f"sources      {info['source_files']:,} files",
+        ]
     lines += [
-        f"size         {_mb(info['size_on_disk'])} on disk; attention {_mb(info['attention_bytes'])}"
-        f" stored in {_mb(info['stored_bytes'])}" + (f" (ratio {ratio:.2f})" if ratio else ""),
-        f"chunks       {tuple(info['chunks'])}",
-        f"sources      {info['source_files']:,} files",
         f"statistics   {info['stats_batches']:,} of {info['batches']:,} batches",
     ]
     last = info["last_ingest"]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-FIGURES = {"whole", "whole-long", "kernels", "sdpa", "ingest", "stats", "scaling", "memory"}
+FIGURES = {"whole", "whole-long", "kernels", "sdpa", "ingest", "stats", "scaling", "memory", "live"}
 
 
 def _positive(value) -> bool:
@@ -75,6 +75,7 @@ def test_every_figure_has_positive_times(quick_run):
         assert r["sizes"] == [25, 50, 100] and all(_positive(s) for s in r["seconds"])
         assert -1 <= r["r2"] <= 1
     assert len(by_figure["memory"]) == 2 and all(r["unit"] == "MB" for r in by_figure["memory"])
+    assert len(by_figure["live"]) == 4 and [r["unit"] for r in by_figure["live"]] == ["MB", "MB", "MB", "x"]
 
 
 def test_table_printed_and_scratch_removed(quick_run):

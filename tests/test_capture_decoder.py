@@ -288,3 +288,20 @@ def test_a_right_padded_decoder_dump_without_its_mask_gets_its_lengths(decoder, 
     masked, inferred = open_store(tmp_path / "masked.zarr"), open_store(tmp_path / "inferred.zarr")
     assert inferred["length"].values.tolist() == [len(t.split()) for t in TEXTS[:BATCH]]
     assert np.array_equal(inferred["attention"].values, masked["attention"].values, equal_nan=True)
+
+
+def test_stats_only_capture_of_left_padded_texts_equals_the_stored_path(decoder, pipeline):
+    """`capture --stats-only` runs the left-padded batches with the same position ids as the
+    dump path: every per-plane statistic equals capture → ingest → stats, and no map is kept."""
+    from fastattn.stats import read_planes
+
+    folder, _, _ = decoder
+    work, _, invoke = pipeline
+    result = invoke("capture", folder, work / "texts.txt", work / "live.zarr", "--stats-only", "--batch-size", BATCH)
+    assert result.exit_code == 0, result.output
+    assert not (work / "live.zarr" / "attention").exists()
+    names = [*ref.PLANE_STATS, "peak_key", "duplicate_token", "induction"]
+    got, want = read_planes(work / "live.zarr", names), read_planes(work / "store.zarr", names)
+    for name in names:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    assert np.isfinite(got["induction"][4]).all()  # the repeated run has its ids, and its scores

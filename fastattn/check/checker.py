@@ -115,7 +115,8 @@ class Checker:
             self._guarded("zarr.json", metadata.check_consolidated)
         owner, names = self._guarded(store.MANIFEST, records.check_files, essential=True)
         self._guarded("length", records.check_per_batch, owner, names, essential=True)
-        self._guarded("attention", values.check_attention)
+        if "attention" in self.arrays:  # a store of statistics only has none
+            self._guarded("attention", values.check_attention)
         for spec in store.ARRAYS:  # the other batched arrays (`token`): every committed chunk decodes
             if spec.batched and spec.name not in ("attention", *records.CHECKED) and spec.name in self.arrays:
                 self._guarded(spec.name, values.check_decodes, spec.name)

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 def check_shapes(c: Checker) -> None:
     """Every batched array's shape and chunking against the manifest."""
     m = c.manifest
+    if m.stats_only:
+        _check_without_attention(c)
+        return
     n, bc = m.committed, m.batch_chunk
     attention = c.arrays["attention"]
     b, layers, heads, query, key = attention.shape
@@ -62,14 +65,32 @@ def check_shapes(c: Checker) -> None:
     for spec in schema.ARRAYS:
         if spec.batched and spec is not schema.ATTENTION and spec.name in c.arrays:
             _check_batched(c, spec, layout)
+    _past_commit(c, "attention")
+
+
+def _past_commit(c: Checker, where: str) -> None:
+    """Batches past the last commit, left by an interrupted run (repair shrinks the arrays)."""
+    n = c.manifest.committed
     longest = max(a.shape[0] for name, a in c.arrays.items() if name in store.BATCHED or name == "batch")
     keep = max(n, c.claimed)  # batches a file entry claims are never cut without --force
     if longest > keep and c.writer is None:
-        c.add(
-            "attention",
-            f"{longest - keep} batches past the last commit ({n} committed), left by an interrupted run",
-            fix=PAST,
-        )
+        c.add(where, f"{longest - keep} batches past the last commit ({n} committed), left by an interrupted run", fix=PAST)
+
+
+def _check_without_attention(c: Checker) -> None:
+    """A store of statistics captured from a model (`Manifest.stats_only`): no attention, so the
+    dims are the manifest's, and the batched arrays share the batch chunk (`token` keeps the
+    query chunk it was laid out with: the attention's, had there been one)."""
+    m = c.manifest
+    token = c.arrays.get("token")
+    size = max(m.max_length, token.shape[1] if token is not None else 0)  # a killed run may have grown it
+    c.dims = {"layer": m.layers, "head": m.heads, "query": size, "key": size}
+    rows = token.chunks[1] if token is not None else m.max_length
+    layout = (m.batch_chunk, 1, m.heads, rows, rows)
+    for spec in schema.ARRAYS:
+        if spec.batched and spec is not schema.ATTENTION and spec.name in c.arrays:
+            _check_batched(c, spec, layout)
+    _past_commit(c, "length")
 
 
 def _check_batched(c: Checker, spec: schema.Array, layout: tuple[int, ...]) -> None:
@@ -130,7 +151,7 @@ def _restore_shape(c: Checker, name: str, array, shape) -> None:
 
 
 def check_coordinates(c: Checker) -> None:
-    attention = c.arrays["attention"]
+    attention = c.arrays.get("attention", c.arrays["length"])  # the batch axis: a store of statistics has no attention
     n = c.manifest.committed
     for spec in schema.ARRAYS:
         dim = spec.name

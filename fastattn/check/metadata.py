@@ -108,7 +108,7 @@ def schema_problem(spec: schema.Array, array, attention_dtype: str) -> str | Non
 
 def check_schema(c: Checker) -> None:
     """Every array of the schema: there, an array, its dims and dtype; the attention checksummed."""
-    for spec in schema.ARRAYS:
+    for spec in schema.stored(c.manifest.stats_only):  # a store of statistics only has no attention
         name, coordinate = spec.name, spec.coordinate
         try:
             array = c.group[name]
@@ -134,7 +134,7 @@ def check_schema(c: Checker) -> None:
         codecs = [type(codec).__name__ for codec in c.arrays["attention"].metadata.codecs]
         if "Crc32cCodec" not in codecs:
             c.add("attention", "no crc32c checksum among its codecs: flipped bits would be read as data")
-    if any(name not in c.arrays for name in ("attention", "length")):
+    if any(name not in c.arrays for name in ("length",) + (() if c.manifest.stats_only else ("attention",))):
         raise Stop  # nothing more can be read
 
 

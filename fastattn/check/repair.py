@@ -71,7 +71,7 @@ def _repair_store(location: store.Location, found: Checker, manifest: store.Mani
             for p in by_fix[COORD]:
                 p.repaired = "rebuilt"
         keep = max(manifest.committed, manifest.claimed())  # a batch a file entry claims stays
-        present = schema.present(group)
+        present = schema.present(group, manifest.stats_only)
         if found.trusted and all(spec.name in group for spec in present):
             batched = [group[spec.name] for spec in present if spec.batched or spec.name == "batch"]
             if all(a.shape[0] >= keep for a in batched) and (any(a.shape[0] != keep for a in batched) or by_fix[PAST]):

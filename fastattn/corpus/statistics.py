@@ -82,7 +82,9 @@ def corpus_stats(source, *, k: int = 5, entropy_smoothing: float = 0.0) -> xr.Da
     elif isinstance(source, (str, os.PathLike, store.Location)):
         loc = store.as_location(source)
         manifest = store.require_batches(loc, store.checked_manifest(loc))
-        ds = store.open_store(loc)
+        if entropy_smoothing:
+            store.require_maps(loc, manifest)  # smoothed entropy is computed from the maps
+        ds = store.open_store(loc, attention=not manifest.stats_only)
         stats = store.derived_record(store.schema.STATS, manifest)
         if stats is not None and stats["batches"] == manifest.committed:
             from ..stats import open_stats

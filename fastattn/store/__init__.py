@@ -33,7 +33,7 @@ from .chunks import WholeChunks, read_all, write_all
 from .location import LocalLocation, Location, RemoteLocation, as_location, is_url
 from .lock import Lock, lock_holder, read_lock_record
 from .manifest import FileEntry, Manifest, Status, now
-from .read import checked_manifest, is_fastattn, open_committed, open_group, open_store, read_json, read_manifest, require_batches
+from .read import checked_manifest, is_fastattn, open_committed, open_group, open_store, read_json, read_manifest, require_batches, require_maps
 from .schema import (
     ARRAYS,
     BATCHED,
@@ -48,6 +48,8 @@ from .schema import (
     compressors,
     present,
     resize,
+    sizes_of,
+    stored,
 )
 
 __all__ = [
@@ -57,6 +59,6 @@ __all__ = [
     "Location", "Lock", "LOCK", "lock_holder", "Manifest", "MANIFEST", "META", "nothing_committed", "now",
     "open_committed", "open_derived", "open_group", "open_store", "PER_BATCH", "present", "read_all", "read_json",
     "read_lock_record", "read_manifest", "refresh_consolidated", "RemoteLocation", "require_batches",
-    "require_variables", "resize", "Status", "uncommit_derived", "WholeChunks", "write_all", "write_manifest",
+    "require_maps", "require_variables", "resize", "sizes_of", "stored", "Status", "uncommit_derived", "WholeChunks", "write_all", "write_manifest",
     "writing_derived",
 ]

@@ -25,7 +25,7 @@ from .location import Location
 from .lock import Lock
 from .manifest import Manifest, now
 from .read import checked_manifest, open_committed, require_batches
-from .schema import ARRAYS, DIMS, FORMAT_VERSION, MANIFEST, META, Derived, attention_chunks, create_array
+from .schema import DIMS, FORMAT_VERSION, MANIFEST, META, Derived, attention_chunks, create_array, stored
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -43,9 +43,11 @@ def nothing_committed(location: Location, what: str, then: str = AT_LAST_COMMIT)
         raise StoreError(f"{location}: {what} failed ({exc.strerror or exc}); nothing was committed, {then}") from None
 
 
-def create(location: Location, *, layers: int, heads: int, query: int, key: int, dtype: str) -> Manifest:
+def create(location: Location, *, layers: int, heads: int, query: int, key: int, dtype: str,
+           stats_only: bool = False) -> Manifest:
     """Lay out an empty store (batch 0) from the schema, replacing the arrays an uncommitted
-    crash left (array by array, so the lock file beside them stays)."""
+    crash left (array by array, so the lock file beside them stays). `stats_only`: every array
+    but the attention (statistics captured straight from a model), chunked as if it were there."""
     chunks = attention_chunks(heads, query, key, np.dtype(dtype).itemsize)
     attrs = {"format_version": FORMAT_VERSION, "created": now()}
     # the root's first write already carries the attributes: a kill right after it leaves a store
@@ -56,9 +58,10 @@ def create(location: Location, *, layers: int, heads: int, query: int, key: int,
     group.attrs["fastattn"] = attrs
     group.require_group(META)
     sizes = dict(zip(DIMS, (0, layers, heads, query, key)))
-    for spec in ARRAYS:
+    for spec in stored(stats_only):
         create_array(group, spec, sizes, chunks, dtype)
-    return Manifest(layers=layers, heads=heads, max_length=max(query, key), dtype=dtype, batch_chunk=chunks[0])
+    return Manifest(layers=layers, heads=heads, max_length=max(query, key), dtype=dtype, batch_chunk=chunks[0],
+                    stats_only=stats_only)
 
 
 def write_manifest(location: Location, manifest: Manifest) -> None:

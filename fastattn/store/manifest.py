@@ -114,10 +114,15 @@ class Manifest:
     cross: list | None = None  # [query, key] of a cross-attention store
     stats_committed: int = 0  # the `stats` group's commit (schema.STATS)
     stats_k: int = 0
+    #: statistics captured straight from a model (`fastattn.live`): the store holds no `attention`
+    #: array, its file entries are texts (keyed by content hash), and its statistics cannot be recomputed
+    stats_only: bool = False
 
     def to_json(self) -> bytes:
         body = {"format": "fastattn-manifest", "version": FORMAT_VERSION, **self.__dict__}
         body["files"] = {key: entry.to_json() for key, entry in self.files.items()}
+        if not self.stats_only:
+            del body["stats_only"]  # manifests of stores with attention are written as they always were
         return json.dumps(body, indent=1).encode()
 
     @classmethod
@@ -179,6 +184,8 @@ def _check_body(body: dict) -> None:
     for name in _COUNTS:
         if name in body and not _is_count(body[name]):
             raise _Damaged(f"'{name}' is {body[name]!r:.40}, not a count (a whole number >= 0)")
+    if not isinstance(body.get("stats_only", False), bool):
+        raise _Damaged(f"'stats_only' is {body['stats_only']!r:.40}, not true or false")
     if body.get("dtype", "float32") not in STORE_DTYPES:
         raise _Damaged(f"'dtype' is {body['dtype']!r:.40}, not float32 or float16")
     missing = [name for name in _REQUIRED if name not in body]

@@ -56,7 +56,18 @@ def checked_manifest(location: Location) -> Manifest:
     version = read_json(location, "zarr.json")["attributes"]["fastattn"].get("format_version")
     if version != FORMAT_VERSION:
         raise StoreError(f"{location}: store format {version}, this fastattn reads {FORMAT_VERSION}")
-    _check_attention_metadata(location, manifest)
+    if not manifest.stats_only:
+        _check_attention_metadata(location, manifest)
+    return manifest
+
+
+def require_maps(location: Location, manifest: Manifest) -> Manifest:
+    """The manifest, or a one-line StoreError for a store of statistics only (no attention maps)."""
+    if manifest.stats_only:
+        raise StoreError(
+            f"{location}: holds statistics only (captured with stats_only), no attention maps, and this needs them;"
+            " statistics, roles, compare and the entropy and batches plots work on it"
+        )
     return manifest
 
 
@@ -110,16 +121,24 @@ def open_committed(location: Location, limits: dict[str, int], group: str | None
         )
 
 
-def open_store(location: str | os.PathLike | Location, *, storage_options: dict | None = None) -> xr.Dataset:
+def open_store(
+    location: str | os.PathLike | Location, *, storage_options: dict | None = None, attention: bool = True
+) -> xr.Dataset:
     """The committed batches of a store as a lazy, dask-backed `xarray.Dataset`.
 
     Dims `batch, layer, head, query, key`; each `(query, key)` plane is one dask chunk
-    (kernels need whole planes), batches are chunked as stored.
+    (kernels need whole planes), batches are chunked as stored. A store of statistics only
+    (`fastattn.live`) has no attention: a StoreError, unless `attention=False`, which takes
+    the per-sample arrays alone (`length`, `source`, `token`, ...) of either kind of store.
     """
     loc = as_location(location, storage_options)
     manifest = checked_manifest(loc)
+    if attention:
+        require_maps(loc, manifest)
     n, size = manifest.committed, manifest.max_length
     ds = open_committed(loc, {"batch": n, "query": size, "key": size})
+    if not attention and "attention" in ds:
+        ds = ds.drop_vars("attention")
     ds = ds.chunk({"query": -1, "key": -1})
     ds.attrs = {
         "fastattn_format": FORMAT_VERSION,
@@ -128,5 +147,6 @@ def open_store(location: str | os.PathLike | Location, *, storage_options: dict 
         "max_length": size,
         "dtype": manifest.dtype,
         "files": len(manifest.files),
+        "stats_only": manifest.stats_only,
     }
     return ds

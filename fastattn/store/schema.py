@@ -150,9 +150,25 @@ BATCHED = tuple(spec.name for spec in ARRAYS if spec.batched)
 PER_BATCH = tuple(spec.name for spec in ARRAYS if spec.batched and spec.dims == ("batch",))
 
 
-def present(group) -> tuple[Array, ...]:
-    """The arrays of `ARRAYS` that `group` holds or must hold: all but the optional ones it lacks."""
-    return tuple(spec for spec in ARRAYS if not spec.optional or spec.name in group)
+def stored(stats_only: bool) -> tuple[Array, ...]:
+    """The arrays a store holds: all of `ARRAYS`, or all but the attention in a store of
+    statistics captured straight from a model (`Manifest.stats_only`)."""
+    return tuple(spec for spec in ARRAYS if not (stats_only and spec is ATTENTION))
+
+
+def present(group, stats_only: bool | None = None) -> tuple[Array, ...]:
+    """The arrays `group` holds or must hold: those `stored` names (`stats_only` None: a group
+    without attention is a store of statistics), but the optional ones it lacks."""
+    stats_only = "attention" not in group if stats_only is None else stats_only
+    return tuple(spec for spec in stored(stats_only) if not spec.optional or spec.name in group)
+
+
+def sizes_of(group) -> tuple[int, ...]:
+    """The store's `(batch, layer, head, query, key)` sizes: the attention's shape, or the
+    coordinates' lengths in a store without attention."""
+    if "attention" in group:
+        return tuple(group["attention"].shape)
+    return tuple(group[dim].shape[0] for dim in DIMS)
 
 
 def create_array(group, spec: Array, sizes: dict[str, int], attention_chunks: tuple[int, ...], dtype: str):
@@ -177,7 +193,7 @@ def create_array(group, spec: Array, sizes: dict[str, int], attention_chunks: tu
 
 def resize(group, *, batch: int, query: int = 0, key: int = 0) -> None:
     """Resize every array to `batch` batches; query and key only ever grow. Old values stay."""
-    _, layers, heads, q0, k0 = group["attention"].shape
+    _, layers, heads, q0, k0 = sizes_of(group)
     sizes = dict(zip(DIMS, (batch, layers, heads, max(query, q0), max(key, k0))))
     for spec in present(group):
         array = group[spec.name]

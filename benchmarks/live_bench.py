@@ -1,0 +1,128 @@
+"""Live figure: peak RSS of `fastattn.live.record_stats` (`capture --stats-only`) on a
+random-weight GPT-2 built from a config (no download), eager attention, long inputs.
+
+Each run is a child process (`python -m benchmarks.live_bench SEQ HEADS LAYERS TEXTS STORE`)
+that reports its own high-water mark (VmHWM, `memory.peak_rss`), its RSS once the model is
+loaded (before any forward pass) and how long the capture took. Memory should be set by the
+model, its activations and one layer's maps of one batch: the same for 2 layers as for 4,
+and for 2 texts as for 8. One text per batch; the texts are random words of a word-level
+tokenizer built in memory, each exactly SEQ tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .memory import peak_rss
+from .runner import Context, row
+
+FIGURE = "live"
+REPO = Path(__file__).resolve().parent.parent
+VOCAB = 1000
+
+
+def figure(ctx: Context) -> list[dict]:
+    c = ctx.config
+    runs = {}
+    for layers, texts in ((c.live_layers[0], c.live_texts[0]), (c.live_layers[1], c.live_texts[0]),
+                          (c.live_layers[0], c.live_texts[1])):
+        out = ctx.data / "scratch" / f"live-{layers}-{texts}.zarr"
+        ctx.cleanup.append(out)
+        runs[layers, texts] = report = _child(c.live_seq, c.live_heads, layers, texts, out)
+        ctx.log(f"    {layers} layers, {texts} texts: peak RSS {report['peak_rss_bytes'] / 1e6:,.0f} MB"
+                f" (model loaded: {report['loaded_rss_bytes'] / 1e6:,.0f} MB), {report['seconds']:.1f} s")
+    (l0, t0), (l1, _), (_, t1) = list(runs)
+    base = runs[l0, t0]
+    one_layer = base["layer_map_bytes"]
+    shape = f"GPT-2 config, {c.live_heads} heads, {c.live_seq:,} tokens, batch 1 (one layer's maps {one_layer / 1e6:,.0f} MB)"
+    rows = []
+    for (layers, texts), r in runs.items():
+        rows.append(row(
+            FIGURE, f"peak RSS of capture --stats-only, {layers} layers, {texts} texts, {shape}",
+            fastattn=r["peak_rss_bytes"] / 1e6, unit="MB",
+            note=f"model loaded {r['loaded_rss_bytes'] / 1e6:,.0f} MB; {r['seconds']:.1f} s,"
+                 f" {r['tokens'] / r['seconds']:,.0f} tokens/s",
+            seconds=r["seconds"], tokens=r["tokens"], loaded_mb=r["loaded_rss_bytes"] / 1e6,
+            layer_map_mb=one_layer / 1e6,
+        ))
+    largest = max(runs[l1, t0]["peak_rss_bytes"], runs[l0, t1]["peak_rss_bytes"])
+    growth = largest - base["peak_rss_bytes"]
+    rows.append(row(
+        FIGURE, f"peak RSS, {l1} layers or {t1} texts over {l0} layers and {t0} texts (the larger)",
+        fastattn=largest / base["peak_rss_bytes"], unit="x", goal="grows by < one layer's maps of one batch",
+        met=growth < one_layer, note=f"grows by {growth / 1e6:,.0f} MB", growth_mb=growth / 1e6,
+        layer_map_mb=one_layer / 1e6,
+    ))
+    return rows
+
+
+def _child(seq: int, heads: int, layers: int, texts: int, out: Path) -> dict:
+    import os
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.live_bench", str(seq), str(heads), str(layers), str(texts), str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"live child failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def model_and_tokenizer(seq: int, heads: int, layers: int):
+    """A random-weight GPT-2 (seed 0) with `heads` heads of dimension 4, and a word-level
+    tokenizer over the words w0..w999: built here, nothing downloaded."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=layers, n_head=heads, n_embd=4 * heads, vocab_size=VOCAB + 2, bos_token_id=VOCAB, eos_token_id=VOCAB,
+                                     n_positions=seq)
+    config._attn_implementation = "eager"
+    model = transformers.GPT2Model(config).eval()
+    vocab = {f"w{i}": i for i in range(VOCAB)} | {"[PAD]": VOCAB, "[UNK]": VOCAB + 1}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, pad_token="[PAD]", unk_token="[UNK]",
+                                                     model_max_length=seq)
+    return model, tokenizer
+
+
+def random_texts(count: int, seq: int, seed: int = 0) -> list[str]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [" ".join(f"w{i}" for i in rng.integers(0, VOCAB, seq)) for _ in range(count)]
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def main(argv: list[str]) -> None:
+    seq, heads, layers, count = (int(a) for a in argv[:4])
+    out = argv[4]
+    from fastattn import live
+
+    model, tokenizer = model_and_tokenizer(seq, heads, layers)
+    texts = random_texts(count, seq)
+    loaded = _rss()
+    started = time.perf_counter()
+    result = live.record_stats(model, texts, out, tokenizer=tokenizer, batch_size=1)
+    seconds = time.perf_counter() - started
+    print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak_rss(), "loaded_rss_bytes": loaded,
+                      "tokens": result.tokens, "texts": result.computed, "layers": layers,
+                      "layer_map_bytes": heads * seq * seq * 4}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
