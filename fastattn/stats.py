@@ -440,11 +440,18 @@ def _up_to_date(group, manifest, k: int) -> bool:
 
 
 def _run_local(loc, group, blocks, k, jobs, progress, total) -> None:
-    """Read block i+1 and write block i-1 in threads while the kernels run on block i (with
-    `jobs` threads)."""
+    """Every block on this machine: straight from the chunk files (`_run_chunks`) when the store
+    is local, its chunks hold whole planes and fastattn's codecs; else zarr reads block i+1 in a
+    thread while the kernels run on block i (with `jobs` threads)."""
+    from . import store
     from .kernels._jit import kernel_threads
 
     arrays = dict(group[GROUP].arrays())  # as laid out or resized just now
+    attention = group["attention"]
+    reader = store.WholeChunks(loc, attention)
+    if loc.local_path("") is not None and reader.decodes_here() and attention.chunks[-2:] == attention.shape[-2:]:
+        _run_chunks(loc, group, reader, arrays, blocks, k, jobs, progress, total)
+        return
     written = 0
     with kernel_threads(jobs), ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
         reading = reader.submit(_read_block, group, *blocks[0])
@@ -459,6 +466,76 @@ def _run_local(loc, group, blocks, k, jobs, progress, total) -> None:
                 if progress:
                     progress(written, total)
             writing = writer.submit(_write_block, arrays, st, b0, b1)
+        written += writing.result()
+        if progress:
+            progress(written, total)
+
+
+def _run_chunks(loc, group, reader, arrays, blocks, k, jobs, progress, total) -> None:
+    """The local loop, one chunk at a time: `jobs` threads (default: all cores) each take a
+    chunk of the block, read and decode its file (`WholeChunks.read`: no zarr event loop, no
+    new array per chunk) and run the kernel on it single-threaded, writing into the block's
+    outputs; a writer thread stores block i-1 meanwhile, as whole chunks (`WholeChunks`),
+    through zarr only for a first block that completes a chunk an earlier run left partly
+    filled. Decoding and computing so overlap on every core, and the two sets of outputs
+    are reused from block to block (fresh pages cost ~0.3 CPU-s per GB: docs/performance.md)."""
+    import numba
+
+    from . import store
+    from .kernels import stats as kernel
+
+    attention = group["attention"]
+    _, layers, heads, query, key = attention.shape
+    step, layer_step, head_step = attention.chunks[:3]
+    lengths = np.asarray(group["length"][blocks[0][0] : blocks[-1][1]], dtype=np.int64)
+    writers = {name: store.WholeChunks(loc, array) for name, array in arrays.items() if name in variables((), k) or name == "length"}
+    rows = arrays["length"].chunks[0]  # the stats' chunk: a block's batches
+    threads = max(1, min(jobs or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS))
+    spare: dict[int, list] = {}  # plane count -> output buffers not in use
+
+    def chunk_stats(out, coords, where, block_rows, lens, dest) -> None:
+        piece = reader.read(coords)[block_rows, : where[1].stop - where[1].start, : where[2].stop - where[2].start]
+        kernel.fill(out, piece, lens, dest, parallel=False)
+
+    def block_stats(b0: int, b1: int):
+        shape = (b1 - b0, layers, heads)
+        planes = math.prod(shape)
+        out = (spare.get(planes) or [None]).pop() or kernel.empty_buffers(planes, query, key, k, np.float32)
+        index = np.arange(planes).reshape(shape)
+        lens = np.broadcast_to(lengths[b0 - blocks[0][0] : b1 - blocks[0][0], None, None], shape)
+        tasks = []
+        for c in range(b0 // step, (b1 - 1) // step + 1):
+            lo, hi = max(b0, c * step), min(b1, (c + 1) * step)
+            for layer in range(0, layers, layer_step):
+                for head in range(0, heads, head_step):
+                    where = (slice(lo - b0, hi - b0), slice(layer, min(layer + layer_step, layers)), slice(head, min(head + head_step, heads)))
+                    coords = (c, layer // layer_step, head // head_step, 0, 0)
+                    tasks.append((out, coords, where, slice(lo - c * step, hi - c * step), lens[where], index[where].ravel()))
+        for future in [workers.submit(chunk_stats, *task) for task in tasks]:
+            future.result()
+        st = kernel.named(out, shape)
+        st["length"] = lengths[b0 - blocks[0][0] : b1 - blocks[0][0]].astype(np.int32)
+        return out, st
+
+    def write(out, st, b0: int, b1: int) -> int:
+        if b0 % rows:  # completes a chunk written by an earlier run: zarr reads and merges it
+            _write_block(arrays, st, b0, b1)
+        else:
+            for name, values in st.items():
+                writers[name].write_rows(b0, values)
+        spare.setdefault(out.peak_key.shape[0], []).append(out)
+        return b1 - b0
+
+    written = 0
+    with ThreadPoolExecutor(threads, "fastattn-stats") as workers, ThreadPoolExecutor(1) as writer:
+        writing = None
+        for b0, b1 in blocks:
+            out, st = block_stats(b0, b1)
+            if writing is not None:
+                written += writing.result()
+                if progress:
+                    progress(written, total)
+            writing = writer.submit(write, out, st, b0, b1)
         written += writing.result()
         if progress:
             progress(written, total)
