@@ -379,8 +379,9 @@ def write_stats(
     only after the arrays are written.
 
     The same kernel over the same blocks as `compute_stats`, without dask: a plain loop takes
-    blocks of ~128 MB, zarr reads the next block while the parallel kernel runs on this one,
-    and a writer thread stores the last one, one write per variable.
+    blocks of ~128 MB; on a local store every core reads, decodes and computes chunks of the
+    block (`_run_chunks`), elsewhere zarr reads the next block while the parallel kernel runs
+    on this one; a writer thread stores the last one meanwhile.
     With a `dask.distributed.Client` (passed or active) the blocks run on its workers instead.
     `progress(batches done, batches to do)` is called after each block.
     """
