@@ -478,8 +478,9 @@ def _run_chunks(loc, group, reader, arrays, blocks, k, jobs, progress, total) ->
     new array per chunk) and run the kernel on it single-threaded, writing into the block's
     outputs; a writer thread stores block i-1 meanwhile, as whole chunks (`WholeChunks`),
     through zarr only for a first block that completes a chunk an earlier run left partly
-    filled. Decoding and computing so overlap on every core, and the two sets of outputs
-    are reused from block to block (fresh pages cost ~0.3 CPU-s per GB: docs/performance.md)."""
+    filled. Decoding and computing so overlap on every core, and two sets of outputs are
+    reused from block to block: fresh memory costs the kernel its zeroing, page by page
+    (docs/performance.md)."""
     import numba
 
     from . import store
@@ -489,7 +490,8 @@ def _run_chunks(loc, group, reader, arrays, blocks, k, jobs, progress, total) ->
     _, layers, heads, query, key = attention.shape
     step, layer_step, head_step = attention.chunks[:3]
     lengths = np.asarray(group["length"][blocks[0][0] : blocks[-1][1]], dtype=np.int64)
-    writers = {name: store.WholeChunks(loc, array) for name, array in arrays.items() if name in variables((), k) or name == "length"}
+    written_here = {*variables((), k), "length"}
+    writers = {name: store.WholeChunks(loc, array) for name, array in arrays.items() if name in written_here}
     rows = arrays["length"].chunks[0]  # the stats' chunk: a block's batches
     threads = max(1, min(jobs or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS))
     spare: dict[int, list] = {}  # plane count -> output buffers not in use
@@ -512,8 +514,14 @@ def _run_chunks(loc, group, reader, arrays, blocks, k, jobs, progress, total) ->
                     where = (slice(lo - b0, hi - b0), slice(layer, min(layer + layer_step, layers)), slice(head, min(head + head_step, heads)))
                     coords = (c, layer // layer_step, head // head_step, 0, 0)
                     tasks.append((out, coords, where, slice(lo - c * step, hi - c * step), lens[where], index[where].ravel()))
-        for future in [workers.submit(chunk_stats, *task) for task in tasks]:
-            future.result()
+        futures = [workers.submit(chunk_stats, *task) for task in tasks]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:  # a damaged chunk, a full disk, Ctrl-C: the block's other chunks are not read
+            for future in futures:
+                future.cancel()
+            raise
         st = kernel.named(out, shape)
         st["length"] = lengths[b0 - blocks[0][0] : b1 - blocks[0][0]].astype(np.int32)
         return out, st
