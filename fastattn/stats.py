@@ -449,9 +449,9 @@ def _run_local(loc, group, blocks, k, jobs, progress, total) -> None:
 
     arrays = dict(group[GROUP].arrays())  # as laid out or resized just now
     attention = group["attention"]
-    reader = store.WholeChunks(loc, attention)
-    if loc.local_path("") is not None and reader.decodes_here() and attention.chunks[-2:] == attention.shape[-2:]:
-        _run_chunks(loc, group, reader, arrays, blocks, k, jobs, progress, total)
+    chunks = store.WholeChunks(loc, attention)
+    if loc.local_path("") is not None and chunks.decodes_here() and attention.chunks[-2:] == attention.shape[-2:]:
+        _run_chunks(loc, group, chunks, arrays, blocks, k, jobs, progress, total)
         return
     written = 0
     with kernel_threads(jobs), ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:

@@ -165,7 +165,7 @@ class WholeChunks:
             if struct.pack("<I", google_crc32c.value(payload)) != bytes(data[-4:]):
                 raise StoreError(
                     f"{self.location.key_url(key)}: does not decode (crc32c checksum mismatch: the bytes on disk changed);"
-                    " fastattn check --repair rebuilds what it can"
+                    " fastattn check names every damaged chunk"
                 )
         if len(payload) < 16 or struct.unpack_from("<I", payload, 4)[0] != out.nbytes:  # blosc's header: the size decoded
             raise StoreError(f"{self.location.key_url(key)}: does not decode to a chunk of {self.chunks} {self.dtype}")
