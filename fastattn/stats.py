@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import functools
 import itertools
 import math
 import struct
@@ -350,32 +349,51 @@ def _create_layout(group, n: int, k: int, block: int, shape: tuple[int, ...] | N
     would lay out the Dataset `compute_stats` returns (dims, dtypes, fill values, attributes),
     so `open_stats` and plain `xr.open_zarr` read it; no chunk of a variable is written here
     (`_write_block` writes them all), only the coordinates. `shape`: the attention's
-    `(layer, head, query, key)` when the store has none (statistics captured from a model)."""
+    `(layer, head, query, key)` when the store has none (statistics captured from a model).
+
+    zarr creates every array (`create_array`, its metadata document and the coordinates' chunks)
+    in a store in memory, all in one pass of its event loop; the files are then written to the
+    store at once. Created one by one in the store itself, each array cost ~6 ms of CPU in thread
+    hops and in reading the root's `zarr.json` (all the consolidated metadata) to check that no
+    parent is an array: ~0.25 CPU-s for the ~35 arrays (docs/performance.md)."""
+    import asyncio
+
+    import zarr
+    from zarr.core.sync import sync
+
     from . import store
 
     layers, heads, query, key = shape if shape is not None else group["attention"].shape[1:]
     sizes = {"batch": n, "layer": layers, "head": heads, "query": query, "key": key, "rank": k}
-    stats = group.create_group(GROUP, overwrite=True)
-    # overwrite=True although the group is empty now: it spares zarr's check for an existing node,
-    # which reads the root's zarr.json (all the consolidated metadata) twice per array
-    new_array = functools.partial(stats.create_array, overwrite=True, compressors=store.compressors())
-    coords = {}
-    for name, (dims, dtype) in schema(k).items():
+    files: dict = {}
+    memory = zarr.storage.MemoryStore(files)
+
+    def new_array(name: str, dims: tuple[str, ...], dtype: np.dtype):
         shape = tuple(sizes[d] for d in dims)
-        if dims == (name,):
-            coords[name] = new_array(name, shape=shape, chunks=shape, dtype=dtype, fill_value=0, dimension_names=dims)
-            continue
+        options = {"name": f"{GROUP}/{name}", "compressors": store.compressors(), "dimension_names": dims}
+        if dims == (name,):  # a coordinate: its positions, in one chunk
+            return zarr.api.asynchronous.create_array(memory, data=np.arange(shape[0], dtype=dtype), chunks=shape, fill_value=0, **options)
         nan = dtype.kind == "f"
-        new_array(
-            name,
+        return zarr.api.asynchronous.create_array(
+            memory,
             shape=shape,
             chunks=(block, *shape[1:]),  # not min(n, block): the group grows
             dtype=dtype,
             fill_value=np.nan if nan else dtype.type(0),  # 0 or False
             attributes={"_FillValue": _NAN_FILL} if nan else None,
-            dimension_names=dims,
+            **options,
         )
-    store.write_all((array, slice(None), np.arange(sizes[dim], dtype=np.int32)) for dim, array in coords.items())
+
+    async def lay_out() -> None:
+        await zarr.api.asynchronous.create_group(store=memory, path=GROUP)
+        await asyncio.gather(*(new_array(name, dims, dtype) for name, (dims, dtype) in schema(k).items()))
+        target = group.store_path / GROUP
+        await target.delete_dir()
+        await asyncio.gather(*(
+            (group.store_path / path).set(value) for path, value in files.items() if path.startswith(f"{GROUP}/")
+        ))
+
+    sync(lay_out())
 
 
 def write_stats(
@@ -395,8 +413,9 @@ def write_stats(
     moves only after the arrays are written.
 
     The same kernel over the same blocks as `compute_stats`, without dask: a plain loop takes
-    blocks of ~128 MB, zarr reads the next block while the parallel kernel runs on this one,
-    and a writer thread stores the last one, one write per variable.
+    blocks of ~128 MB; on a local store every core reads, decodes and computes chunks of the
+    block (`_run_chunks`), elsewhere zarr reads the next block while the parallel kernel runs
+    on this one; a writer thread stores the last one meanwhile.
     With a `dask.distributed.Client` (passed or active) the blocks run on its workers instead.
     `progress(batches done, batches to do)` is called after each block.
     """
@@ -472,11 +491,18 @@ def _up_to_date(group, manifest, k: int) -> bool:
 
 
 def _run_local(loc, group, blocks, k, jobs, progress, total) -> None:
-    """Read block i+1 and write block i-1 in threads while the kernels run on block i (with
-    `jobs` threads)."""
+    """Every block on this machine: straight from the chunk files (`_run_chunks`) when the store
+    is local, its chunks hold whole planes and fastattn's codecs; else zarr reads block i+1 in a
+    thread while the kernels run on block i (with `jobs` threads)."""
+    from . import store
     from .kernels._jit import kernel_threads
 
     arrays = dict(group[GROUP].arrays())  # as laid out or resized just now
+    attention = group["attention"]
+    chunks = store.WholeChunks(loc, attention)
+    if loc.local_path("") is not None and chunks.decodes_here() and attention.chunks[-2:] == attention.shape[-2:]:
+        _run_chunks(loc, group, chunks, arrays, blocks, k, jobs, progress, total)
+        return
     written = 0
     with kernel_threads(jobs), ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
         reading = reader.submit(_read_block, group, *blocks[0])
@@ -491,6 +517,86 @@ def _run_local(loc, group, blocks, k, jobs, progress, total) -> None:
                 if progress:
                     progress(written, total)
             writing = writer.submit(_write_block, arrays, st, b0, b1)
+        written += writing.result()
+        if progress:
+            progress(written, total)
+
+
+def _run_chunks(loc, group, reader, arrays, blocks, k, jobs, progress, total) -> None:
+    """The local loop, one chunk at a time: `jobs` threads (default: all cores) each take a
+    chunk of the block, read and decode its file (`WholeChunks.read`: no zarr event loop, no
+    new array per chunk) and run the kernel on it single-threaded, writing into the block's
+    outputs; a writer thread stores block i-1 meanwhile, as whole chunks (`WholeChunks`),
+    through zarr only for a first block that completes a chunk an earlier run left partly
+    filled. Decoding and computing so overlap on every core, and two sets of outputs are
+    reused from block to block: fresh memory costs the kernel its zeroing, page by page
+    (docs/performance.md)."""
+    import numba
+
+    from . import store
+    from .kernels import stats as kernel
+
+    attention = group["attention"]
+    _, layers, heads, query, key = attention.shape
+    step, layer_step, head_step = attention.chunks[:3]
+    lengths = np.asarray(group["length"][blocks[0][0] : blocks[-1][1]], dtype=np.int64)
+    ids = group["input_id"][blocks[0][0] : blocks[-1][1]] if "input_id" in group else None  # None: scores NaN
+    written_here = {*variables((), k), "length"}
+    writers = {name: store.WholeChunks(loc, array) for name, array in arrays.items() if name in written_here}
+    rows = arrays["length"].chunks[0]  # the stats' chunk: a block's batches
+    threads = max(1, min(jobs or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS))
+    spare: dict[int, list] = {}  # plane count -> output buffers not in use
+
+    def chunk_stats(out, coords, where, block_rows, lens, dest, repeats) -> None:
+        piece = reader.read(coords)[block_rows, : where[1].stop - where[1].start, : where[2].stop - where[2].start]
+        kernel.fill(out, piece, lens, dest, parallel=False, repeats=repeats)
+
+    def block_stats(b0: int, b1: int):
+        shape = (b1 - b0, layers, heads)
+        planes = math.prod(shape)
+        out = (spare.get(planes) or [None]).pop() or kernel.empty_buffers(planes, query, key, k, np.float32)
+        index = np.arange(planes).reshape(shape)
+        lens = np.broadcast_to(lengths[b0 - blocks[0][0] : b1 - blocks[0][0], None, None], shape)
+        repeats = None if ids is None else kernel.repeats(ids[b0 - blocks[0][0] : b1 - blocks[0][0]], shape)
+        tasks = []
+        for c in range(b0 // step, (b1 - 1) // step + 1):
+            lo, hi = max(b0, c * step), min(b1, (c + 1) * step)
+            for layer in range(0, layers, layer_step):
+                for head in range(0, heads, head_step):
+                    where = (slice(lo - b0, hi - b0), slice(layer, min(layer + layer_step, layers)), slice(head, min(head + head_step, heads)))
+                    coords = (c, layer // layer_step, head // head_step, 0, 0)
+                    tasks.append((out, coords, where, slice(lo - c * step, hi - c * step), lens[where], index[where].ravel(), repeats))
+        futures = [workers.submit(chunk_stats, *task) for task in tasks]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:  # a damaged chunk, a full disk, Ctrl-C: the block's other chunks are not read
+            for future in futures:
+                future.cancel()
+            raise
+        st = kernel.named(out, shape)
+        st["length"] = lengths[b0 - blocks[0][0] : b1 - blocks[0][0]].astype(np.int32)
+        return out, st
+
+    def write(out, st, b0: int, b1: int) -> int:
+        if b0 % rows:  # completes a chunk written by an earlier run: zarr reads and merges it
+            _write_block(arrays, st, b0, b1)
+        else:
+            for name, values in st.items():
+                writers[name].write_rows(b0, values)
+        spare.setdefault(out.peak_key.shape[0], []).append(out)
+        return b1 - b0
+
+    written = 0
+    with ThreadPoolExecutor(threads, "fastattn-stats") as workers, ThreadPoolExecutor(1) as writer:
+        writing = None
+        for b0, b1 in blocks:
+            out, st = block_stats(b0, b1)
+            if writing is not None:
+                written += writing.result()
+                if progress:
+                    progress(written, total)
+            writing = writer.submit(write, out, st, b0, b1)
         written += writing.result()
         if progress:
             progress(written, total)

@@ -261,3 +261,28 @@ def test_guide_loop_computes_what_it_claims(tmp_path, rng, source):
     top = np.take_along_axis(a, got["top5"].astype(np.int64), -1)
     np.testing.assert_array_equal(np.sort(top, -1), np.sort(a, -1)[..., -5:])
     np.testing.assert_allclose(got["diag_mean"], np.diagonal(a, axis1=-2, axis2=-1).mean(-1), rtol=1e-5)
+
+
+def test_stats_floor_reads_every_chunk_once(tmp_path, rng):
+    """`python -m benchmarks.stats_floor STORE` reads, decodes and computes every attention chunk
+    of a store (3 batches x 2 layers, chunks of one batch and layer: 6), and refuses a store it
+    cannot read directly (other codecs) with one line."""
+    from conftest import batched_dump
+    from fastattn import store
+    from fastattn.ingest import ingest
+
+    batched_dump(rng, tmp_path / "d" / "a.npz", [9, 5, 7], layers=2, heads=4)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(store.schema, "CHUNK_BYTES", 4 * 9 * 9 * 4)  # one batch's layer a chunk
+        ingest([tmp_path / "d"], tmp_path / "s.zarr")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    run = [sys.executable, "-m", "benchmarks.stats_floor", str(tmp_path / "s.zarr"), "-j", "2"]
+    proc = subprocess.run(run, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "then 6 chunks" in proc.stderr and "on 2 threads" in proc.stderr, proc.stderr
+    meta = tmp_path / "s.zarr" / "attention" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["codecs"] = doc["codecs"][:2]  # no checksum: not the store's codecs
+    meta.write_text(json.dumps(doc))
+    proc = subprocess.run(run, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "not a float32 fastattn store" in proc.stderr and "Traceback" not in proc.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -9,7 +10,9 @@ import pytest
 import zarr
 
 from conftest import batched_dump, softmax_rows, write_dump
+import fastattn
 from fastattn import check, dumps, store
+from fastattn.errors import StoreError
 from fastattn.ingest import ingest
 
 
@@ -75,9 +78,11 @@ def test_a_large_dump_is_mapped_and_checked_slab_by_slab(tmp_path, rng, monkeypa
     np.testing.assert_array_equal(dump.attention[0], good)
 
 
-def test_statistics_of_batches_larger_than_a_block_are_read_plane_by_plane(tmp_path, rng, monkeypatch):
-    """A batch larger than the stats block is read one chunk's heads of a layer at a time;
-    the statistics are bit for bit those of whole blocks."""
+@pytest.mark.parametrize("route", ["chunk files", "zarr"])
+def test_statistics_of_batches_larger_than_a_block_are_read_plane_by_plane(route, tmp_path, rng, monkeypatch):
+    """A batch larger than the stats block is read one chunk's heads of a layer at a time, from
+    the chunk files (a local store) or through zarr (`_Planes`, e.g. a remote one); the
+    statistics are bit for bit those of whole blocks."""
     import shutil
 
     from fastattn import stats
@@ -89,17 +94,30 @@ def test_statistics_of_batches_larger_than_a_block_are_read_plane_by_plane(tmp_p
     shutil.copytree(tmp_path / "s.zarr", tmp_path / "whole.zarr")
     assert stats.write_stats(tmp_path / "whole.zarr")["computed"] == 3
     reads = []
-    planes_iter = stats._Planes.__iter__
+    if route == "zarr":
+        monkeypatch.setattr(store.WholeChunks, "decodes_here", lambda self: False)
+        planes_iter = stats._Planes.__iter__
 
-    def counted(self):
-        for piece, offset in planes_iter(self):
-            reads.append(piece.shape)
-            yield piece, offset
+        def counted(self):
+            for piece, offset in planes_iter(self):
+                reads.append(piece.shape)
+                yield piece, offset
 
-    monkeypatch.setattr(stats._Planes, "__iter__", counted)
+        monkeypatch.setattr(stats._Planes, "__iter__", counted)
+    else:
+        read = store.WholeChunks.read
+
+        def counted(self, coords):
+            chunk = read(self, coords)
+            reads.append(chunk.shape)
+            return chunk
+
+        monkeypatch.setattr(store.WholeChunks, "read", counted)
     monkeypatch.setattr(stats, "BLOCK_BYTES", 2 * 9 * 9 * 4)  # less than one batch (2 layers x 4 heads)
     assert stats.write_stats(tmp_path / "s.zarr")["computed"] == 3
     assert reads and set(reads) == {(1, 1, 2, 9, 9)}  # one chunk's planes at a time
+    if route == "chunk files":
+        assert len(reads) == 3 * 2 * 2  # each chunk read once: 3 batches x 2 layers x 2 pairs of heads
     a, b = stats.open_stats(tmp_path / "s.zarr").compute(), stats.open_stats(tmp_path / "whole.zarr").compute()
     for name in b.data_vars:
         np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
@@ -165,6 +183,30 @@ def test_whole_chunks_are_the_bytes_zarr_writes(tmp_path, rng, monkeypatch, blos
         np.testing.assert_array_equal(got, values)
 
 
+@pytest.mark.parametrize(("dtype", "fill", "shape", "chunks", "starts"), WHOLE_CHUNK_ARRAYS)
+def test_whole_chunks_read_what_zarr_reads(tmp_path, rng, dtype, fill, shape, chunks, starts):
+    """store.WholeChunks.read (the chunk file decoded by fastattn) gives every chunk zarr wrote
+    from random data, edge chunks with their fill value, and a chunk never written as the fill
+    value; arrays it cannot decode (strings) say so, for zarr to read them."""
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    array = group.create_array("a", shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, compressors=store.compressors())
+    whole = store.WholeChunks(store.Location(tmp_path / "s.zarr"), array)
+    if dtype is str:
+        assert not whole.decodes_here()
+        return
+    assert whole.decodes_here()
+    values = _random_values(rng, dtype, shape)
+    array[: shape[0] - chunks[0]] = values[: shape[0] - chunks[0]]  # the last row of chunks is never written
+    grid = [range(-(-n // c)) for n, c in zip(shape, chunks)]
+    for coords in itertools.product(*grid):
+        got = whole.read(coords)
+        assert got.shape == chunks and got.dtype == np.dtype(dtype)
+        want = np.full(chunks, fill, dtype=dtype)
+        part = array[tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, chunks))]
+        want[tuple(slice(0, n) for n in part.shape)] = part
+        np.testing.assert_array_equal(got, want, err_msg=str(coords))
+
+
 def test_the_checksum_is_zarrs_crc32c_codec_output(tmp_path, rng):
     """The 4 bytes written after a chunk are what zarr's Crc32cCodec appends to the same
     compressed bytes (random data, several sizes)."""
@@ -196,6 +238,11 @@ def test_a_flipped_bit_in_a_chunk_fails_every_read(samples, tmp_path):
             store.open_store(out).attention.values
         with pytest.raises(ValueError, match="checksum"):
             zarr.open_array(str(out / "attention"), mode="r")[0, 3]
+        attention = zarr.open_group(str(out), mode="r")["attention"]
+        with pytest.raises(StoreError, match=r"attention/c/0/3/0/0/0: does not decode \(crc32c checksum mismatch"):
+            store.WholeChunks(store.Location(out), attention).read((0, 3, 0, 0, 0))
+        with pytest.raises(StoreError, match=r"attention/c/0/3/0/0/0: does not decode \(crc32c"):
+            fastattn.write_stats(out)  # one line naming the chunk, from the command too
         assert [p.where for p in check.store_problems(out)] == ["attention/c/0/3/0/0/0"]
     chunk.write_bytes(clean)
     assert check.store_problems(out) == []

@@ -204,6 +204,23 @@ class _Cache(caching.FunctionCache):
         super().__init__(py_func)
         self._cache_file = _IndexFile(self._cache_path, self._impl.filename_base, SOURCES)
 
+    def load_overload(self, sig, target_context):
+        """Numba's own, without its ``target_context.refresh()``: only the runtime the loaded
+        code calls (NRT) is started.  The refresh builds the typing and lowering registries
+        a compile needs (importing ~60 Numba modules, and SciPy's BLAS for its check),
+        ~0.6 CPU-s that a process which only loads cached code never uses; a cache miss
+        still gets them, since every compile refreshes both contexts first."""
+        try:
+            from numba.core.runtime import rtsys
+
+            rtsys.initialize(target_context)
+            guard, load = self._guard_against_spurious_io_errors, self._load_overload
+        except (ImportError, AttributeError):  # another Numba's internals: its own way, with the refresh
+            return super().load_overload(sig, target_context)
+        with guard():
+            return load(sig, target_context)
+        return None  # the guard swallowed an error: compile instead
+
 
 def ngjit(function, signature=None):
     """A lazy single-threaded kernel with this module's options and disk cache (set before any

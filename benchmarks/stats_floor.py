@@ -1,0 +1,93 @@
+"""The floor under `fastattn stats`: what computing a store's statistics cannot avoid.
+
+    /usr/bin/time -f "%e s %U u %S s %M KB" python -m benchmarks.stats_floor STORE            # everything below
+    /usr/bin/time -f "%e s %U u %S s %M KB" python -m benchmarks.stats_floor STORE --imports  # the start alone
+
+One process: import NumPy, zarr and Numba, load the cached fused kernel (`fastattn.kernels.stats`,
+a warm cache: run `fastattn stats` once before), then on 2 threads (`-j N`: N) read every
+attention chunk file, check its crc32c, blosc-decode it into a reused buffer and run the kernel
+on it single-threaded, into reused outputs of one chunk's planes. No CLI, no stats group, no
+writes, no commit, no table: what is left when everything but reading, decoding and computing
+is gone. The chunk files are found from the array's `zarr.json` (fastattn's codecs: bytes, blosc,
+crc32c); every chunk is taken whole, padding included (a store's last chunk of batches).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import struct
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import google_crc32c
+import numcodecs.blosc
+import numpy as np
+import zarr  # noqa: F401  (what the command imports: part of the floor)
+
+
+def main(argv: list[str]) -> None:
+    args = [a for a in argv if not a.startswith("-")]
+    threads = int(argv[argv.index("-j") + 1]) if "-j" in argv else 2
+    if "-j" in argv:
+        args.remove(argv[argv.index("-j") + 1])
+    if len(args) != 1:
+        raise SystemExit("usage: python -m benchmarks.stats_floor STORE [-j THREADS] [--imports]")
+    start = time.perf_counter()
+    from fastattn.kernels import stats as kernel
+
+    root = os.path.join(args[0], "attention")
+    with open(os.path.join(root, "zarr.json")) as f:
+        meta = json.load(f)
+    shape, chunks = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
+    names = [c["name"] for c in meta["codecs"]]
+    if names != ["bytes", "blosc", "crc32c"] or chunks[-2:] != shape[-2:] or meta["data_type"] != "float32":
+        raise SystemExit(f"{root}: not a float32 fastattn store with whole planes per chunk ({names}, chunks {chunks})")
+    planes = int(np.prod(chunks[:-2]))
+    Q, K = chunks[-2:]
+    grid = [range(-(-n // c)) for n, c in zip(shape[:3], chunks[:3])]
+
+    warm = kernel.empty_buffers(1, Q, K, 5, np.float32)  # loads the cached kernel (compiles on a cold cache)
+    kernel.fill(warm, np.full((1, Q, K), 1.0 / K, dtype=np.float32), parallel=False)
+    loaded = time.perf_counter()
+    if "--imports" in argv:
+        print(f"imports and the kernel: {loaded - start:.2f} s (after Python's start)", file=sys.stderr)
+        return
+
+    local = threading.local()  # per thread: a file buffer, a chunk buffer, one chunk's outputs
+    nbytes = []
+
+    def one(coords) -> None:
+        if not hasattr(local, "chunk"):
+            local.chunk = np.empty(chunks, dtype=np.float32)
+            local.file = bytearray(local.chunk.nbytes + 1024)
+            local.out = kernel.empty_buffers(planes, Q, K, 5, np.float32)
+        path = os.path.join(root, "c", *map(str, coords), "0", "0")
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if len(local.file) < size:
+                local.file = bytearray(size)
+            f.readinto(memoryview(local.file)[:size])
+        data = np.frombuffer(local.file, dtype=np.uint8, count=size)
+        if struct.pack("<I", google_crc32c.value(data[:-4])) != bytes(data[-4:]):
+            raise SystemExit(f"{path}: crc32c mismatch")
+        numcodecs.blosc.decompress(data[:-4], local.chunk)
+        kernel.fill(local.out, local.chunk, None, parallel=False)
+        nbytes.append(size)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, itertools.product(*grid)))
+    done = time.perf_counter()
+    print(
+        f"imports and the kernel {loaded - start:.2f} s, then {len(nbytes)} chunks"
+        f" ({sum(nbytes) / 1e9:.2f} GB stored, {np.prod(shape) * 4 / 1e9:.2f} GB decoded) read, decoded and computed"
+        f" on {threads} threads in {done - loaded:.2f} s",
+        file=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
