@@ -249,22 +249,22 @@ def _model_name(model) -> str:
     return f"{type(model).__name__} {os.path.basename(str(name).rstrip('/'))}".strip()
 
 
-def _count_heads(model) -> int:
+def _config_count(model, names: tuple[str, ...], what: str) -> int:
+    """A positive count from the model's config, under the first of `names` it has."""
     config = getattr(model, "config", None)
-    for name in ("num_attention_heads", "n_head", "num_heads"):
+    for name in names:
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
             return value
-    raise CaptureError(f"{type(model).__name__}: its config names no number of attention heads")
+    raise CaptureError(f"{type(model).__name__}: its config names no number of {what}")
+
+
+def _count_heads(model) -> int:
+    return _config_count(model, ("num_attention_heads", "n_head", "num_heads"), "attention heads")
 
 
 def _count_layers(model) -> int:
-    config = getattr(model, "config", None)
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise CaptureError(f"{type(model).__name__}: its config names no number of layers")
+    return _config_count(model, ("num_hidden_layers", "n_layer", "num_layers"), "layers")
 
 
 def _mask(inputs) -> np.ndarray:

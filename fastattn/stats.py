@@ -503,20 +503,31 @@ def _run_local(loc, group, blocks, k, jobs, progress, total) -> None:
     if loc.local_path("") is not None and chunks.decodes_here() and attention.chunks[-2:] == attention.shape[-2:]:
         _run_chunks(loc, group, chunks, arrays, blocks, k, jobs, progress, total)
         return
+    with kernel_threads(jobs), ThreadPoolExecutor(1) as reader:
+        reading = [reader.submit(_read_block, group, *blocks[0])]
+
+        def compute(i: int, b0: int, b1: int) -> dict:
+            data = reading[0].result()
+            if i + 1 < len(blocks):
+                reading[0] = reader.submit(_read_block, group, *blocks[i + 1])
+            return _block_stats(data, k, parallel=True)
+
+        _write_behind(blocks, compute, lambda st, b0, b1: _write_block(arrays, st, b0, b1), progress, total)
+
+
+def _write_behind(blocks, compute, write, progress, total) -> None:
+    """`compute(i, b0, b1)` block after block while a thread writes the one before it
+    (`write(result, b0, b1)` -> the batches written), with the progress after each write."""
     written = 0
-    with kernel_threads(jobs), ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
-        reading = reader.submit(_read_block, group, *blocks[0])
+    with ThreadPoolExecutor(1) as writer:
         writing = None
         for i, (b0, b1) in enumerate(blocks):
-            data = reading.result()
-            if i + 1 < len(blocks):
-                reading = reader.submit(_read_block, group, *blocks[i + 1])
-            st = _block_stats(data, k, parallel=True)
+            result = compute(i, b0, b1)
             if writing is not None:
                 written += writing.result()
                 if progress:
                     progress(written, total)
-            writing = writer.submit(_write_block, arrays, st, b0, b1)
+            writing = writer.submit(write, result, b0, b1)
         written += writing.result()
         if progress:
             progress(written, total)
@@ -587,19 +598,8 @@ def _run_chunks(loc, group, reader, arrays, blocks, k, jobs, progress, total) ->
         spare.setdefault(out.peak_key.shape[0], []).append(out)
         return b1 - b0
 
-    written = 0
-    with ThreadPoolExecutor(threads, "fastattn-stats") as workers, ThreadPoolExecutor(1) as writer:
-        writing = None
-        for b0, b1 in blocks:
-            out, st = block_stats(b0, b1)
-            if writing is not None:
-                written += writing.result()
-                if progress:
-                    progress(written, total)
-            writing = writer.submit(write, out, st, b0, b1)
-        written += writing.result()
-        if progress:
-            progress(written, total)
+    with ThreadPoolExecutor(threads, "fastattn-stats") as workers:
+        _write_behind(blocks, lambda i, b0, b1: block_stats(b0, b1), lambda done, b0, b1: write(*done, b0, b1), progress, total)
 
 
 def _run_distributed(client, loc, blocks, k, progress, total) -> None:
