@@ -405,3 +405,100 @@ def test_an_interrupted_run_that_grew_the_store_checks_and_repairs(decoder, tmp_
     assert check.store_problems(out) == []
     live.record_stats(model, texts, tmp_path / "one.zarr", tokenizer=tokenizer, batch_size=1)
     assert_same_stats(stats_group(out), stats_group(tmp_path / "one.zarr"), atol=0)  # one text per batch: no padding
+
+
+# ---------------------------------------------------------------- full maps of a few heads kept
+
+
+def kept_maps(path) -> np.ndarray:
+    group = zarr.open_group(str(path), path="kept", mode="r", use_consolidated=False)
+    return group["attention"][: store_mod.read_manifest(store_mod.as_location(path)).kept_committed]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_kept_maps_are_the_model_s_own_and_an_ingested_store_s(decoder, tmp_path, side):
+    """--keep-layers 1 --keep-heads 3,0: the kept planes are the model's output_attentions for those
+    heads bit for bit (NaN outside each valid block), equal to what capture -> ingest stores for the
+    same layer and heads (with left padding: each text's tokens moved to the start), while the
+    statistics still cover every layer and head."""
+    import copy
+
+    model, tokenizer = decoder
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.padding_side = side
+    texts = TEXTS[:6]
+    out = tmp_path / "kept.zarr"
+    result = live.record_stats(model, texts, out, tokenizer=tokenizer, batch_size=BATCH, keep_layers=[1],
+                               keep_heads=[3, 0], commit_seconds=0)
+    assert (result.committed, result.commits) == (6, 2)
+    dumped = through_dumps(model, tokenizer, texts, tmp_path)
+    got = kept_maps(out)
+    want = store_mod.open_store(dumped)["attention"].isel(layer=[1], head=[0, 3]).values
+    assert got.shape == want.shape == (6, 1, 2, 21, 21) and got.dtype == np.float32
+    assert np.array_equal(got, want, equal_nan=True)  # bit for bit, NaN where ingest puts NaN
+    assert_same_stats(stats_group(out), stats_group(dumped), atol=1e-6)  # every layer and head
+    manifest = store_mod.read_manifest(store_mod.as_location(out))
+    assert (manifest.kept_committed, manifest.kept_layers, manifest.kept_heads) == (6, [1], [0, 3])
+    ds = live.open_kept(out)
+    assert list(ds["kept_layer"].values) == [1] and list(ds["kept_head"].values) == [0, 3]
+    assert np.array_equal(ds["attention"].values, got, equal_nan=True)
+    assert list(ds["length"].values) == list(zarr.open_group(str(dumped), mode="r")["length"][:])
+    assert check.store_problems(out) == []
+    if side == "left":
+        return
+    for start in (0, BATCH):  # the batches as they ran, the model's own weights
+        encoded = tokenizer(texts[start : start + BATCH], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            maps = model(**encoded, output_attentions=True).attentions[1].numpy()
+        for i, n in enumerate(encoded["attention_mask"].sum(1).tolist()):
+            plane = got[start + i, 0]
+            assert np.array_equal(plane[:, :n, :n], maps[i, [0, 3], :n, :n])
+            assert np.isnan(plane[:, n:]).all() and np.isnan(plane[:, :, n:]).all()
+
+
+def test_kept_maps_are_drawn_exactly_checked_and_repaired(decoder, tmp_path):
+    from fastattn import plot
+
+    model, tokenizer = decoder
+    out = tmp_path / "kept.zarr"
+    live.record_stats(model, TEXTS[:6], out, tokenizer=tokenizer, batch_size=BATCH, keep_heads=[2], commit_seconds=0)
+    maps = kept_maps(out)  # every layer, head 2
+    assert maps.shape[1:3] == (2, 1)
+    sample = plot.Sample(plot.open_sample_data(out), 5)
+    n = sample.n
+    planes = dict(sample.planes(1, [1, 2]))
+    assert np.array_equal(planes[2], maps[5, 1, 0, :n, :n])  # exact
+    assert (planes[1] > 0).sum(axis=1).max() <= K  # head 1 is not kept: its top-k only
+    assert "approximate" not in plot.overview(plot.open_sample_data(out), 5, 1, 2)._suptitle.get_text()
+    assert "approximate" in plot.overview(plot.open_sample_data(out), 5, 1, 1)._suptitle.get_text()
+    assert "approximate" in plot.heads(plot.open_sample_data(out), 5, 0)._suptitle.get_text()
+    # a chunk of the kept maps lost: check names it; repair uncommits and removes them (the statistics stay)
+    chunk = next(p for p in (out / "kept" / "attention" / "c").rglob("*") if p.is_file())
+    chunk.unlink()
+    problems = check.store_problems(out)
+    assert len(problems) == 1 and "missing chunk" in problems[0].message and problems[0].where.startswith("kept/attention/c/")
+    repaired = check.store_problems(out, repair=True)
+    assert [p.repaired for p in repaired] == ["kept maps uncommitted; a new capture with keep_layers/keep_heads recomputes them"]
+    assert check.store_problems(out) == [] and not (out / "kept").exists()
+    with pytest.raises(StoreError, match="no kept maps yet"):
+        live.open_kept(out)
+    assert "approximate" in plot.overview(plot.open_sample_data(out), 5, 1, 2)._suptitle.get_text()
+    assert stats.open_stats(out).sizes["batch"] == 6
+    with pytest.raises(capture.CaptureError, match="its kept maps cover 0 of its 6 batches"):
+        live.record_stats(model, ["a new text"], out, tokenizer=tokenizer, keep_heads=[2])
+
+
+def test_kept_maps_that_cannot_be_kept_are_refused(decoder, tmp_path, cli):
+    model, tokenizer = decoder
+    out = tmp_path / "bad.zarr"
+    with pytest.raises(capture.CaptureError, match="layer 2 does not exist: the model has 2 layers"):
+        live.record_stats(model, TEXTS[:2], out, tokenizer=tokenizer, keep_layers=[2])
+    with pytest.raises(capture.CaptureError, match=r"keep_heads: head 1 is not among the heads captured \(\[0, 2\]\)"):
+        live.record_stats(model, TEXTS[:2], out, tokenizer=tokenizer, heads=[0, 2], keep_heads=[1])
+    assert not (out / "_fastattn" / "manifest.json").exists()
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a text\n", encoding="utf-8")
+    usage = cli("capture", MODEL_DIR, texts, tmp_path / "dumps", "--keep-layers", "0")
+    assert usage.exit_code == 2 and "--keep-layers and --keep-heads apply to --stats-only" in usage.stderr
+    bad = cli("capture", MODEL_DIR, texts, tmp_path / "s.zarr", "--stats-only", "--layers", "0,1", "--keep-layers", "3")
+    assert bad.exit_code == 1 and bad.stderr.strip() == "error: --keep-layers: layer 3 is not among the layers captured ([0, 1])"
