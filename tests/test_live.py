@@ -502,3 +502,65 @@ def test_kept_maps_that_cannot_be_kept_are_refused(decoder, tmp_path, cli):
     assert usage.exit_code == 2 and "--keep-layers and --keep-heads apply to --stats-only" in usage.stderr
     bad = cli("capture", MODEL_DIR, texts, tmp_path / "s.zarr", "--stats-only", "--layers", "0,1", "--keep-layers", "3")
     assert bad.exit_code == 1 and bad.stderr.strip() == "error: --keep-layers: layer 3 is not among the layers captured ([0, 1])"
+
+
+# ---------------------------------------------------------------- a real kill
+
+
+def test_a_capture_killed_after_its_first_commit_resumes_to_the_one_run_store(decoder, tmp_path, cli):
+    """`fastattn capture --stats-only` in a process of its own, SIGKILLed as soon as its manifest
+    commits batches: the run again (the same command) completes the store to what one run gives
+    (statistics and kept maps, the same committed batches, in the same order) and check finds
+    nothing wrong."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model, tokenizer = decoder
+    folder = tmp_path / "gpt2"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    texts = [f"{TEXTS[i % len(TEXTS)]} Variant {i}." for i in range(12)]
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    out = tmp_path / "killed.zarr"
+    args = ["capture", folder, tmp_path / "texts.txt", out, "--stats-only", "--batch-size", 1, "--keep-layers", 1,
+            "--keep-heads", "0,3"]
+    fastattn = Path(sys.executable).parent / "fastattn"
+    process = subprocess.Popen([str(fastattn), *map(str, args), "--commit-seconds", "0"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)  # each batch committed as it finishes
+    manifest = out / "_fastattn" / "manifest.json"
+    committed = 0
+    deadline = time.monotonic() + 300
+    try:
+        while not committed and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+            try:
+                committed = json.loads(manifest.read_bytes())["committed"]
+            except (FileNotFoundError, ValueError):
+                pass  # not committed yet (the manifest is written atomically: never half of it)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        _, stderr = process.communicate()
+    assert process.returncode == -signal.SIGKILL, stderr.decode()
+    killed = store_mod.read_manifest(store_mod.as_location(out))
+    assert 0 < killed.committed < len(texts) and killed.kept_committed == killed.committed
+    again = cli(*args)
+    assert again.exit_code == 0, again.output
+    assert again.stderr.strip().endswith(f"{killed.committed} already there; {len(texts)} in store")
+    checked = cli("check", out)
+    assert checked.exit_code == 0, checked.output
+    one = tmp_path / "one.zarr"
+    reloaded, _ = capture.load_model(folder)
+    live.record_stats(reloaded, texts, one, tokenizer=tokenizer, batch_size=1, source="texts.txt", keep_layers=[1],
+                      keep_heads=[0, 3])
+    a, b = (store_mod.read_manifest(store_mod.as_location(p)) for p in (out, one))
+    assert a.committed == b.committed == a.kept_committed == len(texts)
+    assert {k: (e.start, e.stop, e.source) for k, e in a.files.items()} == {k: (e.start, e.stop, e.source) for k, e in b.files.items()}
+    assert_same_stats(stats_group(out), stats_group(one), atol=1e-6)
+    assert np.array_equal(kept_maps(out), kept_maps(one), equal_nan=True)
+    for name in ("length", "source", "token", "input_id"):
+        assert np.array_equal(zarr.open_group(str(out), mode="r")[name][:], zarr.open_group(str(one), mode="r")[name][:]), name
+    assert check.store_problems(one) == []
