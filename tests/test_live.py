@@ -444,6 +444,11 @@ def test_kept_maps_are_the_model_s_own_and_an_ingested_store_s(decoder, tmp_path
     assert np.array_equal(ds["attention"].values, got, equal_nan=True)
     assert list(ds["length"].values) == list(zarr.open_group(str(dumped), mode="r")["length"][:])
     assert check.store_problems(out) == []
+    heads = zarr.open_group(str(out), path="kept", mode="r+", use_consolidated=False)["kept_head"]
+    heads[:] = [0, 2]  # the maps would be taken for another head's
+    problems = check.store_problems(out)
+    assert [(p.where, p.message) for p in problems] == [("kept/kept_head", "values [0, 2], the manifest records [0, 3]")]
+    heads[:] = [0, 3]
     if side == "left":
         return
     for start in (0, BATCH):  # the batches as they ran, the model's own weights
@@ -564,3 +569,21 @@ def test_a_capture_killed_after_its_first_commit_resumes_to_the_one_run_store(de
     for name in ("length", "source", "token", "input_id"):
         assert np.array_equal(zarr.open_group(str(out), mode="r")[name][:], zarr.open_group(str(one), mode="r")[name][:]), name
     assert check.store_problems(one) == []
+
+
+def test_kept_maps_grow_with_the_store(decoder, tmp_path):
+    """Longer texts in a later run grow the kept maps' query and key dims too (NaN in the new
+    positions of the batches before): each text's kept planes equal one run's, and check is clean."""
+    model, tokenizer = decoder
+    texts = [f"text number {i} " * (i + 1) for i in range(4)]  # longer and longer
+    out, one = tmp_path / "grown.zarr", tmp_path / "one.zarr"
+    options = dict(tokenizer=tokenizer, batch_size=1, keep_layers=[0], commit_seconds=0)
+    live.record_stats(model, texts[:2], out, **options)
+    before = kept_maps(out).shape[-1]
+    live.record_stats(model, texts, out, **options)
+    live.record_stats(model, texts, one, **options)
+    grown, want = kept_maps(out), kept_maps(one)
+    assert grown.shape == want.shape == (4, 1, 4, *want.shape[-2:]) and want.shape[-1] > before
+    assert np.array_equal(grown, want, equal_nan=True)  # one text per batch: no padding, the same bits
+    assert np.isnan(grown[:2, ..., before:, :]).all() and np.isnan(grown[:2, ..., before:]).all()
+    assert check.store_problems(out) == []
