@@ -76,8 +76,8 @@ def _check_group(c: Checker, spec: Derived, group, variables: dict, sizes: dict,
             continue
         if name in labels:  # a coordinate naming positions of another dim: the record's
             values = c.reader.read(array, (0,), (slice(0, array.shape[0]),), fix=fix, required=True)
-            if values is not None and list(np.asarray(values)) != list(labels[name]):
-                c.add(where, f"values {list(np.asarray(values))}, the manifest records {list(labels[name])}", fix=fix)
+            if values is not None and np.asarray(values).tolist() != list(labels[name]):
+                c.add(where, f"values {np.asarray(values).tolist()}, the manifest records {list(labels[name])}", fix=fix)
             continue
         if dims == (name,):  # a coordinate: a missing chunk reads as 0s, which only a 0 may be
             extent = min(upto, array.shape[0]) if name == "batch" else array.shape[0]
