@@ -517,7 +517,6 @@ def test_a_capture_killed_after_its_first_commit_resumes_to_the_one_run_store(de
     commits batches: the run again (the same command) completes the store to what one run gives
     (statistics and kept maps, the same committed batches, in the same order) and check finds
     nothing wrong."""
-    import os
     import signal
     import subprocess
     import sys
