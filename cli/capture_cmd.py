@@ -66,6 +66,18 @@ def capture(
         help="With --stats-only: each query's K strongest keys kept (index and weight), from which plot draws"
         " overview, layers and heads approximately.",
     ),
+    keep_layers: Optional[str] = typer.Option(
+        None, "--keep-layers",
+        help="With --stats-only: also store the full maps of these layers (a comma list like 0,5; with --keep-heads"
+        " alone, every layer), in the store's kept group; plot draws them exactly.",
+    ),
+    keep_heads: Optional[str] = typer.Option(
+        None, "--keep-heads", help="With --stats-only: the heads whose full maps are stored (default with --keep-layers: all)."
+    ),
+    commit_seconds: float = typer.Option(
+        10.0, "--commit-seconds", min=0,
+        help="With --stats-only: commit the finished batches at least this often (a kill loses at most this much work).",
+    ),
     window: Optional[int] = typer.Option(
         None, "--window", min=1,
         help="With --stats-only: cut each text into windows of W tokens (each a sample; source_index is the window's"
@@ -102,6 +114,9 @@ def capture(
 
     if (window is not None or stride is not None) and not stats_only:
         fail("--window and --stride apply to --stats-only", 2)
+    if (keep_layers is not None or keep_heads is not None) and not stats_only:
+        fail("--keep-layers and --keep-heads apply to --stats-only (without it every map is stored)", 2)
+    keep = (_index_list(keep_layers, "--keep-layers"), _index_list(keep_heads, "--keep-heads"), commit_seconds)
     if stats_only:
         if repeat is not None:
             fail("--repeat writes dumps; --stats-only reads TEXTS", 2)
@@ -111,7 +126,7 @@ def capture(
             fail("--dtype does not apply to --stats-only (the statistics are float32 and float64)")
     inputs = run(capture_mod.load_texts, texts) if texts is not None else None
     if stats_only:
-        _capture_stats(model_dir, texts, inputs, out, batch_size, max_length, layer_list, head_list, k, window, stride)
+        _capture_stats(model_dir, texts, inputs, out, batch_size, max_length, layer_list, head_list, k, window, stride, *keep)
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # third-party deprecation chatter is not the user's business here
@@ -152,7 +167,8 @@ def capture(
         )
 
 
-def _capture_stats(model_dir, texts, inputs, out, batch_size, max_length, layers, heads, k, window, stride) -> None:
+def _capture_stats(model_dir, texts, inputs, out, batch_size, max_length, layers, heads, k, window, stride,
+                   keep_layers, keep_heads, commit_seconds) -> None:
     """`--stats-only`: the statistics straight from the model (fastattn.live)."""
     import time
 
@@ -173,7 +189,8 @@ def _capture_stats(model_dir, texts, inputs, out, batch_size, max_length, layers
                 lambda: live.record_stats(
                     model, inputs, out, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, k=k,
                     layers=layers, heads=heads, source=Path(texts).name, progress=report if advance else None,
-                    window=window, stride=stride,
+                    window=window, stride=stride, keep_layers=keep_layers, keep_heads=keep_heads,
+                    commit_seconds=commit_seconds,
                 )
             )
     rate = f", {result.tokens / result.seconds:,.0f} tokens/s" if result.seconds > 0 else ""

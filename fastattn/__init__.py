@@ -29,6 +29,7 @@ _API = {
     "ingest": "ingest",
     "compute_stats": "stats",
     "open_stats": "stats",
+    "open_kept": "live",
     "write_stats": "stats",
     "open_store": "store",
     "synthesize": "synth",

@@ -25,6 +25,16 @@ skipped, so a killed capture, run again, computes only the texts it had not comm
 the store equals that of one uninterrupted run. Batches are committed as they finish (at most
 every `commit_seconds`, and whenever `COMMIT_BYTES` of statistics are pending), through the
 manifest's atomic write, like an ingest.
+
+Keeping a few maps whole. `keep_layers`/`keep_heads` name layers and heads whose full maps go
+into the store's `kept` group (schema.KEPT) beside the statistics, which still cover every layer
+and head: `attention (batch, kept_layer, kept_head, query, key)`, NaN outside each sample's valid
+block as ingest stores maps, its `kept_layer`/`kept_head` coordinates the store's layer and head
+numbers it holds. A group of its own, not the store's `attention` array holding a few layers: the
+root's `layer`/`head` dims (and the statistics') count every layer and head, and one dim name
+cannot have two sizes in one xarray Dataset. Each kept layer's planes are copied out as its hook
+runs (the rest of its map is dropped) and written with the batch's statistics, in the same
+commit (`Manifest.kept_committed`, `kept_layers`, `kept_heads`). `open_kept` reads them.
 """
 
 from __future__ import annotations
@@ -47,7 +57,9 @@ COMMIT_SECONDS = 10.0
 #: The stats group's attribute recording how its statistics were captured (a later run must match).
 ATTRIBUTE = "fastattn_capture"
 #: The settings a run into an existing store must share with the runs before it.
-SETTINGS = ("model", "max_length", "layers", "heads", "k", "window", "stride")
+SETTINGS = ("model", "max_length", "layers", "heads", "k", "window", "stride", "keep_layers", "keep_heads")
+#: The group the kept maps go into (schema.KEPT).
+KEPT = "kept"
 
 #: (texts done, texts in all, tokens run so far this run)
 LiveProgress = Callable[[int, int, int], None]
@@ -94,6 +106,8 @@ def record_stats(
     after_batch: Callable[[int], None] | None = None,
     window: int | None = None,
     stride: int | None = None,
+    keep_layers: Sequence[int] | None = None,
+    keep_heads: Sequence[int] | None = None,
 ) -> LiveResult:
     """Run `model` over `texts` and commit every layer's statistics into the store `out`.
 
@@ -103,9 +117,11 @@ def record_stats(
     window is a sample, its `source_index` the window's number, so its first token is token
     `source_index × stride` of the text (without special tokens).
     `max_length` truncates (default: the tokenizer's limit), `k` is the top-k kept, `layers`
-    and `heads` keep a subset, as in `capture.record`. The store is created, or resumed when it
-    holds statistics captured with the same model and settings (a store with attention maps,
-    or other settings, is an error). `after_batch(batches run)` is called after each forward
+    and `heads` keep a subset, as in `capture.record`. `keep_layers` and `keep_heads` (model
+    numbers, among those captured; either alone: every captured head, or layer, of the other)
+    store those layers x heads' full maps beside the statistics (`open_kept` reads them).
+    The store is created, or resumed when it holds statistics captured with the same model and
+    settings (a store with attention maps, or other settings, is an error). `after_batch(batches run)` is called after each forward
     pass (tests stop a run there). Returns a `LiveResult`.
     """
     from . import store
@@ -141,8 +157,9 @@ def record_stats(
         total_layers = len(targets) if targets else _count_layers(model)
         layer_index = capture._selection(layers, total_layers, "layer")
         head_index = capture._selection(heads, _count_heads(model), "head")
+        kept = _kept_selection(keep_layers, keep_heads, (layer_index, total_layers), (head_index, _count_heads(model)))
         settings = {"model": _model_name(model), "max_length": limit, "layers": layer_index, "heads": head_index, "k": k,
-                    "window": window, "stride": stride}
+                    "window": window, "stride": stride, "keep_layers": kept and kept[0], "keep_heads": kept and kept[1]}
         todo = _plan(texts, tokenizer, limit, store.read_manifest(loc), source, result, window, stride)
         longest = max((s.length for s in todo), default=1)
         writer = _Writer(loc, settings, len(layer_index), len(head_index), longest, commit_seconds)
@@ -159,7 +176,7 @@ def record_stats(
                     inputs = dict(tokenizer.pad({"input_ids": [s.ids for s in batch]}, padding=True, return_tensors="pt"))
                 mask = _mask(inputs)
                 ids = inputs["input_ids"].cpu().numpy()
-                run = _BatchStats(mask, ids, layer_index, head_index, k, jobs, total_layers)
+                run = _BatchStats(mask, ids, layer_index, head_index, k, jobs, total_layers, kept)
                 _forward(model, inputs, targets, run, result.batches)
                 tokens = [[t if isinstance(t, str) else "" for t in tokenizer.convert_ids_to_tokens(row)] for row in ids.tolist()]
                 writer.add(run.finish(writer.query), batch, run.valid_tokens(tokens))
@@ -178,6 +195,45 @@ def record_stats(
         result.committed = writer.manifest.committed if writer.manifest else 0
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _kept_selection(keep_layers, keep_heads, layers: tuple[list[int], int], heads: tuple[list[int], int]):
+    """The store positions `(layers, heads)` of the maps to keep, None for none: model layer and head
+    numbers checked against the model's (`layers`, `heads`: the captured numbers and how many the
+    model has), and found among the captured ones."""
+    if keep_layers is None and keep_heads is None:
+        return None
+    chosen = []
+    for wanted, (index, available), what in ((keep_layers, layers, "layer"), (keep_heads, heads, "head")):
+        if wanted is None:
+            chosen.append(list(range(len(index))))
+            continue
+        numbers = capture._selection(wanted, available, what)
+        missing = [n for n in numbers if n not in index]
+        if missing:
+            raise CaptureError(f"{what} {missing[0]} is not among the {what}s captured ({index})",
+                               parameter=f"keep_{what}s")
+        chosen.append([index.index(n) for n in numbers])
+    return chosen[0], chosen[1]
+
+
+def open_kept(location, *, storage_options: dict | None = None):
+    """The full maps a stats-only capture kept (`keep_layers`, `keep_heads`), of the committed
+    batches, as a lazy `xarray.Dataset`: `attention (batch, kept_layer, kept_head, query, key)`,
+    NaN outside each sample's valid block as in `open_store`, and each sample's `length`;
+    `kept_layer`/`kept_head` hold the store's layer and head numbers (`.sel(kept_layer=3)`).
+    A StoreError when the store keeps none."""
+    from . import store
+    from .store.schema import KEPT as SPEC
+
+    loc = store.as_location(location, storage_options)
+    manifest, record = store.derived_committed(loc, SPEC)
+    size = manifest.max_length
+    ds = store.open_committed(loc, {"batch": record["batches"], "query": size, "key": size}, group=SPEC.name)
+    store.require_variables(loc, SPEC, record, ds.variables)
+    ds = ds.assign(length=store.open_store(loc, attention=False)["length"]).chunk({"query": -1, "key": -1})
+    ds.attrs = {"store": str(loc), **record}
+    return ds
 
 
 # ---------------------------------------------------------------- planning
@@ -356,7 +412,7 @@ class _BatchStats:
     """The statistics of one batch, filled layer by layer by the kernel `write_stats` runs."""
 
     def __init__(self, mask: np.ndarray, ids: np.ndarray, layers: list[int], heads: list[int], k: int, jobs: int | None,
-                 total_layers: int):
+                 total_layers: int, kept: tuple[list[int], list[int]] | None = None):
         from .kernels import stats as kernel
 
         self.mask = mask
@@ -377,9 +433,14 @@ class _BatchStats:
         # and their repeats, for the duplicate-token and induction scores of every layer
         self.ids = np.full((self.batch, self.seq), -1, dtype=np.int32)
         for b, valid in enumerate(mask):
-            kept = ids[b][valid]
-            self.ids[b, : kept.size] = kept
+            own = ids[b][valid]
+            self.ids[b, : own.size] = own
         self.repeats = kernel.repeats(self.ids[:, None, None, :], self.shape)
+        # the kept layers x heads' maps (store positions), copied out as each kept layer runs
+        self.kept_layers = {layer: i for i, layer in enumerate(kept[0])} if kept else {}
+        self.kept_heads = kept[1] if kept else []
+        self.kept = np.full((self.batch, len(self.kept_layers), len(self.kept_heads), self.seq, self.seq), np.nan,
+                            dtype=np.float32) if kept else None
 
     def layer(self, number: int, weights) -> None:
         """Layer `number`'s weights `(batch, head, query, key)`: its statistics, then nothing kept."""
@@ -409,6 +470,14 @@ class _BatchStats:
         with kernel_threads(self.jobs):
             kernel.fill(self.out, a, self.lengths, dest, parallel=True, repeats=self.repeats)
         self._check_rows(number, a.dtype, dest)
+        if position in self.kept_layers:
+            self._keep(self.kept_layers[position], a)
+
+    def _keep(self, position: int, a: np.ndarray) -> None:
+        """The kept heads' planes of one layer, each sample's valid block only (NaN outside, as ingest
+        stores maps); float32 (a float16 model's weights exactly)."""
+        for b, n in enumerate(self.lengths):
+            self.kept[b, position, :, :n, :n] = a[b, self.kept_heads, :n, :n]
 
     def _check_rows(self, number: int, dtype, dest) -> None:
         """Rows must sum to 1 within ingest's tolerance: logits returned by mistake are an error, not
@@ -443,7 +512,9 @@ class _BatchStats:
             result[name] = np.ascontiguousarray(values)
         result["length"] = self.lengths
         result["input_id"] = np.pad(self.ids, ((0, 0), (0, pad)), constant_values=-1)
-        self.out = None
+        if self.kept is not None:
+            result[KEPT] = np.pad(self.kept, ((0, 0),) * 3 + ((0, pad),) * 2, constant_values=np.nan)
+        self.out = self.kept = None
         return result
 
     def valid_tokens(self, tokens: list[list[str]]) -> list[list[str]]:
@@ -503,6 +574,28 @@ class _Writer:
         block = stats._block_batches(m, m.max_length, m.max_length)
         stats._create_layout(self.group, n, self.settings["k"], block, shape=(m.layers, m.heads, m.max_length, m.max_length))
         self.group[stats.GROUP].attrs[ATTRIBUTE] = self.settings
+        if self.settings["keep_layers"]:
+            self._layout_kept(n)
+
+    def _layout_kept(self, n: int) -> None:
+        """The `kept` group (schema.KEPT) for `n` batches: the attention chunked as the store's would be
+        (`schema.attention_chunks` at the kept heads), its coordinates one chunk each."""
+        from . import store
+
+        layers, heads, size = self.settings["keep_layers"], self.settings["keep_heads"], self.manifest.max_length
+        chunks = store.attention_chunks(len(heads), size, size, 4)
+        group = self.group.require_group(KEPT)
+        options = {"overwrite": True, "compressors": store.compressors()}
+        group.create_array("attention", shape=(n, len(layers), len(heads), size, size), chunks=chunks, dtype="float32",
+                           fill_value=np.nan, dimension_names=("batch", "kept_layer", "kept_head", "query", "key"),
+                           attributes=dict(store.ARRAYS[0].attributes), **options)
+        for name, values, chunk in (("batch", np.arange(n), chunks[0]), ("kept_layer", layers, len(layers)),
+                                    ("kept_head", heads, len(heads)), ("query", np.arange(size), size),
+                                    ("key", np.arange(size), size)):
+            array = group.create_array(name, shape=(len(values),), chunks=(max(1, chunk),), dtype="int32",
+                                       dimension_names=(name,), **options)
+            if len(values):
+                array[:] = np.asarray(values, dtype=np.int32)
 
     def _resume(self, layers: int, heads: int, longest: int) -> None:
         from . import stats, store
@@ -517,6 +610,12 @@ class _Writer:
                     f"{self.loc}: its statistics were captured with {name}={recorded.get(name)!r}, this run has"
                     f" {self.settings[name]!r}; use the same, or another store",
                 )
+        keep = self.settings["keep_layers"]
+        if keep and self.manifest.kept_committed != self.manifest.committed:
+            raise CaptureError(
+                f"{self.loc}: its kept maps cover {self.manifest.kept_committed} of its {self.manifest.committed} batches"
+                " (removed by a repair?); capture into a new store to keep maps"
+            )
         if longest > self.manifest.max_length:
             self._grow(longest)
 
@@ -527,7 +626,8 @@ class _Writer:
         from . import stats, store
 
         n = self.manifest.committed
-        arrays = [a for _, a in self.group.arrays()] + [a for _, a in self.group[stats.GROUP].arrays()]
+        arrays = [a for name in ("", stats.GROUP, KEPT) if not name or name in self.group
+                  for _, a in (self.group[name] if name else self.group).arrays()]
         for array in arrays:
             dims = tuple(array.metadata.dimension_names or ())
             if dims in (("query",), ("key",)):
@@ -576,12 +676,14 @@ class _Writer:
             store.resize(self.group, batch=n1)
             if n0 == 0:
                 self._layout(n1)
+            kept = st.pop(KEPT, None)
+            for path in (stats.GROUP, KEPT) if kept is not None else (stats.GROUP,):
+                for name, array in self.group[path].arrays():
+                    if "batch" in (array.metadata.dimension_names or ()):
+                        array.resize((n1, *array.shape[1:]))
+                        if name == "batch":
+                            array[:] = np.arange(n1, dtype=array.dtype)
             group = self.group[stats.GROUP]
-            for name, array in group.arrays():
-                if "batch" in (array.metadata.dimension_names or ()):
-                    array.resize((n1, *array.shape[1:]))
-                    if name == "batch":
-                        array[:] = np.arange(n1, dtype=array.dtype)
             per_sample = {
                 "length": st["length"],
                 "source": np.array([s.source for s in entries], dtype=object),
@@ -591,12 +693,17 @@ class _Writer:
             }
             store.write_all((self.group[name], slice(n0, n1), values) for name, values in per_sample.items())
             stats._write_block(dict(group.arrays()), st, n0, n1)
+            if kept is not None:  # every chunk written, NaN ones too: a missing chunk is damage
+                stats._write_block({"attention": self.group[KEPT]["attention"]}, {"attention": kept}, n0, n1)
         for i, s in enumerate(entries):
             if s.index == 0:
                 self.manifest.files[s.key] = store.FileEntry(len(s.text.encode("utf-8")), 0, s.key[len("text:"):],
                                                              n0 + i, n0 + i + s.count, source=s.source, dtype="float32")
         self.manifest.committed = self.manifest.stats_committed = n1
         self.manifest.stats_k = self.settings["k"]
+        if kept is not None:
+            self.manifest.kept_committed = n1
+            self.manifest.kept_layers, self.manifest.kept_heads = self.settings["keep_layers"], self.settings["keep_heads"]
         self._record_run(sum(s.index == 0 for s in entries), count)
         store.commit(self.loc, self.manifest)
         rest = {name: values[count:] for name, values in both.items()}

@@ -226,15 +226,26 @@ class Sample:
         self.batch = _check_index(ds, "batch", batch)
         self.n = _length(ds, self.batch)
         self.tokens = _tokens(ds, self.batch, self.n)
-        self.title = _title(ds, self.batch, self.n)
+        self.title = self.exact_title = _title(ds, self.batch, self.n)
         self.heads = int(ds.sizes["head"])
-        # no maps (a store of statistics captured from a model): each plane drawn from its top-k
+        # no maps (a store of statistics captured from a model): each plane drawn exactly from the
+        # maps the capture kept (`kept`, when it kept that layer and head), else from its top-k
         self.topk = "attention" not in ds
+        self.kept: dict[tuple[int, int], tuple[int, int]] = {}  # (layer, head) -> (kept_layer, kept_head) position
         if self.topk:
             if "topk_index" not in ds:
                 raise FastattnError("this dataset has neither attention nor top-k statistics to draw")
             k = int(ds.sizes["rank"])
             self.title += f" (approximate: each query's {k} strongest keys only, the other weights drawn as 0)"
+            if "kept" in ds:
+                self.kept = {(int(layer), int(head)): (i, j) for i, layer in enumerate(ds["kept_layer"].values)
+                             for j, head in enumerate(ds["kept_head"].values)}
+
+    def title_for(self, wanted: dict[int, set[int]]) -> str:
+        """The title of a figure drawing the planes `wanted` (layer -> heads): approximate (and
+        saying so) when one of them is not held whole."""
+        exact = not self.topk or all((layer, head) in self.kept for layer, heads in wanted.items() for head in heads)
+        return self.exact_title if exact else self.title
 
     def draw(self, figures: list) -> list[Figure]:
         """Feed every plane that one of `figures` (Overview, Layers, Heads) wants to each that
@@ -261,7 +272,14 @@ class Sample:
         at most one chunk's worth of planes is in memory."""
         n = self.n
         if self.topk:
-            yield from self._topk_planes(layer, heads)
+            kept = [head for head in heads if (layer, head) in self.kept]
+            if kept:
+                where = {"batch": self.batch, "kept_layer": self.kept[layer, kept[0]][0], "query": slice(0, n),
+                         "key": slice(0, n), "kept_head": [self.kept[layer, head][1] for head in kept]}
+                yield from zip(kept, np.nan_to_num(np.asarray(self.ds["kept"].isel(where).values), nan=0.0))
+            rest = [head for head in heads if (layer, head) not in self.kept]
+            if rest:
+                yield from self._topk_planes(layer, rest)
             return
         attention = self.ds["attention"].isel(batch=self.batch, layer=layer, query=slice(0, n), key=slice(0, n))
         for group in _chunk_groups(attention, "head", heads):
@@ -330,7 +348,7 @@ class Overview:
         drawn = f"{n} queries" if every else f"{self.rows.size} of {n} queries drawn"
         self.ax_rows.set_title(f"Attention distribution ({drawn})")
         which = f"mean of {sample.heads} heads" if self.head is None else f"head {self.head}"
-        self.fig.suptitle(f"{sample.title}: layer {self.layer}, {which}")
+        self.fig.suptitle(f"{sample.title_for(self.wanted)}: layer {self.layer}, {which}")
         self.factor = _map_factor(self.fig, [self.ax_map], n)
         self.map = np.zeros((math.ceil(n / self.factor),) * 2)
         self.incoming = np.zeros(n)
@@ -410,7 +428,7 @@ class Layers:
                 ax.set_xlabel("Key position")
         self.colorbar = self.fig.colorbar(self.images[-1], ax=self.axes, label=_WIDEST_LABEL, shrink=0.8)
         separator = "\n" if count < 3 else " "  # a narrow figure gets its title on two lines
-        self.fig.suptitle(f"{sample.title}:{separator}every layer, mean over {sample.heads} heads")
+        self.fig.suptitle(f"{sample.title_for(self.wanted)}:{separator}every layer, mean over {sample.heads} heads")
         self.factor = _map_factor(self.fig, self.axes, n)
         self.sums = np.zeros((count,) + (math.ceil(n / self.factor),) * 2)
 
@@ -455,7 +473,7 @@ class Heads:
                 ax.set_xlabel("Key position")
         self.colorbar = self.fig.colorbar(self.images[-1], ax=self.axes, label=_WIDEST_LABEL, shrink=0.8)
         self.fig.suptitle(
-            f"{sample.title}: layer {self.layer}, every head"
+            f"{sample.title_for(self.wanted)}: layer {self.layer}, every head"
             f" (H = mean row entropy; uniform would be ln {n} = {math.log(n):.2f})"
         )
         self.factor = _map_factor(self.fig, self.axes, n)
@@ -482,16 +500,23 @@ class Heads:
 def open_sample_data(location) -> xr.Dataset:
     """What the figures of one sample draw from: the store (lazily), or for a store of statistics
     captured from a model (no maps) its per-sample arrays and the statistics' top-k, from which
-    `Sample` draws each plane approximately (the figure says so)."""
+    `Sample` draws each plane approximately (the figure says so), and the maps the capture kept
+    whole (`kept`, from `open_kept`), which it draws exactly."""
     from . import store
 
     loc = store.as_location(location)
-    if not store.checked_manifest(loc).stats_only:
+    manifest = store.checked_manifest(loc)
+    if not manifest.stats_only:
         return store.open_store(loc)
     from .stats import open_stats
 
     st = open_stats(loc)
-    return store.open_store(loc, attention=False).assign(topk_index=st["topk_index"], topk_weight=st["topk_weight"])
+    ds = store.open_store(loc, attention=False).assign(topk_index=st["topk_index"], topk_weight=st["topk_weight"])
+    if manifest.kept_committed:
+        from .live import open_kept
+
+        ds = ds.assign(kept=open_kept(loc)["attention"])
+    return ds
 
 
 def overview(ds: xr.Dataset, batch: int, layer: int, head: int | None = None, *, dpi: float = 100) -> Figure:

@@ -405,3 +405,184 @@ def test_an_interrupted_run_that_grew_the_store_checks_and_repairs(decoder, tmp_
     assert check.store_problems(out) == []
     live.record_stats(model, texts, tmp_path / "one.zarr", tokenizer=tokenizer, batch_size=1)
     assert_same_stats(stats_group(out), stats_group(tmp_path / "one.zarr"), atol=0)  # one text per batch: no padding
+
+
+# ---------------------------------------------------------------- full maps of a few heads kept
+
+
+def kept_maps(path) -> np.ndarray:
+    group = zarr.open_group(str(path), path="kept", mode="r", use_consolidated=False)
+    return group["attention"][: store_mod.read_manifest(store_mod.as_location(path)).kept_committed]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_kept_maps_are_the_model_s_own_and_an_ingested_store_s(decoder, tmp_path, side):
+    """--keep-layers 1 --keep-heads 3,0: the kept planes are the model's output_attentions for those
+    heads bit for bit (NaN outside each valid block), equal to what capture -> ingest stores for the
+    same layer and heads (with left padding: each text's tokens moved to the start), while the
+    statistics still cover every layer and head."""
+    import copy
+
+    model, tokenizer = decoder
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.padding_side = side
+    texts = TEXTS[:6]
+    out = tmp_path / "kept.zarr"
+    result = live.record_stats(model, texts, out, tokenizer=tokenizer, batch_size=BATCH, keep_layers=[1],
+                               keep_heads=[3, 0], commit_seconds=0)
+    assert (result.committed, result.commits) == (6, 2)
+    dumped = through_dumps(model, tokenizer, texts, tmp_path)
+    got = kept_maps(out)
+    want = store_mod.open_store(dumped)["attention"].isel(layer=[1], head=[0, 3]).values
+    assert got.shape == want.shape == (6, 1, 2, 21, 21) and got.dtype == np.float32
+    assert np.array_equal(got, want, equal_nan=True)  # bit for bit, NaN where ingest puts NaN
+    assert_same_stats(stats_group(out), stats_group(dumped), atol=1e-6)  # every layer and head
+    manifest = store_mod.read_manifest(store_mod.as_location(out))
+    assert (manifest.kept_committed, manifest.kept_layers, manifest.kept_heads) == (6, [1], [0, 3])
+    ds = live.open_kept(out)
+    assert list(ds["kept_layer"].values) == [1] and list(ds["kept_head"].values) == [0, 3]
+    assert np.array_equal(ds["attention"].values, got, equal_nan=True)
+    assert list(ds["length"].values) == list(zarr.open_group(str(dumped), mode="r")["length"][:])
+    assert check.store_problems(out) == []
+    heads = zarr.open_group(str(out), path="kept", mode="r+", use_consolidated=False)["kept_head"]
+    heads[:] = [0, 2]  # the maps would be taken for another head's
+    problems = check.store_problems(out)
+    assert [(p.where, p.message) for p in problems] == [("kept/kept_head", "values [0, 2], the manifest records [0, 3]")]
+    heads[:] = [0, 3]
+    if side == "left":
+        return
+    for start in (0, BATCH):  # the batches as they ran, the model's own weights
+        encoded = tokenizer(texts[start : start + BATCH], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            maps = model(**encoded, output_attentions=True).attentions[1].numpy()
+        for i, n in enumerate(encoded["attention_mask"].sum(1).tolist()):
+            plane = got[start + i, 0]
+            assert np.array_equal(plane[:, :n, :n], maps[i, [0, 3], :n, :n])
+            assert np.isnan(plane[:, n:]).all() and np.isnan(plane[:, :, n:]).all()
+
+
+def test_kept_maps_are_drawn_exactly_checked_and_repaired(decoder, tmp_path):
+    from fastattn import plot
+
+    model, tokenizer = decoder
+    out = tmp_path / "kept.zarr"
+    live.record_stats(model, TEXTS[:6], out, tokenizer=tokenizer, batch_size=BATCH, keep_heads=[2], commit_seconds=0)
+    maps = kept_maps(out)  # every layer, head 2
+    assert maps.shape[1:3] == (2, 1)
+    sample = plot.Sample(plot.open_sample_data(out), 5)
+    n = sample.n
+    planes = dict(sample.planes(1, [1, 2]))
+    assert np.array_equal(planes[2], maps[5, 1, 0, :n, :n])  # exact
+    assert (planes[1] > 0).sum(axis=1).max() <= K  # head 1 is not kept: its top-k only
+    assert "approximate" not in plot.overview(plot.open_sample_data(out), 5, 1, 2)._suptitle.get_text()
+    assert "approximate" in plot.overview(plot.open_sample_data(out), 5, 1, 1)._suptitle.get_text()
+    assert "approximate" in plot.heads(plot.open_sample_data(out), 5, 0)._suptitle.get_text()
+    # a chunk of the kept maps lost: check names it; repair uncommits and removes them (the statistics stay)
+    chunk = next(p for p in (out / "kept" / "attention" / "c").rglob("*") if p.is_file())
+    chunk.unlink()
+    problems = check.store_problems(out)
+    assert len(problems) == 1 and "missing chunk" in problems[0].message and problems[0].where.startswith("kept/attention/c/")
+    repaired = check.store_problems(out, repair=True)
+    assert [p.repaired for p in repaired] == ["kept maps uncommitted; a new capture with keep_layers/keep_heads recomputes them"]
+    assert check.store_problems(out) == [] and not (out / "kept").exists()
+    with pytest.raises(StoreError, match="no kept maps yet"):
+        live.open_kept(out)
+    assert "approximate" in plot.overview(plot.open_sample_data(out), 5, 1, 2)._suptitle.get_text()
+    assert stats.open_stats(out).sizes["batch"] == 6
+    with pytest.raises(capture.CaptureError, match="its kept maps cover 0 of its 6 batches"):
+        live.record_stats(model, ["a new text"], out, tokenizer=tokenizer, keep_heads=[2])
+
+
+def test_kept_maps_that_cannot_be_kept_are_refused(decoder, tmp_path, cli):
+    model, tokenizer = decoder
+    out = tmp_path / "bad.zarr"
+    with pytest.raises(capture.CaptureError, match="layer 2 does not exist: the model has 2 layers"):
+        live.record_stats(model, TEXTS[:2], out, tokenizer=tokenizer, keep_layers=[2])
+    with pytest.raises(capture.CaptureError, match=r"keep_heads: head 1 is not among the heads captured \(\[0, 2\]\)"):
+        live.record_stats(model, TEXTS[:2], out, tokenizer=tokenizer, heads=[0, 2], keep_heads=[1])
+    assert not (out / "_fastattn" / "manifest.json").exists()
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a text\n", encoding="utf-8")
+    usage = cli("capture", MODEL_DIR, texts, tmp_path / "dumps", "--keep-layers", "0")
+    assert usage.exit_code == 2 and "--keep-layers and --keep-heads apply to --stats-only" in usage.stderr
+    bad = cli("capture", MODEL_DIR, texts, tmp_path / "s.zarr", "--stats-only", "--layers", "0,1", "--keep-layers", "3")
+    assert bad.exit_code == 1 and bad.stderr.strip() == "error: --keep-layers: layer 3 is not among the layers captured ([0, 1])"
+
+
+# ---------------------------------------------------------------- a real kill
+
+
+def test_a_capture_killed_after_its_first_commit_resumes_to_the_one_run_store(decoder, tmp_path, cli):
+    """`fastattn capture --stats-only` in a process of its own, SIGKILLed as soon as its manifest
+    commits batches: the run again (the same command) completes the store to what one run gives
+    (statistics and kept maps, the same committed batches, in the same order) and check finds
+    nothing wrong."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model, tokenizer = decoder
+    folder = tmp_path / "gpt2"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    texts = [f"{TEXTS[i % len(TEXTS)]} Variant {i}." for i in range(12)]
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    out = tmp_path / "killed.zarr"
+    args = ["capture", folder, tmp_path / "texts.txt", out, "--stats-only", "--batch-size", 1, "--keep-layers", 1,
+            "--keep-heads", "0,3"]
+    fastattn = Path(sys.executable).parent / "fastattn"
+    process = subprocess.Popen([str(fastattn), *map(str, args), "--commit-seconds", "0"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)  # each batch committed as it finishes
+    manifest = out / "_fastattn" / "manifest.json"
+    committed = 0
+    deadline = time.monotonic() + 300
+    try:
+        while not committed and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+            try:
+                committed = json.loads(manifest.read_bytes())["committed"]
+            except (FileNotFoundError, ValueError):
+                pass  # not committed yet (the manifest is written atomically: never half of it)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        _, stderr = process.communicate()
+    assert process.returncode == -signal.SIGKILL, stderr.decode()
+    killed = store_mod.read_manifest(store_mod.as_location(out))
+    assert 0 < killed.committed < len(texts) and killed.kept_committed == killed.committed
+    again = cli(*args)
+    assert again.exit_code == 0, again.output
+    assert again.stderr.strip().endswith(f"{killed.committed} already there; {len(texts)} in store")
+    checked = cli("check", out)
+    assert checked.exit_code == 0, checked.output
+    one = tmp_path / "one.zarr"
+    reloaded, _ = capture.load_model(folder)
+    live.record_stats(reloaded, texts, one, tokenizer=tokenizer, batch_size=1, source="texts.txt", keep_layers=[1],
+                      keep_heads=[0, 3])
+    a, b = (store_mod.read_manifest(store_mod.as_location(p)) for p in (out, one))
+    assert a.committed == b.committed == a.kept_committed == len(texts)
+    assert {k: (e.start, e.stop, e.source) for k, e in a.files.items()} == {k: (e.start, e.stop, e.source) for k, e in b.files.items()}
+    assert_same_stats(stats_group(out), stats_group(one), atol=1e-6)
+    assert np.array_equal(kept_maps(out), kept_maps(one), equal_nan=True)
+    for name in ("length", "source", "token", "input_id"):
+        assert np.array_equal(zarr.open_group(str(out), mode="r")[name][:], zarr.open_group(str(one), mode="r")[name][:]), name
+    assert check.store_problems(one) == []
+
+
+def test_kept_maps_grow_with_the_store(decoder, tmp_path):
+    """Longer texts in a later run grow the kept maps' query and key dims too (NaN in the new
+    positions of the batches before): each text's kept planes equal one run's, and check is clean."""
+    model, tokenizer = decoder
+    texts = [f"text number {i} " * (i + 1) for i in range(4)]  # longer and longer
+    out, one = tmp_path / "grown.zarr", tmp_path / "one.zarr"
+    options = dict(tokenizer=tokenizer, batch_size=1, keep_layers=[0], commit_seconds=0)
+    live.record_stats(model, texts[:2], out, **options)
+    before = kept_maps(out).shape[-1]
+    live.record_stats(model, texts, out, **options)
+    live.record_stats(model, texts, one, **options)
+    grown, want = kept_maps(out), kept_maps(one)
+    assert grown.shape == want.shape == (4, 1, 4, *want.shape[-2:]) and want.shape[-1] > before
+    assert np.array_equal(grown, want, equal_nan=True)  # one text per batch: no padding, the same bits
+    assert np.isnan(grown[:2, ..., before:, :]).all() and np.isnan(grown[:2, ..., before:]).all()
+    assert check.store_problems(out) == []

@@ -29,7 +29,8 @@ def check_derived(c: Checker, spec: Derived) -> None:
     known = c.lengths[:upto][c.lengths[:upto] > 0]
     dims = {**c.dims, "longest": int(known.max()) if known.size else 1}
     sizes = spec.sizes(c.manifest, record, dims)
-    _check_group(c, spec, group, spec.variables(record), sizes, upto, spec.committed.format(batches=upto))
+    labels = spec.labels(record) if spec.labels else {}
+    _check_group(c, spec, group, spec.variables(record), sizes, upto, spec.committed.format(batches=upto), labels)
 
 
 def _open(c: Checker, spec: Derived):
@@ -45,10 +46,11 @@ def _open(c: Checker, spec: Derived):
     return group
 
 
-def _check_group(c: Checker, spec: Derived, group, variables: dict, sizes: dict, upto: int, committed: str) -> None:
+def _check_group(c: Checker, spec: Derived, group, variables: dict, sizes: dict, upto: int, committed: str,
+                 labels: dict) -> None:
     """Every variable of a derived group: present, its dims, a shape within `sizes` (dim ->
-    (least, most or None)), coordinates 0..n-1, and every chunk below `upto` batches present and
-    decoding; its `length` equal to the store's."""
+    (least, most or None)), coordinates 0..n-1 (or the values `labels` gives), and every chunk
+    below `upto` batches present and decoding; its `length` equal to the store's."""
     fix = spec.name
     for name, dims in variables.items():
         where = f"{spec.name}/{name}"
@@ -71,6 +73,11 @@ def _check_group(c: Checker, spec: Derived, group, variables: dict, sizes: dict,
         if any(not _within(s, *sizes[d]) for s, d in zip(array.shape, dims)):
             want = ", ".join(_span(*sizes[d]) for d in dims)
             c.add(where, f"shape {tuple(array.shape)}, the store needs ({want})", fix=fix)
+            continue
+        if name in labels:  # a coordinate naming positions of another dim: the record's
+            values = c.reader.read(array, (0,), (slice(0, array.shape[0]),), fix=fix, required=True)
+            if values is not None and np.asarray(values).tolist() != list(labels[name]):
+                c.add(where, f"values {np.asarray(values).tolist()}, the manifest records {list(labels[name])}", fix=fix)
             continue
         if dims == (name,):  # a coordinate: a missing chunk reads as 0s, which only a 0 may be
             extent = min(upto, array.shape[0]) if name == "batch" else array.shape[0]

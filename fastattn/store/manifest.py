@@ -117,12 +117,19 @@ class Manifest:
     #: statistics captured straight from a model (`fastattn.live`): the store holds no `attention`
     #: array, its file entries are texts (keyed by content hash), and its statistics cannot be recomputed
     stats_only: bool = False
+    #: the `kept` group's commit (schema.KEPT): full maps of these store layers x heads, in a stats-only store
+    kept_committed: int = 0
+    kept_layers: list[int] = field(default_factory=list)
+    kept_heads: list[int] = field(default_factory=list)
 
     def to_json(self) -> bytes:
         body = {"format": "fastattn-manifest", "version": FORMAT_VERSION, **self.__dict__}
         body["files"] = {key: entry.to_json() for key, entry in self.files.items()}
         if not self.stats_only:
             del body["stats_only"]  # manifests of stores with attention are written as they always were
+        if not (self.kept_committed or self.kept_layers):
+            for name in ("kept_committed", "kept_layers", "kept_heads"):
+                del body[name]  # and so are those of stores that keep no maps
         return json.dumps(body, indent=1).encode()
 
     @classmethod
@@ -153,7 +160,7 @@ class Manifest:
 # ---------------------------------------------------------------- validation
 
 #: Readers trust the manifest, so every field is checked once, here, before anyone uses it.
-_COUNTS = ("committed", "layers", "heads", "max_length", "batch_chunk", "stats_committed", "stats_k")
+_COUNTS = ("committed", "layers", "heads", "max_length", "batch_chunk", "stats_committed", "stats_k", "kept_committed")
 _REQUIRED = ("committed", "layers", "heads", "max_length", "dtype", "batch_chunk", "files")
 _FILE_ENTRY = {"size": int, "mtime_ns": int, "content_hash": str, "start": int, "stop": int, "status": str}
 _FILE_OPTIONAL = {"source": str, "layout": str, "dtype": str}  # in FileEntry's field order
@@ -184,6 +191,10 @@ def _check_body(body: dict) -> None:
     for name in _COUNTS:
         if name in body and not _is_count(body[name]):
             raise _Damaged(f"'{name}' is {body[name]!r:.40}, not a count (a whole number >= 0)")
+    for name in ("kept_layers", "kept_heads"):
+        value = body.get(name, [])
+        if not (isinstance(value, list) and all(_is_count(v) for v in value)):
+            raise _Damaged(f"'{name}' is {value!r:.40}, not a list of counts")
     if not isinstance(body.get("stats_only", False), bool):
         raise _Damaged(f"'stats_only' is {body['stats_only']!r:.40}, not true or false")
     if body.get("dtype", "float32") not in STORE_DTYPES:

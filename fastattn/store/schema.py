@@ -11,6 +11,8 @@ Layout of `store.zarr` (Zarr v3, opened by plain `xarray.open_zarr` too):
                                                     (stores created before it have none: `Array.optional`)
     batch, layer, head, query, key                  int32 coordinates (positions)
     stats/, rollout/                                derived groups (`DERIVED`), recomputable
+    kept/                                           a stats-only store's full maps of a few layers x heads
+                                                    (`KEPT`: captured with the statistics, not recomputable)
     _fastattn/manifest.json                         the commit record (`manifest.py`)
     _fastattn/lock                                  present while a writer works (`lock.py`)
 
@@ -269,6 +271,9 @@ class Derived:
     #: them (check accepts that, readers see NaN in their place, and the writer lays the group
     #: out again and computes them on its next run).
     later: tuple[str, ...] = ()
+    #: record -> {coordinate: its values}, for coordinates that name positions of another dim (the
+    #: kept maps' `kept_layer`: store layer numbers) rather than count 0..n-1 as the others do.
+    labels: Callable[[dict], dict[str, list[int]]] | None = None
 
     @property
     def attribute(self) -> str:
@@ -311,6 +316,17 @@ def _rollout_extent(manifest, record: dict, dims: dict) -> dict:
     return {"batch": (n, n), "layer": (manifest.layers,) * 2, "query": (size, size), "key": (size, size)}
 
 
+def _kept_layout(record: dict) -> dict[str, tuple[str, ...]]:
+    return {"attention": ("batch", "kept_layer", "kept_head", "query", "key"), "batch": ("batch",),
+            "kept_layer": ("kept_layer",), "kept_head": ("kept_head",), "query": ("query",), "key": ("key",)}
+
+
+def _kept_extent(manifest, record: dict, dims: dict) -> dict:
+    tokens = {dim: (dims["longest"], dims[dim]) for dim in ("query", "key")}
+    return {"batch": (record["batches"], None), "kept_layer": (len(record["layers"]),) * 2,
+            "kept_head": (len(record["heads"]),) * 2, **tokens}
+
+
 STATS = Derived(
     "stats", "fastattn stats", "manifest", ("k",), _stats_layout, _stats_extent,
     noun="statistics", them="them", later=("duplicate_token", "induction"),
@@ -318,5 +334,14 @@ STATS = Derived(
 ROLLOUT = Derived(
     "rollout", "fastattn rollout", "attribute", ("keep_matrix",), _rollout_layout, _rollout_extent, noun="the rollout", them="it"
 )
+#: The full maps a stats-only capture keeps of a few layers x heads (`fastattn.live`): a group of its
+#: own, since its layer and head dims (`kept_layer`, `kept_head`: which of the store's layers and heads
+#: it holds, the record's `layers` and `heads`) are not the statistics' (every layer and head).
+#: Committed with the statistics, by the capture alone: a repair that removes it cannot recompute it.
+KEPT = Derived(
+    "kept", "a new capture with keep_layers/keep_heads", "manifest", ("layers", "heads"), _kept_layout, _kept_extent,
+    noun="the kept maps", them="them",
+    labels=lambda record: {"kept_layer": record["layers"], "kept_head": record["heads"]},
+)
 #: Every derived group, by name: `fastattn check` verifies each one that is committed.
-DERIVED = {spec.name: spec for spec in (STATS, ROLLOUT)}
+DERIVED = {spec.name: spec for spec in (STATS, ROLLOUT, KEPT)}
