@@ -7,6 +7,11 @@ loaded (before any forward pass) and how long the capture took. Memory should be
 model, its activations and one layer's maps of one batch: the same for 2 layers as for 4,
 and for 2 texts as for 8. One text per batch; the texts are random words of a word-level
 tokenizer built in memory, each exactly SEQ tokens.
+
+The last row checks that the per-plane column statistics of such long inputs stay exact
+(`python -m benchmarks.live_bench --exact SEQ HEADS STORE`): `first_token`, `peak_key` and
+`distance_mean` of one SEQ-token text captured with `--stats-only`, against the float64
+NumPy reference (benchmarks/reference.py) on the model's own `output_attentions`.
 """
 
 from __future__ import annotations
@@ -57,15 +62,54 @@ def figure(ctx: Context) -> list[dict]:
         met=growth < one_layer, note=f"grows by {growth / 1e6:,.0f} MB", growth_mb=growth / 1e6,
         layer_map_mb=one_layer / 1e6,
     ))
+    exact = _child_exact(c.live_seq, c.live_heads, ctx.data / "scratch" / "live-exact.zarr", ctx)
+    rows.append(row(
+        FIGURE, f"first_token, peak_key, distance_mean of one {c.live_seq:,}-token text, --stats-only vs float64 NumPy",
+        fastattn=exact["max_rel_error"], unit="max rel. error", goal="≤ 1e-6, peak_key equal",
+        met=exact["max_rel_error"] <= 1e-6 and exact["peak_key_equal"],
+        note=f"peak_key equal: {exact['peak_key_equal']}; {c.live_heads} heads",
+    ))
     return rows
 
 
-def _child(seq: int, heads: int, layers: int, texts: int, out: Path) -> dict:
+def _child_exact(seq: int, heads: int, out: Path, ctx: Context) -> dict:
+    ctx.cleanup.append(out)
+    report = _child(seq, heads, 1, 1, out, exact=True)
+    ctx.log(f"    exactness at {seq:,} tokens: max relative error {report['max_rel_error']:.2e},"
+            f" peak_key equal: {report['peak_key_equal']}")
+    return report
+
+
+def exactness(seq: int, heads: int, out: str) -> dict:
+    """One `seq`-token text through `record_stats` (1 layer), against the float64 reference on
+    the model's own attention of the same text."""
+    import numpy as np
+    import torch
+
+    from fastattn import live
+    from fastattn.stats import read_planes
+
+    from . import reference
+
+    model, tokenizer = model_and_tokenizer(seq, heads, 1)
+    text = random_texts(1, seq)[0]
+    live.record_stats(model, [text], out, tokenizer=tokenizer, batch_size=1)
+    got = read_planes(out, ["first_token", "peak_key", "distance_mean"])
+    with torch.no_grad():
+        own = model(**tokenizer([text], return_tensors="pt"), output_attentions=True, use_cache=False).attentions[0]
+    a = own.numpy()[:, None]  # (batch, layer, head, query, key)
+    want = reference.summaries(a.astype(np.float64), np.array([seq]))
+    errors = [np.max(np.abs(got[n] - want[n]) / np.maximum(np.abs(want[n]), 1e-300)) for n in ("first_token", "distance_mean")]
+    return {"max_rel_error": float(max(errors)), "peak_key_equal": bool(np.array_equal(got["peak_key"], want["peak_key"]))}
+
+
+def _child(seq: int, heads: int, layers: int, texts: int, out: Path, exact: bool = False) -> dict:
     import os
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    argv = ["--exact", str(seq), str(heads), str(out)] if exact else [str(seq), str(heads), str(layers), str(texts), str(out)]
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.live_bench", str(seq), str(heads), str(layers), str(texts), str(out)],
+        [sys.executable, "-m", "benchmarks.live_bench", *argv],
         cwd=REPO, env=env, capture_output=True, text=True,
     )
     if proc.returncode != 0:
@@ -109,6 +153,9 @@ def _rss() -> int:
 
 
 def main(argv: list[str]) -> None:
+    if argv[0] == "--exact":
+        print(json.dumps(exactness(int(argv[1]), int(argv[2]), argv[3])))
+        return
     seq, heads, layers, count = (int(a) for a in argv[:4])
     out = argv[4]
     from fastattn import live
