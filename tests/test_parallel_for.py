@@ -167,23 +167,39 @@ def test_compiled_kernels_give_the_same_results_with_any_thread_count(rng, dtype
 
 
 def test_write_stats_jobs_sets_the_kernel_threads(tmp_path, monkeypatch):
-    """`write_stats(jobs=1)` runs the kernel in one thread (no helper), `jobs=None` on all
-    cores, with identical statistics."""
+    """`write_stats(jobs=1)` computes in one thread, `jobs=None` on all cores, with identical
+    statistics, by both routes: on a local store the chunk files are read and computed by a pool
+    of `jobs` threads (each kernel call single-threaded); elsewhere (forced here: zarr decodes)
+    zarr reads the blocks and each kernel call runs in `jobs` threads."""
+    from fastattn.store import WholeChunks
+
     path = tmp_path / "s.zarr"
     assert ingest([SAMPLES], path).ok
-    seen = []
-    real = _jit.parallel_for
+    pools, threads = [], []
+    real_pool, real_for = store_stats.ThreadPoolExecutor, _jit.parallel_for
+
+    def pool(max_workers=None, thread_name_prefix=""):
+        pools.append((thread_name_prefix, max_workers))
+        return real_pool(max_workers, thread_name_prefix)
 
     def spy(kernel, n, *args, parallel=True):
-        seen.append(_jit._THREADS.get())
-        return real(kernel, n, *args, parallel=parallel)
+        threads.append(_jit._THREADS.get())
+        return real_for(kernel, n, *args, parallel=parallel)
 
+    monkeypatch.setattr(store_stats, "ThreadPoolExecutor", pool)
     monkeypatch.setattr("fastattn.kernels.stats.parallel_for", spy)
     store_stats.write_stats(path, jobs=1)
     one = fastattn.open_stats(path).compute()
-    assert 1 in seen and all(s in (1, None) for s in seen)  # None: the layout's one-batch sample
-    seen.clear()
+    assert ("fastattn-stats", 1) in pools  # the chunk route: one computing thread
     store_stats.write_stats(path, k=4, jobs=None)  # another k: everything again
+    assert ("fastattn-stats", numba.config.NUMBA_NUM_THREADS) in pools  # every core
+    monkeypatch.setattr(WholeChunks, "decodes_here", lambda self: False)  # the zarr route
+    threads.clear()
+    store_stats.write_stats(path, k=5, jobs=1)
+    assert 1 in threads and all(t in (1, None) for t in threads)  # None: the layout's one-batch sample
+    xr.testing.assert_identical(fastattn.open_stats(path).compute(), one)
+    threads.clear()
+    store_stats.write_stats(path, k=4, jobs=None)
     store_stats.write_stats(path, k=5, jobs=None)
-    assert seen and all(s is None for s in seen)
+    assert threads and all(t is None for t in threads)
     xr.testing.assert_identical(fastattn.open_stats(path).compute(), one)
