@@ -52,6 +52,8 @@ def test_every_figure_has_positive_times(quick_run):
             continue
         if r["figure"] == "scaling":  # a fitted slope: noise at smoke-test sizes may tip it below 0
             assert np.isfinite(r["fastattn"]), r
+        elif r["unit"] == "max rel. error":  # an exactness check: 0 when the figures agree bit for bit
+            assert 0 <= r["fastattn"] <= 1e-6 and r["met"], r
         else:
             assert _positive(r["fastattn"]), r
         if r["unit"] == "s":
@@ -75,7 +77,7 @@ def test_every_figure_has_positive_times(quick_run):
         assert r["sizes"] == [25, 50, 100] and all(_positive(s) for s in r["seconds"])
         assert -1 <= r["r2"] <= 1
     assert len(by_figure["memory"]) == 2 and all(r["unit"] == "MB" for r in by_figure["memory"])
-    assert len(by_figure["live"]) == 4 and [r["unit"] for r in by_figure["live"]] == ["MB", "MB", "MB", "x"]
+    assert [r["unit"] for r in by_figure["live"]] == ["MB", "MB", "MB", "x", "max rel. error"]
 
 
 def test_table_printed_and_scratch_removed(quick_run):
