@@ -249,6 +249,8 @@ def test_report_states_token_class_findings(tmp_path):
     att = softmax_rows(rng, (1, 2, 2, 6, 6)).astype(np.float64)
     att[:, :, 0] = 0.2 * att[:, :, 0]
     att[:, :, 0, :, 0] += 0.8
+    att[:, :, 1, :, [0, 5]] *= 0.05  # head 1 all but ignores [CLS] and [SEP]: never a special-token head
+    att[:, :, 1] /= att[:, :, 1].sum(-1, keepdims=True)
     toks = np.array([["[CLS]", "Ġcat", ",", "the", "2019", "[SEP]"]])
     write_dump(tmp_path / "d" / "a.npz", att.astype(np.float32), attention_mask=np.ones((2, 6), np.int8), tokens=toks.repeat(2, 0))
     ingest(tmp_path / "d", tmp_path / "s.zarr")
