@@ -464,8 +464,10 @@ class _BatchStats:
         a = weights.cpu().numpy()  # host memory: the CPU kernels (no copy on a CPU model)
         if len(self.heads) != a.shape[1]:
             a = a[:, self.heads]
-        if self.order is not None:
-            a = _compact(a, self.order, self.lengths)
+        if self.order is not None:  # each sample's valid tokens first, NaN after: as ingest stores them
+            from .dumps import _compact
+
+            a = _compact(a[:, None], None, None, self.order, self.lengths)[0][:, 0]  # (batch, layer=1, head, q, k)
         dest = self.planes[:, position].ravel()
         with kernel_threads(self.jobs):
             kernel.fill(self.out, a, self.lengths, dest, parallel=True, repeats=self.repeats)
@@ -520,15 +522,6 @@ class _BatchStats:
     def valid_tokens(self, tokens: list[list[str]]) -> list[list[str]]:
         """Each sample's token strings at its valid positions, in order (padding dropped)."""
         return [[row[i] for i in np.flatnonzero(valid)] for row, valid in zip(tokens, self.mask)]
-
-
-def _compact(a: np.ndarray, order, lengths) -> np.ndarray:
-    """Each sample's valid tokens first (left padding, holes), NaN after: as ingest stores them."""
-    out = np.full(a.shape, np.nan, dtype=a.dtype)
-    for b, idx in enumerate(order):
-        n = lengths[b]
-        out[b, :, :n, :n] = a[b][:, idx[:, None], idx]
-    return out
 
 
 # ---------------------------------------------------------------- the store
