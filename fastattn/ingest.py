@@ -451,6 +451,7 @@ def _entry(header: dumps.DumpHeader, name: _Named, content_hash: str, start: int
         duplicate_of=duplicate_of,
         layout=header.layout,
         dtype=header.dtype.name,  # the dump's own: check applies the row-sum tolerance ingest applied to it
+        tokens=header.member(dumps.TOKENS) is not None,  # spares reading the token strings when no dump had them
     )
 
 

@@ -9,8 +9,8 @@ single-threaded (dask's threads already use the cores); on in-memory arrays it r
 statistics yet, in a plain loop (no dask graph), and commits them through the manifest, like
 an ingest. The formulas and the pattern flags' thresholds are in the kernel module's docstring.
 
-`FLAGS`, `PER_QUERY` and `PER_PLANE` (the variable names) are the kernel's, read lazily so that
-importing this module does not load Numba. xarray and dask are imported by the functions that
+`FLAGS`, `PER_QUERY` and `PER_PLANE` (the variable names) are the kernel's (`fastattn.kernels.names`,
+which does not load Numba). xarray and dask are imported by the functions that
 return Datasets: the command line reads and writes the store through zarr and never loads them.
 """
 
@@ -42,7 +42,7 @@ _KERNEL_NAMES = {"FLAGS": "FLAGS", "PER_QUERY": "ROW_STATS", "PER_PLANE": "PLANE
 
 def __getattr__(name: str):
     if name in _KERNEL_NAMES:
-        from .kernels import stats as kernel
+        from .kernels import names as kernel
 
         return getattr(kernel, _KERNEL_NAMES[name])
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -51,7 +51,7 @@ def __getattr__(name: str):
 def variables(lead: tuple[str, ...], k: int) -> dict[str, tuple[tuple[str, ...], np.dtype]]:
     """Every variable of the kernel's output: its dims and dtype (per-query values are float32,
     the input's precision and most of the bytes; per-plane summaries float64)."""
-    from .kernels import stats as kernel
+    from .kernels import names as kernel
 
     f32 = np.dtype(np.float32)
     out = {name: (lead + ("query",), f32) for name in kernel.ROW_STATS}
@@ -659,7 +659,12 @@ def read_planes(
         positions = np.arange(size)
         picks[dim] = positions if not values else positions[[check_index(dim, v, size) for v in values]]
     selection = (slice(0, n), picks["layer"], picks["head"])
-    out = dict(zip(held, store.read_all((array, selection) for array in arrays)))
+    readers = [store.WholeChunks(loc, array) for array in arrays] if loc.local_path("") is not None else []
+    if readers and all(reader.decodes_here() for reader in readers):  # local files: read here, not through zarr
+        values = [reader.read_rows(n)[:, picks["layer"]][:, :, picks["head"]] for reader in readers]
+    else:
+        values = store.read_all((array, selection) for array in arrays)
+    out = dict(zip(held, values))
     shape = (n, picks["layer"].size, picks["head"].size)
     return {**{name: out[name] if name in out else np.full(shape, np.nan) for name in names}, **picks}
 

@@ -161,6 +161,9 @@ def separator_mass(attention, separator: np.ndarray, b0: int, layers: np.ndarray
     return out
 
 
+_NO_TOKENS = "{loc}: the store has no token strings (its dumps were saved without `tokens`)"
+
+
 def token_class_stats(
     location,
     *,
@@ -189,8 +192,12 @@ def token_class_stats(
     # checks the committed statistics and the layer/head selection; its per-plane read is small
     planes = read_planes(loc, ["peak_key"], layer=layer, head=head)
     picks = (planes["layer"], planes["head"])
-    if store.checked_manifest(loc).cross:
+    manifest = store.checked_manifest(loc)
+    if manifest.cross:
         raise NoTokenStrings(f"{loc}: token classes need self-attention; this store holds cross-attention")
+    files = [entry for entry in manifest.files.values() if entry.ingested]
+    if files and all(entry.tokens is False for entry in files):  # recorded at ingest: nothing to read
+        raise NoTokenStrings(_NO_TOKENS.format(loc=loc))
     group = store.open_group(loc, "r")
     n = planes["peak_key"].shape[0]
     lengths = np.asarray(group["length"][:n], dtype=np.int64)
@@ -205,7 +212,7 @@ def token_class_stats(
         for name, member in members(block, lens, rules).items():
             classes_of[name][b0:b1] = member
     if not known.any():
-        raise NoTokenStrings(f"{loc}: the store has no token strings (its dumps were saved without `tokens`)")
+        raise NoTokenStrings(_NO_TOKENS.format(loc=loc))
     separator = classes_of.pop(_SEPARATOR)
     rules.pop(_SEPARATOR)
     out: dict[str, np.ndarray] = {"layer": planes["layer"], "head": planes["head"]}

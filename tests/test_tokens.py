@@ -14,7 +14,7 @@ import pytest
 from conftest import SAMPLES, softmax_rows, write_dump
 
 import fastattn
-from fastattn import summary, tokens
+from fastattn import store, summary, tokens
 from fastattn.ingest import ingest
 
 #: Every token string the tests use, with its classes written out by hand (not by the rules
@@ -256,3 +256,25 @@ def test_report_states_token_class_findings(tmp_path):
     ingest(tmp_path / "d", tmp_path / "s.zarr")
     page = Path(write_report(tmp_path / "s.zarr", tmp_path / "r.html", dpi=40)).read_text()
     assert "most attention on special tokens (≥ 0.5 of all attention) — 1 head: L0H0" in page
+
+
+def test_the_manifest_says_which_dumps_had_token_strings(tmp_path, rng, monkeypatch):
+    """Ingest records per file whether it had token strings; a store none of whose dumps had
+    them answers NoTokenStrings without reading the `token` array, and one dump with tokens
+    among others without is read as before."""
+    write_dump(tmp_path / "d" / "a.npz", softmax_rows(rng, (2, 2, 5, 5)))
+    ingest(tmp_path / "d", tmp_path / "s.zarr")
+    fastattn.write_stats(tmp_path / "s.zarr")
+    assert [e.tokens for e in store.checked_manifest(store.as_location(tmp_path / "s.zarr")).files.values()] == [False]
+    read = []  # the token strings' classes, computed as they are read
+    monkeypatch.setattr(tokens, "members", lambda *a, **k: read.append(1) or {})
+    with pytest.raises(tokens.NoTokenStrings, match="no token strings"):
+        tokens.token_class_stats(tmp_path / "s.zarr")
+    assert read == []
+    write_dump(tmp_path / "d" / "b.npz", softmax_rows(rng, (2, 2, 5, 5)), tokens=np.array([["[CLS]", "a", ".", "b", "[SEP]"]]))
+    ingest(tmp_path / "d", tmp_path / "s.zarr")
+    fastattn.write_stats(tmp_path / "s.zarr")
+    assert sorted(e.tokens for e in store.checked_manifest(store.as_location(tmp_path / "s.zarr")).files.values()) == [False, True]
+    monkeypatch.undo()
+    scores = tokens.token_class_stats(tmp_path / "s.zarr")
+    assert np.isnan(scores["to_special"][0]).all() and not np.isnan(scores["to_special"][1]).any()

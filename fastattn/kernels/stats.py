@@ -81,6 +81,7 @@ from numba import types
 from numba.extending import overload
 
 from ._jit import FASTMATH, ngjit, parallel_for, plane_lengths
+from .names import FLAGS, PLANE_STATS, ROW_STATS
 
 #: Per-row helpers are inlined into their caller by Numba (at the IR level): as calls, LLVM keeps
 #: them out of line, and a call per row passing ~40 array fields cost as much as the row's work
@@ -105,17 +106,6 @@ __all__ = [
 ]
 
 MAX_TOPK = 64
-
-#: Per-query statistics: the rows of ``StatsBuffers.rows``, in this order.
-ROW_STATS = ("row_sum", "entropy", "max_weight", "distance", "diag", "sq_sum")
-#: Per-plane float statistics: the rows of ``StatsBuffers.plane``, in this order.
-PLANE_STATS = (
-    "entropy_mean", "entropy_norm", "self_attention", "diag_share", "peak_incoming", "confidence",
-    "distance_mean", "row_sum_error", "prev_token", "next_token", "first_token", "last_token",
-    "duplicate_token", "induction",
-)
-#: Pattern flags: the rows of ``StatsBuffers.flags``, in this order.
-FLAGS = ("uniform", "diagonal_only", "dominant_key", "weak", "critical_key", "strong_self")
 
 #: The seed's thresholds at 8 tokens (the module docstring says how each scales).
 SEED_LENGTH = 8

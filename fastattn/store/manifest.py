@@ -49,6 +49,7 @@ class FileEntry:
     source: str | None = None  # its name relative to its run's inputs (absent in stores of before)
     layout: str | None = None
     dtype: str | None = None  # the dump's own dtype: check applies the row-sum tolerance ingest applied
+    tokens: bool | None = None  # whether the dump had token strings (None: not recorded, stores of before)
     unknown_status: str = ""  # with UNKNOWN: the status as written
     extra: dict = field(default_factory=dict)  # fields this fastattn does not know, written back as read
 
@@ -76,6 +77,8 @@ class FileEntry:
             body["layout"] = self.layout
         if self.dtype is not None:
             body["dtype"] = self.dtype
+        if self.tokens is not None:
+            body["tokens"] = self.tokens
         return {**body, **self.extra} if self.extra else body
 
     @classmethod
@@ -85,7 +88,7 @@ class FileEntry:
         if type(body) is not dict or not all(type(body.get(name)) is kind for name, kind in _FILE_ENTRY.items()):
             _require(where, body, _FILE_ENTRY)  # says what is wrong
         optional = [body.get(name) for name in _FILE_OPTIONAL]
-        if not all(value is None or type(value) is str for value in optional):
+        if not all(value is None or type(value) is kind for value, kind in zip(optional, _FILE_OPTIONAL.values())):
             _require(where, body, _FILE_OPTIONAL, optional=True)
         status = body["status"]
         if status == "ingested":
@@ -163,7 +166,7 @@ class Manifest:
 _COUNTS = ("committed", "layers", "heads", "max_length", "batch_chunk", "stats_committed", "stats_k", "kept_committed")
 _REQUIRED = ("committed", "layers", "heads", "max_length", "dtype", "batch_chunk", "files")
 _FILE_ENTRY = {"size": int, "mtime_ns": int, "content_hash": str, "start": int, "stop": int, "status": str}
-_FILE_OPTIONAL = {"source": str, "layout": str, "dtype": str}  # in FileEntry's field order
+_FILE_OPTIONAL = {"source": str, "layout": str, "dtype": str, "tokens": bool}  # in FileEntry's field order
 _KNOWN = frozenset(_FILE_ENTRY) | frozenset(_FILE_OPTIONAL)
 _INGEST_ENTRY = {"time": str, "files": int, "batches": int, "rejected": int, "seconds": (int, float)}
 
@@ -183,7 +186,7 @@ def _require(where: str, entry, spec: dict, optional: bool = False) -> None:
         value = entry.get(name)
         if optional and value is None:
             continue
-        if not isinstance(value, kind) or isinstance(value, bool):
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise _Damaged(f"{where}['{name}'] is {value!r:.40}, not {getattr(kind, '__name__', 'a number')}")
 
 
