@@ -440,23 +440,29 @@ def write_stats(
         stale = done == 0 or old is None or _layout_changed(old, query, key, k, block)
         if done >= n and not stale:
             return {"computed": 0, "total": n}
-        if stale:
-            if store.derived_record(STATS, manifest):  # uncommit first: the new layout drops the old arrays
-                store.uncommit_derived(manifest, STATS)
-                store.commit(loc, manifest)
-            done = 0
-            _create_layout(group, n, k, block)
-        else:
+        if stale and store.derived_record(STATS, manifest):  # uncommit first: the new layout drops the old arrays
+            store.uncommit_derived(manifest, STATS)
+            store.commit(loc, manifest)
+        done = 0 if stale else done
+
+        def prepare() -> int:
+            """The group laid out for n batches: new, or the old one grown. 0 batches written."""
+            if stale:
+                _create_layout(group, n, k, block)
+                return 0
             for name, array in old.arrays():
                 if "batch" in (array.metadata.dimension_names or ()):
                     array.resize((n, *array.shape[1:]))
                     if name == "batch":
                         array[:] = np.arange(n, dtype=array.dtype)
+            return 0
+
         blocks = _blocks(done, n, block)
         if client is not None:
+            prepare()
             _run_distributed(client, loc, blocks, k, progress, n - done)
         else:
-            _run_local(loc, group, blocks, k, jobs, progress, n - done)
+            _run_local(loc, group, blocks, k, jobs, progress, n - done, prepare)
         store.commit_derived(loc, manifest, STATS, n, k=k)
     return {"computed": n - done, "total": n}
 
@@ -490,18 +496,26 @@ def _up_to_date(group, manifest, k: int) -> bool:
     return GROUP in group and not _layout_changed(group[GROUP], query, key, k, _block_batches(manifest, query, key))
 
 
-def _run_local(loc, group, blocks, k, jobs, progress, total) -> None:
+def _run_local(loc, group, blocks, k, jobs, progress, total, prepare) -> None:
     """Every block on this machine: straight from the chunk files (`_run_chunks`) when the store
     is local, its chunks hold whole planes and fastattn's codecs; else zarr reads block i+1 in a
-    thread while the kernels run on block i (with `jobs` threads)."""
+    thread while the kernels run on block i (with `jobs` threads). `prepare()` lays the group
+    out, on the writing thread while the first block is computed."""
     from . import store
     from .kernels._jit import kernel_threads
 
-    arrays = dict(group[GROUP].arrays())  # as laid out or resized just now
+    laid_out: dict = {}
+
+    def arrays() -> dict:
+        """The group's arrays, as `prepare` laid them out (on the writing thread, after it)."""
+        if not laid_out:
+            laid_out.update(group[GROUP].arrays())
+        return laid_out
+
     attention = group["attention"]
     chunks = store.WholeChunks(loc, attention)
     if loc.local_path("") is not None and chunks.decodes_here() and attention.chunks[-2:] == attention.shape[-2:]:
-        _run_chunks(loc, group, chunks, arrays, blocks, k, jobs, progress, total)
+        _run_chunks(loc, group, chunks, arrays, blocks, k, jobs, progress, total, prepare)
         return
     with kernel_threads(jobs), ThreadPoolExecutor(1) as reader:
         reading = [reader.submit(_read_block, group, *blocks[0])]
@@ -512,28 +526,29 @@ def _run_local(loc, group, blocks, k, jobs, progress, total) -> None:
                 reading[0] = reader.submit(_read_block, group, *blocks[i + 1])
             return _block_stats(data, k, parallel=True)
 
-        _write_behind(blocks, compute, lambda st, b0, b1: _write_block(arrays, st, b0, b1), progress, total)
+        _write_behind(blocks, compute, lambda st, b0, b1: _write_block(arrays(), st, b0, b1), progress, total, prepare)
 
 
-def _write_behind(blocks, compute, write, progress, total) -> None:
+def _write_behind(blocks, compute, write, progress, total, prepare) -> None:
     """`compute(i, b0, b1)` block after block while a thread writes the one before it
-    (`write(result, b0, b1)` -> the batches written), with the progress after each write."""
+    (`write(result, b0, b1)` -> the batches written), with the progress after each write;
+    the thread first runs `prepare()` (-> 0), while the first block is computed."""
     written = 0
     with ThreadPoolExecutor(1) as writer:
-        writing = None
+        writing = writer.submit(prepare)
         for i, (b0, b1) in enumerate(blocks):
             result = compute(i, b0, b1)
-            if writing is not None:
-                written += writing.result()
-                if progress:
-                    progress(written, total)
+            batches = writing.result()
+            written += batches
+            if progress and batches:  # not after `prepare`
+                progress(written, total)
             writing = writer.submit(write, result, b0, b1)
         written += writing.result()
         if progress:
             progress(written, total)
 
 
-def _run_chunks(loc, group, reader, arrays, blocks, k, jobs, progress, total) -> None:
+def _run_chunks(loc, group, reader, arrays, blocks, k, jobs, progress, total, prepare) -> None:
     """The local loop, one chunk at a time: `jobs` threads (default: all cores) each take a
     chunk of the block, read and decode its file (`WholeChunks.read`: no zarr event loop, no
     new array per chunk) and run the kernel on it single-threaded, writing into the block's
@@ -553,8 +568,7 @@ def _run_chunks(loc, group, reader, arrays, blocks, k, jobs, progress, total) ->
     lengths = np.asarray(group["length"][blocks[0][0] : blocks[-1][1]], dtype=np.int64)
     ids = group["input_id"][blocks[0][0] : blocks[-1][1]] if "input_id" in group else None  # None: scores NaN
     written_here = {*variables((), k), "length"}
-    writers = {name: store.WholeChunks(loc, array) for name, array in arrays.items() if name in written_here}
-    rows = arrays["length"].chunks[0]  # the stats' chunk: a block's batches
+    writers: dict = {}  # name -> WholeChunks, once `prepare` laid the group out
     threads = max(1, min(jobs or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS))
     spare: dict[int, list] = {}  # plane count -> output buffers not in use
 
@@ -590,8 +604,11 @@ def _run_chunks(loc, group, reader, arrays, blocks, k, jobs, progress, total) ->
         return out, st
 
     def write(out, st, b0: int, b1: int) -> int:
+        if not writers:
+            writers.update({name: store.WholeChunks(loc, array) for name, array in arrays().items() if name in written_here})
+        rows = writers["length"].chunks[0]  # the stats' chunk: a block's batches
         if b0 % rows:  # completes a chunk written by an earlier run: zarr reads and merges it
-            _write_block(arrays, st, b0, b1)
+            _write_block(arrays(), st, b0, b1)
         else:
             for name, values in st.items():
                 writers[name].write_rows(b0, values)
@@ -599,7 +616,7 @@ def _run_chunks(loc, group, reader, arrays, blocks, k, jobs, progress, total) ->
         return b1 - b0
 
     with ThreadPoolExecutor(threads, "fastattn-stats") as workers:
-        _write_behind(blocks, lambda i, b0, b1: block_stats(b0, b1), lambda done, b0, b1: write(*done, b0, b1), progress, total)
+        _write_behind(blocks, lambda i, b0, b1: block_stats(b0, b1), lambda done, b0, b1: write(*done, b0, b1), progress, total, prepare)
 
 
 def _run_distributed(client, loc, blocks, k, progress, total) -> None:
@@ -661,7 +678,8 @@ def read_planes(
     selection = (slice(0, n), picks["layer"], picks["head"])
     readers = [store.WholeChunks(loc, array) for array in arrays] if loc.local_path("") is not None else []
     if readers and all(reader.decodes_here() for reader in readers):  # local files: read here, not through zarr
-        values = [reader.read_rows(n)[:, picks["layer"]][:, :, picks["head"]] for reader in readers]
+        # C order, as zarr returns them: NumPy's means sum in memory order (the last bit of the table)
+        values = [np.ascontiguousarray(reader.read_rows(n)[:, picks["layer"]][:, :, picks["head"]]) for reader in readers]
     else:
         values = store.read_all((array, selection) for array in arrays)
     out = dict(zip(held, values))
