@@ -2,6 +2,7 @@
 
     /usr/bin/time -f "%e s %U u %S s %M KB" python -m benchmarks.stats_floor STORE            # everything below
     /usr/bin/time -f "%e s %U u %S s %M KB" python -m benchmarks.stats_floor STORE --imports  # the start alone
+    /usr/bin/time -f "%e s %U u %S s %M KB" python -m benchmarks.stats_floor STORE --write DIR  # + storing the results
 
 One process: import NumPy, zarr and Numba, load the cached fused kernel (`fastattn.kernels.stats`,
 a warm cache: run `fastattn stats` once before), then on 2 threads (`-j N`: N) read every
@@ -10,6 +11,9 @@ on it single-threaded, into reused outputs of one chunk's planes. No CLI, no sta
 writes, no commit, no table: what is left when everything but reading, decoding and computing
 is gone. The chunk files are found from the array's `zarr.json` (fastattn's codecs: bytes, blosc,
 crc32c); every chunk is taken whole, padding included (a store's last chunk of batches).
+`--write DIR` adds what storing the results costs at the least: each chunk's outputs (every
+per-query, per-key, top-k and per-plane array the kernel fills) blosc-compressed as the stats
+group's arrays are and written to one file per chunk in DIR (emptied first).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import struct
 import sys
 import threading
@@ -30,6 +35,10 @@ import zarr  # noqa: F401  (what the command imports: part of the floor)
 
 
 def main(argv: list[str]) -> None:
+    write_dir = None
+    if "--write" in argv:
+        write_dir = argv[argv.index("--write") + 1]
+        argv = [a for i, a in enumerate(argv) if i not in (argv.index("--write"), argv.index("--write") + 1)]
     args = [a for a in argv if not a.startswith("-")]
     threads = int(argv[argv.index("-j") + 1]) if "-j" in argv else 2
     if "-j" in argv:
@@ -76,15 +85,24 @@ def main(argv: list[str]) -> None:
             raise SystemExit(f"{path}: crc32c mismatch")
         numcodecs.blosc.decompress(data[:-4], local.chunk)
         kernel.fill(local.out, local.chunk, None, parallel=False)
+        if write_dir is not None:
+            name = os.path.join(write_dir, "_".join(map(str, coords)))
+            with open(name + ".partial", "wb") as f:
+                for values in local.out:
+                    f.write(numcodecs.blosc.compress(np.ascontiguousarray(values), b"lz4", 5, numcodecs.blosc.SHUFFLE))
+            os.replace(name + ".partial", name)
         nbytes.append(size)
 
+    if write_dir is not None:
+        shutil.rmtree(write_dir, ignore_errors=True)
+        os.makedirs(write_dir)
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(one, itertools.product(*grid)))
     done = time.perf_counter()
     print(
         f"imports and the kernel {loaded - start:.2f} s, then {len(nbytes)} chunks"
         f" ({sum(nbytes) / 1e9:.2f} GB stored, {np.prod(shape) * 4 / 1e9:.2f} GB decoded) read, decoded and computed"
-        f" on {threads} threads in {done - loaded:.2f} s",
+        f"{', its results stored,' if write_dir else ''} on {threads} threads in {done - loaded:.2f} s",
         file=sys.stderr,
     )
 
