@@ -21,7 +21,10 @@ times every contender once, so machine noise hits all of them alike), medians:
   and the top-5 in one kernel call, float32 outputs (what ``compute_stats``
   runs), against the user guide's NumPy ops on the same array (row and column
   sums, ``np.log(a + 1e-10)`` entropy, ``np.argsort`` top-5, diagonal mean;
-  ``baselines.guide_ops``), and against ``a.sum()``.
+  ``baselines.guide_ops``), and against ``a.sum()``; also on one thread;
+- the per-element floor of that kernel: the entropy alone (``Σ x·ln x`` per row with the
+  kernel's own float32 log, accumulated in float64, on the kernel's threads), the one
+  transcendental the statistics need per weight, against ``a.sum()``.
 
 Each row: figure, fastattn_s, baseline_s, ratio (= baseline_s / fastattn_s,
 the speed-up; < 1 for the floor row), gbps (array bytes / fastattn_s),
@@ -46,7 +49,8 @@ import numba
 import numpy as np
 
 from fastattn.kernels import plane_stats, topk
-from fastattn.kernels.stats import attention_stats
+from fastattn.kernels._jit import ngjit, parallel_for
+from fastattn.kernels.stats import _ln_native, attention_stats
 
 from . import baselines
 from .reference import numpy_plane_stats, numpy_topk
@@ -94,6 +98,31 @@ def hot_loop_asm() -> dict[str, int]:
     return {name: len(re.findall(pat, asm)) for name, pat in patterns.items()}
 
 
+@ngjit
+def _entropy_planes(lo, hi, a, out):
+    """Σ x·ln x of every row of planes ``lo … hi − 1``: what is left of the kernel when
+    everything but the log per weight is gone (the floor row).  Two loops per row, as in the
+    kernel: the logs in the input's precision (8 float32 lanes), then the float64 sum (as one
+    loop LLVM vectorised it worse: ~85 ns a 64-key row, not ~60)."""
+    lnbuf = np.empty(a.shape[2], dtype=a.dtype)
+    for p in range(lo, hi):
+        for q in range(a.shape[1]):
+            for j in range(a.shape[2]):
+                lnbuf[j] = _ln_native(a[p, q, j])
+            ent = 0.0
+            for j in range(a.shape[2]):
+                ent += np.float64(a[p, q, j]) * np.float64(lnbuf[j])
+            out[p, q] = -ent
+
+
+def entropy_only(a: np.ndarray) -> np.ndarray:
+    """The row entropies of ``a`` (..., Q, K) alone, on the kernel's threads (``parallel_for``)."""
+    planes = a.reshape((-1,) + a.shape[-2:])
+    out = np.empty(planes.shape[:2])
+    parallel_for(_entropy_planes, planes.shape[0], planes, out)
+    return out
+
+
 def _time(fn) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process, all threads)."""
     t, c = time.perf_counter(), time.process_time()
@@ -112,6 +141,7 @@ def _check(a: np.ndarray) -> None:
     fused = attention_stats(part, GUIDE_K, dtype=np.float32)
     for name, want in theirs.items():
         np.testing.assert_allclose(fused[name], want, rtol=1e-5, atol=1e-9, err_msg=name)
+    np.testing.assert_allclose(entropy_only(part).reshape(theirs["entropy"].shape), theirs["entropy"], rtol=1e-5, atol=1e-9)
     guide = baselines.guide_ops(part, GUIDE_K)
     np.testing.assert_allclose(fused["diag"].mean(-1), guide[4], rtol=1e-5)
     np.testing.assert_array_equal(fused["topk_index"][..., 0], guide[3][..., -1])  # no ties in random weights
@@ -131,6 +161,8 @@ def run(gb: float = 1.0, repeats: int = 3, seed: int = 0) -> list[dict]:
         "numpy_topk": lambda: numpy_topk(a, TOPK),
         "np_sum": lambda: a.sum(),
         "all_stats": lambda: attention_stats(a, GUIDE_K, dtype=np.float32),
+        "all_stats_1thread": lambda: attention_stats(a, GUIDE_K, dtype=np.float32, parallel=False),
+        "entropy_only": lambda: entropy_only(a),
         "guide_ops": lambda: baselines.guide_ops(a, GUIDE_K),
     }
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
@@ -172,6 +204,9 @@ def run(gb: float = 1.0, repeats: int = 3, seed: int = 0) -> list[dict]:
         row(f"all statistics + top-{GUIDE_K}, one kernel ({threads} threads)", "all_stats", "guide_ops",
             "the guide's NumPy ops"),
         row(f"all statistics + top-{GUIDE_K} vs floor ({threads} threads)", "all_stats", "np_sum", "a.sum(): one read"),
+        row(f"all statistics + top-{GUIDE_K}, one kernel (parallel=False)", "all_stats_1thread", "np_sum",
+            "a.sum(): one read"),
+        row(f"entropy alone: one log per weight ({threads} threads)", "entropy_only", "np_sum", "a.sum(): one read"),
         row("np.sum (bandwidth floor)", "np_sum", "np_sum", "itself"),
     ]
 
