@@ -1,14 +1,14 @@
-"""What every command shares: consoles, the one-line error, the progress bar."""
+"""What every command shares: consoles, the one-line error, the progress bar, the click pieces."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import sys
-from enum import StrEnum
+from pathlib import Path
 from typing import Callable, NoReturn
 
-import typer
+import click
 
 from fastattn.choices import STORE_DTYPES
 from fastattn.errors import FastattnError
@@ -42,22 +42,26 @@ def rich_table(title: str):
     return Table(title=title)
 
 
-def choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
-    """An Enum of `values` for a typer argument or option: click checks the value (a usage
-    error listing the choices, exit code 2) and `--help` shows them."""
-    return StrEnum(name, {value: value for value in values})
-
-
 #: `--format` of the commands that print a table or JSON.
-TableOrJson = choices("TableOrJson", ("table", "json"))
+TABLE_OR_JSON = click.Choice(("table", "json"))
+#: `--format` of `fastattn stats`.
+TABLE_JSON_OR_CSV = click.Choice(("table", "json", "csv"))
 #: `--dtype` of ingest and capture.
-StoreDtype = choices("StoreDtype", STORE_DTYPES)
+STORE_DTYPE = click.Choice(STORE_DTYPES)
+#: A file path, given to the command as a pathlib.Path.
+PATH = click.Path(path_type=Path)
+
+
+def repeatable(*names: str, **attrs):
+    """A repeatable option (`--layer 1 --layer 3`): a list, or None when it is not given, as the
+    library takes them."""
+    return click.option(*names, multiple=True, callback=lambda ctx, param, values: list(values) or None, **attrs)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """One clear line on stderr, no traceback."""
     err.print(f"error: {message}", markup=False, highlight=False)
-    raise typer.Exit(code)
+    raise click.exceptions.Exit(code)
 
 
 def run(work: Callable, *args):

@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Optional
 
-import typer
+import click
 
-from ._common import StoreDtype, err, fail, progress_bar, run
+from ._common import PATH, STORE_DTYPE, err, fail, progress_bar, run
 
 
-def _index_list(text: Optional[str], option: str) -> Optional[list[int]]:
+def _index_list(text: str | None, option: str) -> list[int] | None:
     """'0,2,5' → [0, 2, 5]; None stays None (all)."""
     if text is None:
         return None
@@ -25,68 +24,70 @@ def _index_list(text: Optional[str], option: str) -> Optional[list[int]]:
     return values
 
 
-def capture(
-    model_dir: Path = typer.Argument(
-        ..., help="A local model folder, as saved by save_pretrained (config.json, weights, tokenizer files)."
-    ),
-    paths: list[str] = typer.Argument(
-        ...,
-        metavar="[TEXTS] OUT",
-        help="TEXTS: a text file with one input per line (blank lines skipped), or a .jsonl with a \"text\" field"
-        " (none with --repeat). OUT: a folder for the dumps (attention_batch_NNNNN.npz), or a path ending in .zarr"
-        " to ingest into that store.",
-    ),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Texts per forward pass, and per dump."),
-    max_length: Optional[int] = typer.Option(
-        None, "--max-length", min=1, help="Truncate inputs to this many tokens (default: the tokenizer's limit)."
-    ),
-    layers: Optional[str] = typer.Option(None, help="Keep only these layers, a comma list like 0,2,5 (default: all)."),
-    heads: Optional[str] = typer.Option(None, help="Keep only these heads of each layer, e.g. 0,3 (default: all)."),
-    dtype: StoreDtype = typer.Option(
-        StoreDtype.float32, help="float32 (exactly the model's weights), or float16 to halve the dumps (~3 significant digits)."
-    ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace attention_batch_*.npz dumps already in the OUT folder."),
-    repeat: Optional[int] = typer.Option(
-        None,
-        "--repeat",
-        min=1,
-        help="Instead of TEXTS, the classic induction-head input: N random token ids (no special tokens), then the"
-        " same N again, framed like a text by the tokenizer. fastattn stats then scores duplicate-token and induction heads.",
-    ),
-    samples: int = typer.Option(32, "--samples", min=1, help="With --repeat: how many random sequences."),
-    seed: int = typer.Option(0, "--seed", help="With --repeat: the random generator's seed."),
-    stats_only: bool = typer.Option(
-        False,
-        "--stats-only",
-        help="Write only the statistics of `fastattn stats` into OUT (a .zarr store), computed layer by layer as the"
-        " model runs; no attention map is kept. Resumable: texts already in the store are skipped.",
-    ),
-    k: int = typer.Option(
-        5, "-k", "--keep-topk", min=1, max=64,
-        help="With --stats-only: each query's K strongest keys kept (index and weight), from which plot draws"
-        " overview, layers and heads approximately.",
-    ),
-    keep_layers: Optional[str] = typer.Option(
-        None, "--keep-layers",
-        help="With --stats-only: also store the full maps of these layers (a comma list like 0,5; with --keep-heads"
-        " alone, every layer), in the store's kept group; plot draws them exactly.",
-    ),
-    keep_heads: Optional[str] = typer.Option(
-        None, "--keep-heads", help="With --stats-only: the heads whose full maps are stored (default with --keep-layers: all)."
-    ),
-    commit_seconds: float = typer.Option(
-        10.0, "--commit-seconds", min=0,
-        help="With --stats-only: commit the finished batches at least this often (a kill loses at most this much work).",
-    ),
-    window: Optional[int] = typer.Option(
-        None, "--window", min=1,
-        help="With --stats-only: cut each text into windows of W tokens (each a sample; source_index is the window's"
-        " number), for texts longer than the model takes.",
-    ),
-    stride: Optional[int] = typer.Option(
-        None, "--stride", min=1, help="With --window: tokens between the starts of two windows (default: the window)."
-    ),
-) -> None:
+@click.command("capture")
+@click.argument(
+    "model_dir", type=PATH,
+    help="A local model folder, as saved by save_pretrained (config.json, weights, tokenizer files).",
+)
+@click.argument(
+    "paths", nargs=-1, required=True, metavar="[TEXTS] OUT",
+    help="TEXTS: a text file with one input per line (blank lines skipped), or a .jsonl with a \"text\" field"
+    " (none with --repeat). OUT: a folder for the dumps (attention_batch_NNNNN.npz), or a path ending in .zarr"
+    " to ingest into that store.",
+)
+@click.option("-b", "--batch-size", type=click.IntRange(min=1), default=8, help="Texts per forward pass, and per dump.")
+@click.option(
+    "--max-length", type=click.IntRange(min=1),
+    help="Truncate inputs to this many tokens (default: the tokenizer's limit).",
+)
+@click.option("--layers", help="Keep only these layers, a comma list like 0,2,5 (default: all).")
+@click.option("--heads", help="Keep only these heads of each layer, e.g. 0,3 (default: all).")
+@click.option(
+    "--dtype", type=STORE_DTYPE, default="float32",
+    help="float32 (exactly the model's weights), or float16 to halve the dumps (~3 significant digits).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace attention_batch_*.npz dumps already in the OUT folder.")
+@click.option(
+    "--repeat", type=click.IntRange(min=1),
+    help="Instead of TEXTS, the classic induction-head input: N random token ids (no special tokens), then the"
+    " same N again, framed like a text by the tokenizer. fastattn stats then scores duplicate-token and induction heads.",
+)
+@click.option("--samples", type=click.IntRange(min=1), default=32, help="With --repeat: how many random sequences.")
+@click.option("--seed", default=0, help="With --repeat: the random generator's seed.")
+@click.option(
+    "--stats-only", is_flag=True,
+    help="Write only the statistics of `fastattn stats` into OUT (a .zarr store), computed layer by layer as the"
+    " model runs; no attention map is kept. Resumable: texts already in the store are skipped.",
+)
+@click.option(
+    "-k", "--keep-topk", "k", type=click.IntRange(1, 64), default=5,
+    help="With --stats-only: each query's K strongest keys kept (index and weight), from which plot draws"
+    " overview, layers and heads approximately.",
+)
+@click.option(
+    "--keep-layers",
+    help="With --stats-only: also store the full maps of these layers (a comma list like 0,5; with --keep-heads"
+    " alone, every layer), in the store's kept group; plot draws them exactly.",
+)
+@click.option(
+    "--keep-heads", help="With --stats-only: the heads whose full maps are stored (default with --keep-layers: all)."
+)
+@click.option(
+    "--commit-seconds", type=click.FloatRange(min=0), default=10.0,
+    help="With --stats-only: commit the finished batches at least this often (a kill loses at most this much work).",
+)
+@click.option(
+    "--window", type=click.IntRange(min=1),
+    help="With --stats-only: cut each text into windows of W tokens (each a sample; source_index is the window's"
+    " number), for texts longer than the model takes.",
+)
+@click.option(
+    "--stride", type=click.IntRange(min=1), help="With --window: tokens between the starts of two windows (default: the window)."
+)
+def capture(model_dir: Path, paths: tuple[str, ...], batch_size: int, max_length: int | None, layers: str | None,
+            heads: str | None, dtype: str, overwrite: bool, repeat: int | None, samples: int, seed: int,
+            stats_only: bool, k: int, keep_layers: str | None, keep_heads: str | None, commit_seconds: float,
+            window: int | None, stride: int | None) -> None:
     """Capture attention weights from a model, one dump per batch of texts.
 
     Runs the base model (no task head) with eager attention and output_attentions=True, in eval mode without gradients, and writes per batch: attention_weights (layer, batch, head, query, key), attention_mask, input_ids and tokens (padding included).
@@ -122,7 +123,7 @@ def capture(
             fail("--repeat writes dumps; --stats-only reads TEXTS", 2)
         if not out.rstrip("/\\").lower().endswith(".zarr"):
             fail(f"--stats-only writes into a store: give an OUT ending in .zarr, not {out}")
-        if dtype.value != "float32":
+        if dtype != "float32":
             fail("--dtype does not apply to --stats-only (the statistics are float32 and float64)")
     inputs = run(capture_mod.load_texts, texts) if texts is not None else None
     if stats_only:
@@ -143,7 +144,7 @@ def capture(
                 out,
                 layers=layer_list,
                 heads=head_list,
-                dtype=dtype.value,
+                dtype=dtype,
                 tokenizer=tokenizer,
                 progress=advance,
                 max_length=max_length,
@@ -202,6 +203,6 @@ def _capture_stats(model_dir, texts, inputs, out, batch_size, max_length, layers
     )
 
 
-def register(app: typer.Typer) -> None:
+def register(app: click.Group) -> None:
     """Add `fastattn capture` to the app."""
-    app.command("capture")(capture)
+    app.add_command(capture)

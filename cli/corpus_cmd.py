@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
-import typer
+import click
 
 from fastattn.choices import COMPARE_MATCHES, JS_WEIGHTS, MDS_METHODS
 
-from ._common import TableOrJson, choices, console, err, rich_table, run
-
-Match = choices("Match", COMPARE_MATCHES)
-Weight = choices("Weight", JS_WEIGHTS)
-Mds = choices("Mds", MDS_METHODS)
+from ._common import PATH, TABLE_OR_JSON, console, err, rich_table, run
 
 
-def _check_plot(path: Optional[Path]) -> None:
+def _check_plot(path: Path | None) -> None:
     if path is not None:
         from fastattn.plot import file_format
 
@@ -45,8 +40,10 @@ SMOOTHING_HELP = (
 )
 
 
-def _smoothing_option():
-    return typer.Option(0.0, "--entropy-smoothing", metavar="S", min=0.0, max=0.5, help=SMOOTHING_HELP)
+#: `--entropy-smoothing` of compare, roles and similarity.
+smoothing_option = click.option(
+    "--entropy-smoothing", "smoothing", metavar="S", type=click.FloatRange(0.0, 0.5), default=0.0, help=SMOOTHING_HELP
+)
 
 
 COMPARE_HELP = """Compare two stores head by head: what changed from A to B.
@@ -99,168 +96,171 @@ the other keys, and the key that most often receives the most.
 """
 
 
-def register(app: typer.Typer) -> None:
-    @app.command(help=COMPARE_HELP)
-    def compare(
-        a: str = typer.Argument(..., metavar="A", help="The first store (.zarr): the baseline."),
-        b: str = typer.Argument(..., metavar="B", help="The second store (.zarr): compared against A."),
-        match: Match = typer.Option(Match.position, "--match", help="Pair batches by 'position' or by 'source'."),
-        fmt: TableOrJson = typer.Option(TableOrJson.table, "--format", help="table or json."),
-        top: int = typer.Option(10, "--top", min=1, help="How many of the most changed heads to list."),
-        plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Also draw a layer x head heatmap of the score (.png, .svg, .pdf)."),
-        smoothing: float = _smoothing_option(),
-    ) -> None:
-        from fastattn import corpus
+@click.command(help=COMPARE_HELP)
+@click.argument("a", metavar="A", help="The first store (.zarr): the baseline.")
+@click.argument("b", metavar="B", help="The second store (.zarr): compared against A.")
+@click.option("--match", type=click.Choice(COMPARE_MATCHES), default="position", help="Pair batches by 'position' or by 'source'.")
+@click.option("--format", "fmt", type=TABLE_OR_JSON, default="table", help="table or json.")
+@click.option("--top", type=click.IntRange(min=1), default=10, help="How many of the most changed heads to list.")
+@click.option("--plot", type=PATH, metavar="FILE", help="Also draw a layer x head heatmap of the score (.png, .svg, .pdf).")
+@smoothing_option
+def compare(a: str, b: str, match: str, fmt: str, top: int, plot: Path | None, smoothing: float) -> None:
+    from fastattn import corpus
 
-        _check_plot(plot)
-        match = match.value
-        cmp = run(lambda: corpus.compare(a, b, match=match, entropy_smoothing=smoothing))
-        rows = corpus.ranked_changes(cmp, top=top)
-        if plot is not None:
-            from fastattn.plot import compare_map
+    _check_plot(plot)
+    cmp = run(lambda: corpus.compare(a, b, match=match, entropy_smoothing=smoothing))
+    rows = corpus.ranked_changes(cmp, top=top)
+    if plot is not None:
+        from fastattn.plot import compare_map
 
-            _save(compare_map(cmp), plot)
-        if fmt == "json":
-            body = {key: cmp.attrs[key] for key in ("match", "batches", "batches_a", "batches_b", "entropy_smoothing")}
-            body.update({"a": a, "b": b, "score": "|d_entropy_norm| + |d_self| + peak_tv + incoming_js / ln 2", "heads": rows})
-            print(json.dumps(body, indent=1))
-            return
-        table = rich_table(f"{a} -> {b}: {cmp.attrs['batches']} batches matched by {match}; top {len(rows)} heads by score")
-        for column in ("head", "score", "d entropy", "d self-attn", "peak TV", "incoming JS"):
-            table.add_column(column, justify="right")
-        for r in rows:
-            table.add_row(
-                r["label"], _num(r["score"]), _signed(r["d_entropy"]), _signed(r["d_self"]),
-                _num(r["peak_tv"]), _num(r["incoming_js"], 4),
-            )
-        console.print(table)
-
-    @app.command(help=ROLES_HELP)
-    def roles(
-        store: str = typer.Argument(..., metavar="STORE", help="The store (.zarr) written by fastattn ingest."),
-        fmt: TableOrJson = typer.Option(TableOrJson.table, "--format", help="table or json."),
-        smoothing: float = _smoothing_option(),
-    ) -> None:
-        from fastattn import corpus
-
-        rows = run(lambda: corpus.head_roles(corpus.corpus_stats(store, entropy_smoothing=smoothing)))
-        if fmt == "json":
-            body = {
-                "store": store, "rules": list(corpus.ROLE_RULES), "entropy_smoothing": smoothing,
-                "thresholds": {"position_mass": corpus.POSITION_MASS, "sink_share": corpus.SINK_SHARE,
-                               "local_distance": corpus.LOCAL_DISTANCE, "broad_entropy": corpus.BROAD_ENTROPY,
-                               "role_share": corpus.ROLE_SHARE, "min_length": corpus.MIN_LENGTH},
-                "heads": rows,
-            }
-            print(json.dumps(body, indent=1))
-            return
-        table = rich_table(f"{store}: head roles (support = share of batches; prev/next/self = attention mass/argmax share)")
-        for column in ("head", "role", "support", "prev", "next", "self", "key 0", "last key", "entropy", "distance", "other labels"):
-            table.add_column(column, justify="left" if column in ("role", "other labels") else "right",
-                             no_wrap=column != "other labels")
-        for r in rows:
-            others = ", ".join(f"{k} {v:.0%}" for k, v in r["shares"].items() if k != r["role"] and v >= 0.05)
-            table.add_row(
-                r["label"], r["role"], f"{r['support']:.0%}",
-                *(f"{_num(r[mass], 2)}/{_num(r[top], 2)}" for mass, top in zip(corpus.MASS_EVIDENCE, corpus.ARGMAX_EVIDENCE)),
-                _num(r["first_token"], 2), _num(r["last_token"], 2), _num(r["entropy"], 2), _num(r["distance"], 1), others,
-            )
-        console.print(table)
-        counts: dict[str, int] = {}
-        for r in rows:
-            counts[r["role"]] = counts.get(r["role"], 0) + 1
-        console.print("roles: " + ", ".join(f"{role} {n}" for role, n in counts.items()), highlight=False)
-
-    @app.command(help=SIMILARITY_HELP)
-    def similarity(
-        store: str = typer.Argument(..., metavar="STORE", help="The store (.zarr) written by fastattn ingest."),
-        plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Draw the heads' MDS map into this file (.png, .svg, .pdf)."),
-        fmt: TableOrJson = typer.Option(TableOrJson.table, "--format", help="table or json (json includes the whole matrix)."),
-        eps: float = typer.Option(1e-3, "--eps", min=0.0, max=0.5, help="Uniform part mixed into each row before the divergence."),
-        batches: Optional[int] = typer.Option(
-            None, "--batches", min=1,
-            help="Use only the first N batches (the cost grows as batches x length^2 x (layers x heads)^2).",
-        ),
-        weight: Weight = typer.Option(
-            Weight.sample, "--weight",
-            help="How the corpus average weighs the batches: 'sample' (each the same) or 'token' (each by its"
-            " valid tokens, as Clark et al. 2019's head_distances.py, which sums over all tokens).",
-        ),
-        method: Mds = typer.Option(
-            Mds.classical, "--mds",
-            help="'classical' (Torgerson MDS of sqrt(JS)) or 'smacof' (metric MDS of JS by stress majorisation,"
-            " as Clark et al. 2019 with scikit-learn's MDS; needs scikit-learn, the 'compat' extra of fastattn).",
-        ),
-        smoothing: float = _smoothing_option(),
-    ) -> None:
-        from fastattn import corpus, store as store_mod
-
-        weight, method = weight.value, method.value
-        _check_plot(plot)
-
-        def work():
-            ds = store_mod.open_store(store)
-            if batches is not None:
-                ds = ds.isel(batch=slice(0, batches))
-            sim = corpus.head_similarity(ds, eps=eps, weight=weight).compute()
-            coords = corpus.mds(sim, method=method)
-            return ds, sim, coords, corpus.stress(sim, coords, method)
-
-        ds, sim, coords, fit = run(work)
-        rows = corpus.similarity_table(sim, coords)
-        if plot is not None:
-            def stats():
-                st = corpus.corpus_stats(store, entropy_smoothing=smoothing)
-                return st.isel(batch=slice(0, ds.sizes["batch"]))
-
-            from fastattn.plot import head_map
-
-            _save(head_map(sim, run(stats) if ds.sizes["batch"] else None, method=method, coords=coords), plot)
-        if fmt == "json":
-            body = {
-                "store": store, "eps": eps, "batches": int(ds.sizes["batch"]), "log": "natural", "weight": weight,
-                "mds": method, "stress": None if fit != fit else fit, "labels": [r["label"] for r in rows], "js": sim["js"].values.tolist(),
-                "heads": rows,
-            }
-            print(json.dumps(body, indent=1))
-            return
-        mds_name = "classical MDS of sqrt JS" if method == "classical" else "metric MDS (SMACOF) of JS"
-        table = rich_table(
-            f"{store}: Jensen-Shannon divergence between heads (eps {eps:g}, {ds.sizes['batch']} batches,"
-            f" {weight}-weighted); {mds_name}, stress-1 {fit:.3f}"
+        _save(compare_map(cmp), plot)
+    if fmt == "json":
+        body = {key: cmp.attrs[key] for key in ("match", "batches", "batches_a", "batches_b", "entropy_smoothing")}
+        body.update({"a": a, "b": b, "score": "|d_entropy_norm| + |d_self| + peak_tv + incoming_js / ln 2", "heads": rows})
+        print(json.dumps(body, indent=1))
+        return
+    table = rich_table(f"{a} -> {b}: {cmp.attrs['batches']} batches matched by {match}; top {len(rows)} heads by score")
+    for column in ("head", "score", "d entropy", "d self-attn", "peak TV", "incoming JS"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(
+            r["label"], _num(r["score"]), _signed(r["d_entropy"]), _signed(r["d_self"]),
+            _num(r["peak_tv"]), _num(r["incoming_js"], 4),
         )
-        for column in ("head", "nearest", "JS", "mean JS", "MDS x", "MDS y"):
-            table.add_column(column, justify="right")
-        for r in rows:
-            table.add_row(r["label"], r["nearest"], _num(r["nearest_js"], 4), _num(r["mean_js"], 4), _num(r["x"]), _num(r["y"]))
-        console.print(table)
+    console.print(table)
 
-    @app.command(help=ROLLOUT_HELP)
-    def rollout(
-        store: str = typer.Argument(..., metavar="STORE", help="The store (.zarr) written by fastattn ingest."),
-        keep_matrix: bool = typer.Option(False, "--keep-matrix", help="Also save the rollout matrices (batch, layer, query, key), float32."),
-        fmt: TableOrJson = typer.Option(TableOrJson.table, "--format", help="table or json."),
-        jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Threads (default: all cores)."),
-    ) -> None:
-        from fastattn import corpus
-        from fastattn.store.schema import ROLLOUT
 
-        done = run(lambda: corpus.write_rollout(store, keep_matrix=keep_matrix, jobs=jobs))
-        rows = run(lambda: corpus.rollout_summary(corpus.open_rollout(store)))
-        err.print(
-            f"rollout of {done['batches']} batches written to {store}/{ROLLOUT.name}"
-            + (" (with matrices)" if keep_matrix else ""),
-            highlight=False,
+@click.command(help=ROLES_HELP)
+@click.argument("store", metavar="STORE", help="The store (.zarr) written by fastattn ingest.")
+@click.option("--format", "fmt", type=TABLE_OR_JSON, default="table", help="table or json.")
+@smoothing_option
+def roles(store: str, fmt: str, smoothing: float) -> None:
+    from fastattn import corpus
+
+    rows = run(lambda: corpus.head_roles(corpus.corpus_stats(store, entropy_smoothing=smoothing)))
+    if fmt == "json":
+        body = {
+            "store": store, "rules": list(corpus.ROLE_RULES), "entropy_smoothing": smoothing,
+            "thresholds": {"position_mass": corpus.POSITION_MASS, "sink_share": corpus.SINK_SHARE,
+                           "local_distance": corpus.LOCAL_DISTANCE, "broad_entropy": corpus.BROAD_ENTROPY,
+                           "role_share": corpus.ROLE_SHARE, "min_length": corpus.MIN_LENGTH},
+            "heads": rows,
+        }
+        print(json.dumps(body, indent=1))
+        return
+    table = rich_table(f"{store}: head roles (support = share of batches; prev/next/self = attention mass/argmax share)")
+    for column in ("head", "role", "support", "prev", "next", "self", "key 0", "last key", "entropy", "distance", "other labels"):
+        table.add_column(column, justify="left" if column in ("role", "other labels") else "right",
+                         no_wrap=column != "other labels")
+    for r in rows:
+        others = ", ".join(f"{k} {v:.0%}" for k, v in r["shares"].items() if k != r["role"] and v >= 0.05)
+        table.add_row(
+            r["label"], r["role"], f"{r['support']:.0%}",
+            *(f"{_num(r[mass], 2)}/{_num(r[top], 2)}" for mass, top in zip(corpus.MASS_EVIDENCE, corpus.ARGMAX_EVIDENCE)),
+            _num(r["first_token"], 2), _num(r["last_token"], 2), _num(r["entropy"], 2), _num(r["distance"], 1), others,
         )
-        if fmt == "json":
-            print(json.dumps({"store": store, **done, "layers": rows}, indent=1))
-            return
-        table = rich_table(f"{store}: attention rollout, mean share of the input tokens after each layer")
-        for column in ("layer", "first key", "last key", "other keys", "most often the top key"):
-            table.add_column(column, justify="right")
-        for r in rows:
-            table.add_row(
-                str(r["layer"]), _num(r["first_key"]), _num(r["last_key"]), _num(r["other_keys"]),
-                f"{r['top_key']} ({r['top_key_share']:.0%})",
-            )
-        console.print(table)
+    console.print(table)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["role"]] = counts.get(r["role"], 0) + 1
+    console.print("roles: " + ", ".join(f"{role} {n}" for role, n in counts.items()), highlight=False)
+
+
+@click.command(help=SIMILARITY_HELP)
+@click.argument("store", metavar="STORE", help="The store (.zarr) written by fastattn ingest.")
+@click.option("--plot", type=PATH, metavar="FILE", help="Draw the heads' MDS map into this file (.png, .svg, .pdf).")
+@click.option("--format", "fmt", type=TABLE_OR_JSON, default="table", help="table or json (json includes the whole matrix).")
+@click.option("--eps", type=click.FloatRange(0.0, 0.5), default=1e-3, help="Uniform part mixed into each row before the divergence.")
+@click.option(
+    "--batches", type=click.IntRange(min=1),
+    help="Use only the first N batches (the cost grows as batches x length^2 x (layers x heads)^2).",
+)
+@click.option(
+    "--weight", type=click.Choice(JS_WEIGHTS), default="sample",
+    help="How the corpus average weighs the batches: 'sample' (each the same) or 'token' (each by its"
+    " valid tokens, as Clark et al. 2019's head_distances.py, which sums over all tokens).",
+)
+@click.option(
+    "--mds", "method", type=click.Choice(MDS_METHODS), default="classical",
+    help="'classical' (Torgerson MDS of sqrt(JS)) or 'smacof' (metric MDS of JS by stress majorisation,"
+    " as Clark et al. 2019 with scikit-learn's MDS; needs scikit-learn, the 'compat' extra of fastattn).",
+)
+@smoothing_option
+def similarity(store: str, plot: Path | None, fmt: str, eps: float, batches: int | None, weight: str, method: str,
+               smoothing: float) -> None:
+    from fastattn import corpus, store as store_mod
+
+    _check_plot(plot)
+
+    def work():
+        ds = store_mod.open_store(store)
+        if batches is not None:
+            ds = ds.isel(batch=slice(0, batches))
+        sim = corpus.head_similarity(ds, eps=eps, weight=weight).compute()
+        coords = corpus.mds(sim, method=method)
+        return ds, sim, coords, corpus.stress(sim, coords, method)
+
+    ds, sim, coords, fit = run(work)
+    rows = corpus.similarity_table(sim, coords)
+    if plot is not None:
+        def stats():
+            st = corpus.corpus_stats(store, entropy_smoothing=smoothing)
+            return st.isel(batch=slice(0, ds.sizes["batch"]))
+
+        from fastattn.plot import head_map
+
+        _save(head_map(sim, run(stats) if ds.sizes["batch"] else None, method=method, coords=coords), plot)
+    if fmt == "json":
+        body = {
+            "store": store, "eps": eps, "batches": int(ds.sizes["batch"]), "log": "natural", "weight": weight,
+            "mds": method, "stress": None if fit != fit else fit, "labels": [r["label"] for r in rows], "js": sim["js"].values.tolist(),
+            "heads": rows,
+        }
+        print(json.dumps(body, indent=1))
+        return
+    mds_name = "classical MDS of sqrt JS" if method == "classical" else "metric MDS (SMACOF) of JS"
+    table = rich_table(
+        f"{store}: Jensen-Shannon divergence between heads (eps {eps:g}, {ds.sizes['batch']} batches,"
+        f" {weight}-weighted); {mds_name}, stress-1 {fit:.3f}"
+    )
+    for column in ("head", "nearest", "JS", "mean JS", "MDS x", "MDS y"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(r["label"], r["nearest"], _num(r["nearest_js"], 4), _num(r["mean_js"], 4), _num(r["x"]), _num(r["y"]))
+    console.print(table)
+
+
+@click.command(help=ROLLOUT_HELP)
+@click.argument("store", metavar="STORE", help="The store (.zarr) written by fastattn ingest.")
+@click.option("--keep-matrix", is_flag=True, help="Also save the rollout matrices (batch, layer, query, key), float32.")
+@click.option("--format", "fmt", type=TABLE_OR_JSON, default="table", help="table or json.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), help="Threads (default: all cores).")
+def rollout(store: str, keep_matrix: bool, fmt: str, jobs: int | None) -> None:
+    from fastattn import corpus
+    from fastattn.store.schema import ROLLOUT
+
+    done = run(lambda: corpus.write_rollout(store, keep_matrix=keep_matrix, jobs=jobs))
+    rows = run(lambda: corpus.rollout_summary(corpus.open_rollout(store)))
+    err.print(
+        f"rollout of {done['batches']} batches written to {store}/{ROLLOUT.name}"
+        + (" (with matrices)" if keep_matrix else ""),
+        highlight=False,
+    )
+    if fmt == "json":
+        print(json.dumps({"store": store, **done, "layers": rows}, indent=1))
+        return
+    table = rich_table(f"{store}: attention rollout, mean share of the input tokens after each layer")
+    for column in ("layer", "first key", "last key", "other keys", "most often the top key"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(
+            str(r["layer"]), _num(r["first_key"]), _num(r["last_key"]), _num(r["other_keys"]),
+            f"{r['top_key']} ({r['top_key_share']:.0%})",
+        )
+    console.print(table)
+
+
+def register(app: click.Group) -> None:
+    """Add compare, roles, similarity and rollout to the app."""
+    for cmd in (compare, roles, similarity, rollout):
+        app.add_command(cmd)

@@ -5,40 +5,50 @@ from __future__ import annotations
 import gc
 import importlib
 import json
-import sys
 from pathlib import Path
-from typing import Optional
 
-import typer
-from typer.core import TyperGroup
+import click
 
 from ._common import (
+    PATH,
     SCHEDULER_HELP,
     STORAGE_HELP,
+    STORE_DTYPE,
     WORKERS_HELP,
-    StoreDtype,
     console,
     err,
     fail,
     progress_bar,
+    repeatable,
     run,
     storage_options,
 )
 
 
-class _Commands(TyperGroup):
-    """Lists each command with the whole first sentence of its help (click cuts it at ~60
-    characters, mid-sentence); the second column wraps instead."""
+class _Commands(click.Group):
+    """Lists the commands in the order of a session (click sorts them by name), each with the
+    whole first sentence of its help (click cuts it at ~60 characters, mid-sentence); the
+    second column wraps instead."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return list(self.commands)
 
     def format_commands(self, ctx, formatter) -> None:
         rows = [(name, self.get_command(ctx, name).get_short_help_str(limit=1000)) for name in self.list_commands(ctx)]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
+    def invoke(self, ctx):
+        """Ctrl-C ends a command with one line and exit code 130 (click would say "Aborted!", 1)."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            err.print("interrupted; the store still opens at its last commit")
+            raise click.exceptions.Exit(130) from None
 
-app = typer.Typer(
+
+app = _Commands(
     name="fastattn",
-    cls=_Commands,
     help=(
         "Analyse thousands of transformer attention dumps as one labelled array.\n\n"
         "Typical session: `fastattn synth dumps/` (or your own .npz dumps), "
@@ -46,27 +56,24 @@ app = typer.Typer(
         "`fastattn plot store.zarr overview -o fig.png`."
     ),
     no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    # click's plain help: paragraphs reflowed to the terminal's width, and no rich to import
-    # (typer's rich help took a third of `fastattn --help`'s time)
-    rich_markup_mode=None,
+    context_settings={"show_default": True},
 )
 
 
 @app.command()
-def synth(
-    out_dir: Path = typer.Argument(..., help="Folder to write attention_batch_NNNNN.npz files into."),
-    files: int = typer.Option(100, "--files", "-n", min=1, help="How many dump files."),
-    layers: int = typer.Option(6, min=1, help="Layers per dump."),
-    heads: int = typer.Option(12, min=1, help="Heads per layer."),
-    seq: str = typer.Option("64", help="Sequence length, or a range MIN-MAX for ragged lengths (e.g. 24-64)."),
-    batch: Optional[int] = typer.Option(
-        None, min=1, help="Samples per file: adds the batch axis (layer, batch, head, q, k) and an attention_mask."
-    ),
-    seed: int = typer.Option(0, help="Random seed; the same seed gives the same files."),
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Threads (default: all cores)."),
-) -> None:
+@click.argument("out_dir", type=PATH, help="Folder to write attention_batch_NNNNN.npz files into.")
+@click.option("-n", "--files", type=click.IntRange(min=1), default=100, help="How many dump files.")
+@click.option("--layers", type=click.IntRange(min=1), default=6, help="Layers per dump.")
+@click.option("--heads", type=click.IntRange(min=1), default=12, help="Heads per layer.")
+@click.option("--seq", default="64", help="Sequence length, or a range MIN-MAX for ragged lengths (e.g. 24-64).")
+@click.option(
+    "--batch", type=click.IntRange(min=1),
+    help="Samples per file: adds the batch axis (layer, batch, head, q, k) and an attention_mask.",
+)
+@click.option("--seed", default=0, help="Random seed; the same seed gives the same files.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), help="Threads (default: all cores).")
+def synth(out_dir: Path, files: int, layers: int, heads: int, seq: str, batch: int | None, seed: int,
+          jobs: int | None) -> None:
     """Write realistic synthetic dumps for demos, tests and benchmarks.
 
     Weights are a real softmax(QKᵀ/√d) with local, previous-token, sink, critical-key and broad heads."""
@@ -83,34 +90,35 @@ def synth(
 
 
 @app.command()
-def ingest(
-    inputs: list[str] = typer.Argument(
-        ..., help="Dump folders (searched recursively for *.npz), files or glob patterns, then the STORE path last."
-    ),
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Parallel readers/writers (default: all cores)."),
-    layout: Optional[str] = typer.Option(
-        None,
-        help="Axis order of attention_weights when it is not the default: letters b(atch) l(ayer) h(ead) q(uery) k(ey), "
-        "e.g. 'blhqk'. Default: detected from ndim (4 → lhqk, 5 → lbhqk).",
-    ),
-    dtype: StoreDtype = typer.Option(
-        StoreDtype.float32,
-        help="Storage dtype when the store is created: float32, or float16 to halve the store "
-        "(float16 keeps ~3 significant digits: relative error up to 4.9e-4, weights below 6e-8 become 0).",
-    ),
-    replace: bool = typer.Option(False, help="Re-ingest files that changed since they were ingested (same sample count)."),
-    strict: bool = typer.Option(False, help="Validate every file first; write nothing if any file is bad."),
-    infer_padding: bool = typer.Option(
-        True,
-        "--infer-padding/--no-infer-padding",
-        help="A self-attention dump without attention_mask: cut each sample's trailing key columns that are "
-        "exactly 0 everywhere (padding saved without its mask). --no-infer-padding keeps the full length.",
-    ),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
-    scheduler: Optional[str] = typer.Option(None, help=SCHEDULER_HELP),
-    workers: Optional[int] = typer.Option(None, min=1, help=WORKERS_HELP),
-    storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help=STORAGE_HELP),
-) -> None:
+@click.argument(
+    "inputs", nargs=-1, required=True,
+    help="Dump folders (searched recursively for *.npz), files or glob patterns, then the STORE path last.",
+)
+@click.option("-j", "--jobs", type=click.IntRange(min=1), help="Parallel readers/writers (default: all cores).")
+@click.option(
+    "--layout",
+    help="Axis order of attention_weights when it is not the default: letters b(atch) l(ayer) h(ead) q(uery) k(ey), "
+    "e.g. 'blhqk'. Default: detected from ndim (4 → lhqk, 5 → lbhqk).",
+)
+@click.option(
+    "--dtype", type=STORE_DTYPE, default="float32",
+    help="Storage dtype when the store is created: float32, or float16 to halve the store "
+    "(float16 keeps ~3 significant digits: relative error up to 4.9e-4, weights below 6e-8 become 0).",
+)
+@click.option("--replace/--no-replace", help="Re-ingest files that changed since they were ingested (same sample count).")
+@click.option("--strict/--no-strict", help="Validate every file first; write nothing if any file is bad.")
+@click.option(
+    "--infer-padding/--no-infer-padding", default=True,
+    help="A self-attention dump without attention_mask: cut each sample's trailing key columns that are "
+    "exactly 0 everywhere (padding saved without its mask). --no-infer-padding keeps the full length.",
+)
+@click.option("--json", "json_out", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--scheduler", help=SCHEDULER_HELP)
+@click.option("--workers", type=click.IntRange(min=1), help=WORKERS_HELP)
+@repeatable("--storage-option", help=STORAGE_HELP)
+def ingest(inputs: tuple[str, ...], jobs: int | None, layout: str | None, dtype: str, replace: bool, strict: bool,
+           infer_padding: bool, json_out: bool, scheduler: str | None, workers: int | None,
+           storage_option: list[str] | None) -> None:
     """Consolidate .npz attention dumps into one chunked, compressed Zarr store.
 
     Idempotent (re-running adds nothing), resumable (a killed run is completed by running it
@@ -128,7 +136,7 @@ def ingest(
     def work(advance):
         with cluster.connect(scheduler, workers) as client:
             return ingest_dumps(
-                sources, store, jobs=jobs, layout=layout, dtype=dtype.value, replace=replace, strict=strict,
+                sources, store, jobs=jobs, layout=layout, dtype=dtype, replace=replace, strict=strict,
                 infer_padding=infer_padding, progress=advance, storage_options=options, client=client,
             )
 
@@ -148,15 +156,14 @@ def ingest(
         print(json.dumps(body, indent=1))
     else:
         err.print(report.summary(), highlight=False)
-    raise typer.Exit(0 if report.ok else 1)
+    raise click.exceptions.Exit(0 if report.ok else 1)
 
 
 @app.command()
-def info(
-    path: str = typer.Argument(..., help="A store (.zarr) or a single .npz dump."),
-    layout: Optional[str] = typer.Option(None, help="For a dump: its axis order, as for ingest."),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
-) -> None:
+@click.argument("path", help="A store (.zarr) or a single .npz dump.")
+@click.option("--layout", help="For a dump: its axis order, as for ingest.")
+@click.option("--json", "json_out", is_flag=True, help="Print JSON instead of text.")
+def info(path: str, layout: str | None, json_out: bool) -> None:
     """Describe a store or a single dump.
 
     A store: batches, shape, length histogram, size on disk and compression, sources, last ingest.
@@ -189,9 +196,6 @@ for _module in ("stats_cmd", "plot_cmd", "capture_cmd", "check_cmd", "corpus_cmd
 def main() -> None:
     try:
         app()
-    except KeyboardInterrupt:
-        err.print("interrupted; the store still opens at its last commit")
-        sys.exit(130)
     finally:
         # The process ends here. Python's last full collection would walk every object the
         # imports made (Numba's types and registries, zarr's), ~0.3 CPU-s of a `fastattn stats`

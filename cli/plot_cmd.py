@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
-import typer
+import click
 
 from fastattn.choices import PLOT_KINDS
 
-from ._common import choices, err, fail, run
-
-Kind = choices("Kind", PLOT_KINDS)
+from ._common import PATH, err, fail, run
 
 PLOT_HELP = """Draw one figure of a store into FILE (png, svg or pdf, from FILE's extension).
 
@@ -43,15 +40,15 @@ Images are embedded; the page loads nothing from the network and runs no scripts
 """
 
 
-def plot(
-    store: str = typer.Argument(..., metavar="STORE", help="The store (.zarr) made by `fastattn ingest`."),
-    kind: Kind = typer.Argument(..., metavar="KIND", help="overview, layers, heads, batches or entropy."),
-    output: Path = typer.Option(..., "--output", "-o", metavar="FILE", help="Image file to write: .png, .svg or .pdf."),
-    batch: int = typer.Option(0, help="Sample to draw (overview, layers, heads)."),
-    layer: int = typer.Option(0, help="Layer to draw (overview, heads, batches)."),
-    head: Optional[int] = typer.Option(None, help="Head to draw (overview, batches); default: mean over heads."),
-    dpi: int = typer.Option(100, min=10, max=1200, help="Resolution of PNG output (dots per inch)."),
-) -> None:
+@click.command("plot", help=PLOT_HELP, no_args_is_help=True)
+@click.argument("store", metavar="STORE", help="The store (.zarr) made by `fastattn ingest`.")
+@click.argument("kind", metavar="KIND", type=click.Choice(PLOT_KINDS), help="overview, layers, heads, batches or entropy.")
+@click.option("-o", "--output", type=PATH, required=True, metavar="FILE", help="Image file to write: .png, .svg or .pdf.")
+@click.option("--batch", default=0, help="Sample to draw (overview, layers, heads).")
+@click.option("--layer", default=0, help="Layer to draw (overview, heads, batches).")
+@click.option("--head", type=int, help="Head to draw (overview, batches); default: mean over heads.")
+@click.option("--dpi", type=click.IntRange(10, 1200), default=100, help="Resolution of PNG output (dots per inch).")
+def plot(store: str, kind: str, output: Path, batch: int, layer: int, head: int | None, dpi: int) -> None:
     from fastattn import plot as plot_mod
 
     fmt = run(plot_mod.file_format, output)
@@ -78,15 +75,15 @@ def plot(
             fail(f"{output}: cannot write it ({exc.strerror or exc})")
 
     run(work)
-    err.print(f"wrote {kind.value} ({fmt}) to {output}", markup=False, highlight=False)
+    err.print(f"wrote {kind} ({fmt}) to {output}", markup=False, highlight=False)
 
 
-def report(
-    store: str = typer.Argument(..., metavar="STORE", help="The store (.zarr) made by `fastattn ingest`."),
-    output: Path = typer.Option(Path("report.html"), "--output", "-o", help="HTML file to write."),
-    batch: Optional[int] = typer.Option(None, help="Sample to show; default: the one with the median length."),
-    dpi: int = typer.Option(80, min=30, max=300, help="Resolution of the embedded images."),
-) -> None:
+@click.command("report", help=REPORT_HELP, no_args_is_help=True)
+@click.argument("store", metavar="STORE", help="The store (.zarr) made by `fastattn ingest`.")
+@click.option("-o", "--output", type=PATH, default=Path("report.html"), help="HTML file to write.")
+@click.option("--batch", type=int, help="Sample to show; default: the one with the median length.")
+@click.option("--dpi", type=click.IntRange(30, 300), default=80, help="Resolution of the embedded images.")
+def report(store: str, output: Path, batch: int | None, dpi: int) -> None:
     from fastattn import report as report_mod
 
     if output.suffix.lower() not in (".html", ".htm"):
@@ -95,7 +92,7 @@ def report(
     err.print(f"wrote the report to {output}", markup=False, highlight=False)
 
 
-def register(app: typer.Typer) -> None:
+def register(app: click.Group) -> None:
     """Add `plot` and `report` to the `fastattn` app."""
-    app.command("plot", help=PLOT_HELP, no_args_is_help=True)(plot)
-    app.command("report", help=REPORT_HELP, no_args_is_help=True)(report)
+    app.add_command(plot)
+    app.add_command(report)

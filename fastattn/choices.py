@@ -1,7 +1,7 @@
 """The named choices of the library's parameters, once, in a module that imports nothing heavy.
 
 The library checks its arguments against these tuples (`check_choice`), and the command line
-makes its Enums from them, so parsing `fastattn --help` loads none of the modules that use them."""
+makes its `click.Choice`s of them, so parsing `fastattn --help` loads none of the modules that use them."""
 
 from __future__ import annotations
 

@@ -119,7 +119,7 @@ def assert_same_store(a, b) -> None:
 @pytest.fixture(scope="session")
 def cli():
     """Run the `fastattn` command line in-process: `cli("stats", path, "--format", "json")`."""
-    from typer.testing import CliRunner
+    from click.testing import CliRunner
 
     from fastattn_cli.main import app
 

@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 from conftest import softmax_rows, store_snapshot, write_dump
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from fastattn.errors import DumpError
 from fastattn_cli.main import app

@@ -17,8 +17,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import typer  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
+import click  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
 
 from fastattn import capture  # noqa: E402
 from fastattn.capture import CaptureError  # noqa: E402
@@ -367,12 +367,7 @@ def test_load_texts(tmp_path):
 
 @pytest.fixture
 def cli():
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-
-    @app.callback()
-    def main() -> None:
-        """Test app."""
-
+    app = click.Group()
     register(app)
     runner = CliRunner()
     return lambda *args: runner.invoke(app, ["capture", *map(str, args)])
@@ -434,10 +429,9 @@ def test_cli_model_without_attention_gives_one_line_in_a_real_process(tmp_path):
     texts.write_text("\n".join(json.dumps({"text": t}) for t in TEXTS[:3]))
     script = textwrap.dedent(
         """
-        import sys, typer
+        import sys, click
         from fastattn_cli.capture_cmd import register
-        app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-        app.callback()(lambda: None)
+        app = click.Group()
         register(app)
         app(sys.argv[1:])
         """

@@ -94,7 +94,7 @@ def own_attention(model, encoded, position_ids=None) -> np.ndarray:
 @pytest.fixture(scope="module")
 def pipeline(decoder, tmp_path_factory):
     """`fastattn capture`, `ingest`, `stats --format json` on the decoder, run once."""
-    from typer.testing import CliRunner
+    from click.testing import CliRunner
 
     from fastattn_cli.main import app
 

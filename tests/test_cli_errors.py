@@ -86,3 +86,18 @@ def test_library_messages_name_parameters_not_flags():
         class_rules({"x": "(("})
     for exc, parameter in ((dtype.value, "dtype"), (seq.value, "seq"), (classes.value, "classes")):
         assert exc.parameter == parameter and str(exc).startswith(f"{parameter}: ") and "--" not in str(exc)
+
+
+def test_ctrl_c_is_one_line_and_exit_code_130(cli, tmp_path, monkeypatch):
+    """An interrupted command says so in one line and exits 130 (click alone would print
+    "Aborted!" and exit 1)."""
+    from fastattn import synth
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synth, "synthesize", interrupted)
+    result = cli("synth", tmp_path / "out", "--files", 2)
+    assert result.exit_code == 130, result.output
+    assert result.output.strip() == "interrupted; the store still opens at its last commit"
+    assert not (tmp_path / "out").exists()

@@ -156,7 +156,7 @@ def test_a_path_through_a_file(cli, tmp_path):
 
 _RUN_CLI = """
 import json, sys
-from typer.testing import CliRunner
+from click.testing import CliRunner
 from fastattn_cli.main import app
 results = []
 for args in json.loads(sys.argv[1]):

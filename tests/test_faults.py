@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import xarray as xr
 from conftest import softmax_rows, store_snapshot, write_dump
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from fastattn import check, store
 from fastattn.dumps import natural_key

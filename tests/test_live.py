@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 import zarr
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 import fastattn.store as store_mod
 from fastattn import capture, check, ingest, live, stats

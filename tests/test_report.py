@@ -17,11 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
-import typer
+from click.testing import CliRunner
 from matplotlib.image import imread
-from typer.testing import CliRunner
 
 from fastattn import report, store, summary
 from fastattn.errors import FastattnError
@@ -47,7 +47,7 @@ def built(tmp_path_factory):
 
     from fastattn_cli.plot_cmd import register
 
-    app = typer.Typer()
+    app = click.Group()
     register(app)
     out = root / "report.html"
     result = CliRunner().invoke(app, ["report", path, "-o", str(out), "--dpi", "50"])
@@ -137,7 +137,7 @@ def test_representative_batch_is_the_median_length():
 def test_report_errors_are_one_line(tmp_path, built):
     from fastattn_cli.plot_cmd import register
 
-    app = typer.Typer()
+    app = click.Group()
     register(app)
     runner = CliRunner()
     result = runner.invoke(app, ["report", str(tmp_path / "none.zarr"), "-o", str(tmp_path / "r.html")])

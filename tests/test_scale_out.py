@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 from conftest import SAMPLES, assert_same_store, store_snapshot
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from fastattn import store, synth
 from fastattn.errors import StoreError

@@ -39,6 +39,9 @@ print(json.dumps({"hits": sum(kernel.stats.cache_hits.values()), "misses": sum(k
 HEAVY = ("numpy", "numba", "xarray", "zarr", "dask", "pandas", "distributed", "matplotlib", "scipy", "rich")
 #: What `fastattn stats` on a local store must not load: it reads and writes through zarr alone.
 NOT_FOR_STATS = ("xarray", "dask", "pandas", "distributed", "matplotlib")
+#: What no command may load: typer, and the pydantic it builds a validator of every parameter
+#: with on each run (~0.3 CPU-s); the command line is click alone.
+NOT_FOR_ANY_COMMAND = ("typer", "pydantic")
 #: The test session's cache (conftest), for processes whose cache is not what they test.
 SESSION_CACHE = os.environ["NUMBA_CACHE_DIR"]
 
@@ -255,11 +258,38 @@ def test_stats_command_loads_no_xarray_dask_or_pandas(tmp_path, rng):
         assert out.count("\n1,") == 3 if fmt == "csv" else "self-attn" in out
 
 
+def test_commands_load_neither_typer_nor_pydantic(tmp_path, rng):
+    """A command run to its end (stats on a store) and one that fails (check of a missing store,
+    exit code 1), each in a fresh process, parse their arguments without typer or pydantic."""
+    from conftest import batched_dump
+
+    from fastattn.ingest import ingest
+
+    batched_dump(rng, tmp_path / "d" / "a.npz", [6, 11], layers=2, heads=2)
+    ingest([tmp_path / "d"], tmp_path / "s.zarr")
+    missing = tmp_path / "missing.zarr"
+    env = environment(NUMBA_CACHE_DIR=SESSION_CACHE)
+    for argv, code in ((["stats", str(tmp_path / "s.zarr"), "--format", "json"], 0), (["check", str(missing)], 1)):
+        script = (
+            f"import sys\nsys.argv = ['fastattn', *{argv!r}]\nfrom fastattn_cli.main import main\n"
+            "try:\n    main()\nexcept SystemExit as exc:\n    print(exc.code)\n"
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(NOT_FOR_ANY_COMMAND)!r}))"
+        )
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+        *out, exit_code, loaded = done.stdout.splitlines()
+        assert (done.returncode, int(exit_code), loaded) == (0, code, "[]"), done.stderr
+        if code == 0:
+            body = json.loads("\n".join(out))
+            assert (body["computed"], body["batches"], len(body["heads"])) == (2, 2, 4)
+        else:
+            assert done.stderr.splitlines()[0] == f"{missing}: no such store"  # check's report of one problem
+
+
 def help_paragraphs(text: str) -> list[list[str]]:
     """The description of a command's plain help, as paragraphs of lines: what comes between
-    the usage line and the first section ("Arguments:", "Options:", "Commands:")."""
+    the usage line and the first section ("Positional arguments:", "Options:", "Commands:")."""
     body = text.split("\n\n", 1)[1]
-    for section in ("\nArguments:", "\nOptions:", "\nCommands:"):
+    for section in ("\nPositional arguments:", "\nOptions:", "\nCommands:"):
         body = body.split(section)[0]
     return [block.splitlines() for block in body.strip("\n").split("\n\n")]
 
@@ -275,22 +305,20 @@ def test_help_reflows_paragraphs(command):
     word of its source, in order."""
     import inspect
 
-    import typer
-    from typer.testing import CliRunner
+    from click.testing import CliRunner
 
     from fastattn_cli.main import app
 
     result = CliRunner().invoke(app, [*filter(None, [command]), "--help"])
     assert result.exit_code == 0 and result.output.startswith("Usage: fastattn")
-    width = 80  # typer's CliRunner formats help at 80 columns
+    width = 80  # click's CliRunner formats help at 80 columns
     paragraphs = help_paragraphs(result.output)
     for lines in paragraphs:
         for line, after in zip(lines, lines[1:]):
             if not line.startswith("   ") and not after.startswith("   "):  # not a \\b block (kept as written)
                 assert len(line) + 1 + len(after.split()[0]) > width, f"{command or 'fastattn'}: ends early: {line!r}"
-    group = typer.main.get_command(app)
-    source = group.help if not command else group.commands[command].help
+    source = app.help if not command else app.commands[command].help
     said = "".join("".join(line.split()) for lines in paragraphs for line in lines)  # textwrap may break at a hyphen
     assert said == "".join(w for w in inspect.cleandoc(source).split() if w != "\b")
     listing = CliRunner().invoke(app, ["--help"]).output.split("\nCommands:\n")[1]
-    assert set(COMMANDS) == {line.split()[0] for line in listing.splitlines() if line[2:3] != " " and line.strip()}
+    assert COMMANDS == [line.split()[0] for line in listing.splitlines() if line[2:3] != " " and line.strip()]

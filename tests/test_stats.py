@@ -12,7 +12,7 @@ import pytest
 import xarray as xr
 from benchmarks import reference as ref
 from conftest import SAMPLES, batched_dump, softmax_rows, write_dump
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 import fastattn
 from fastattn import stats, store, summary
