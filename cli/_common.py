@@ -28,6 +28,10 @@ class _Console:
         return Console(stderr=self.stderr, soft_wrap=True)
 
     def print(self, *objects, **options) -> None:
+        if options == {"markup": False, "highlight": False} and all(type(o) is str for o in objects):
+            # plain text: printed as it is, without importing rich (or its ":name:" emoji codes)
+            print(*objects, file=sys.stderr if self.stderr else sys.stdout, flush=True)
+            return
         self.rich.print(*objects, **options)
 
 

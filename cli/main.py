@@ -155,7 +155,7 @@ def ingest(inputs: tuple[str, ...], jobs: int | None, layout: str | None, dtype:
         body["mb_per_s"] = report.mb_per_s
         print(json.dumps(body, indent=1))
     else:
-        err.print(report.summary(), highlight=False)
+        err.print(report.summary(), markup=False, highlight=False)
     raise click.exceptions.Exit(0 if report.ok else 1)
 
 

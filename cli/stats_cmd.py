@@ -112,7 +112,7 @@ def stats(store: str, k: int, jobs: int | None, fmt: str, layer: list[int] | Non
         tokens.add_to_table(table, scores)
     rows = summary.head_rows(table)
     found = summary.findings(table)
-    err.print(f"statistics: {done['computed']} batches computed now, {done['total']} in store", highlight=False)
+    err.print(f"statistics: {done['computed']} batches computed now, {done['total']} in store", markup=False, highlight=False)
     if fmt == "json":
         print(json.dumps({"batches": done["total"], "computed": done["computed"], "heads": rows, "findings": found}, indent=1))
     elif fmt == "csv":
