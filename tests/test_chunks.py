@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import struct
 
 import numpy as np
 import pytest
@@ -222,10 +221,9 @@ def test_the_checksum_is_zarrs_crc32c_codec_output(tmp_path, rng):
         spec = array.metadata.get_chunk_spec((0,), array.config, default_buffer_prototype())
         by_zarr = Crc32cCodec()._encode_sync(default_buffer_prototype().buffer.from_bytes(bytes(payload)), spec)
         assert bytes(payload) + checksum == by_zarr.to_bytes()
-        assert struct.pack("<I", store.chunks.crc32c(memoryview(payload))) == checksum  # what read checks, on any memory
 
 
-def test_a_flipped_bit_in_a_chunk_fails_every_read(samples, tmp_path, monkeypatch):
+def test_a_flipped_bit_in_a_chunk_fails_every_read(samples, tmp_path):
     """A bit flipped in the compressed bytes, or in the checksum after them, of a chunk that
     ingest wrote: fastattn's read and plain zarr's raise a checksum error; check names the chunk."""
     out = tmp_path / "s.zarr"
@@ -246,17 +244,8 @@ def test_a_flipped_bit_in_a_chunk_fails_every_read(samples, tmp_path, monkeypatc
         with pytest.raises(StoreError, match=r"attention/c/0/3/0/0/0: does not decode \(crc32c"):
             fastattn.write_stats(out)  # one line naming the chunk, from the command too
         assert [p.where for p in check.store_problems(out)] == ["attention/c/0/3/0/0/0"]
-    attention = zarr.open_group(str(out), mode="r")["attention"]
-    for cut in (b"", clean[:10], clean[:-100]):  # an emptied or a cut file (it is mapped, never read past its size)
-        chunk.write_bytes(cut)
-        with pytest.raises(StoreError, match=r"attention/c/0/3/0/0/0: does not decode"):
-            store.WholeChunks(store.Location(out), attention).read((0, 3, 0, 0, 0))
     chunk.write_bytes(clean)
     assert check.store_problems(out) == []
-    with monkeypatch.context() as m:  # without the C function the checksum is taken over a copy: the same chunk
-        m.setattr(store.chunks, "_CRC32C_EXTEND", None)
-        got = store.WholeChunks(store.Location(out), attention).read((0, 3, 0, 0, 0))
-        np.testing.assert_array_equal(got[: attention.shape[0]], attention[: got.shape[0], 3:4])
 
 
 def test_plain_zarr_reads_an_ingested_store_without_fastattn(samples, tmp_path):

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import mmap
 import os
 import struct
 import sys
@@ -73,35 +71,6 @@ class _BloscInto:
 
 
 _BLOSC_INTO = _BloscInto.load()
-
-
-def _load_crc32c():
-    """`crc32c_extend(crc, address, size)` of the C library google_crc32c wraps: it takes any
-    memory, where `google_crc32c.value` takes bytes alone (a mapped file would be copied
-    first). None when that library does not export it; `crc32c` copies then."""
-    import ctypes
-
-    try:
-        from google_crc32c import _crc32c
-
-        function = ctypes.CDLL(_crc32c.__file__).crc32c_extend
-    except (ImportError, OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
-    function.restype = ctypes.c_uint32
-    return function
-
-
-_CRC32C_EXTEND = _load_crc32c()
-
-
-def crc32c(data) -> int:
-    """The crc32c of a bytes-like object (a memoryview of a mapped file too), as zarr's codec
-    computes it."""
-    if _CRC32C_EXTEND is None:
-        return google_crc32c.value(bytes(data))
-    array = np.frombuffer(data, dtype=np.uint8)
-    return _CRC32C_EXTEND(0, array.ctypes.data, array.size)
 
 
 class WholeChunks:
@@ -180,53 +149,52 @@ class WholeChunks:
         (valid until the thread's next `read` of it); the fill value if it was never written.
 
         What zarr's read of one whole chunk does, without its event loop and thread hops or a new
-        array per chunk: the file mapped (`_file_bytes`), its crc32c checked, blosc decoding
+        array per chunk: the file read into a reused buffer, its crc32c checked, blosc decoding
         straight into the chunk's buffer (`decodes_here` must hold)."""
         key = f"{self.path}/{self._key(coords)}"
         out = getattr(self._outputs, "chunk", None)
         if out is None:
             out = self._outputs.chunk = self.empty()
-        with self._file_bytes(key) as data:
-            if data is None:
-                out.fill(self.fill)
-                return out
-            payload = data[:-4] if self.checksum else data
-            try:
-                if self.checksum and struct.pack("<I", crc32c(payload)) != bytes(data[-4:]):
-                    raise StoreError(
-                        f"{self.location.key_url(key)}: does not decode (crc32c checksum mismatch: the bytes on disk changed);"
-                        " fastattn check names every damaged chunk"
-                    )
-                if len(payload) < 16 or struct.unpack_from("<I", payload, 4)[0] != out.nbytes:  # blosc's header: the size decoded
-                    raise StoreError(f"{self.location.key_url(key)}: does not decode to a chunk of {self.chunks} {self.dtype}")
-                numcodecs.blosc.decompress(payload, out)
-            finally:
-                payload.release()  # the map closes only once no view of it is left
+        data = self._read_file(key)
+        if data is None:
+            out.fill(self.fill)
+            return out
+        payload = data
+        if self.checksum:
+            payload = data[:-4]
+            if struct.pack("<I", google_crc32c.value(payload)) != bytes(data[-4:]):
+                raise StoreError(
+                    f"{self.location.key_url(key)}: does not decode (crc32c checksum mismatch: the bytes on disk changed);"
+                    " fastattn check names every damaged chunk"
+                )
+        if len(payload) < 16 or struct.unpack_from("<I", payload, 4)[0] != out.nbytes:  # blosc's header: the size decoded
+            raise StoreError(f"{self.location.key_url(key)}: does not decode to a chunk of {self.chunks} {self.dtype}")
+        numcodecs.blosc.decompress(payload, out)
         return out
 
-    @contextlib.contextmanager
-    def _file_bytes(self, key: str):
-        """A chunk file's bytes as a memoryview (None: no such chunk): a local file is mapped,
-        not read, since copying it out of the page cache cost ~0.6 CPU-s a GB, half the cost of
-        decoding it (docs/performance.md). Store files are replaced by a rename, never rewritten
-        in place, so a mapped file does not change under the reader."""
+    def _read_file(self, key: str) -> np.ndarray | None:
+        """A chunk file's bytes, read into this thread's reused buffer (locally), or fetched."""
         path = self.location.local_path(key)
         if path is None:
             data = self.location.read(key)
-            yield None if data is None else memoryview(data)
-            return
+            return None if data is None else np.frombuffer(data, dtype=np.uint8)
         try:
             f = open(path, "rb", buffering=0)
         except FileNotFoundError:
-            yield None
-            return
+            return None
         with f:
             size = os.fstat(f.fileno()).st_size
-            if not size:  # mmap refuses empty files
-                yield memoryview(b"")
-                return
-            with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
-                yield view
+            buffer = getattr(self._outputs, "file", None)
+            if buffer is None or len(buffer) < size:
+                buffer = self._outputs.file = bytearray(size)
+            view = memoryview(buffer)[:size]
+            done = 0
+            while done < size:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise StoreError(f"{self.location.key_url(key)}: the file got shorter while it was read")
+                done += n
+        return np.frombuffer(buffer, dtype=np.uint8, count=size)
 
     def write(self, coords: tuple[int, ...], chunk: np.ndarray) -> None:
         """Write the chunk at grid position `coords`; `chunk` has the full chunk shape."""
