@@ -4,8 +4,9 @@
 chunks, never copied into one array) runs the fused kernel (`fastattn.kernels.stats`), which
 gives every per-query, per-key and per-plane statistic, the top-k and the pattern flags in one
 pass; nothing is computed afterwards in xarray or NumPy. On `open_store`'s attention of a local
-store the tasks read and decode the chunk files themselves, as `write_stats` does. Inside dask the kernel runs
-single-threaded (dask's threads already use the cores); on in-memory arrays it runs parallel.
+store the tasks read and decode the chunk files themselves, as `write_stats` does. Inside dask
+the kernel runs single-threaded (dask's threads already use the cores); on in-memory arrays it
+runs parallel.
 `write_stats(store)` runs the same kernel over the same blocks for the batches that have no
 statistics yet, in a plain loop (no dask graph), and commits them through the manifest, like
 an ingest. The formulas and the pattern flags' thresholds are in the kernel module's docstring.
@@ -278,8 +279,8 @@ def compute_stats(ds: xr.Dataset | xr.DataArray, k: int = 5, *, parallel: bool |
     one fused kernel task per ~128 MB block of whole chunks, the same kernel and blocks as
     `write_stats`; immediate on in-memory data. On `open_store`'s attention of a local store,
     as opened (not sliced nor rechunked), each task reads its chunk files itself
-    (`store.WholeChunks.read`, as `write_stats`), not through zarr: the same results. Variables: per query `row_sum, entropy,
-    max_weight, distance, diag, sq_sum`; per key `col_sum`; `topk_index, topk_weight` (…,
+    (`store.WholeChunks.read`, as `write_stats`), not through zarr: the same results.
+    Variables: per query `row_sum, entropy, max_weight, distance, diag, sq_sum`; per key `col_sum`; `topk_index, topk_weight` (…,
     query, rank); per plane `entropy_mean, entropy_norm, self_attention, diag_share, peak_key,
     peak_incoming, confidence, distance_mean, row_sum_error, prev_token, next_token,
     first_token, last_token, duplicate_token, induction` and the boolean flags `uniform,
