@@ -3,8 +3,10 @@
 `compute_stats(ds)` is lazy: one dask task per block of ~128 MB of attention (whole store
 chunks, never copied into one array) runs the fused kernel (`fastattn.kernels.stats`), which
 gives every per-query, per-key and per-plane statistic, the top-k and the pattern flags in one
-pass; nothing is computed afterwards in xarray or NumPy. Inside dask the kernel runs
-single-threaded (dask's threads already use the cores); on in-memory arrays it runs parallel.
+pass; nothing is computed afterwards in xarray or NumPy. On `open_store`'s attention of a local
+store the tasks read and decode the chunk files themselves, as `write_stats` does. Inside dask
+the kernel runs single-threaded (dask's threads already use the cores); on in-memory arrays it
+runs parallel.
 `write_stats(store)` runs the same kernel over the same blocks for the batches that have no
 statistics yet, in a plain loop (no dask graph), and commits them through the manifest, like
 an ingest. The formulas and the pattern flags' thresholds are in the kernel module's docstring.
@@ -76,11 +78,13 @@ def _block_arrays(pieces, lengths, shape: tuple[int, ...], k: int, parallel: boo
     ids (..., Q), leading dims broadcasting to `shape` (None: no ids, whose scores are NaN)."""
     from .kernels import stats as kernel
 
-    Q, K = (pieces.shape if isinstance(pieces, _Planes) else pieces[0][0].shape)[-2:]
+    pieces = iter(pieces)  # may read each piece only when asked for it (`_Planes`, `_block_of_files`)
+    first = next(pieces)
+    Q, K = first[0].shape[-2:]
     out = kernel.empty_buffers(math.prod(shape), Q, K, k, np.float32)
     planes = np.arange(math.prod(shape)).reshape(shape)  # a block plane's index in the outputs
     repeats = None if ids is None else kernel.repeats(ids, shape)  # once per block: every piece's planes are in it
-    for array, offset in pieces:
+    for array, offset in itertools.chain([first], pieces):
         where = tuple(slice(o, o + n) for o, n in zip(offset, array.shape[:-2]))
         lens = None if lengths is None else lengths[where]
         kernel.fill(out, array, lens, planes[where].ravel(), parallel=parallel, repeats=repeats)
@@ -157,10 +161,12 @@ def _runs(chunks: tuple[tuple[int, ...], ...], plane_bytes: int) -> list[list[tu
     return runs[::-1]
 
 
-def _lazy_arrays(data, lengths: np.ndarray | None, k: int, parallel: bool, ids: np.ndarray | None = None) -> dict:
+def _lazy_arrays(data, lengths: np.ndarray | None, k: int, parallel: bool, ids: np.ndarray | None = None, files=None) -> dict:
     """Dask arrays of every output: one task per block of whole chunks (see `_runs`), which is
     handed its chunks as they are, and one `getitem` per variable and block. The graph is
-    written out directly: through `dask.delayed` its ~300 small pieces took ~0.5 s to build."""
+    written out directly: through `dask.delayed` its ~300 small pieces took ~0.5 s to build.
+    With `files` (`_ChunkFiles`: each dask chunk is one chunk file) the tasks read their chunk
+    files themselves and the graph holds nothing of `data`'s."""
     import operator
 
     import dask.array as da
@@ -172,7 +178,7 @@ def _lazy_arrays(data, lengths: np.ndarray | None, k: int, parallel: bool, ids: 
     lead_chunks = data.chunks[:-2]
     starts = [np.cumsum((0,) + c) for c in lead_chunks]
     runs = _runs(lead_chunks, data.shape[-2] * data.shape[-1] * data.dtype.itemsize)
-    token = tokenize(data.name, lengths, k, parallel, ids)
+    token = tokenize(data.name, lengths, k, parallel, ids, files is not None)
     blocks, tasks = f"fastattn-stats-{token}", {}
     for at in itertools.product(*[range(len(r)) for r in runs]):
         spans = [r[i] for r, i in zip(runs, at)]
@@ -182,9 +188,14 @@ def _lazy_arrays(data, lengths: np.ndarray | None, k: int, parallel: bool, ids: 
         offsets = [tuple(int(s[i]) - o for s, i, o in zip(starts, index, origin)) for index in chunks]
         where = tuple(slice(o, o + n) for o, n in zip(origin, shape))
         lens = None if lengths is None else np.ascontiguousarray(lengths[where])
-        keys = [(data.name, *index, 0, 0) for index in chunks]
-        tasks[(blocks, *at)] = (_block_of_chunks, keys, offsets, lens, shape, k, parallel, _block_ids(ids, where))
-    graph = HighLevelGraph.from_collections(blocks, tasks, dependencies=[data])
+        if files is None:
+            keys = [(data.name, *index, 0, 0) for index in chunks]
+            tasks[(blocks, *at)] = (_block_of_chunks, keys, offsets, lens, shape, k, parallel, _block_ids(ids, where))
+        else:
+            coords = [(*index, 0, 0) for index in chunks]
+            extents = [tuple(c[i] for c, i in zip(lead_chunks, index)) for index in chunks]
+            tasks[(blocks, *at)] = (_block_of_files, files, coords, extents, offsets, lens, shape, k, parallel, _block_ids(ids, where))
+    graph = HighLevelGraph.from_collections(blocks, tasks, dependencies=[data] if files is None else [])
     sizes = [tuple(int(starts[d][b] - starts[d][a]) for a, b in runs[d]) for d in range(len(runs))]
     trailing = {"query": data.shape[-2], "key": data.shape[-1], "rank": k}
     out = {}
@@ -204,14 +215,72 @@ def _block_of_chunks(arrays, offsets, lengths, shape, k, parallel, ids=None) -> 
     return _block_arrays(list(zip(arrays, offsets)), lengths, shape, k, parallel, ids)
 
 
+def _block_of_files(files, coords, extents, offsets, lengths, shape, k, parallel, ids=None) -> dict[str, np.ndarray]:
+    """`_block_arrays` as a dask task that reads the block's chunk files itself: each chunk is
+    decoded into the thread's buffer (cut to `extents`, the part of it the Dataset covers, e.g.
+    the committed batches of a last chunk) and handed to the kernel before the next is read."""
+    pieces = ((files.read(c)[tuple(slice(0, n) for n in extent)], o) for c, extent, o in zip(coords, extents, offsets))
+    return _block_arrays(pieces, lengths, shape, k, parallel, ids)
+
+
+class _ChunkFiles:
+    """The attention chunk files of a local store, decoded by `store.WholeChunks.read` (no zarr
+    event loop, no new array per chunk), for `compute_stats`' tasks. Pickled (a distributed
+    worker) it keeps the folder alone and opens the array again there."""
+
+    def __init__(self, root: str, reader=None):
+        self.root, self.reader = root, reader
+
+    def __reduce__(self):
+        return _ChunkFiles, (self.root,)
+
+    def read(self, coords: tuple[int, ...]) -> np.ndarray:
+        if self.reader is None:
+            from . import store
+
+            loc = store.as_location(self.root)
+            self.reader = store.WholeChunks(loc, store.open_group(loc, "r")["attention"])
+        return self.reader.read(coords)
+
+
+def _chunk_files(attention: xr.DataArray) -> _ChunkFiles | None:
+    """The store's chunk files under `open_store`'s attention, when `compute_stats` can read them
+    itself: the DataArray is still the very dask array `open_store` made (any slice, rechunk or
+    computation renames it), the store is local, its chunks hold whole planes and its codecs are
+    the ones `WholeChunks.read` decodes (as for `write_stats`, `_run_local`), and each dask chunk
+    is one chunk file, cut at the committed batches. Otherwise None: zarr reads them."""
+    from . import store
+    from .errors import StoreError
+    from .store.read import DASK_KEY, FILES_KEY
+
+    root, data = attention.encoding.get(FILES_KEY), attention.data
+    if root is None or getattr(data, "name", None) != attention.encoding.get(DASK_KEY) or attention.dims != store.DIMS:
+        return None
+    loc = store.as_location(root)
+    array = store.open_group(loc, "r")["attention"]
+    try:
+        reader = store.WholeChunks(loc, array)
+    except StoreError:  # a codec that cannot decode here
+        return None
+    steps = array.chunks
+    grid = tuple(tuple(min(step, size - i) for i in range(0, size, step)) for size, step in zip(data.shape, steps))
+    if not reader.decodes_here() or steps[-2:] != array.shape[-2:] or array.shape[1:] != data.shape[1:]:
+        return None
+    if data.shape[0] > array.shape[0] or data.chunks != grid:
+        return None
+    return _ChunkFiles(root, reader)
+
+
 def compute_stats(ds: xr.Dataset | xr.DataArray, k: int = 5, *, parallel: bool | None = None) -> xr.Dataset:
     """Every statistic of every plane (e.g. `(batch, layer, head)`), as an `xarray.Dataset`.
 
     Takes a store (`open_store`) or any Dataset/DataArray with `query` and `key` dims (`length`
     is used when the Dataset has it, else whole planes are valid). Lazy on dask-backed data:
     one fused kernel task per ~128 MB block of whole chunks, the same kernel and blocks as
-    `write_stats`; immediate on in-memory data. Variables: per query `row_sum, entropy,
-    max_weight, distance, diag, sq_sum`; per key `col_sum`; `topk_index, topk_weight` (…,
+    `write_stats`; immediate on in-memory data. On `open_store`'s attention of a local store,
+    as opened (not sliced nor rechunked), each task reads its chunk files itself
+    (`store.WholeChunks.read`, as `write_stats`), not through zarr: the same results.
+    Variables: per query `row_sum, entropy, max_weight, distance, diag, sq_sum`; per key `col_sum`; `topk_index, topk_weight` (…,
     query, rank); per plane `entropy_mean, entropy_norm, self_attention, diag_share, peak_key,
     peak_incoming, confidence, distance_mean, row_sum_error, prev_token, next_token,
     first_token, last_token, duplicate_token, induction` and the boolean flags `uniform,
@@ -230,6 +299,7 @@ def compute_stats(ds: xr.Dataset | xr.DataArray, k: int = 5, *, parallel: bool |
     input_id = ds["input_id"] if isinstance(ds, xr.Dataset) and "input_id" in ds else None
     if "query" not in attention.dims or "key" not in attention.dims:
         raise ValueError(f"attention needs 'query' and 'key' dims, this has {attention.dims}")
+    files = _chunk_files(attention) if attention.chunks is not None else None
     lead = tuple(d for d in attention.dims if d not in ("query", "key"))
     attention = attention.transpose(*lead, "query", "key")
     shape = attention.shape[:-2]
@@ -239,7 +309,7 @@ def compute_stats(ds: xr.Dataset | xr.DataArray, k: int = 5, *, parallel: bool |
         values = attention.values
         arrays = _block_arrays([(values, (0,) * len(lead))], lengths, shape, k, True if parallel is None else parallel, ids)
     else:
-        arrays = _lazy_arrays(attention.data, lengths, k, False if parallel is None else parallel, ids)
+        arrays = _lazy_arrays(attention.data, lengths, k, False if parallel is None else parallel, ids, files)
     st = _dataset(arrays, lead, k, attention.coords)
     if length is not None:
         st["length"] = length

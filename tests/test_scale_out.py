@@ -37,6 +37,22 @@ def client():
         yield c
 
 
+def test_compute_stats_on_a_cluster_reads_the_chunk_files(client, local_store, monkeypatch):
+    """The tasks that read a local store's chunk files themselves travel to worker processes
+    (pickled, they open the array again there): the statistics zarr's reads give here."""
+    import xarray as xr
+
+    import fastattn
+    from fastattn import stats
+
+    ds = fastattn.open_store(local_store)
+    lazy = fastattn.compute_stats(ds)
+    assert ds.attention.data.name not in lazy.entropy.data.__dask_graph__().layers  # the chunk files' tasks
+    on_cluster = client.compute(lazy).result()
+    monkeypatch.setattr(stats, "_chunk_files", lambda attention: None)
+    xr.testing.assert_identical(on_cluster, fastattn.compute_stats(ds).compute(scheduler="threads"))
+
+
 def _remote_snapshot(url, options) -> dict:
     ds = store.open_store(url, storage_options=options).compute()
     return {"attention": ds.attention.values, "length": ds.length.values, "source": ds.source.values.tolist()}

@@ -157,6 +157,123 @@ def test_the_notebook_path_is_the_command(samples_store, tmp_path, monkeypatch):
     xr.testing.assert_identical(many.compute(), lazy)
 
 
+def through_zarr(ds: xr.Dataset, monkeypatch) -> xr.Dataset:
+    """compute_stats (lazy) as on any dask array: zarr reads and decodes the chunks."""
+    with monkeypatch.context() as m:
+        m.setattr(stats, "_chunk_files", lambda attention: None)
+        return fastattn.compute_stats(ds)
+
+
+def counted_reads(monkeypatch) -> list:
+    """Every chunk `WholeChunks.read` decodes, by position; zarr's reads of the attention then fail."""
+    from zarr.core.array import AsyncArray
+
+    calls, read, select = [], store.WholeChunks.read, AsyncArray._get_selection
+
+    def counting(self, coords):
+        calls.append(coords)
+        return read(self, coords)
+
+    async def refused(self, *args, **kwargs):
+        if self.path == "attention":
+            raise AssertionError("zarr read the attention")
+        return await select(self, *args, **kwargs)
+
+    monkeypatch.setattr(store.WholeChunks, "read", counting)
+    monkeypatch.setattr(AsyncArray, "_get_selection", refused)
+    return calls
+
+
+@pytest.fixture(params=["ids, batches split", "no ids, heads split", "real samples"])
+def chunked_store(request, tmp_path, rng, monkeypatch, samples_store):
+    """A store whose last chunk is partly committed: ragged random samples (lengths below the
+    padded size) with token ids in chunks of 2 batches, or without ids in chunks of 2 of 3 heads
+    (partial head chunks too); or the MiniLM samples as ingested."""
+    if request.param == "real samples":
+        return samples_store
+    folder = tmp_path / "d"
+    if request.param.startswith("ids"):
+        monkeypatch.setattr(store.schema, "CHUNK_BYTES", 3 * 11 * 11 * 4 * 2)  # 2 batches a chunk
+        for i, lengths in enumerate(([3, 10, 7], [5, 9], [2, 11, 4, 8])):
+            n = len(lengths)
+            ids = rng.integers(0, 5, size=(n, 11))
+            mask = (np.arange(11) < np.array(lengths)[:, None]).astype(np.int8)
+            att = np.zeros((2, n, 3, 11, 11), np.float32)
+            for b, m in enumerate(lengths):
+                att[:, b, :, :, :m] = softmax_rows(rng, (2, 3, 11, m))
+            write_dump(folder / f"{i}.npz", att, attention_mask=mask, input_ids=ids)
+    else:
+        monkeypatch.setattr(store.schema, "CHUNK_BYTES", 12 * 12 * 4 * 2)  # a plane of 12 x 12 float32, 2 heads a chunk
+        batched_dump(rng, folder / "a.npz", [12, 4, 9, 11, 1], layers=2, heads=3, size=12)
+    assert ingest([folder], tmp_path / "ragged.zarr").ok
+    return tmp_path / "ragged.zarr"
+
+
+def test_compute_stats_reads_the_store_chunk_files_itself(chunked_store, monkeypatch):
+    """On open_store's Dataset of a local store the tasks decode the chunk files themselves
+    (every chunk once, zarr none): the same statistics, bit for bit, as through zarr, with one
+    block or several, with and without token ids, on a partly committed last chunk."""
+    ds = fastattn.open_store(chunked_store)
+    steps = store.open_group(store.as_location(chunked_store), "r")["attention"].chunks
+    files = -(-ds.sizes["batch"] // steps[0]) * -(-ds.sizes["layer"] // steps[1]) * -(-ds.sizes["head"] // steps[2])
+    partial = [n % step for n, step in zip(ds.attention.shape, steps)]
+    assert steps[-2:] == ds.attention.shape[-2:] and (any(partial) or chunked_store.name != "ragged.zarr")  # partly covered chunks
+    for block in (stats.BLOCK_BYTES, ds.attention.nbytes // 3):  # one block; several, of several chunks
+        monkeypatch.setattr(stats, "BLOCK_BYTES", block)
+        want, lazy = through_zarr(ds, monkeypatch), fastattn.compute_stats(ds)
+        layout = lambda st: {n: (v.dims, v.chunks, v.dtype) for n, v in st.variables.items()}  # noqa: E731
+        assert layout(lazy) == layout(want)
+        assert ds.attention.data.name in want.entropy.data.__dask_graph__().layers
+        assert ds.attention.data.name not in lazy.entropy.data.__dask_graph__().layers  # no zarr read of the attention
+        with monkeypatch.context() as m:
+            calls = counted_reads(m)
+            got = lazy.compute()
+        assert len(calls) == len(set(calls)) == files
+        want = want.compute()
+        xr.testing.assert_identical(got, want)
+    check_against_reference(want, ds)
+    ids = "input_id" in ds and (ds.input_id.values >= 0).any()
+    assert np.isfinite(want.induction.values).any() == ids and np.isfinite(want.duplicate_token.values).any() == ids
+    with monkeypatch.context() as m:  # the attention alone: whole planes valid, still from the files
+        calls = counted_reads(m)
+        got = fastattn.compute_stats(ds.attention).compute()
+    assert len(calls) == files
+    xr.testing.assert_identical(got, through_zarr(ds.attention, monkeypatch).compute())
+
+
+def test_compute_stats_reads_through_zarr_what_is_not_open_stores_array(samples_store, monkeypatch):
+    """A slice, a rechunk, a computed array, a store whose codecs `WholeChunks.read` does not
+    decode, or chunks that split planes: zarr reads them, with the same results."""
+    ds = fastattn.open_store(samples_store)
+    assert stats._chunk_files(ds.attention) is not None
+    for other in (ds.isel(batch=slice(1, None)), ds.isel(head=[0, 2]), ds.chunk({"batch": 1}), ds.attention * 1):
+        assert stats._chunk_files(other if isinstance(other, xr.DataArray) else other.attention) is None
+    part = ds.isel(batch=slice(1, None))
+    xr.testing.assert_identical(fastattn.compute_stats(part).compute(), fastattn.compute_stats(ds).compute().isel(batch=slice(1, None)))
+    with monkeypatch.context() as m:
+        m.setattr(store.WholeChunks, "decodes_here", lambda self: False)
+        assert stats._chunk_files(ds.attention) is None
+    encoding = dict(ds.attention.encoding)
+    ds.attention.encoding.pop(store.read.FILES_KEY)  # as from a remote store: no folder
+    assert stats._chunk_files(ds.attention) is None
+    ds.attention.encoding.update(encoding)
+    zgroup = store.open_group(store.as_location(samples_store), "r")
+    with monkeypatch.context() as m:  # chunks of part of the queries
+        chunks = zgroup["attention"].chunks
+        m.setattr(type(zgroup["attention"]), "chunks", property(lambda self: chunks[:-2] + (1, chunks[-1])))
+        assert stats._chunk_files(ds.attention) is None
+
+
+def test_the_chunk_files_travel_to_a_worker(samples_store):
+    """Pickled (a distributed worker), the reader keeps the folder and opens the array again."""
+    import pickle
+
+    files = stats._chunk_files(fastattn.open_store(samples_store).attention)
+    again = pickle.loads(pickle.dumps(files))
+    assert again.root == files.root and again.reader is None
+    np.testing.assert_array_equal(again.read((0, 1, 0, 0, 0)), files.read((0, 1, 0, 0, 0)).copy())
+
+
 def test_lazy_stats_on_any_chunking(rng):
     """A DataArray chunked along several leading dims (and query/key, which are joined) gives
     the in-memory result; blocks of whole chunks, tiling it."""

@@ -121,6 +121,11 @@ def open_committed(location: Location, limits: dict[str, int], group: str | None
         )
 
 
+#: The attention's `encoding` keys `open_store` sets on a local store: the store's folder, and
+#: the name of the dask array it made over that store's chunks.
+FILES_KEY, DASK_KEY = "fastattn_store_path", "fastattn_dask_name"
+
+
 def open_store(
     location: str | os.PathLike | Location, *, storage_options: dict | None = None, attention: bool = True
 ) -> xr.Dataset:
@@ -140,6 +145,10 @@ def open_store(
     if not attention and "attention" in ds:
         ds = ds.drop_vars("attention")
     ds = ds.chunk({"query": -1, "key": -1})
+    if "attention" in ds and loc.local_path("") is not None:
+        # Which files, and which dask array over them: `compute_stats` reads these chunk files
+        # itself while the attention is still this very array (any slice or rechunk renames it).
+        ds["attention"].encoding.update({FILES_KEY: loc.local_path(""), DASK_KEY: ds["attention"].data.name})
     ds.attrs = {
         "fastattn_format": FORMAT_VERSION,
         "store": str(loc),
