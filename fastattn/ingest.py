@@ -4,8 +4,9 @@ One ingest (see DESIGN in README):
 1. take the store's lock; find the dumps; scan headers (no data); classify each file
    as new, unchanged (same size and mtime, or same hash), changed, or bad;
 2. grow the arrays for the planned batches and the longest sequence;
-3. read and validate files in parallel, assign batch indices in file order to the
-   samples that pass, and write each whole chunk as soon as it is full (the chunk that
+3. read and validate files in parallel (each straight into the chunk rows its samples
+   will take), assign batch indices in file order to the samples that pass, and write
+   each whole chunk as soon as it is full (the chunk that
    holds committed batches too is rewritten whole from both);
 4. commit: one atomic manifest write. A crash before it leaves the last commit intact,
    and re-running plans the same range again.
@@ -13,6 +14,7 @@ One ingest (see DESIGN in README):
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -366,7 +368,8 @@ class _ChunkWriter:
         """Whether each attention chunk holds whole (head, query, key) blocks of one layer, so
         that a batch-chunk row of them (`row_buffer`) takes each new sample as it is read."""
         shape, chunks = self.attention.shape, self.attention.chunks
-        return chunks[1] == 1 and tuple(chunks[2:]) == tuple(shape[2:]) and shape[1] * self.attention_chunks.empty().nbytes <= ROW_BYTES
+        row_bytes = shape[1] * math.prod(chunks) * self.attention_chunks.dtype.itemsize
+        return chunks[1] == 1 and tuple(chunks[2:]) == tuple(shape[2:]) and row_bytes <= ROW_BYTES
 
     def row_buffer(self) -> np.ndarray:
         """A batch-chunk row of attention chunks, (layer, batch, head, query, key): `row[layer]`
