@@ -542,12 +542,15 @@ def read_into(header: DumpHeader, samples: list[np.ndarray]) -> Dump | None:
 
     None, with nothing read into `samples`, when the dump cannot be read so: its attention
     compressed or in Fortran order, of another dtype or sequence length than `samples`, heads,
-    queries and keys not its last three axes in that order, or large enough to be mapped."""
+    queries and keys not its last three axes in that order, or large enough to be mapped (or
+    where the system has no `preadv`; each sample's (head, query, key) planes must be contiguous)."""
+    shape = (header.layers, header.heads, header.query, header.key)
     if not (
-        header.size <= MAP_BYTES
+        hasattr(os, "preadv")
+        and header.size <= MAP_BYTES
         and header.layout.endswith("hqk")
         and len(samples) == header.batch
-        and all(s.dtype == header.dtype and s.shape == (header.layers, header.heads, header.query, header.key) for s in samples)
+        and all(s.dtype == header.dtype and s.shape == shape and s[0].flags.c_contiguous for s in samples)
     ):
         return None
     try:

@@ -172,3 +172,10 @@ def test_rows_read_into_make_the_chunks_that_copying_makes(tmp_path, rng, monkey
     assert placed[0][2] == placed[1][2] == 4 * 3 + 6  # 4 files of 3 samples, 6 of 1
     assert chunk_files(tmp_path / "placed.zarr") == chunk_files(tmp_path / "copied.zarr")
     assert_same_store(tmp_path / "placed.zarr", tmp_path / "copied.zarr")
+
+
+def test_read_into_declines_places_it_cannot_read_into(tmp_path, rng):
+    path = write_dump(tmp_path / "a.npz", softmax_rows(rng, (2, 3, 7, 7)))
+    header = dumps.scan(str(path))
+    strided = np.zeros((2, 3, 7, 14), np.float32)[..., ::2]  # a plane that is not one block of memory
+    assert dumps.read_into(header, [strided]) is None and (strided == 0).all()
