@@ -179,3 +179,16 @@ def test_read_into_declines_places_it_cannot_read_into(tmp_path, rng):
     header = dumps.scan(str(path))
     strided = np.zeros((2, 3, 7, 14), np.float32)[..., ::2]  # a plane that is not one block of memory
     assert dumps.read_into(header, [strided]) is None and (strided == 0).all()
+
+
+def test_the_crc32_ingest_checks_is_zips(rng):
+    """`dumps.crc32` (libdeflate's where installed) gives zlib's values, chained and on any buffer."""
+    import zlib
+
+    data = rng.integers(0, 256, size=3_000_001, dtype=np.uint8).tobytes()
+    for size in (0, 1, 15, 4096, 65_537, len(data)):
+        assert dumps.crc32(data[:size]) == zlib.crc32(data[:size]), size
+    start = zlib.crc32(b"PK header")
+    assert dumps.crc32(memoryview(data)[7:200_007], start) == zlib.crc32(data[7:200_007], start)
+    plane = np.frombuffer(data[: 4 * 240_000], np.float32).reshape(3, 400, 200)
+    assert dumps.crc32(plane[1], 12345) == zlib.crc32(plane[1].tobytes(), 12345)
