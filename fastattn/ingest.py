@@ -320,6 +320,7 @@ class _Sample:
     dump: dumps.Dump
     index: int  # position in the dump's batch axis
     source: str
+    placed: bool = False  # its weights are in its chunk row already (`_read_placed`)
 
 
 class _ChunkWriter:
@@ -381,16 +382,25 @@ class _ChunkWriter:
     def write(self, start: int, samples: dict[int, _Sample], stop: int, committed: int, row: np.ndarray | None = None) -> None:
         """Write batches [start, stop) (`start` on a chunk boundary): `samples` by batch index,
         the rest from the store; the chunk's rows past `stop` hold the fill value. With `row`
-        (`row_buffer`), the samples' weights are in it already (`_read_placed`)."""
+        (`row_buffer`), the samples placed are in it already; the others are filled in here."""
         count = stop - start
         old = max(0, min(stop, committed) - start)
         if row is not None:
-            for layer, chunk in enumerate(row):
+            whole = tuple(slice(0, n) for n in row.shape[2:])
+            for layer, chunk in enumerate(row, 1):
                 chunk[count:] = np.nan
                 if old:
-                    chunk[:old] = self.attention[start : start + old, layer]
-                self.attention_chunks.write((start // self.attention.chunks[0], layer, 0, 0, 0), chunk[:, np.newaxis])
+                    chunk[:old] = self.attention[start : start + old, layer - 1]
+                for batch, sample in samples.items():
+                    if not sample.placed:
+                        _fill(chunk[batch - start], sample, layer - 1, *whole)
+                self.attention_chunks.write((start // self.attention.chunks[0], layer - 1, 0, 0, 0), chunk[:, np.newaxis])
+                if layer % self.RELEASE_EVERY == 0:
+                    for sample in samples.values():
+                        sample.dump.release()
             self._write_rows(start, samples, count, old)
+            for sample in samples.values():
+                sample.dump.release()
             return
         buffer = self._buffer()
         for done, (coords, layer, heads, queries, keys) in enumerate(self._pieces(start // self.attention.chunks[0]), 1):
@@ -588,7 +598,8 @@ def _append(location, group, manifest: store.Manifest, appends, pool, jobs, repo
     straight into the places its samples will take in chunk rows (`_Rows`), one copy less:
     a file is placed when its read is submitted, after those before it, as if all of them
     pass. A file that is rejected (or a duplicate) moves the files read after it back to
-    their batch indices (a copy each) and holds new reads until they are placed.
+    their batch indices (a copy each) and holds new reads until they are placed. A file
+    larger than `dumps.MAP_BYTES` is mapped and copied into its row when that is written.
     """
     writer = _ChunkWriter(location, group)
     assigner = _Assigner(manifest, report)
@@ -598,7 +609,7 @@ def _append(location, group, manifest: store.Manifest, appends, pool, jobs, repo
     chunk_start = committed - committed % chunk
     pending: dict[int, _Sample] = {}
     writes: deque[Future] = deque()
-    reads: deque[tuple[str, dumps.DumpHeader, int, Future]] = deque()
+    reads: deque[tuple[str, dumps.DumpHeader, int | None, Future]] = deque()  # (..., its place, or None)
     todo = iter(appends)
     window = 2 * jobs + 2
     placed = committed  # the next batch index a submitted read's samples take
@@ -621,11 +632,11 @@ def _append(location, group, manifest: store.Manifest, appends, pool, jobs, repo
             if item is None:
                 return
             name, header = item
-            if rows is None:
-                future = pool.submit(_read, header)
-            else:
+            if rows is not None and header.size <= dumps.MAP_BYTES:
                 future = pool.submit(_read_placed, header, [rows.place(placed + i) for i in range(header.batch)])
-            reads.append((name, header, placed, future))
+                reads.append((name, header, placed, future))
+            else:  # a large file is mapped and its pages handed back as its chunks are filled (see dumps.MAP_BYTES)
+                reads.append((name, header, None, pool.submit(_read, header)))
             placed += header.batch
 
     # Chunk writes get threads of their own (each fills, compresses and writes its chunks,
@@ -644,11 +655,11 @@ def _append(location, group, manifest: store.Manifest, appends, pool, jobs, repo
             if first is None:
                 moving = rows is not None
             else:
-                if rows is not None and first != at:
+                if at is not None and first != at:
                     for index in range(header.batch):  # back, in order: a place is left before it is taken
                         rows.place(first + index)[...] = rows.place(at + index)
                 for index in range(header.batch):
-                    pending[first + index] = _Sample(result, index, name.source)
+                    pending[first + index] = _Sample(result, index, name.source, placed=at is not None)
                     if (first + index + 1) % chunk == 0:
                         flush(first + index + 1)
             if moving and not reads:

@@ -145,9 +145,13 @@ def chunk_files(root: Path) -> dict[str, bytes]:
     }
 
 
-def test_rows_read_into_make_the_chunks_that_copying_makes(tmp_path, rng, monkeypatch):
-    """Both ways, first into a new store, then appended to it (its first row part committed)."""
+@pytest.mark.parametrize("mapped", [False, True])
+def test_rows_read_into_make_the_chunks_that_copying_makes(mapped, tmp_path, rng, monkeypatch):
+    """Both ways, first into a new store, then appended to it (its first row part committed).
+    `mapped`: the 3-sample files are mapped, and copied into rows that others are read into."""
     monkeypatch.setattr(schema, "CHUNK_BYTES", 4 * 3 * 9 * 9 * 4)  # 4 samples to a chunk row
+    if mapped:
+        monkeypatch.setattr(dumps, "MAP_BYTES", 4000)  # more than a 1-sample file, less than a 3-sample one
     first, second = corpus(tmp_path / "one", rng), corpus(tmp_path / "two", rng)
     placed_reads = []
     read_into = dumps.read_into
@@ -164,7 +168,8 @@ def test_rows_read_into_make_the_chunks_that_copying_makes(tmp_path, rng, monkey
         return [(sorted(map(str, r.rejected)), sorted(map(str, r.duplicates)), r.batches_added) for r in reports]
 
     placed = run(tmp_path / "placed.zarr")
-    assert sum(placed_reads) == 2 * 9  # all but the rejected (by their values), the shorter and the float64 ones
+    # all but the rejected (by their values), the shorter and the float64 ones; mapped: the 1-sample files
+    assert sum(placed_reads) == (2 * 5 if mapped else 2 * 9)
     monkeypatch.setattr(_ChunkWriter, "whole_samples", lambda self: False)
     copied = run(tmp_path / "copied.zarr")
     assert placed == copied
