@@ -31,8 +31,9 @@ from .choices import STORE_DTYPES
 from .errors import DumpError, FastattnError, StoreError, printable
 
 Progress = Callable[[int, int], None]  # (files done, files to read)
-#: Largest batch-chunk row of attention chunks that files are read straight into (`_Rows`).
-ROW_BYTES = 256 << 20
+#: Largest batch-chunk row of attention chunks that files are read straight into (`_Rows`):
+#: up to 16 layers of 4 MB chunks. A few rows are in use at once (filled, being written).
+ROW_BYTES = 64 << 20
 
 
 @dataclass
