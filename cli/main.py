@@ -128,6 +128,7 @@ def ingest(inputs: tuple[str, ...], jobs: int | None, layout: str | None, dtype:
     from fastattn import cluster
     from fastattn.ingest import ingest as ingest_dumps
 
+    gc.freeze()  # the imports' objects (zarr's, NumPy's): the full collection during an ingest skips them (see main)
     if len(inputs) < 2:
         fail("give at least one dump folder, file or pattern, and the store path last")
     *sources, store = inputs

@@ -8,6 +8,7 @@ member's CRC and validates the values of every sample's valid block.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
@@ -96,11 +97,13 @@ class Dump:
     Every sample's valid tokens come first: `attention[b, :, :, :lengths[b], :lengths[b]]`
     is its valid block (a mask with holes is compacted on reading). `inferred`: how many
     samples got their length from zero key columns (`infer_lengths`), not from a mask.
+    Read by `read_into`, `attention` is the list of each sample's (layer, head, query, key)
+    arrays it was given, `attention[b][:, :, :lengths[b], :lengths[b]]` the valid block.
     """
 
     header: DumpHeader
     content_hash: str
-    attention: np.ndarray
+    attention: np.ndarray | list[np.ndarray]
     lengths: np.ndarray
     tokens: np.ndarray | None = None
     #: The dump's `input_ids` as int32 (batch, key), compacted like the tokens; None without them.
@@ -407,12 +410,40 @@ def _releaser(data) -> Callable[[], None] | None:
     return lambda: data.madvise(mmap.MADV_DONTNEED)
 
 
+def _libdeflate_crc32() -> Callable | None:
+    """zip's CRC-32 from libdeflate, when the system has it (a dependency of libtiff on Debian):
+    ~5x the speed of zlib 1.2.13's, and that CRC was a tenth of an ingest's CPU time
+    (docs/performance.md). The same values as `zlib.crc32`; None without the library."""
+    import ctypes
+
+    for name in ("libdeflate.so.0", "libdeflate.so", "libdeflate.dylib"):
+        try:
+            function = ctypes.CDLL(name).libdeflate_crc32  # ctypes lets go of the GIL during the call
+            break
+        except (OSError, AttributeError):
+            continue
+    else:
+        return None
+    function.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
+    function.restype = ctypes.c_uint32
+
+    def crc32(data, value: int = 0) -> int:
+        array = np.frombuffer(data, dtype=np.uint8)  # any contiguous buffer, read-only too
+        return function(value, array.ctypes.data, array.nbytes)
+
+    return crc32
+
+
+#: `zlib.crc32(data, value)`, faster where libdeflate is installed.
+crc32 = _libdeflate_crc32() or zlib.crc32
+
+
 def _crc32(member: memoryview, release: Callable[[], None] | None) -> int:
     if release is None:
-        return zlib.crc32(member)
+        return crc32(member)
     crc = 0
     for offset in range(0, len(member), SLAB_BYTES):
-        crc = zlib.crc32(member[offset : offset + SLAB_BYTES], crc)
+        crc = crc32(member[offset : offset + SLAB_BYTES], crc)
         release()
     return crc
 
@@ -421,31 +452,59 @@ def _read_member(data: bytes, zf: zipfile.ZipFile, name: str, expected: Member) 
     """One member's array. A stored (uncompressed) member, as `np.savez` writes, is a
     zero-copy view of the file's bytes after one CRC check; a deflated one is decompressed."""
     info = zf.getinfo(name + ".npy")
-    if info.compress_type == zipfile.ZIP_STORED:
-        local = info.header_offset
-        if data[local : local + 4] != b"PK\x03\x04":
-            raise DumpError(f"corrupt zip archive (bad local header for '{name}')")
-        name_len, extra_len = struct.unpack_from("<HH", data, local + 26)
-        start = local + 30 + name_len + extra_len
-        member = memoryview(data)[start : start + info.compress_size]
-        if len(member) != info.compress_size or _crc32(member, _releaser(data)) != info.CRC:
-            raise DumpError(f"corrupt zip archive (bad CRC-32 for '{name}')")
-        f = io.BytesIO(member[:NPY_HEADER_MAX])  # the header only: BytesIO copies what it is given
+    if info.compress_type != zipfile.ZIP_STORED:
+        return _read_member_stream(zf, name, expected)
+    local = info.header_offset
+    if data[local : local + 4] != b"PK\x03\x04":
+        raise DumpError(f"corrupt zip archive (bad local header for '{name}')")
+    name_len, extra_len = struct.unpack_from("<HH", data, local + 26)
+    start = local + 30 + name_len + extra_len
+    member = memoryview(data)[start : start + info.compress_size]
+    if len(member) != info.compress_size or _crc32(member, _releaser(data)) != info.CRC:
+        raise DumpError(f"corrupt zip archive (bad CRC-32 for '{name}')")
+    f = io.BytesIO(member[:NPY_HEADER_MAX])  # the header only: BytesIO copies what it is given
+    shape, fortran, dtype = _read_npy_header(f)
+    _check_unchanged(shape, dtype, expected)
+    array = np.frombuffer(member, dtype=dtype, count=math.prod(shape), offset=f.tell())
+    return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
+
+
+def _read_member_stream(zf: zipfile.ZipFile, name: str, expected: Member) -> np.ndarray:
+    """One member's array through zipfile's own reading (decompressing; it checks the CRC)."""
+    with zf.open(name + ".npy") as f:
         shape, fortran, dtype = _read_npy_header(f)
-        if shape != expected.shape or dtype != expected.dtype:
-            raise DumpError("changed while being ingested (its arrays differ from the scan)")
-        array = np.frombuffer(member, dtype=dtype, count=math.prod(shape), offset=f.tell())
-        return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
-    with zf.open(info) as f:
-        shape, fortran, dtype = _read_npy_header(f)
-        if shape != expected.shape or dtype != expected.dtype:
-            raise DumpError("changed while being ingested (its arrays differ from the scan)")
+        _check_unchanged(shape, dtype, expected)
         # what the stream really holds (at most the declared size), never an allocation the headers ask for
         body = f.read()  # to the end of the member, so zipfile checks its CRC
     if len(body) != math.prod(shape) * dtype.itemsize:
         raise DumpError(f"corrupt zip archive ('{name}' holds {len(body):,} bytes of data, not {math.prod(shape) * dtype.itemsize:,})")
     array = np.frombuffer(body, dtype=dtype)
     return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
+
+
+def _check_unchanged(shape, dtype, expected: Member) -> None:
+    if shape != expected.shape or dtype != expected.dtype:
+        raise DumpError("changed while being ingested (its arrays differ from the scan)")
+
+
+@contextlib.contextmanager
+def _zip_errors():
+    """What reading a zip archive can raise, as one DumpError with the reason."""
+    try:
+        yield
+    except zipfile.BadZipFile as exc:
+        raise DumpError(f"corrupt zip archive ({exc})") from None
+    except (NotImplementedError, RuntimeError, zlib.error, lzma.LZMAError) as exc:
+        raise DumpError(_zip_reason(exc)) from None
+    except (ValueError, OSError, EOFError, struct.error) as exc:
+        raise DumpError(f"unreadable array ({exc})") from None
+
+
+def _checked_hash(zf: zipfile.ZipFile, header: DumpHeader) -> str:
+    digest = _content_hash(zf)
+    if digest != header.content_hash:
+        raise DumpError("changed while being ingested (its content hash differs from the scan)")
+    return digest
 
 
 def read(header: DumpHeader) -> Dump:
@@ -459,24 +518,22 @@ def read(header: DumpHeader) -> Dump:
     release = _releaser(data)
     if len(data) != header.size:
         raise DumpError("changed while being ingested (its size differs from the scan)")
-    try:
-        with zipfile.ZipFile(data if release else io.BytesIO(data)) as zf:  # BytesIO would copy a map
-            digest = _content_hash(zf)
-            if digest != header.content_hash:
-                raise DumpError("changed while being ingested (its content hash differs from the scan)")
-            raw = _read_member(data, zf, ATTENTION, header.member(ATTENTION))
-            mask = _read_member(data, zf, MASK, header.member(MASK)) if header.member(MASK) else None
-            tokens = _read_member(data, zf, TOKENS, header.member(TOKENS)) if header.member(TOKENS) else None
-            ids = _read_member(data, zf, INPUT_IDS, header.member(INPUT_IDS)) if header.member(INPUT_IDS) else None
-    except zipfile.BadZipFile as exc:
-        raise DumpError(f"corrupt zip archive ({exc})") from None
-    except (NotImplementedError, RuntimeError, zlib.error, lzma.LZMAError) as exc:
-        raise DumpError(_zip_reason(exc)) from None
-    except (ValueError, OSError, EOFError, struct.error) as exc:
-        raise DumpError(f"unreadable array ({exc})") from None
+    with _zip_errors(), zipfile.ZipFile(data if release else io.BytesIO(data)) as zf:  # BytesIO would copy a map
+        digest = _checked_hash(zf, header)
+        raw, mask, tokens, ids = (
+            _read_member(data, zf, name, header.member(name)) if header.member(name) else None
+            for name in (ATTENTION, MASK, TOKENS, INPUT_IDS)
+        )
     layout = header.layout if "b" in header.layout else "b" + header.layout
     attention = raw if "b" in header.layout else raw[np.newaxis]
     attention = np.transpose(attention, [layout.index(c) for c in CANONICAL])
+    return _checked(header, digest, attention, mask, tokens, ids, release)
+
+
+def _checked(header: DumpHeader, digest: str, attention, mask, tokens, ids, release=None) -> Dump:
+    """The Dump of arrays read from a file: lengths found, samples compacted, values validated.
+    `attention`: canonical (batch, layer, head, query, key), or a list of each sample's
+    (layer, head, query, key) arrays, compacted in place."""
     lengths, order = _lengths(header, mask)
     if mask is None and header.query == header.key and header.infer_padding:
         lengths = infer_lengths(attention, release)
@@ -485,7 +542,12 @@ def read(header: DumpHeader) -> Dump:
     if ids is not None:
         ids = ids.reshape(header.batch, header.key)
     if order is not None:
-        attention, tokens, ids = _compact(attention, tokens, ids, order, lengths)
+        compacted, tokens, ids = _compact(np.asarray(attention), tokens, ids, order, lengths)
+        if isinstance(attention, list):
+            for sample, values in zip(attention, compacted):
+                sample[...] = values
+        else:
+            attention = compacted
     _validate(attention, lengths, header.dtype, release)
     if ids is not None:
         ids = _token_ids(ids, lengths)
@@ -494,6 +556,92 @@ def read(header: DumpHeader) -> Dump:
     if release is not None:
         dump.release = release
     return dump
+
+
+#: Buffers per `os.preadv` call (Linux takes up to 1024).
+IOV_BATCH = 512
+
+
+def read_into(header: DumpHeader, samples: list[np.ndarray]) -> Dump | None:
+    """`read`, with the weights read by the kernel straight into `samples[i]`, sample i's
+    (layer, head, query, key) array in a store's chunk buffer, with no copy in between; each
+    is left as a store keeps it, NaN outside the sample's valid block. The dump's `attention`
+    is `samples`. The zip CRC-32 is computed on those buffers.
+
+    None, with nothing read into `samples`, when the dump cannot be read so: its attention
+    compressed or in Fortran order, of another dtype or sequence length than `samples`, heads,
+    queries and keys not its last three axes in that order, or large enough to be mapped (or
+    where the system has no `preadv`; each sample's (head, query, key) planes must be contiguous)."""
+    shape = (header.layers, header.heads, header.query, header.key)
+    if not (
+        hasattr(os, "preadv")
+        and header.size <= MAP_BYTES
+        and header.layout.endswith("hqk")
+        and len(samples) == header.batch
+        and all(s.dtype == header.dtype and s.shape == shape and s[0].flags.c_contiguous for s in samples)
+    ):
+        return None
+    try:
+        f = open(header.path, "rb", buffering=0)
+    except OSError as exc:
+        raise DumpError(f"cannot read it ({exc.strerror})") from None
+    with f, _zip_errors():
+        if os.fstat(f.fileno()).st_size != header.size:
+            raise DumpError("changed while being ingested (its size differs from the scan)")
+        with zipfile.ZipFile(f) as zf:
+            digest = _checked_hash(zf, header)
+            if not _read_stored_into(f.fileno(), zf.getinfo(ATTENTION + ".npy"), header, samples):
+                return None
+            mask, tokens, ids = (
+                _read_member_stream(zf, name, header.member(name)) if header.member(name) else None
+                for name in (MASK, TOKENS, INPUT_IDS)
+            )
+    dump = _checked(header, digest, samples, mask, tokens, ids)
+    for sample, n in zip(samples, dump.lengths):
+        q, k = min(n, header.query), min(n, header.key)
+        sample[:, :, q:, :] = np.nan
+        sample[:, :, :q, k:] = np.nan
+    return dump
+
+
+def _read_stored_into(fd: int, info: zipfile.ZipInfo, header: DumpHeader, samples: list[np.ndarray]) -> bool:
+    """The attention member's planes read into `samples` (see `read_into`), its CRC-32 checked;
+    False, nothing read, when the member is compressed or in Fortran order."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        return False
+    local = os.pread(fd, 30, info.header_offset)
+    if local[:4] != b"PK\x03\x04":
+        raise DumpError(f"corrupt zip archive (bad local header for '{ATTENTION}')")
+    name_len, extra_len = struct.unpack_from("<HH", local, 26)
+    start = info.header_offset + 30 + name_len + extra_len
+    head = os.pread(fd, min(NPY_HEADER_MAX, info.compress_size), start)
+    f = io.BytesIO(head)
+    shape, fortran, dtype = _read_npy_header(f)
+    _check_unchanged(shape, dtype, header.member(ATTENTION))
+    if fortran:
+        return False
+    offset = f.tell()
+    lead = header.layout[:-3]  # "l", "lb" or "bl": one (head, query, key) block each, in file order
+    sizes = {"l": header.layers, "b": header.batch}
+    planes = [
+        samples[index.get("b", 0)][index["l"]]
+        for index in (dict(zip(lead, i)) for i in np.ndindex(*(sizes[c] for c in lead)))
+    ]
+    if offset + sum(p.nbytes for p in planes) != info.compress_size:
+        raise DumpError(f"corrupt zip archive ('{ATTENTION}' holds {info.compress_size - offset:,} bytes of data)")
+    crc = crc32(head[:offset])
+    position = start + offset
+    for first in range(0, len(planes), IOV_BATCH):
+        group = planes[first : first + IOV_BATCH]
+        expected = sum(p.nbytes for p in group)
+        if os.preadv(fd, group, position) != expected:
+            raise DumpError("changed while being ingested (it got shorter)")
+        for plane in group:
+            crc = crc32(plane, crc)
+        position += expected
+    if crc != info.CRC:
+        raise DumpError(f"corrupt zip archive (bad CRC-32 for '{ATTENTION}')")
+    return True
 
 
 def _lengths(header: DumpHeader, mask: np.ndarray | None) -> tuple[np.ndarray, list | None]:
@@ -530,18 +678,19 @@ def infer_lengths(attention: np.ndarray, release: Callable[[], None] | None = No
     keeps every sample whole). A sample whose keys are all 0 keeps the full
     length (its rows fail validation). Reads
     one head's last column first, and the trailing columns of the rest only when that is
-    all 0. `attention` is canonical `(batch, layer, head, query, key)` with query == key.
+    all 0. `attention` is canonical `(batch, layer, head, query, key)` with query == key, or
+    a list of each sample's `(layer, head, query, key)`.
     """
-    B, L, H, Q, K = attention.shape
+    B, (L, H, Q, K) = len(attention), attention[0].shape
     lengths = np.full(B, K, dtype=np.int32)
     for b in range(B):
-        head = attention[b, 0, 0]
+        head = attention[b][0, 0]
         if head[:, K - 1].any():  # the usual answer: the last key is attended
             continue
         used = np.flatnonzero(head.any(axis=0))
         n = int(used[-1]) + 1 if used.size else 0
         for layer in range(L):  # a layer at a time: memory is one layer's tail at most
-            tail = attention[b, layer, :, :, n:]
+            tail = attention[b][layer, :, :, n:]
             if tail.any():  # rare: this layer attends past the first head's last key
                 n += int(np.flatnonzero(tail.any(axis=(0, 1)))[-1]) + 1
             if release is not None:
@@ -601,20 +750,37 @@ def _validate(attention: np.ndarray, lengths: np.ndarray, dtype: np.dtype, relea
     """Finite, non-negative rows that sum to 1 over each sample's valid block.
 
     Two NumPy reductions screen each sample: its minimum (NaN when any weight is) and its
-    float64 row sums. Only a sample that fails is looked at again, to say what is wrong and
-    where. (A Numba kernel screens a file ~0.25 ms faster, but importing Numba and loading
-    the kernel costs an ingest process more than that saves on a thousand files.) A mapped
-    file is screened one sample's layer at a time, its pages handed back after each."""
+    row sums (`_rows_sum_to_one`). Only a sample that fails is looked at again, to say what
+    is wrong and where. (A Numba kernel screens a file ~0.25 ms faster, but importing Numba
+    and loading the kernel costs an ingest process more than that saves on a thousand files.)
+    A mapped file is screened one sample's layer at a time, its pages handed back after each.
+    `attention` as `infer_lengths` takes it."""
     tolerance = row_sum_tolerance(dtype)
-    for b in range(attention.shape[0]):
+    for b, sample in enumerate(attention):
         n = lengths[b]
-        for layer in [slice(None)] if release is None else range(attention.shape[1]):
-            block = attention[b, layer, ..., :n, :n]
-            bad = not (block.min() >= 0 and np.abs(block.sum(axis=-1, dtype=np.float64) - 1.0).max() <= tolerance)
+        for layer in [slice(None)] if release is None else range(len(sample)):
+            block = sample[layer, ..., :n, :n]
+            bad = not (block.min() >= 0 and _rows_sum_to_one(block, tolerance))
             if release is not None:
                 release()
             if bad:
-                _explain(attention[b, :, :, :n, :n], b, tolerance)
+                _explain(sample[:, :, :n, :n], b, tolerance)
+
+
+def _rows_sum_to_one(block: np.ndarray, tolerance: float) -> bool:
+    """Whether every row of `block` (non-negative weights) sums to 1 within `tolerance`, as in
+    float64. A float32 block is summed in float32 first (einsum: ~2x faster than a float64
+    sum, whose cast and short rows cost an ingest ~0.3 CPU-s per GB); a sum of n non-negative
+    float32 weights is within n * 2**-24 * (its value) of the exact one, so only when the
+    float32 answer lands that close to the tolerance are the rows summed again in float64."""
+    if block.dtype == np.float32:
+        error = float(np.abs(np.einsum("...k->...", block) - np.float32(1.0)).max())
+        slack = block.shape[-1] * 2.0**-23 * (1.0 + tolerance)  # twice the rounding bound, the subtraction's included
+        if error <= tolerance - slack:
+            return True
+        if error > tolerance + slack:
+            return False
+    return float(np.abs(block.sum(axis=-1, dtype=np.float64) - 1.0).max()) <= tolerance
 
 
 def _explain(block: np.ndarray, b: int, tolerance: float) -> None:

@@ -4,8 +4,9 @@ One ingest (see DESIGN in README):
 1. take the store's lock; find the dumps; scan headers (no data); classify each file
    as new, unchanged (same size and mtime, or same hash), changed, or bad;
 2. grow the arrays for the planned batches and the longest sequence;
-3. read and validate files in parallel, assign batch indices in file order to the
-   samples that pass, and write each whole chunk as soon as it is full (the chunk that
+3. read and validate files in parallel (each straight into the chunk rows its samples
+   will take), assign batch indices in file order to the samples that pass, and write
+   each whole chunk as soon as it is full (the chunk that
    holds committed batches too is rewritten whole from both);
 4. commit: one atomic manifest write. A crash before it leaves the last commit intact,
    and re-running plans the same range again.
@@ -13,6 +14,7 @@ One ingest (see DESIGN in README):
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -29,6 +31,9 @@ from .choices import STORE_DTYPES
 from .errors import DumpError, FastattnError, StoreError, printable
 
 Progress = Callable[[int, int], None]  # (files done, files to read)
+#: Largest batch-chunk row of attention chunks that files are read straight into (`_Rows`):
+#: up to 16 layers of 4 MB chunks. A few rows are in use at once (filled, being written).
+ROW_BYTES = 64 << 20
 
 
 @dataclass
@@ -316,6 +321,7 @@ class _Sample:
     dump: dumps.Dump
     index: int  # position in the dump's batch axis
     source: str
+    placed: bool = False  # its weights are in its chunk row already (`_read_placed`)
 
 
 class _ChunkWriter:
@@ -360,11 +366,43 @@ class _ChunkWriter:
                             slice(k0, min(k0 + kc, key)),
                         )
 
-    def write(self, start: int, samples: dict[int, _Sample], stop: int, committed: int) -> None:
+    def whole_samples(self) -> bool:
+        """Whether each attention chunk holds whole (head, query, key) blocks of one layer, so
+        that a batch-chunk row of them (`row_buffer`) takes each new sample as it is read."""
+        shape, chunks = self.attention.shape, self.attention.chunks
+        row_bytes = shape[1] * math.prod(chunks) * self.attention_chunks.dtype.itemsize
+        return chunks[1] == 1 and tuple(chunks[2:]) == tuple(shape[2:]) and row_bytes <= ROW_BYTES
+
+    def row_buffer(self) -> np.ndarray:
+        """A batch-chunk row of attention chunks, (layer, batch, head, query, key): `row[layer]`
+        is one chunk's bytes, and `row[:, i]` the place of the row's i-th sample."""
+        _, layers, _, query, key = self.attention.shape
+        batch, _, heads, _, _ = self.attention.chunks
+        return np.empty((layers, batch, heads, query, key), dtype=self.attention_chunks.dtype)
+
+    def write(self, start: int, samples: dict[int, _Sample], stop: int, committed: int, row: np.ndarray | None = None) -> None:
         """Write batches [start, stop) (`start` on a chunk boundary): `samples` by batch index,
-        the rest from the store; the chunk's rows past `stop` hold the fill value."""
+        the rest from the store; the chunk's rows past `stop` hold the fill value. With `row`
+        (`row_buffer`), the samples placed are in it already; the others are filled in here."""
         count = stop - start
         old = max(0, min(stop, committed) - start)
+        if row is not None:
+            whole = tuple(slice(0, n) for n in row.shape[2:])
+            for layer, chunk in enumerate(row, 1):
+                chunk[count:] = np.nan
+                if old:
+                    chunk[:old] = self.attention[start : start + old, layer - 1]
+                for batch, sample in samples.items():
+                    if not sample.placed:
+                        _fill(chunk[batch - start], sample, layer - 1, *whole)
+                self.attention_chunks.write((start // self.attention.chunks[0], layer - 1, 0, 0, 0), chunk[:, np.newaxis])
+                if layer % self.RELEASE_EVERY == 0:
+                    for sample in samples.values():
+                        sample.dump.release()
+            self._write_rows(start, samples, count, old)
+            for sample in samples.values():
+                sample.dump.release()
+            return
         buffer = self._buffer()
         for done, (coords, layer, heads, queries, keys) in enumerate(self._pieces(start // self.attention.chunks[0]), 1):
             h, q, k = heads.stop - heads.start, queries.stop - queries.start, keys.stop - keys.start
@@ -380,6 +418,10 @@ class _ChunkWriter:
             if done % self.RELEASE_EVERY == 0:
                 for sample in samples.values():
                     sample.dump.release()  # a large dump's pages: read again only where needed
+        self._write_rows(start, samples, count, old)
+
+    def _write_rows(self, start: int, samples: dict[int, _Sample], count: int, old: int) -> None:
+        """The per-sample arrays' chunk of rows [start, start + count)."""
         rows = {name: spec.empty((count, *array.shape[1:]), self.attention.dtype) for name, (spec, array) in self.per_batch.items()}
         if old:
             for name, values in rows.items():
@@ -399,7 +441,7 @@ def _sample_rows(rows: dict[str, np.ndarray], i: int, sample: _Sample) -> None:
     n = int(dump.lengths[sample.index])
     for name, value in (("length", n), ("source", sample.source), ("source_index", sample.index)):
         rows[name][i] = value
-    width = min(n, dump.attention.shape[-2])
+    width = min(n, dump.header.query)
     for name, per_token in (("token", dump.tokens), ("input_id", dump.input_ids)):
         if per_token is not None and name in rows:
             rows[name][i, :width] = per_token[sample.index, :width]
@@ -493,6 +535,57 @@ def _read(header: dumps.DumpHeader):
         return Rejection(header.path, str(exc))
 
 
+def _read_placed(header: dumps.DumpHeader, places: list[np.ndarray]):
+    """Read a dump's samples into their places in chunk rows (`_ChunkWriter.row_buffer`):
+    straight from the file when `dumps.read_into` can, else read and copied there."""
+    try:
+        dump = dumps.read_into(header, places)
+        if dump is None:
+            dump = dumps.read(header)
+            heads, queries, keys = (slice(0, n) for n in places[0].shape[1:])
+            for index, place in enumerate(places):
+                for layer, out in enumerate(place):
+                    _fill(out, _Sample(dump, index, ""), layer, heads, queries, keys)
+                dump.release()
+            dump.attention = places
+        return dump
+    except DumpError as exc:
+        return Rejection(header.path, str(exc))
+
+
+class _Rows:
+    """Chunk rows (`_ChunkWriter.row_buffer`) by their first batch, the place of each sample
+    a file is read into; a written row's buffer is reused for the next."""
+
+    def __init__(self, writer: _ChunkWriter, chunk: int):
+        self.writer, self.chunk = writer, chunk
+        self.rows: dict[int, np.ndarray] = {}
+        self.free: list[np.ndarray] = []
+
+    def place(self, batch: int) -> np.ndarray:
+        """Batch `batch`'s (layer, head, query, key) place."""
+        start = batch - batch % self.chunk
+        return self.row(start)[:, batch - start]
+
+    def row(self, start: int) -> np.ndarray:
+        row = self.rows.get(start)
+        if row is None:
+            row = self.rows[start] = self.free.pop() if self.free else self.writer.row_buffer()
+        return row
+
+    def take(self, start: int) -> np.ndarray:
+        """The row of `start`, to be written: no sample is placed in it any more."""
+        row = self.rows.pop(start, None)
+        return row if row is not None else self.writer.row_buffer()
+
+    def write(self, start: int, samples: dict[int, _Sample], stop: int, committed: int, row: np.ndarray) -> None:
+        """Write a row taken (on a writing thread), then keep its buffer for another."""
+        try:
+            self.writer.write(start, samples, stop, committed, row)
+        finally:
+            self.free.append(row)
+
+
 def _finish(group, manifest: store.Manifest, report: IngestReport, next_batch: int) -> None:
     if next_batch != group["attention"].shape[0]:
         store.resize(group, batch=next_batch)
@@ -501,32 +594,52 @@ def _finish(group, manifest: store.Manifest, report: IngestReport, next_batch: i
 
 
 def _append(location, group, manifest: store.Manifest, appends, pool, jobs, report: IngestReport, progress) -> None:
-    """Read files in parallel, assign batch indices in file order, write each full chunk."""
+    """Read files in parallel, assign batch indices in file order, write each full chunk.
+
+    When the chunks hold whole samples (`_ChunkWriter.whole_samples`), each file is read
+    straight into the places its samples will take in chunk rows (`_Rows`), one copy less:
+    a file is placed when its read is submitted, after those before it, as if all of them
+    pass. A file that is rejected (or a duplicate) moves the files read after it back to
+    their batch indices (a copy each) and holds new reads until they are placed. A file
+    larger than `dumps.MAP_BYTES` is mapped and copied into its row when that is written.
+    """
     writer = _ChunkWriter(location, group)
     assigner = _Assigner(manifest, report)
     committed = manifest.committed
     chunk = manifest.batch_chunk
+    rows = _Rows(writer, chunk) if writer.whole_samples() else None
     chunk_start = committed - committed % chunk
     pending: dict[int, _Sample] = {}
     writes: deque[Future] = deque()
-    reads: deque[tuple[str, dumps.DumpHeader, Future]] = deque()
+    reads: deque[tuple[str, dumps.DumpHeader, int | None, Future]] = deque()  # (..., its place, or None)
     todo = iter(appends)
     window = 2 * jobs + 2
+    placed = committed  # the next batch index a submitted read's samples take
+    moving = False  # a file was skipped: the reads in flight are placed too far
 
     def flush(stop: int) -> None:
         nonlocal pending, chunk_start
-        writes.append(write_pool.submit(writer.write, chunk_start, pending, stop, committed))
+        if rows is None:
+            writes.append(write_pool.submit(writer.write, chunk_start, pending, stop, committed))
+        else:
+            writes.append(write_pool.submit(rows.write, chunk_start, pending, stop, committed, rows.take(chunk_start)))
         pending, chunk_start = {}, stop
         while len(writes) > jobs:
             writes.popleft().result()
 
     def refill() -> None:
-        while len(reads) < window:
+        nonlocal placed
+        while len(reads) < window and not moving:
             item = next(todo, None)
             if item is None:
                 return
             name, header = item
-            reads.append((name, header, pool.submit(_read, header)))
+            if rows is not None and header.size <= dumps.MAP_BYTES:
+                future = pool.submit(_read_placed, header, [rows.place(placed + i) for i in range(header.batch)])
+                reads.append((name, header, placed, future))
+            else:  # a large file is mapped and its pages handed back as its chunks are filled (see dumps.MAP_BYTES)
+                reads.append((name, header, None, pool.submit(_read, header)))
+            placed += header.batch
 
     # Chunk writes get threads of their own (each fills, compresses and writes its chunks,
     # most of it outside the GIL): a batch-chunk being written never holds back the reads.
@@ -534,7 +647,7 @@ def _append(location, group, manifest: store.Manifest, appends, pool, jobs, repo
         refill()
         done = 0
         while reads:
-            name, header, future = reads.popleft()
+            name, header, at, future = reads.popleft()
             refill()
             result = future.result()
             done += 1
@@ -542,11 +655,18 @@ def _append(location, group, manifest: store.Manifest, appends, pool, jobs, repo
                 progress(done, len(appends))
             first = assigner.take(name, header, result)
             if first is None:
-                continue
-            for index in range(header.batch):
-                pending[first + index] = _Sample(result, index, name.source)
-                if (first + index + 1) % chunk == 0:
-                    flush(first + index + 1)
+                moving = rows is not None
+            else:
+                if at is not None and first != at:
+                    for index in range(header.batch):  # back, in order: a place is left before it is taken
+                        rows.place(first + index)[...] = rows.place(at + index)
+                for index in range(header.batch):
+                    pending[first + index] = _Sample(result, index, name.source, placed=at is not None)
+                    if (first + index + 1) % chunk == 0:
+                        flush(first + index + 1)
+            if moving and not reads:
+                moving, placed = False, assigner.next
+                refill()
         if pending:
             flush(assigner.next)
         while writes:

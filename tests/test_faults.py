@@ -128,8 +128,9 @@ def patch(point, n, arg):
         zarr.Array.resize = counted(n, zarr.Array.resize)
     elif point == "resize":
         store.resize = counted(n, store.resize)
-    elif point == "read":
+    elif point == "read":  # a file read into chunk rows (read_into), or read whole
         dumps.read = counted(n, dumps.read)
+        dumps.read_into = counted(n, dumps.read_into)
     elif point == "lock":
         store.read_manifest = counted(1, store.read_manifest, before=True)
     elif point == "manifest":
@@ -173,16 +174,17 @@ def patch(point, n, arg):
         def pwrite(fd, data, offset):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         os.pwrite = pwrite
-    elif point == "modify":  # rewrite a dump between the scan and the read
+    elif point == "modify":  # rewrite a dump between the scan and the read (into chunk rows, or whole)
         victim, replacement = arg
-        original = dumps.read
-        def read(header):
-            if os.path.basename(header.path) == victim:
-                with open(replacement, "rb") as src, open(header.path, "r+b") as dst:
-                    dst.truncate(0)
-                    dst.write(src.read())
-            return original(header)
-        dumps.read = read
+        def modifying(original):
+            def read(header, *places):
+                if os.path.basename(header.path) == victim:
+                    with open(replacement, "rb") as src, open(header.path, "r+b") as dst:
+                        dst.truncate(0)
+                        dst.write(src.read())
+                return original(header, *places)
+            return read
+        dumps.read, dumps.read_into = modifying(dumps.read), modifying(dumps.read_into)
     elif point == "hold":  # take the lock, then wait for the test to say go
         ready, go, abort = arg
         enter = store.Lock.__enter__
