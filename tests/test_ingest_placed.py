@@ -187,7 +187,7 @@ def test_read_into_declines_places_it_cannot_read_into(tmp_path, rng):
 
 
 def test_the_crc32_ingest_checks_is_zips(rng):
-    """`dumps.crc32` (libdeflate's where installed) gives zlib's values, chained and on any buffer."""
+    """`dumps.crc32` (ISA-L's) gives zlib's values, chained and on any buffer."""
     import zlib
 
     data = rng.integers(0, 256, size=3_000_001, dtype=np.uint8).tobytes()
