@@ -12,6 +12,12 @@ The last row checks that the per-plane column statistics of such long inputs sta
 (`python -m benchmarks.live_bench --exact SEQ HEADS STORE`): `first_token`, `peak_key` and
 `distance_mean` of one SEQ-token text captured with `--stats-only`, against the float64
 NumPy reference (benchmarks/reference.py) on the model's own `output_attentions`.
+
+With --quick (a smoke run, not a measurement) the first measured child, once its figures are
+taken, also runs the exactness check on its own model (every layer), into a store given as a
+sixth argument; the other two then run at once, each still its own process with its own
+high-water mark (after the first, so they load the kernels it compiled rather than each
+compiling them): most of a child's time is importing torch and transformers.
 """
 
 from __future__ import annotations
@@ -32,15 +38,31 @@ VOCAB = 1000
 
 def figure(ctx: Context) -> list[dict]:
     c = ctx.config
-    runs = {}
-    for layers, texts in ((c.live_layers[0], c.live_texts[0]), (c.live_layers[1], c.live_texts[0]),
-                          (c.live_layers[0], c.live_texts[1])):
+    configs = ((c.live_layers[0], c.live_texts[0]), (c.live_layers[1], c.live_texts[0]), (c.live_layers[0], c.live_texts[1]))
+    exact_out = ctx.data / "scratch" / "live-exact.zarr"
+    ctx.cleanup.append(exact_out)
+    argv = {}
+    for layers, texts in configs:
         out = ctx.data / "scratch" / f"live-{layers}-{texts}.zarr"
         ctx.cleanup.append(out)
-        runs[layers, texts] = report = _child(c.live_seq, c.live_heads, layers, texts, out)
+        argv[layers, texts] = [str(c.live_seq), str(c.live_heads), str(layers), str(texts), str(out)]
+    if c.quick:  # the first child checking exactness too, then the other two at once (see the module's docstring)
+        argv[configs[0]].append(str(exact_out))
+        runs = {configs[0]: _finish(_start(argv[configs[0]]))}
+        started = {config: _start(argv[config]) for config in configs[1:]}
+        try:
+            runs |= {config: _finish(proc) for config, proc in started.items()}
+        finally:  # one failed: end the others
+            for proc in started.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    else:
+        runs = {config: _finish(_start(args)) for config, args in argv.items()}
+    for (layers, texts), report in runs.items():
         ctx.log(f"    {layers} layers, {texts} texts: peak RSS {report['peak_rss_bytes'] / 1e6:,.0f} MB"
                 f" (model loaded: {report['loaded_rss_bytes'] / 1e6:,.0f} MB), {report['seconds']:.1f} s")
-    (l0, t0), (l1, _), (_, t1) = list(runs)
+    (l0, t0), (l1, _), (_, t1) = configs
     base = runs[l0, t0]
     one_layer = base["layer_map_bytes"]
     shape = f"GPT-2 config, {c.live_heads} heads, {c.live_seq:,} tokens, batch 1 (one layer's maps {one_layer / 1e6:,.0f} MB)"
@@ -62,7 +84,9 @@ def figure(ctx: Context) -> list[dict]:
         met=growth < one_layer, note=f"grows by {growth / 1e6:,.0f} MB", growth_mb=growth / 1e6,
         layer_map_mb=one_layer / 1e6,
     ))
-    exact = _child_exact(c.live_seq, c.live_heads, ctx.data / "scratch" / "live-exact.zarr", ctx)
+    exact = runs[configs[0]] if c.quick else _finish(_start(["--exact", str(c.live_seq), str(c.live_heads), str(exact_out)]))
+    ctx.log(f"    exactness at {c.live_seq:,} tokens: max relative error {exact['max_rel_error']:.2e},"
+            f" peak_key equal: {exact['peak_key_equal']}")
     rows.append(row(
         FIGURE, f"first_token, peak_key, distance_mean of one {c.live_seq:,}-token text, --stats-only vs float64 NumPy",
         fastattn=exact["max_rel_error"], unit="max rel. error", goal="≤ 1e-6, peak_key equal",
@@ -72,17 +96,9 @@ def figure(ctx: Context) -> list[dict]:
     return rows
 
 
-def _child_exact(seq: int, heads: int, out: Path, ctx: Context) -> dict:
-    ctx.cleanup.append(out)
-    report = _child(seq, heads, 1, 1, out, exact=True)
-    ctx.log(f"    exactness at {seq:,} tokens: max relative error {report['max_rel_error']:.2e},"
-            f" peak_key equal: {report['peak_key_equal']}")
-    return report
-
-
-def exactness(seq: int, heads: int, out: str) -> dict:
-    """One `seq`-token text through `record_stats` (1 layer), against the float64 reference on
-    the model's own attention of the same text."""
+def exactness(model, tokenizer, seq: int, out: str) -> dict:
+    """One `seq`-token text through `record_stats`, against the float64 reference on the
+    model's own attention of the same text (every layer)."""
     import numpy as np
     import torch
 
@@ -91,30 +107,32 @@ def exactness(seq: int, heads: int, out: str) -> dict:
 
     from . import reference
 
-    model, tokenizer = model_and_tokenizer(seq, heads, 1)
     text = random_texts(1, seq)[0]
     live.record_stats(model, [text], out, tokenizer=tokenizer, batch_size=1)
     got = read_planes(out, ["first_token", "peak_key", "distance_mean"])
     with torch.no_grad():
-        own = model(**tokenizer([text], return_tensors="pt"), output_attentions=True, use_cache=False).attentions[0]
-    a = own.numpy()[:, None]  # (batch, layer, head, query, key)
+        own = model(**tokenizer([text], return_tensors="pt"), output_attentions=True, use_cache=False).attentions
+    a = np.stack([layer.numpy() for layer in own], axis=1)  # (batch, layer, head, query, key)
     want = reference.summaries(a.astype(np.float64), np.array([seq]))
     errors = [np.max(np.abs(got[n] - want[n]) / np.maximum(np.abs(want[n]), 1e-300)) for n in ("first_token", "distance_mean")]
     return {"max_rel_error": float(max(errors)), "peak_key_equal": bool(np.array_equal(got["peak_key"], want["peak_key"]))}
 
 
-def _child(seq: int, heads: int, layers: int, texts: int, out: Path, exact: bool = False) -> dict:
+def _start(argv: list[str]) -> subprocess.Popen:
+    """A child `python -m benchmarks.live_bench ARGV`, started (see `main`)."""
     import os
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    argv = ["--exact", str(seq), str(heads), str(out)] if exact else [str(seq), str(heads), str(layers), str(texts), str(out)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.live_bench", *argv],
-        cwd=REPO, env=env, capture_output=True, text=True,
-    )
+    return subprocess.Popen([sys.executable, "-m", "benchmarks.live_bench", *argv], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> dict:
+    """The child's report (its last line of output, JSON), once it has ended."""
+    stdout, stderr = proc.communicate()
     if proc.returncode != 0:
-        raise RuntimeError(f"live child failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"live child failed (exit {proc.returncode}):\n{stderr[-3000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def model_and_tokenizer(seq: int, heads: int, layers: int):
@@ -153,8 +171,9 @@ def _rss() -> int:
 
 
 def main(argv: list[str]) -> None:
-    if argv[0] == "--exact":
-        print(json.dumps(exactness(int(argv[1]), int(argv[2]), argv[3])))
+    if argv[0] == "--exact":  # --exact SEQ HEADS STORE: a 1-layer model
+        seq, heads = int(argv[1]), int(argv[2])
+        print(json.dumps(exactness(*model_and_tokenizer(seq, heads, 1), seq, argv[3])))
         return
     seq, heads, layers, count = (int(a) for a in argv[:4])
     out = argv[4]
@@ -166,9 +185,12 @@ def main(argv: list[str]) -> None:
     started = time.perf_counter()
     result = live.record_stats(model, texts, out, tokenizer=tokenizer, batch_size=1)
     seconds = time.perf_counter() - started
-    print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak_rss(), "loaded_rss_bytes": loaded,
-                      "tokens": result.tokens, "texts": result.computed, "layers": layers,
-                      "layer_map_bytes": heads * seq * seq * 4}))
+    report = {"seconds": seconds, "peak_rss_bytes": peak_rss(), "loaded_rss_bytes": loaded,
+              "tokens": result.tokens, "texts": result.computed, "layers": layers,
+              "layer_map_bytes": heads * seq * seq * 4}
+    if len(argv) > 5:  # the exactness check too, after the figures above are taken
+        report |= exactness(model, tokenizer, seq, argv[5])
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

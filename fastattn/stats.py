@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 #: (a kernel launch, one write per variable, a dask task) vanish, small enough that two blocks
 #: in flight stay ~0.3 GB.
 BLOCK_BYTES = 128 << 20
+#: ... and at most this many batches: a block is one chunk of every statistic, and with short
+#: sequences BLOCK_BYTES of attention is millions of batches, whose statistics (which grow with
+#: the sequence, not its square) would make chunks of 100 MB and more to decode for a few batches.
+MAX_BLOCK_BATCHES = 4096
 
 _KERNEL_NAMES = {"FLAGS": "FLAGS", "PER_QUERY": "ROW_STATS", "PER_PLANE": "PLANE_STATS"}
 
@@ -326,7 +330,7 @@ def _block_batches(manifest, query: int, key: int) -> int:
     """Batches per block, a multiple of the store's batch chunk (no chunk is read twice): the
     blocks `_runs` gives `compute_stats` on the same store."""
     per_batch = manifest.layers * manifest.heads * query * key * np.dtype(manifest.dtype).itemsize
-    chunks = max(1, BLOCK_BYTES // (per_batch * manifest.batch_chunk))
+    chunks = max(1, min(BLOCK_BYTES // (per_batch * manifest.batch_chunk), MAX_BLOCK_BATCHES // manifest.batch_chunk))
     return int(chunks * manifest.batch_chunk)
 
 

@@ -272,7 +272,8 @@ def test_s3_without_credentials(cli, s3, no_aws_credentials):
     assert str(caught.value) == message
 
 
-def test_s3_endpoint_that_does_not_answer(cli, no_aws_credentials):
+def test_s3_endpoint_that_does_not_answer(cli, no_aws_credentials, monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's retries of a refused connection: ~15 s of back-off
     url, endpoint = "s3://attn/s.zarr", f"http://127.0.0.1:{free_port()}"
     options = ["--storage-option", f"endpoint_url={endpoint}", "--storage-option", "key=a", "--storage-option", "secret=b"]
     result = cli("stats", url, *options)
