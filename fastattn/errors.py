@@ -20,6 +20,11 @@ class StoreError(FastattnError):
     """A store that is missing, foreign, locked or inconsistent."""
 
 
+class ChecksumError(StoreError):
+    """A chunk whose bytes fail their crc32c checksum: readers that know what the chunk holds
+    say what to do about it (`fastattn.stats.read_errors`)."""
+
+
 def printable(text: str) -> str:
     """`text` on one line: control characters (a newline in a file name) shown escaped."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -11,7 +11,7 @@ runs parallel.
 statistics yet, in a plain loop (no dask graph), and commits them through the manifest, like
 an ingest. The formulas and the pattern flags' thresholds are in the kernel module's docstring.
 
-`FLAGS`, `PER_QUERY` and `PER_PLANE` (the variable names) are the kernel's (`fastattn.kernels.names`,
+`FLAGS`, `PER_QUERY` and `PER_PLANE` (the variable names) are the kernel's (`fastattn.stat_names`,
 which does not load Numba). xarray and dask are imported by the functions that
 return Datasets: the command line reads and writes the store through zarr and never loads them.
 """
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .stat_names import FLAGS, PLANE_STATS, ROW_STATS
 from .store.commit import derived_record
 from .store.schema import STATS
 
@@ -43,33 +44,25 @@ BLOCK_BYTES = 128 << 20
 #: the sequence, not its square) would make chunks of 100 MB and more to decode for a few batches.
 MAX_BLOCK_BATCHES = 4096
 
-_KERNEL_NAMES = {"FLAGS": "FLAGS", "PER_QUERY": "ROW_STATS", "PER_PLANE": "PLANE_STATS"}
-
-
-def __getattr__(name: str):
-    if name in _KERNEL_NAMES:
-        from .kernels import names as kernel
-
-        return getattr(kernel, _KERNEL_NAMES[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: The variable names: the kernel's (`fastattn.stat_names`, which does not load Numba).
+PER_QUERY = ROW_STATS
+PER_PLANE = PLANE_STATS
 
 
 def variables(lead: tuple[str, ...], k: int) -> dict[str, tuple[tuple[str, ...], np.dtype]]:
     """Every variable of the kernel's output: its dims and dtype (per-query values are float32,
     the input's precision and most of the bytes; per-plane summaries float64)."""
-    from .kernels import names as kernel
-
     f32 = np.dtype(np.float32)
-    out = {name: (lead + ("query",), f32) for name in kernel.ROW_STATS}
+    out = {name: (lead + ("query",), f32) for name in ROW_STATS}
     out["col_sum"] = (lead + ("key",), f32)
     out["topk_index"] = (lead + ("query", "rank"), np.dtype(np.int32))
     out["topk_weight"] = (lead + ("query", "rank"), f32)
-    planes = {name: (lead, np.dtype(np.float64)) for name in kernel.PLANE_STATS}
+    planes = {name: (lead, np.dtype(np.float64)) for name in PLANE_STATS}
     for name in ("entropy_mean", "entropy_norm", "self_attention", "diag_share"):
         out[name] = planes.pop(name)
     out["peak_key"] = (lead, np.dtype(np.int32))
     out.update(planes)
-    out.update({name: (lead, np.dtype(bool)) for name in kernel.FLAGS})
+    out.update({name: (lead, np.dtype(bool)) for name in FLAGS})
     return out
 
 
@@ -765,11 +758,11 @@ def read_planes(
 def read_errors(location):
     """Reading committed statistics: a chunk that fails its crc32c checksum is one line naming
     the store, not a traceback (`fastattn check` names the chunk)."""
-    from .errors import StoreError
+    from .errors import ChecksumError, StoreError
 
     try:
         yield
-    except ValueError as exc:
+    except (ValueError, ChecksumError) as exc:  # zarr's reads raise ValueError, the chunk files' ChecksumError
         if "checksum" not in str(exc).lower():
             raise
         raise StoreError(

@@ -81,7 +81,7 @@ from numba import types
 from numba.extending import overload
 
 from ._jit import FASTMATH, ngjit, parallel_for, plane_lengths
-from .names import FLAGS, PLANE_STATS, ROW_STATS
+from ..stat_names import FLAGS, PLANE_STATS, ROW_STATS
 
 #: Per-row helpers are inlined into their caller by Numba (at the IR level): as calls, LLVM keeps
 #: them out of line, and a call per row passing ~40 array fields cost as much as the row's work

@@ -18,7 +18,7 @@ from zarr.abc.codec import SupportsSyncCodec
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
 
-from ..errors import StoreError
+from ..errors import ChecksumError, StoreError
 from .location import Location
 
 
@@ -163,7 +163,7 @@ class WholeChunks:
         if self.checksum:
             payload = data[:-4]
             if struct.pack("<I", google_crc32c.value(payload)) != bytes(data[-4:]):
-                raise StoreError(
+                raise ChecksumError(
                     f"{self.location.key_url(key)}: does not decode (crc32c checksum mismatch: the bytes on disk changed);"
                     " fastattn check names every damaged chunk"
                 )

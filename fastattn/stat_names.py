@@ -1,5 +1,6 @@
 """The statistics kernel's output names, in its buffers' order: what the store's `stats`
-group holds. Apart from the kernel so that reading or checking statistics needs no Numba."""
+group holds. Apart from the kernel (`fastattn.kernels.stats`) so that reading or checking
+statistics imports no Numba."""
 
 #: Per-query statistics: the rows of ``StatsBuffers.rows``, in this order.
 ROW_STATS = ("row_sum", "entropy", "max_weight", "distance", "diag", "sq_sum")
