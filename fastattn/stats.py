@@ -754,10 +754,18 @@ def read_planes(
     return {**{name: out[name] if name in out else np.full(shape, np.nan) for name in names}, **picks}
 
 
+#: What to do about a chunk failing its checksum, by the array it belongs to (`read_errors`).
+_DAMAGED_CHUNK_REMEDY = {
+    "statistics": "repairing the store has fastattn stats recompute them",
+    "attention": "fastattn check --repair --force drops the damaged batches; ingest their dumps again",
+}
+
+
 @contextlib.contextmanager
-def read_errors(location):
-    """Reading committed statistics: a chunk that fails its crc32c checksum is one line naming
-    the store, not a traceback (`fastattn check` names the chunk)."""
+def read_errors(location, part: str = "statistics"):
+    """Reading a store's `part` (its committed statistics, or its attention): a chunk that
+    fails its crc32c checksum is one line naming the store and the part, not a traceback
+    (`fastattn check` names the chunk)."""
     from .errors import ChecksumError, StoreError
 
     try:
@@ -766,6 +774,6 @@ def read_errors(location):
         if "checksum" not in str(exc).lower():
             raise
         raise StoreError(
-            f"{location}: a chunk of the statistics fails its crc32c checksum (the bytes on disk changed);"
-            " fastattn check names it, and repairing the store has fastattn stats recompute them"
+            f"{location}: a chunk of the {part} fails its crc32c checksum (the bytes on disk changed);"
+            f" fastattn check names it, and {_DAMAGED_CHUNK_REMEDY[part]}"
         ) from None

@@ -185,7 +185,7 @@ def token_class_stats(
     A one-line `NoTokenStrings` error when the store has no token strings or holds
     cross-attention. Formulas: the module's docstring."""
     from . import store
-    from .stats import GROUP, read_planes
+    from .stats import GROUP, read_errors, read_planes
 
     rules = class_rules(classes, special)
     loc = store.as_location(location, storage_options)
@@ -229,9 +229,10 @@ def token_class_stats(
     if sep_sep:
         attention = group["attention"]
         per_batch = math.prod(map(len, picks)) * attention.shape[3] ** 2 * attention.dtype.itemsize
-        out["sep_sep"] = np.concatenate(
-            [separator_mass(attention, separator[b0:b1], b0, *picks) for b0, b1 in _steps(n, attention.chunks[0], per_batch)]
-        )
+        with read_errors(loc, "attention"):  # a damaged chunk here is the attention's, not the statistics'
+            out["sep_sep"] = np.concatenate(
+                [separator_mass(attention, separator[b0:b1], b0, *picks) for b0, b1 in _steps(n, attention.chunks[0], per_batch)]
+            )
     return out
 
 

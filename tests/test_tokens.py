@@ -278,3 +278,23 @@ def test_the_manifest_says_which_dumps_had_token_strings(tmp_path, rng, monkeypa
     monkeypatch.undo()
     scores = tokens.token_class_stats(tmp_path / "s.zarr")
     assert np.isnan(scores["to_special"][0]).all() and not np.isnan(scores["to_special"][1]).any()
+
+
+def test_a_damaged_attention_chunk_under_sep_sep_is_named_as_attention(minilm, cli, tmp_path):
+    """`--sep-sep` reads the attention again: a chunk of it failing its checksum is one line
+    that says it is the attention's (the statistics are fine), and how to drop the batches."""
+    import shutil
+
+    path = tmp_path / "s.zarr"
+    shutil.copytree(minilm, path)
+    chunk = next(p for p in sorted((path / "attention" / "c").rglob("*")) if p.is_file())
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    chunk.write_bytes(bytes(data))
+    assert cli("stats", path).exit_code == 0  # the statistics alone: nothing reads the attention
+    out = cli("stats", path, "--sep-sep")
+    assert out.exit_code == 1 and "Traceback" not in out.output
+    assert out.stderr.splitlines() == [
+        f"error: {path}: a chunk of the attention fails its crc32c checksum (the bytes on disk changed);"
+        " fastattn check names it, and fastattn check --repair --force drops the damaged batches; ingest their dumps again"
+    ]
