@@ -189,15 +189,15 @@ def token_class_stats(
 
     rules = class_rules(classes, special)
     loc = store.as_location(location, storage_options)
-    # checks the committed statistics and the layer/head selection; its per-plane read is small
-    planes = read_planes(loc, ["peak_key"], layer=layer, head=head)
-    picks = (planes["layer"], planes["head"])
-    manifest = store.checked_manifest(loc)
+    manifest = store.checked_manifest(loc)  # first: a store without token strings answers before any read
     if manifest.cross:
         raise NoTokenStrings(f"{loc}: token classes need self-attention; this store holds cross-attention")
     files = [entry for entry in manifest.files.values() if entry.ingested]
     if files and all(entry.tokens is False for entry in files):  # recorded at ingest: nothing to read
         raise NoTokenStrings(_NO_TOKENS.format(loc=loc))
+    # checks the committed statistics and the layer/head selection; its per-plane read is small
+    planes = read_planes(loc, ["peak_key"], layer=layer, head=head)
+    picks = (planes["layer"], planes["head"])
     group = store.open_group(loc, "r")
     n = planes["peak_key"].shape[0]
     lengths = np.asarray(group["length"][:n], dtype=np.int64)
