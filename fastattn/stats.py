@@ -512,17 +512,16 @@ def write_stats(
             store.commit(loc, manifest)
         done = 0 if stale else done
 
-        def prepare() -> int:
-            """The group laid out for n batches: new, or the old one grown. 0 batches written."""
+        def prepare() -> None:
+            """The group laid out for n batches: new, or the old one grown."""
             if stale:
                 _create_layout(group, n, k, block)
-                return 0
+                return
             for name, array in old.arrays():
                 if "batch" in (array.metadata.dimension_names or ()):
                     array.resize((n, *array.shape[1:]))
                     if name == "batch":
                         array[:] = np.arange(n, dtype=array.dtype)
-            return 0
 
         blocks = _blocks(done, n, block)
         if client is not None:
@@ -567,7 +566,7 @@ def _run_local(loc, group, blocks, k, jobs, progress, total, prepare) -> None:
     """Every block on this machine: straight from the chunk files (`_run_chunks`) when the store
     is local, its chunks hold whole planes and fastattn's codecs; else zarr reads block i+1 in a
     thread while the kernels run on block i (with `jobs` threads). `prepare()` lays the group
-    out, on the writing thread while the first block is computed."""
+    out, on the writing thread before its first write."""
     from . import store
     from .kernels._jit import kernel_threads
 
@@ -598,18 +597,25 @@ def _run_local(loc, group, blocks, k, jobs, progress, total, prepare) -> None:
 
 def _write_behind(blocks, compute, write, progress, total, prepare) -> None:
     """`compute(i, b0, b1)` block after block while a thread writes the one before it
-    (`write(result, b0, b1)` -> the batches written), with the progress after each write;
-    the thread first runs `prepare()` (-> 0), while the first block is computed."""
+    (`write(result, b0, b1)` -> the batches written), with the progress after each write.
+    The thread runs `prepare()` just before the first write, while the second block is
+    computed: during the first block the kernel loads from its cache, and the two, both
+    Python holding the GIL, took turns on one core (docs/performance.md)."""
+
+    def first_write(result, b0: int, b1: int) -> int:
+        prepare()
+        return write(result, b0, b1)
+
     written = 0
     with ThreadPoolExecutor(1) as writer:
-        writing = writer.submit(prepare)
+        writing = None
         for i, (b0, b1) in enumerate(blocks):
             result = compute(i, b0, b1)
-            batches = writing.result()
-            written += batches
-            if progress and batches:  # not after `prepare`
-                progress(written, total)
-            writing = writer.submit(write, result, b0, b1)
+            if writing is not None:
+                written += writing.result()
+                if progress:
+                    progress(written, total)
+            writing = writer.submit(first_write if writing is None else write, result, b0, b1)
         written += writing.result()
         if progress:
             progress(written, total)
