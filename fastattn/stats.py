@@ -621,6 +621,15 @@ def _write_behind(blocks, compute, write, progress, total, prepare) -> None:
             progress(written, total)
 
 
+def _rows(loc, array, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a per-batch array of a local store: from its chunk files when
+    fastattn's codecs wrote them (`WholeChunks.read_rows`, no zarr event loop), else zarr's."""
+    from . import store
+
+    reader = store.WholeChunks(loc, array)
+    return reader.read_rows(stop, start) if reader.decodes_here() else array[start:stop]
+
+
 def _run_chunks(loc, group, reader, arrays, blocks, k, jobs, progress, total, prepare) -> None:
     """The local loop, one chunk at a time: `jobs` threads (default: all cores) each take a
     chunk of the block, read and decode its file (`WholeChunks.read`: no zarr event loop, no
@@ -638,8 +647,9 @@ def _run_chunks(loc, group, reader, arrays, blocks, k, jobs, progress, total, pr
     attention = group["attention"]
     _, layers, heads, query, key = attention.shape
     step, layer_step, head_step = attention.chunks[:3]
-    lengths = np.asarray(group["length"][blocks[0][0] : blocks[-1][1]], dtype=np.int64)
-    ids = group["input_id"][blocks[0][0] : blocks[-1][1]] if "input_id" in group else None  # None: scores NaN
+    first, last = blocks[0][0], blocks[-1][1]
+    lengths = np.asarray(_rows(loc, group["length"], first, last), dtype=np.int64)
+    ids = _rows(loc, group["input_id"], first, last) if "input_id" in group else None  # None: scores NaN
     written_here = {*variables((), k), "length"}
     writers: dict = {}  # name -> WholeChunks, once `prepare` laid the group out
     threads = max(1, min(jobs or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS))
@@ -654,8 +664,8 @@ def _run_chunks(loc, group, reader, arrays, blocks, k, jobs, progress, total, pr
         planes = math.prod(shape)
         out = (spare.get(planes) or [None]).pop() or kernel.empty_buffers(planes, query, key, k, np.float32)
         index = np.arange(planes).reshape(shape)
-        lens = np.broadcast_to(lengths[b0 - blocks[0][0] : b1 - blocks[0][0], None, None], shape)
-        repeats = None if ids is None else kernel.repeats(ids[b0 - blocks[0][0] : b1 - blocks[0][0]], shape)
+        lens = np.broadcast_to(lengths[b0 - first : b1 - first, None, None], shape)
+        repeats = None if ids is None else kernel.repeats(ids[b0 - first : b1 - first], shape)
         tasks = []
         for c in range(b0 // step, (b1 - 1) // step + 1):
             lo, hi = max(b0, c * step), min(b1, (c + 1) * step)
@@ -673,7 +683,7 @@ def _run_chunks(loc, group, reader, arrays, blocks, k, jobs, progress, total, pr
                 future.cancel()
             raise
         st = kernel.named(out, shape)
-        st["length"] = lengths[b0 - blocks[0][0] : b1 - blocks[0][0]].astype(np.int32)
+        st["length"] = lengths[b0 - first : b1 - first].astype(np.int32)
         return out, st
 
     def write(out, st, b0: int, b1: int) -> int:

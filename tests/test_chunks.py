@@ -276,13 +276,13 @@ def test_plain_zarr_reads_an_ingested_store_without_fastattn(samples, tmp_path):
 @pytest.mark.parametrize("dtype", [np.float32, np.int32, np.bool_, np.float64])
 def test_read_rows_is_what_zarr_reads(tmp_path, rng, dtype):
     """`WholeChunks.read_rows` (the statistics' reader) gives zarr's values, across chunk edges
-    in every dim, for rows short of the array's end, and the fill value in a chunk never written."""
+    in every dim, for rows starting inside a chunk and short of the array's end, and the fill value in a chunk never written."""
     values = rng.normal(size=(11, 5, 7)) > 0 if dtype is np.bool_ else (rng.normal(size=(11, 5, 7)) * 100).astype(dtype)
     array = zarr.open_group(str(tmp_path), mode="w").create_array(
         "a", shape=values.shape, chunks=(3, 2, 4), dtype=dtype, compressors=zarr.codecs.BloscCodec(cname="lz4"), fill_value=0)
     array[:9] = values[:9]  # rows 9 and 10 of chunk row 3: never written
     reader = store.WholeChunks(store.as_location(tmp_path), array)
     assert reader.decodes_here()
-    for stop in (11, 8, 1):
-        np.testing.assert_array_equal(reader.read_rows(stop), array[:stop])
+    for start, stop in ((0, 11), (0, 8), (0, 1), (4, 11), (3, 6), (7, 8), (5, 5)):
+        np.testing.assert_array_equal(reader.read_rows(stop, start), array[start:stop], err_msg=f"{start}:{stop}")
     assert (reader.read_rows(11)[9:] == 0).all() and reader.read_rows(11)[:9].any()

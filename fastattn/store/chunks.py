@@ -172,16 +172,21 @@ class WholeChunks:
         numcodecs.blosc.decompress(payload, out)
         return out
 
-    def read_rows(self, stop: int) -> np.ndarray:
-        """Rows [0, stop) of the array, every other dim whole, as a new array: chunk by chunk
-        with `read`, on this thread. For the small arrays of a store's statistics, where zarr's
-        per-chunk hops cost more than the reads (docs/performance.md)."""
-        out = np.empty((stop, *self.shape[1:]), dtype=self.dtype)
-        sizes = (stop, *self.shape[1:])
-        for offsets in itertools.product(*(range(0, size, step) for size, step in zip(sizes, self.chunks))):
-            part = tuple(min(step, size - o) for o, step, size in zip(offsets, self.chunks, sizes))
-            chunk = self.read(tuple(o // step for o, step in zip(offsets, self.chunks)))
-            out[tuple(slice(o, o + n) for o, n in zip(offsets, part))] = chunk[tuple(slice(0, n) for n in part)]
+    def read_rows(self, stop: int, start: int = 0) -> np.ndarray:
+        """Rows [start, stop) of the array, every other dim whole, as a new array: chunk by
+        chunk with `read`, on this thread. For the small arrays of a store's statistics, where
+        zarr's per-chunk hops cost more than the reads (docs/performance.md)."""
+        out = np.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
+        rows = self.chunks[0]
+        inner = [range(0, size, step) for size, step in zip(self.shape[1:], self.chunks[1:])]
+        for first in range(start - start % rows, stop, rows):
+            lo, hi = max(first, start), min(first + rows, stop)
+            for offsets in itertools.product(*inner):
+                part = tuple(min(step, size - o) for o, step, size in zip(offsets, self.chunks[1:], self.shape[1:]))
+                chunk = self.read((first // rows, *(o // step for o, step in zip(offsets, self.chunks[1:]))))
+                out[(slice(lo - start, hi - start), *(slice(o, o + n) for o, n in zip(offsets, part)))] = chunk[
+                    (slice(lo - first, hi - first), *(slice(0, n) for n in part))
+                ]
         return out
 
     def _read_file(self, key: str) -> np.ndarray | None:
