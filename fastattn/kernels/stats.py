@@ -430,25 +430,26 @@ def _row_keys(a, p, q, nk, keys, lanes, r):
     The maxima are eight local variables, stored once: kept in ``lanes`` (an array LLVM cannot
     prove apart from ``keys``), every step went through memory and LLVM vectorised the loop
     across groups, with a gather per lane (the top-k ran ~8% slower)."""
+    ur = np.uint64(r)
     groups = (nk + _LANES - 1) // _LANES
     for j in range(nk):
-        keys[r, j] = _rank_key(a[p, q, j], j)
+        keys[ur, np.uint64(j)] = _rank_key(a[p, q, j], j)
     for j in range(nk, groups * _LANES):
-        keys[r, j] = _NO_KEY
-    m0, m1, m2, m3 = keys[r, 0], keys[r, 1], keys[r, 2], keys[r, 3]
-    m4, m5, m6, m7 = keys[r, 4], keys[r, 5], keys[r, 6], keys[r, 7]
+        keys[ur, np.uint64(j)] = _NO_KEY
+    m0, m1, m2, m3 = keys[ur, 0], keys[ur, 1], keys[ur, 2], keys[ur, 3]
+    m4, m5, m6, m7 = keys[ur, 4], keys[ur, 5], keys[ur, 6], keys[ur, 7]
     for g in range(1, groups):
         b = g * _LANES
-        m0 = max(m0, keys[r, b])
-        m1 = max(m1, keys[r, b + 1])
-        m2 = max(m2, keys[r, b + 2])
-        m3 = max(m3, keys[r, b + 3])
-        m4 = max(m4, keys[r, b + 4])
-        m5 = max(m5, keys[r, b + 5])
-        m6 = max(m6, keys[r, b + 6])
-        m7 = max(m7, keys[r, b + 7])
-    lanes[r, 0], lanes[r, 1], lanes[r, 2], lanes[r, 3] = m0, m1, m2, m3
-    lanes[r, 4], lanes[r, 5], lanes[r, 6], lanes[r, 7] = m4, m5, m6, m7
+        m0 = max(m0, keys[ur, np.uint64(b)])
+        m1 = max(m1, keys[ur, np.uint64(b + 1)])
+        m2 = max(m2, keys[ur, np.uint64(b + 2)])
+        m3 = max(m3, keys[ur, np.uint64(b + 3)])
+        m4 = max(m4, keys[ur, np.uint64(b + 4)])
+        m5 = max(m5, keys[ur, np.uint64(b + 5)])
+        m6 = max(m6, keys[ur, np.uint64(b + 6)])
+        m7 = max(m7, keys[ur, np.uint64(b + 7)])
+    lanes[ur, 0], lanes[ur, 1], lanes[ur, 2], lanes[ur, 3] = m0, m1, m2, m3
+    lanes[ur, 4], lanes[ur, 5], lanes[ur, 6], lanes[ur, 7] = m4, m5, m6, m7
 
 
 @_inline
@@ -461,24 +462,25 @@ def _row_ranks(a, p, q0, nk, k, keys, lanes, index, weight, d):
     groups = (nk + _LANES - 1) // _LANES
     for t in range(min(k, nk)):
         for r in range(2):
+            ur = np.uint64(r)
             m = max(
-                max(max(lanes[r, 0], lanes[r, 1]), max(lanes[r, 2], lanes[r, 3])),
-                max(max(lanes[r, 4], lanes[r, 5]), max(lanes[r, 6], lanes[r, 7])),
+                max(max(lanes[ur, 0], lanes[ur, 1]), max(lanes[ur, 2], lanes[ur, 3])),
+                max(max(lanes[ur, 4], lanes[ur, 5]), max(lanes[ur, 6], lanes[ur, 7])),
             )
             if m == _NO_KEY:
                 continue  # only NaN/−inf left in this row
             j = _key_position(a, keys, r, m, nk)
             index[d, q0 + r, t] = j
-            weight[d, q0 + r, t] = a[p, q0 + r, j]
-            keys[r, j] = _NO_KEY
+            weight[d, q0 + r, t] = a[p, q0 + r, np.uint64(j)]
+            keys[ur, np.uint64(j)] = _NO_KEY
             lane = j & (_LANES - 1)  # j ≥ 0: no sign fix-up of a modulo
-            even, odd = keys[r, lane], _NO_KEY
+            even, odd = keys[ur, np.uint64(lane)], _NO_KEY
             for g in range(1, groups - 1, 2):
-                odd = max(odd, keys[r, g * _LANES + lane])
-                even = max(even, keys[r, (g + 1) * _LANES + lane])
+                odd = max(odd, keys[ur, np.uint64(g * _LANES + lane)])
+                even = max(even, keys[ur, np.uint64((g + 1) * _LANES + lane)])
             if groups % 2 == 0:
-                odd = max(odd, keys[r, (groups - 1) * _LANES + lane])
-            lanes[r, lane] = max(even, odd)
+                odd = max(odd, keys[ur, np.uint64((groups - 1) * _LANES + lane)])
+            lanes[ur, np.uint64(lane)] = max(even, odd)
 
 
 @_inline
