@@ -109,7 +109,8 @@ def test_statistics_of_batches_larger_than_a_block_are_read_plane_by_plane(route
 
         def counted(self, coords):
             chunk = read(self, coords)
-            reads.append(chunk.shape)
+            if self.path == "attention":  # not the per-batch lengths, read the same way
+                reads.append(chunk.shape)
             return chunk
 
         monkeypatch.setattr(store.WholeChunks, "read", counted)
