@@ -85,12 +85,16 @@ def stats(store: str, k: int, jobs: int | None, fmt: str, layer: list[int] | Non
     def work(advance):
         with cluster.connect(scheduler, workers) as client:
             return stats_mod.write_stats(
-                store, k=k, jobs=jobs, storage_options=options, client=client, progress=advance
+                store, k=k, jobs=jobs, storage_options=options, client=client, progress=advance,
+                planes=summary.TABLE_PLANES,
             )
 
     with progress_bar("statistics") as advance:
         done = run(work, advance)
+
     def read_table():
+        if "planes" in done:  # every batch computed now: the arrays just stored, not read back
+            return summary.computed_head_table(done["planes"], layer=layer, head=head)
         with stats_mod.read_errors(store):
             return summary.store_head_table(store, layer=layer, head=head, storage_options=options)
 

@@ -23,6 +23,7 @@ import contextlib
 import itertools
 import math
 import struct
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -471,10 +472,14 @@ def write_stats(
     storage_options: dict | None = None,
     client=None,
     progress=None,
+    planes: Sequence[str] = (),
 ) -> dict:
     """Compute statistics for the batches that have none yet and commit them to the store.
 
-    Returns `{"computed": batches computed now, "total": batches with statistics}`. A `k`
+    Returns `{"computed": batches computed now, "total": batches with statistics}`, and under
+    "planes" the per-plane variables named in `planes` (batch, layer, head), when this run
+    computed every batch from the chunk files: the arrays just stored, so that a table need not
+    read them back (else no "planes": `read_planes` reads them). A `k`
     other than the stored one, or statistics laid out by an older version (other variables),
     recompute every batch. Crash-safe like an ingest: the commit record (`store.schema.STATS`)
     moves only after the arrays are written.
@@ -524,13 +529,14 @@ def write_stats(
                         array[:] = np.arange(n, dtype=array.dtype)
 
         blocks = _blocks(done, n, block)
+        kept = None
         if client is not None:
             prepare()
             _run_distributed(client, loc, blocks, k, progress, n - done)
         else:
-            _run_local(loc, group, blocks, k, jobs, progress, n - done, prepare)
+            kept = _run_local(loc, group, blocks, k, jobs, progress, n - done, prepare, planes if done == 0 else ())
         store.commit_derived(loc, manifest, STATS, n, k=k)
-    return {"computed": n - done, "total": n}
+    return {"computed": n - done, "total": n, **({"planes": kept} if kept else {})}
 
 
 def _captured(loc, manifest, k: int) -> dict:
@@ -562,11 +568,12 @@ def _up_to_date(group, manifest, k: int) -> bool:
     return GROUP in group and not _layout_changed(group[GROUP], query, key, k, _block_batches(manifest, query, key))
 
 
-def _run_local(loc, group, blocks, k, jobs, progress, total, prepare) -> None:
+def _run_local(loc, group, blocks, k, jobs, progress, total, prepare, keep=()) -> dict | None:
     """Every block on this machine: straight from the chunk files (`_run_chunks`) when the store
     is local, its chunks hold whole planes and fastattn's codecs; else zarr reads block i+1 in a
     thread while the kernels run on block i (with `jobs` threads). `prepare()` lays the group
-    out, on the writing thread before its first write."""
+    out, on the writing thread before its first write. Returns the per-plane variables `keep`
+    of every block, from the chunk files' route (None from zarr's)."""
     from . import store
     from .kernels._jit import kernel_threads
 
@@ -581,8 +588,7 @@ def _run_local(loc, group, blocks, k, jobs, progress, total, prepare) -> None:
     attention = group["attention"]
     chunks = store.WholeChunks(loc, attention)
     if loc.local_path("") is not None and chunks.decodes_here() and attention.chunks[-2:] == attention.shape[-2:]:
-        _run_chunks(loc, group, chunks, arrays, blocks, k, jobs, progress, total, prepare)
-        return
+        return _run_chunks(loc, group, chunks, arrays, blocks, k, jobs, progress, total, prepare, keep)
     with kernel_threads(jobs), ThreadPoolExecutor(1) as reader:
         reading = [reader.submit(_read_block, group, *blocks[0])]
 
@@ -593,6 +599,7 @@ def _run_local(loc, group, blocks, k, jobs, progress, total, prepare) -> None:
             return _block_stats(data, k, parallel=True)
 
         _write_behind(blocks, compute, lambda st, b0, b1: _write_block(arrays(), st, b0, b1), progress, total, prepare)
+    return None
 
 
 def _write_behind(blocks, compute, write, progress, total, prepare) -> None:
@@ -630,7 +637,7 @@ def _rows(loc, array, start: int, stop: int) -> np.ndarray:
     return reader.read_rows(stop, start) if reader.decodes_here() else array[start:stop]
 
 
-def _run_chunks(loc, group, reader, arrays, blocks, k, jobs, progress, total, prepare) -> None:
+def _run_chunks(loc, group, reader, arrays, blocks, k, jobs, progress, total, prepare, keep=()) -> dict | None:
     """The local loop, one chunk at a time: `jobs` threads (default: all cores) each take a
     chunk of the block, read and decode its file (`WholeChunks.read`: no zarr event loop, no
     new array per chunk) and run the kernel on it single-threaded, writing into the block's
@@ -638,7 +645,8 @@ def _run_chunks(loc, group, reader, arrays, blocks, k, jobs, progress, total, pr
     through zarr only for a first block that completes a chunk an earlier run left partly
     filled. Decoding and computing so overlap on every core, and two sets of outputs are
     reused from block to block: fresh memory costs the kernel its zeroing, page by page
-    (docs/performance.md)."""
+    (docs/performance.md). Returns the per-plane variables `keep`, copied from each block's
+    outputs before they are reused (None when `keep` is empty)."""
     import numba
 
     from . import store
@@ -654,6 +662,7 @@ def _run_chunks(loc, group, reader, arrays, blocks, k, jobs, progress, total, pr
     writers: dict = {}  # name -> WholeChunks, once `prepare` laid the group out
     threads = max(1, min(jobs or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS))
     spare: dict[int, list] = {}  # plane count -> output buffers not in use
+    kept: list[dict] = []  # per block: the variables `keep`
 
     def chunk_stats(out, coords, where, block_rows, lens, dest, repeats) -> None:
         piece = reader.read(coords)[block_rows, : where[1].stop - where[1].start, : where[2].stop - where[2].start]
@@ -684,6 +693,8 @@ def _run_chunks(loc, group, reader, arrays, blocks, k, jobs, progress, total, pr
             raise
         st = kernel.named(out, shape)
         st["length"] = lengths[b0 - first : b1 - first].astype(np.int32)
+        if keep:
+            kept.append({name: st[name].copy() for name in keep})
         return out, st
 
     def write(out, st, b0: int, b1: int) -> int:
@@ -700,6 +711,7 @@ def _run_chunks(loc, group, reader, arrays, blocks, k, jobs, progress, total, pr
 
     with ThreadPoolExecutor(threads, "fastattn-stats") as workers:
         _write_behind(blocks, lambda i, b0, b1: block_stats(b0, b1), lambda done, b0, b1: write(*done, b0, b1), progress, total, prepare)
+    return {name: np.concatenate([block[name] for block in kept]) for name in keep} if keep else None
 
 
 def _run_distributed(client, loc, blocks, k, progress, total) -> None:
@@ -744,7 +756,6 @@ def read_planes(
     "layer" and "head". Read with zarr alone, all at once: what the command line's table needs,
     without the seconds xarray and dask take to import. The same checks as `open_stats`."""
     from . import store
-    from .errors import check_index
 
     loc = store.as_location(location, storage_options)
     _, record = store.derived_committed(loc, STATS)
@@ -754,20 +765,34 @@ def read_planes(
     store.require_variables(loc, STATS, record, set(group.array_keys()) if group is not None else ())
     held = [name for name in names if name in group]  # the rest: added later, NaN in an older group
     arrays = [group[name] for name in held]
-    picks = {}
-    for dim, values, size in (("layer", layer, arrays[0].shape[1]), ("head", head, arrays[0].shape[2])):
-        positions = np.arange(size)
-        picks[dim] = positions if not values else positions[[check_index(dim, v, size) for v in values]]
+    picks = plane_picks(arrays[0].shape[1], arrays[0].shape[2], layer, head)
     selection = (slice(0, n), picks["layer"], picks["head"])
     readers = [store.WholeChunks(loc, array) for array in arrays] if loc.local_path("") is not None else []
     if readers and all(reader.decodes_here() for reader in readers):  # local files: read here, not through zarr
-        # C order, as zarr returns them: NumPy's means sum in memory order (the last bit of the table)
-        values = [np.ascontiguousarray(reader.read_rows(n)[:, picks["layer"]][:, :, picks["head"]]) for reader in readers]
+        values = [picked(reader.read_rows(n), picks) for reader in readers]
     else:
         values = store.read_all((array, selection) for array in arrays)
     out = dict(zip(held, values))
     shape = (n, picks["layer"].size, picks["head"].size)
     return {**{name: out[name] if name in out else np.full(shape, np.nan) for name in names}, **picks}
+
+
+def plane_picks(layers: int, heads: int, layer: list[int] | None, head: list[int] | None) -> dict[str, np.ndarray]:
+    """The `layer` and `head` positions (None or empty: all) among `layers` and `heads`, checked:
+    a position out of range is a one-line error."""
+    from .errors import check_index
+
+    picks = {}
+    for dim, values, size in (("layer", layer, layers), ("head", head, heads)):
+        positions = np.arange(size)
+        picks[dim] = positions if not values else positions[[check_index(dim, v, size) for v in values]]
+    return picks
+
+
+def picked(values: np.ndarray, picks: dict[str, np.ndarray]) -> np.ndarray:
+    """Per-plane `values` (batch, layer, head) at the picked positions, in C order as zarr
+    returns them: NumPy's means sum in memory order (the last bit of the table)."""
+    return np.ascontiguousarray(values[:, picks["layer"]][:, :, picks["head"]])
 
 
 #: What to do about a chunk failing its checksum, by the array it belongs to (`read_errors`).

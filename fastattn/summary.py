@@ -168,13 +168,26 @@ def head_table(stats) -> dict:
     return _table({name: planes[name].values for name in (*names, "layer", "head")})
 
 
+#: The per-plane variables a table is made of (`store_head_table`, `computed_head_table`).
+TABLE_PLANES = (*TABLE_VARS, *FLAG_WORDS)
+
+
 def store_head_table(location, *, layer=None, head=None, storage_options: dict | None = None) -> dict:
     """`head_table` of a store's committed statistics, of some layers and heads (lists of
     positions; default all), read with zarr and NumPy alone: what `fastattn stats` prints."""
     from .stats import read_planes
 
-    names = [*TABLE_VARS, *FLAG_WORDS]
-    return _table(read_planes(location, names, layer=layer, head=head, storage_options=storage_options))
+    return _table(read_planes(location, TABLE_PLANES, layer=layer, head=head, storage_options=storage_options))
+
+
+def computed_head_table(planes: dict[str, np.ndarray], *, layer=None, head=None) -> dict:
+    """`store_head_table` of the arrays `write_stats(..., planes=TABLE_PLANES)` returns when it
+    computed every batch: the same table, bit for bit, without reading them back."""
+    from .stats import picked, plane_picks
+
+    _, layers, heads = planes["peak_key"].shape
+    picks = plane_picks(layers, heads, layer, head)
+    return _table({**{name: picked(planes[name], picks) for name in TABLE_PLANES}, **picks})
 
 
 def _table(planes: dict[str, np.ndarray]) -> dict:

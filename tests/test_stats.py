@@ -465,6 +465,45 @@ def test_the_command_reads_head_table_with_zarr_alone(lengths, tmp_path, rng):
         summary.store_head_table(tmp_path / "s.zarr", head=[-1])
 
 
+def _same_table(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        if isinstance(want[name], dict):
+            assert got[name].keys() == want[name].keys()
+            for flag in want[name]:
+                np.testing.assert_array_equal(got[name][flag], want[name][flag], err_msg=f"{name} {flag}")
+        else:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert summary.head_rows(got) == summary.head_rows(want)
+
+
+def test_the_table_of_a_run_that_computed_every_batch_is_the_stored_one(samples_store, tmp_path, rng):
+    """`fastattn stats` makes its table from the per-plane arrays `write_stats` returns when it
+    computed every batch: the table read back from the store, bit for bit, for any layers and
+    heads (the real MiniLM samples: padded batches, NaN where a plane is empty; ragged random
+    dumps with token ids, so the repeat scores hold numbers). An incremental run returns none."""
+    batched_dump(rng, tmp_path / "r" / "a.npz", [1, 7, 12, 3], layers=2, heads=3)
+    ids = rng.integers(0, 4, size=(2, 9))  # few ids: tokens repeat
+    write_dump(tmp_path / "r" / "b.npz", softmax_rows(rng, (2, 2, 3, 9, 9)), attention_mask=np.ones((2, 9), np.int64), input_ids=ids)
+    ingest([tmp_path / "r"], tmp_path / "r.zarr")
+    shutil.copytree(samples_store, tmp_path / "m.zarr")
+    for path in (tmp_path / "m.zarr", tmp_path / "r.zarr"):
+        shutil.rmtree(path / "stats", ignore_errors=True)
+        result = fastattn.write_stats(path, planes=summary.TABLE_PLANES)
+        assert result["computed"] == result["total"] > 0 and set(result["planes"]) == set(summary.TABLE_PLANES)
+        _, layers, heads = result["planes"]["peak_key"].shape
+        for layer, head in ((None, None), ([layers - 1], None), (None, [heads - 1, 0]), ([0], [1])):
+            _same_table(summary.computed_head_table(result["planes"], layer=layer, head=head),
+                        summary.store_head_table(path, layer=layer, head=head))
+        with pytest.raises(fastattn.FastattnError, match=rf"^layer {layers} out of range: the store has {layers} layers"):
+            summary.computed_head_table(result["planes"], layer=[layers])
+    assert np.isfinite(result["planes"]["induction"]).any()  # the ragged store's ids repeat
+    write_dump(tmp_path / "r2" / "c.npz", softmax_rows(rng, (2, 1, 3, 9, 9)))
+    ingest([tmp_path / "r2"], tmp_path / "r.zarr")
+    again = fastattn.write_stats(tmp_path / "r.zarr", planes=summary.TABLE_PLANES)
+    assert (again["computed"], again["total"]) == (1, 7) and "planes" not in again  # the table reads the store
+
+
 def test_the_command_on_a_remote_store(samples_store, tmp_path):
     """A store behind an fsspec URL goes the same zarr path: laid out, computed and summarised
     as the local copy is, number for number."""
