@@ -437,6 +437,19 @@ def test_the_layout_is_what_xarray_wrote(kind, samples_store, tmp_path, rng, mon
     assert result.exit_code == 0, result.output
 
 
+def _same_table(got: dict, want: dict) -> None:
+    """Two head tables (`summary._table`) equal name by name, flag by flag and row by row."""
+    assert got.keys() == want.keys()
+    for name in want:
+        if isinstance(want[name], dict):
+            assert got[name].keys() == want[name].keys()
+            for flag in want[name]:
+                np.testing.assert_array_equal(got[name][flag], want[name][flag], err_msg=f"{name} {flag}")
+        else:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert summary.head_rows(got) == summary.head_rows(want)
+
+
 @pytest.mark.parametrize("lengths", [[[1, 7, 12, 3], [12, 2]], [[1, 1], [1]]])
 def test_the_command_reads_head_table_with_zarr_alone(lengths, tmp_path, rng):
     """What `fastattn stats` prints (read with zarr and NumPy) is `head_table` of `open_stats`,
@@ -449,32 +462,12 @@ def test_the_command_reads_head_table_with_zarr_alone(lengths, tmp_path, rng):
     for layer, head in ((None, None), ([1], None), (None, [2, 0]), ([0, 1], [1])):
         want = summary.head_table(st.isel(layer=layer or slice(None), head=head or slice(None)))
         got = summary.store_head_table(tmp_path / "s.zarr", layer=layer, head=head)
-        assert got.keys() == want.keys()
-        for name in want:
-            if isinstance(want[name], dict):
-                assert got[name].keys() == want[name].keys()
-                for flag in want[name]:
-                    np.testing.assert_array_equal(got[name][flag], want[name][flag], err_msg=f"{name} {flag}")
-            else:
-                np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-        assert summary.head_rows(got) == summary.head_rows(want)
+        _same_table(got, want)
     assert np.isnan(got["entropy_norm"]).any() == (max(map(max, lengths)) == 1)  # every batch length 1: NaN
     with pytest.raises(fastattn.FastattnError, match=r"^layer 2 out of range: the store has 2 layers \(0-1\)$"):
         summary.store_head_table(tmp_path / "s.zarr", layer=[2])
     with pytest.raises(fastattn.FastattnError, match=r"^head -1 out of range: the store has 3 heads \(0-2\)$"):
         summary.store_head_table(tmp_path / "s.zarr", head=[-1])
-
-
-def _same_table(got: dict, want: dict) -> None:
-    assert got.keys() == want.keys()
-    for name in want:
-        if isinstance(want[name], dict):
-            assert got[name].keys() == want[name].keys()
-            for flag in want[name]:
-                np.testing.assert_array_equal(got[name][flag], want[name][flag], err_msg=f"{name} {flag}")
-        else:
-            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-    assert summary.head_rows(got) == summary.head_rows(want)
 
 
 def test_the_table_of_a_run_that_computed_every_batch_is_the_stored_one(samples_store, tmp_path, rng):
