@@ -493,6 +493,9 @@ def write_stats(
     """
     from . import cluster, store
 
+    unknown = set(planes) - {name for name, (dims, _) in variables((), k).items() if not dims}
+    if unknown:  # before any work: not after the blocks are computed
+        raise ValueError(f"planes: {', '.join(sorted(unknown))} not among the per-plane statistics")
     loc = store.as_location(location, storage_options)
     manifest = store.checked_manifest(loc)  # before the lock, which would create a missing store's folder
     if manifest.stats_only:

@@ -493,6 +493,8 @@ def test_the_table_of_a_run_that_computed_every_batch_is_the_stored_one(samples_
     assert np.isfinite(result["planes"]["induction"]).any()  # the ragged store's ids repeat
     write_dump(tmp_path / "r2" / "c.npz", softmax_rows(rng, (2, 1, 3, 9, 9)))
     ingest([tmp_path / "r2"], tmp_path / "r.zarr")
+    with pytest.raises(ValueError, match="^planes: entropy, nope not among the per-plane statistics$"):
+        fastattn.write_stats(tmp_path / "r.zarr", planes=["peak_key", "entropy", "nope"])  # entropy: per query
     again = fastattn.write_stats(tmp_path / "r.zarr", planes=summary.TABLE_PLANES)
     assert (again["computed"], again["total"]) == (1, 7) and "planes" not in again  # the table reads the store
 
