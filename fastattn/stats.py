@@ -262,11 +262,17 @@ def _chunk_files(attention: xr.DataArray) -> _ChunkFiles | None:
         return None
     steps = array.chunks
     grid = tuple(tuple(min(step, size - i) for i in range(0, size, step)) for size, step in zip(data.shape, steps))
-    if not reader.decodes_here() or steps[-2:] != array.shape[-2:] or array.shape[1:] != data.shape[1:]:
+    if not _reads_chunk_files(loc, reader, array) or array.shape[1:] != data.shape[1:]:
         return None
     if data.shape[0] > array.shape[0] or data.chunks != grid:
         return None
     return _ChunkFiles(root, reader)
+
+
+def _reads_chunk_files(loc, reader, attention) -> bool:
+    """Whether the kernels' callers read `attention`'s chunk files themselves (`reader`, its
+    `store.WholeChunks`): a local store, fastattn's codecs, and whole planes in every chunk."""
+    return loc.local_path("") is not None and reader.decodes_here() and attention.chunks[-2:] == attention.shape[-2:]
 
 
 def compute_stats(ds: xr.Dataset | xr.DataArray, k: int = 5, *, parallel: bool | None = None) -> xr.Dataset:
@@ -590,7 +596,7 @@ def _run_local(loc, group, blocks, k, jobs, progress, total, prepare, keep=()) -
 
     attention = group["attention"]
     chunks = store.WholeChunks(loc, attention)
-    if loc.local_path("") is not None and chunks.decodes_here() and attention.chunks[-2:] == attention.shape[-2:]:
+    if _reads_chunk_files(loc, chunks, attention):
         return _run_chunks(loc, group, chunks, arrays, blocks, k, jobs, progress, total, prepare, keep)
     with kernel_threads(jobs), ThreadPoolExecutor(1) as reader:
         reading = [reader.submit(_read_block, group, *blocks[0])]
@@ -632,8 +638,9 @@ def _write_behind(blocks, compute, write, progress, total, prepare) -> None:
 
 
 def _rows(loc, array, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of a per-batch array of a local store: from its chunk files when
-    fastattn's codecs wrote them (`WholeChunks.read_rows`, no zarr event loop), else zarr's."""
+    """Rows [start, stop) of a per-batch array of a local store, every other dim whole: from its
+    chunk files when fastattn's codecs wrote them (`WholeChunks.read_rows`, no zarr event loop;
+    C order, as zarr's), else zarr's."""
     from . import store
 
     reader = store.WholeChunks(loc, array)
@@ -770,9 +777,8 @@ def read_planes(
     arrays = [group[name] for name in held]
     picks = plane_picks(arrays[0].shape[1], arrays[0].shape[2], layer, head)
     selection = (slice(0, n), picks["layer"], picks["head"])
-    readers = [store.WholeChunks(loc, array) for array in arrays] if loc.local_path("") is not None else []
-    if readers and all(reader.decodes_here() for reader in readers):  # local files: read here, not through zarr
-        values = [picked(reader.read_rows(n), picks) for reader in readers]
+    if loc.local_path("") is not None:  # local files: read here, not through zarr (`_rows`)
+        values = [picked(_rows(loc, array, 0, n), picks) for array in arrays]
     else:
         values = store.read_all((array, selection) for array in arrays)
     out = dict(zip(held, values))
