@@ -50,6 +50,7 @@ def test_kernel_equals_the_port_on_ragged_planes(rng, dtype):
     ids = random_ids(rng, (batches, size))
     ids[1] = np.arange(size)  # no repeat: NaN
     ids[2, :6] = ids[2, 6:]  # a run repeated twice
+    ids[3, 4] = ids[3, 0]  # a repeat within its 5 tokens (random ids had none in ~1 run of 30)
     lengths = np.array([12, 9, 12, 5, 1, 0])
     got = attention_stats(a, 0, lengths, ids=ids)
     checked = 0
