@@ -55,14 +55,15 @@ ingest.ingest([dumps], target, jobs=2)
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """Ragged batched dumps over several chunks, and the store a clean ingest makes."""
+    """Ragged batched dumps over several chunks, and the snapshot of the store a clean ingest
+    makes (taken once: every test compares with it)."""
     root = tmp_path_factory.mktemp("crash")
     synth.synthesize(root / "dumps", files=60, layers=2, heads=12, seq="40-64", batch=2, seed=3)
     clean = root / "clean.zarr"
     assert ingest([root / "dumps"], clean).ok
     chunk = store.read_manifest(store.Location(clean)).batch_chunk
     assert 120 // chunk >= 5, "the corpus must span several chunks"
-    return root, clean
+    return root, store_snapshot(clean)
 
 
 def _kill(point: str, n: int, dumps: Path, target: Path) -> int:
@@ -70,11 +71,12 @@ def _kill(point: str, n: int, dumps: Path, target: Path) -> int:
     return child.returncode
 
 
-def _check_committed_prefix(target: Path, clean: Path) -> None:
-    """After a kill the store opens at a commit: what it shows is a prefix of the clean store."""
+def _check_committed_prefix(target: Path, want: dict) -> None:
+    """After a kill the store opens at a commit: what it shows is a prefix of the clean store
+    (`want`, its snapshot)."""
     if not (target / store.MANIFEST).exists():
         return
-    got, want = store_snapshot(target), store_snapshot(clean)
+    got = store_snapshot(target)
     n = got["committed"]
     size = got["attention"].shape[-1]
     np.testing.assert_array_equal(got["attention"], want["attention"][:n, ..., :size, :size])
@@ -86,12 +88,12 @@ KILL_POINTS = [("chunk", 1), ("chunk", 3), ("chunk", 5), ("resize", 1), ("manife
 
 @pytest.mark.parametrize("point,n", KILL_POINTS)
 def test_kill_at_a_point_then_rerun(point, n, corpus, tmp_path):
-    root, clean = corpus
+    root, want = corpus
     target = tmp_path / "s.zarr"
     assert _kill(point, n, root / "dumps", target) == -signal.SIGKILL
-    _check_committed_prefix(target, clean)
+    _check_committed_prefix(target, want)
     assert ingest([root / "dumps"], target).ok
-    assert_same_store(target, clean)
+    assert_same_store(target, want)
 
 
 def test_kill_while_appending_keeps_the_committed_batches(corpus, tmp_path):
@@ -121,7 +123,7 @@ def test_kill_while_appending_keeps_the_committed_batches(corpus, tmp_path):
 
 def test_kill_at_random_moments(corpus, tmp_path):
     """SIGKILL the CLI at random times during a run; each re-run completes to the clean store."""
-    root, clean = corpus
+    root, want = corpus
     fastattn = Path(sys.executable).with_name("fastattn")
     target = tmp_path / "s.zarr"
     started = time.perf_counter()
@@ -135,6 +137,6 @@ def test_kill_at_random_moments(corpus, tmp_path):
         time.sleep(delay)
         child.send_signal(signal.SIGKILL)
         child.wait()
-        _check_committed_prefix(target, clean)
+        _check_committed_prefix(target, want)
         assert ingest([root / "dumps"], target).ok, f"re-run after a kill at {delay:.2f}s"
-        assert_same_store(target, clean)
+        assert_same_store(target, want)
