@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks", description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[4:]),
     )
-    parser.add_argument("--quick", action="store_true", help="small sizes: the whole run in under a minute (a smoke test, not a measurement)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, one timed repetition each, the live runs forked from one child: a smoke test, not a measurement")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT.relative_to(Path.cwd()) if DEFAULT_OUT.is_relative_to(Path.cwd()) else DEFAULT_OUT})")
     parser.add_argument("--only", nargs="+", choices=list(FIGURES), metavar="NAME", help=f"run only these figures: {', '.join(FIGURES)}")
     parser.add_argument("--keep", action="store_true", help="keep the memory corpus and the stores after the run")

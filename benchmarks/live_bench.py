@@ -13,16 +13,20 @@ The last row checks that the per-plane column statistics of such long inputs sta
 `distance_mean` of one SEQ-token text captured with `--stats-only`, against the float64
 NumPy reference (benchmarks/reference.py) on the model's own `output_attentions`.
 
-With --quick (a smoke run, not a measurement) the first measured child, once its figures are
+With --quick (a smoke run, not a measurement) the first measured run, once its figures are
 taken, also runs the exactness check on its own model (every layer), into a store given as a
-sixth argument; the other two then run at once, each still its own process with its own
-high-water mark (after the first, so they load the kernels it compiled rather than each
-compiling them): most of a child's time is importing torch and transformers.
+sixth argument. And the three runs share one child (`python -m benchmarks.live_bench --forks
+RUNS_JSON`) that imports torch, transformers and fastattn once (most of a fresh child's time,
+~10 CPU-s) and then forks a process per run: the first alone, then the other two at once (so
+they load the kernels the first compiled rather than each compiling them). A forked process
+still has its own high-water mark: Linux starts a child's VmHWM at its RSS at the fork, the
+imported modules a fresh process would hold too, not at the parent's peak.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -46,17 +50,9 @@ def figure(ctx: Context) -> list[dict]:
         out = ctx.data / "scratch" / f"live-{layers}-{texts}.zarr"
         ctx.cleanup.append(out)
         argv[layers, texts] = [str(c.live_seq), str(c.live_heads), str(layers), str(texts), str(out)]
-    if c.quick:  # the first child checking exactness too, then the other two at once (see the module's docstring)
+    if c.quick:  # one child forking the runs, the first checking exactness too (see the module's docstring)
         argv[configs[0]].append(str(exact_out))
-        runs = {configs[0]: _finish(_start(argv[configs[0]]))}
-        started = {config: _start(argv[config]) for config in configs[1:]}
-        try:
-            runs |= {config: _finish(proc) for config, proc in started.items()}
-        finally:  # one failed: end the others
-            for proc in started.values():
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+        runs = dict(zip(configs, _finish(_start(["--forks", json.dumps([argv[config] for config in configs])]))))
     else:
         runs = {config: _finish(_start(args)) for config, args in argv.items()}
     for (layers, texts), report in runs.items():
@@ -120,8 +116,6 @@ def exactness(model, tokenizer, seq: int, out: str) -> dict:
 
 def _start(argv: list[str]) -> subprocess.Popen:
     """A child `python -m benchmarks.live_bench ARGV`, started (see `main`)."""
-    import os
-
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     return subprocess.Popen([sys.executable, "-m", "benchmarks.live_bench", *argv], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -170,11 +164,63 @@ def _rss() -> int:
     return 0
 
 
+def forks(runs: list[list[str]]) -> list[dict]:
+    """--quick: the reports of `measure(argv)` for each argv in `runs`, each in a process forked
+    from this one once the heavy modules are imported; the first alone, then the rest at once."""
+    import torch  # noqa: F401  imported once here, for every fork
+    import transformers.models.gpt2.modeling_gpt2  # noqa: F401
+
+    from fastattn import live  # noqa: F401
+
+    first = _fork(runs[0])
+    return [_reap(first)] + [_reap(fork) for fork in [_fork(argv) for argv in runs[1:]]]
+
+
+def _fork(argv: list[str]) -> tuple[int, int]:
+    """(pid, read end of its pipe) of a forked process running `measure(argv)`, which writes its
+    report to the pipe as JSON (or a traceback, and exits 1)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        code = 0
+        try:
+            text = json.dumps(measure(argv))
+        except BaseException:
+            import traceback
+
+            text, code = traceback.format_exc(), 1
+        with os.fdopen(write, "w") as out:
+            out.write(text)
+        os._exit(code)
+    os.close(write)
+    return pid, read
+
+
+def _reap(fork: tuple[int, int]) -> dict:
+    """The report of a process from `_fork`, once it has ended."""
+    pid, read = fork
+    with os.fdopen(read) as pipe:
+        text = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"live run failed (exit {os.waitstatus_to_exitcode(status)}):\n{text[-3000:]}")
+    return json.loads(text)
+
+
 def main(argv: list[str]) -> None:
     if argv[0] == "--exact":  # --exact SEQ HEADS STORE: a 1-layer model
         seq, heads = int(argv[1]), int(argv[2])
         print(json.dumps(exactness(*model_and_tokenizer(seq, heads, 1), seq, argv[3])))
         return
+    if argv[0] == "--forks":  # --forks RUNS_JSON: --quick's runs (see forks)
+        print(json.dumps(forks(json.loads(argv[1]))))
+        return
+    print(json.dumps(measure(argv)))
+
+
+def measure(argv: list[str]) -> dict:
+    """One run: SEQ HEADS LAYERS TEXTS STORE [EXACT_STORE] (see the module's docstring)."""
     seq, heads, layers, count = (int(a) for a in argv[:4])
     out = argv[4]
     from fastattn import live
@@ -190,7 +236,7 @@ def main(argv: list[str]) -> None:
               "layer_map_bytes": heads * seq * seq * 4}
     if len(argv) > 5:  # the exactness check too, after the figures above are taken
         report |= exactness(model, tokenizer, seq, argv[5])
-    print(json.dumps(report))
+    return report
 
 
 if __name__ == "__main__":

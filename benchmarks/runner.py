@@ -38,7 +38,9 @@ NUMBA_CACHE = RESULTS / "numba-cache"  # --quick only (see __main__)
 
 @dataclass
 class Config:
-    """Sizes of every figure; `quick()` is the under-a-minute smoke-test variant."""
+    """Sizes of every figure; `quick_config()` is the smoke-test variant: small sizes, and one
+    timed repetition of each contestant (the test of the runner checks that every figure runs
+    and gives positive times, not what a median of several would say)."""
 
     quick: bool = False
     # whole processes (benchmarks/whole.py): dumps of (layer, head, query, key), softmax of
@@ -90,14 +92,14 @@ class Config:
             long_shape=(2, 2, 256, 256),
             long_files=2,
             kernel_gb=0.064,
-            kernel_repeats=3,
+            kernel_repeats=1,
             sdpa_shape=(8, 4, 64, 32),
-            sdpa_repeats=3,
+            sdpa_repeats=1,
             files=100,
             layers=2,
             heads=4,
             seq=32,
-            ingest_repeats=2,
+            ingest_repeats=1,
             stats_repeats=1,
             group_size=25,
             memory_files=150,

@@ -107,7 +107,8 @@ def store_snapshot(path) -> dict:
 
 
 def assert_same_store(a, b) -> None:
-    sa, sb = store_snapshot(a), store_snapshot(b)
+    """Stores `a` and `b` (paths, or a `store_snapshot` taken once for many comparisons) hold the same."""
+    sa, sb = (x if isinstance(x, dict) else store_snapshot(x) for x in (a, b))
     assert sa["committed"] == sb["committed"]
     assert sa["files"] == sb["files"]
     assert sa["source"] == sb["source"] and sa["token"] == sb["token"]

@@ -18,21 +18,22 @@ from conftest import assert_same_store, store_snapshot
 from fastattn import store, synth
 from fastattn.ingest import ingest
 
-# Runs an ingest in a child process that SIGKILLs itself at a chosen point.
-CHILD = r"""
-import os, signal, sys
+# A server of ingests that SIGKILL themselves at a chosen point: for each line "POINT N DUMPS
+# TARGET" (tab-separated) on stdin it forks a child that patches that point and ingests, and
+# prints the child's exit as subprocess reports one (-9: killed). Forked from one process that
+# imported fastattn and zarr once, not a fresh interpreter per kill (~1 s of imports each).
+SERVER = r"""
+import os, signal, sys, traceback
 import fastattn.ingest
 import zarr
 from fastattn import store
 ingest = sys.modules["fastattn.ingest"]  # the module; `fastattn.ingest` is also the public function
 
-point, n, dumps, target = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-calls = [0]
-
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
-def after_nth(original):
+def after_nth(original, n):
+    calls = [0]
     def wrapped(*args, **kwargs):
         result = original(*args, **kwargs)
         calls[0] += 1
@@ -41,40 +42,73 @@ def after_nth(original):
         return result
     return wrapped
 
-if point == "chunk":
-    ingest._ChunkWriter.write = after_nth(ingest._ChunkWriter.write)
-elif point == "resize":
-    store.resize = after_nth(store.resize)
-elif point == "manifest":
-    store.LocalLocation.write_atomic = die
-elif point == "consolidate":
-    zarr.consolidate_metadata = die
-ingest.ingest([dumps], target, jobs=2)
+def child(point, n, dumps, target):
+    if point == "chunk":
+        ingest._ChunkWriter.write = after_nth(ingest._ChunkWriter.write, n)
+    elif point == "resize":
+        store.resize = after_nth(store.resize, n)
+    elif point == "manifest":
+        store.LocalLocation.write_atomic = die
+    elif point == "consolidate":
+        zarr.consolidate_metadata = die
+    ingest.ingest([dumps], target, jobs=2)
+
+for line in sys.stdin:
+    point, n, dumps, target = line.rstrip("\n").split("\t")
+    pid = os.fork()
+    if pid == 0:
+        quiet = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(quiet, 1)
+        os.dup2(quiet, 2)
+        code = 0
+        try:
+            child(point, int(n), dumps, target)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print(os.waitstatus_to_exitcode(status), flush=True)
 """
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """Ragged batched dumps over several chunks, and the store a clean ingest makes."""
+    """Ragged batched dumps over several chunks, and the snapshot of the store a clean ingest
+    makes (taken once: every test compares with it)."""
     root = tmp_path_factory.mktemp("crash")
     synth.synthesize(root / "dumps", files=60, layers=2, heads=12, seq="40-64", batch=2, seed=3)
     clean = root / "clean.zarr"
     assert ingest([root / "dumps"], clean).ok
     chunk = store.read_manifest(store.Location(clean)).batch_chunk
     assert 120 // chunk >= 5, "the corpus must span several chunks"
-    return root, clean
+    return root, store_snapshot(clean)
 
 
-def _kill(point: str, n: int, dumps: Path, target: Path) -> int:
-    child = subprocess.run([sys.executable, "-c", CHILD, point, str(n), str(dumps), str(target)], capture_output=True)
-    return child.returncode
+@pytest.fixture(scope="module")
+def kill():
+    """`kill(point, n, dumps, target)`: the exit code of an ingest of `dumps` into `target` in a
+    process of its own that SIGKILLs itself at the nth call of `point` (see SERVER)."""
+    server = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run(point: str, n: int, dumps: Path, target: Path) -> int:
+        server.stdin.write(f"{point}\t{n}\t{dumps}\t{target}\n")
+        server.stdin.flush()
+        return int(server.stdout.readline())
+
+    try:
+        yield run
+    finally:
+        server.stdin.close()
+        server.wait(timeout=60)
 
 
-def _check_committed_prefix(target: Path, clean: Path) -> None:
-    """After a kill the store opens at a commit: what it shows is a prefix of the clean store."""
+def _check_committed_prefix(target: Path, want: dict) -> None:
+    """After a kill the store opens at a commit: what it shows is a prefix of the clean store
+    (`want`, its snapshot)."""
     if not (target / store.MANIFEST).exists():
         return
-    got, want = store_snapshot(target), store_snapshot(clean)
+    got = store_snapshot(target)
     n = got["committed"]
     size = got["attention"].shape[-1]
     np.testing.assert_array_equal(got["attention"], want["attention"][:n, ..., :size, :size])
@@ -85,16 +119,16 @@ KILL_POINTS = [("chunk", 1), ("chunk", 3), ("chunk", 5), ("resize", 1), ("manife
 
 
 @pytest.mark.parametrize("point,n", KILL_POINTS)
-def test_kill_at_a_point_then_rerun(point, n, corpus, tmp_path):
-    root, clean = corpus
+def test_kill_at_a_point_then_rerun(point, n, corpus, kill, tmp_path):
+    root, want = corpus
     target = tmp_path / "s.zarr"
-    assert _kill(point, n, root / "dumps", target) == -signal.SIGKILL
-    _check_committed_prefix(target, clean)
+    assert kill(point, n, root / "dumps", target) == -signal.SIGKILL
+    _check_committed_prefix(target, want)
     assert ingest([root / "dumps"], target).ok
-    assert_same_store(target, clean)
+    assert_same_store(target, want)
 
 
-def test_kill_while_appending_keeps_the_committed_batches(corpus, tmp_path):
+def test_kill_while_appending_keeps_the_committed_batches(corpus, kill, tmp_path):
     """The chunk shared by committed and new batches is rewritten whole; a kill mid-way
     must leave the committed half as it was, and the re-run must equal a one-shot ingest."""
     root, _ = corpus
@@ -109,7 +143,7 @@ def test_kill_while_appending_keeps_the_committed_batches(corpus, tmp_path):
     for path in paths[25:]:
         shutil.copy(path, folder / path.name)
     for point, n in [("chunk", 1), ("chunk", 2), ("manifest", 1)]:
-        assert _kill(point, n, folder, target) == -signal.SIGKILL
+        assert kill(point, n, folder, target) == -signal.SIGKILL
         now = store_snapshot(target)
         assert now["committed"] == before["committed"]
         np.testing.assert_array_equal(now["attention"], before["attention"])
@@ -121,7 +155,7 @@ def test_kill_while_appending_keeps_the_committed_batches(corpus, tmp_path):
 
 def test_kill_at_random_moments(corpus, tmp_path):
     """SIGKILL the CLI at random times during a run; each re-run completes to the clean store."""
-    root, clean = corpus
+    root, want = corpus
     fastattn = Path(sys.executable).with_name("fastattn")
     target = tmp_path / "s.zarr"
     started = time.perf_counter()
@@ -135,6 +169,6 @@ def test_kill_at_random_moments(corpus, tmp_path):
         time.sleep(delay)
         child.send_signal(signal.SIGKILL)
         child.wait()
-        _check_committed_prefix(target, clean)
+        _check_committed_prefix(target, want)
         assert ingest([root / "dumps"], target).ok, f"re-run after a kill at {delay:.2f}s"
-        assert_same_store(target, clean)
+        assert_same_store(target, want)

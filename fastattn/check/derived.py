@@ -13,6 +13,7 @@ import zarr
 from .. import store
 from ..store.schema import Derived
 from .problems import BROKEN, reason
+from .reader import members
 
 if TYPE_CHECKING:
     from .checker import Checker
@@ -52,16 +53,16 @@ def _check_group(c: Checker, spec: Derived, group, variables: dict, sizes: dict,
     (least, most or None)), coordinates 0..n-1 (or the values `labels` gives), and every chunk
     below `upto` batches present and decoding; its `length` equal to the store's."""
     fix = spec.name
+    found = members(group, list(variables))
     for name, dims in variables.items():
         where = f"{spec.name}/{name}"
-        try:
-            array = group[name]
-        except KeyError:
+        array = found[name]
+        if isinstance(array, KeyError):
             if name not in spec.later:  # one added later: a group written before it lacks it
                 c.add(where, f"missing array; {committed}", fix=fix)
             continue
-        except Exception as exc:
-            c.add(f"{where}/zarr.json", f"unreadable array metadata ({reason(exc)})", fix=fix)
+        if isinstance(array, Exception):
+            c.add(f"{where}/zarr.json", f"unreadable array metadata ({reason(array)})", fix=fix)
             continue
         if not isinstance(array, zarr.Array):
             c.add(where, "is a group, not an array", fix=fix)

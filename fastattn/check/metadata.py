@@ -12,6 +12,7 @@ import zarr
 from .. import store
 from ..store import schema
 from .problems import COORD, CONSOLIDATED, DROP, LOCK, META, STRAY, Problem, Stop, reason
+from .reader import members
 
 if TYPE_CHECKING:
     from .checker import Checker
@@ -108,11 +109,13 @@ def schema_problem(spec: schema.Array, array, attention_dtype: str) -> str | Non
 
 def check_schema(c: Checker) -> None:
     """Every array of the schema: there, an array, its dims and dtype; the attention checksummed."""
-    for spec in schema.stored(c.manifest.stats_only):  # a store of statistics only has no attention
+    specs = schema.stored(c.manifest.stats_only)  # a store of statistics only has no attention
+    found = members(c.group, [spec.name for spec in specs])
+    for spec in specs:
         name, coordinate = spec.name, spec.coordinate
-        try:
-            array = c.group[name]
-        except Exception as exc:
+        array = found[name]
+        if isinstance(array, Exception):
+            exc = array
             unreadable = not isinstance(exc, KeyError) or c.loc.exists(f"{name}/zarr.json")
             if spec.optional and not unreadable and _consolidated(c).get(name) is None:
                 continue  # a store created before this array existed: it never had one

@@ -100,6 +100,28 @@ class ChunkReader:
         return values
 
 
+def members(group, names) -> dict:
+    """`group[name]` for each of `names`: the Array or Group, or the exception `group[name]`
+    raises (KeyError when there is none). zarr reads their metadata documents all at once, one
+    pass of its event loop, not one round trip (and its thread hops) after another: ~35
+    statistics arrays took a quarter of a local check this way, and far more over a network."""
+    import asyncio
+
+    import zarr
+    from zarr.core.array import AsyncArray
+    from zarr.core.sync import sync
+
+    async def fetch():
+        return await asyncio.gather(*(group._async_group.getitem(name) for name in names), return_exceptions=True)
+
+    got = sync(fetch())
+    for obj in got:
+        if isinstance(obj, BaseException) and not isinstance(obj, Exception):
+            raise obj  # e.g. KeyboardInterrupt: as `group[name]` would
+    return {name: obj if isinstance(obj, BaseException) else zarr.Array(obj) if isinstance(obj, AsyncArray) else zarr.Group(obj)
+            for name, obj in zip(names, got)}
+
+
 def bounds(array, region) -> list[slice]:
     return [slice(*s.indices(n)[:2]) for s, n in zip(region, array.shape)]
 
