@@ -14,63 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import assert_same_store, store_snapshot
+from forkserver import ForkServer
 
 from fastattn import store, synth
 from fastattn.ingest import ingest
-
-# A server of ingests that SIGKILL themselves at a chosen point: for each line "POINT N DUMPS
-# TARGET" (tab-separated) on stdin it forks a child that patches that point and ingests, and
-# prints the child's exit as subprocess reports one (-9: killed). Forked from one process that
-# imported fastattn and zarr once, not a fresh interpreter per kill (~1 s of imports each).
-SERVER = r"""
-import os, signal, sys, traceback
-import fastattn.ingest
-import zarr
-from fastattn import store
-ingest = sys.modules["fastattn.ingest"]  # the module; `fastattn.ingest` is also the public function
-
-def die(*args, **kwargs):
-    os.kill(os.getpid(), signal.SIGKILL)
-
-def after_nth(original, n):
-    calls = [0]
-    def wrapped(*args, **kwargs):
-        result = original(*args, **kwargs)
-        calls[0] += 1
-        if calls[0] == n:
-            die()
-        return result
-    return wrapped
-
-def child(point, n, dumps, target):
-    if point == "chunk":
-        ingest._ChunkWriter.write = after_nth(ingest._ChunkWriter.write, n)
-    elif point == "resize":
-        store.resize = after_nth(store.resize, n)
-    elif point == "manifest":
-        store.LocalLocation.write_atomic = die
-    elif point == "consolidate":
-        zarr.consolidate_metadata = die
-    ingest.ingest([dumps], target, jobs=2)
-
-for line in sys.stdin:
-    point, n, dumps, target = line.rstrip("\n").split("\t")
-    pid = os.fork()
-    if pid == 0:
-        quiet = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(quiet, 1)
-        os.dup2(quiet, 2)
-        code = 0
-        try:
-            child(point, int(n), dumps, target)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    print(os.waitstatus_to_exitcode(status), flush=True)
-"""
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
@@ -86,21 +33,19 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def kill():
-    """`kill(point, n, dumps, target)`: the exit code of an ingest of `dumps` into `target` in a
-    process of its own that SIGKILLs itself at the nth call of `point` (see SERVER)."""
-    server = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+def kill(tmp_path_factory):
+    """`kill(point, n, dumps, target)`: the signal that ended an ingest of `dumps` into `target`,
+    in a child of the fork server (tests/forkserver.py) that SIGKILLs itself at the nth call of
+    `point`: "chunk_after" a chunk written, "resize", "manifest", "consolidate"."""
+    server = ForkServer(tmp_path_factory.mktemp("server"), store.schema.CHUNK_BYTES)
 
-    def run(point: str, n: int, dumps: Path, target: Path) -> int:
-        server.stdin.write(f"{point}\t{n}\t{dumps}\t{target}\n")
-        server.stdin.flush()
-        return int(server.stdout.readline())
+    def run(point: str, n: int, dumps: Path, target: Path) -> int | None:
+        return server.run("ingest", dumps, target, point=point, n=n).get("signal")
 
     try:
         yield run
     finally:
-        server.stdin.close()
-        server.wait(timeout=60)
+        server.close()
 
 
 def _check_committed_prefix(target: Path, want: dict) -> None:
@@ -115,14 +60,14 @@ def _check_committed_prefix(target: Path, want: dict) -> None:
     assert got["source"] == want["source"][:n]
 
 
-KILL_POINTS = [("chunk", 1), ("chunk", 3), ("chunk", 5), ("resize", 1), ("manifest", 1), ("consolidate", 1)]
+KILL_POINTS = [("chunk_after", 1), ("chunk_after", 3), ("chunk_after", 5), ("resize", 1), ("manifest", 1), ("consolidate", 1)]
 
 
 @pytest.mark.parametrize("point,n", KILL_POINTS)
 def test_kill_at_a_point_then_rerun(point, n, corpus, kill, tmp_path):
     root, want = corpus
     target = tmp_path / "s.zarr"
-    assert kill(point, n, root / "dumps", target) == -signal.SIGKILL
+    assert kill(point, n, root / "dumps", target) == signal.SIGKILL
     _check_committed_prefix(target, want)
     assert ingest([root / "dumps"], target).ok
     assert_same_store(target, want)
@@ -142,8 +87,8 @@ def test_kill_while_appending_keeps_the_committed_batches(corpus, kill, tmp_path
     before = store_snapshot(target)
     for path in paths[25:]:
         shutil.copy(path, folder / path.name)
-    for point, n in [("chunk", 1), ("chunk", 2), ("manifest", 1)]:
-        assert kill(point, n, folder, target) == -signal.SIGKILL
+    for point, n in [("chunk_after", 1), ("chunk_after", 2), ("manifest", 1)]:
+        assert kill(point, n, folder, target) == signal.SIGKILL
         now = store_snapshot(target)
         assert now["committed"] == before["committed"]
         np.testing.assert_array_equal(now["attention"], before["attention"])
