@@ -22,6 +22,7 @@ CANDIDATES = {
     "zstd-1": Zstd(level=1),
     "zstd-3": Zstd(level=3),
     "blosc-lz4-shuffle": Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE),
+    "blosc-lz4-noshuffle": Blosc(cname="lz4", clevel=5, shuffle=Blosc.NOSHUFFLE),
     "blosc-zstd1-shuffle": Blosc(cname="zstd", clevel=1, shuffle=Blosc.SHUFFLE),
     "blosc-zstd1-bitshuffle": Blosc(cname="zstd", clevel=1, shuffle=Blosc.BITSHUFFLE),
 }

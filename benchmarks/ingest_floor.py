@@ -4,8 +4,8 @@
     /usr/bin/time -f "%e s %U u %S s" python -m benchmarks.ingest_floor DUMPS --all OUT  # + CRC-32, crc32c, write
 
 One process, one thread, no fastattn and no zarr imported: each `DUMPS/*.npz` is read whole
-(from the page cache when warm) and its bytes compressed with the store's codec (blosc lz4,
-level 5, byte shuffle, typesize 4, numcodecs as zarr calls it). With `--all OUT`, also what
+(from the page cache when warm) and its bytes compressed with the attention's codec (blosc lz4,
+level 5, no byte shuffle, typesize 4, numcodecs as zarr calls it). With `--all OUT`, also what
 ingest cannot skip either: the zip CRC-32 of the bytes read, the crc32c of the compressed
 bytes, and one file written per dump into OUT.
 """
@@ -27,7 +27,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit("usage: python -m benchmarks.ingest_floor DUMPS [--all OUT]")
     out = argv[2] if len(argv) == 3 else None
     numcodecs.blosc.use_threads = False  # as zarr has it
-    blosc = numcodecs.blosc.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.blosc.SHUFFLE, typesize=4)
+    blosc = numcodecs.blosc.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.blosc.NOSHUFFLE, typesize=4)
     if out:
         os.makedirs(out, exist_ok=True)
     for i, path in enumerate(sorted(glob.glob(os.path.join(argv[0], "*.npz")))):

@@ -4,10 +4,12 @@
 
 Times, on the same store and in one run (interleaved, medians of 3, page cache warm):
 the raw bytes of its chunk files, decoding them (blosc + crc32c, as zarr's codec
-pipeline does), `zarr.open_array(...)[:]`, `fastattn.open_store(...).attention.values`
+pipeline does), fastattn's own chunk reads (`store.WholeChunks.read` on two threads, what
+`fastattn stats` does), `zarr.open_array(...)[:]`, `fastattn.open_store(...).attention.values`
 (xarray on dask) and tensorstore when it is installed. With `--codecs`, the attention
-is also rewritten with no compression, blosc lz4 and zstd-1 (each with crc32c) into
-scratch stores and read back with zarr: ratio and read speed of each codec.
+is also rewritten with no compression, blosc lz4 with and without byte shuffle, and zstd-1
+(each with crc32c) into scratch stores and read back with zarr and with fastattn's chunk
+reads: ratio and read speed of each codec.
 """
 
 from __future__ import annotations
@@ -37,6 +39,18 @@ def _timed(fn) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def chunk_reads(store: Path, pool: ThreadPoolExecutor):
+    """Every attention chunk of `store` read as `fastattn stats` reads it (`WholeChunks.read`)."""
+    import itertools
+
+    from fastattn import store as fastattn_store
+
+    array = zarr.open_group(str(store), mode="r")["attention"]
+    whole = fastattn_store.WholeChunks(fastattn_store.Location(str(store)), array)
+    coords = list(itertools.product(*(range(-(-n // c)) for n, c in zip(array.shape, array.chunks))))
+    return lambda: list(pool.map(lambda c: whole.read(c).shape, coords))
+
+
 def routes(store: Path) -> dict:
     import fastattn
 
@@ -62,6 +76,7 @@ def routes(store: Path) -> dict:
     out = {
         "raw chunk files": raw,
         "decode (blosc, threads)": decode,
+        "fastattn chunk reads (threads)": chunk_reads(store, pool),
         "zarr open_array[:]": lambda: zarr.open_array(str(array), mode="r")[:],
         "fastattn open_store .values": lambda: fastattn.open_store(store).attention.values,
     }
@@ -81,11 +96,12 @@ def rewrite(store: Path, codec: str, folder: Path) -> Path:
     compressors = {
         "none": [Crc32cCodec()],
         "blosc-lz4": [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()],
+        "blosc-lz4-noshuffle": [BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle"), Crc32cCodec()],
         "zstd-1": [ZstdCodec(level=1), Crc32cCodec()],
     }[codec]
     path = folder / codec
-    dst = zarr.create_array(str(path), shape=src.shape, chunks=src.chunks, dtype=src.dtype, fill_value=np.nan,
-                            compressors=compressors, overwrite=True)
+    dst = zarr.create_array(str(path), name="attention", shape=src.shape, chunks=src.chunks, dtype=src.dtype,
+                            fill_value=np.nan, compressors=compressors, overwrite=True)
     step = src.chunks[0]
     for b in range(0, src.shape[0], step):
         dst[b : b + step] = src[b : b + step]
@@ -106,10 +122,13 @@ def main(argv=None) -> None:
     scratch = Path(tempfile.mkdtemp(prefix="fastattn-read-"))
     try:
         if args.codecs:
-            for codec in ("none", "blosc-lz4", "zstd-1"):
+            pool = ThreadPoolExecutor(os.cpu_count() or 2)
+            for codec in ("none", "blosc-lz4", "blosc-lz4-noshuffle", "zstd-1"):
                 path = rewrite(args.store, codec, scratch)
-                size = sum(p.stat().st_size for p in _chunk_files(path))
-                todo[f"zarr [:] with {codec} (ratio {nbytes / size:.2f})"] = (lambda p=path: zarr.open_array(str(p), mode="r")[:])
+                size = sum(p.stat().st_size for p in _chunk_files(path / "attention"))
+                todo[f"zarr [:] with {codec} (ratio {nbytes / size:.2f})"] = (lambda p=path: zarr.open_array(str(p / "attention"), mode="r")[:])
+                if codec.startswith("blosc"):
+                    todo[f"fastattn chunk reads with {codec}"] = chunk_reads(path, pool)
         for fn in todo.values():
             fn()  # warm: page cache, imports
         times = {name: [] for name in todo}

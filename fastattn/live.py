@@ -581,7 +581,7 @@ class _Writer:
         options = {"overwrite": True, "compressors": store.compressors()}
         group.create_array("attention", shape=(n, len(layers), len(heads), size, size), chunks=chunks, dtype="float32",
                            fill_value=np.nan, dimension_names=("batch", "kept_layer", "kept_head", "query", "key"),
-                           attributes=dict(store.ARRAYS[0].attributes), **options)
+                           attributes=dict(store.ARRAYS[0].attributes), overwrite=True, compressors=store.compressors(weights=True))
         for name, values, chunk in (("batch", np.arange(n), chunks[0]), ("kept_layer", layers, len(layers)),
                                     ("kept_head", heads, len(heads)), ("query", np.arange(size), size),
                                     ("key", np.arange(size), size)):

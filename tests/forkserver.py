@@ -129,7 +129,7 @@ def patch(point, n, arg):
     elif point == "unlock":
         store.Lock.__exit__ = die
     elif point == "stats_torn":
-        torn_put(n, lambda p: "/stats/" in str(p) and "/c/" in str(p))
+        torn_put(n, lambda p: "/stats/" in str(p) and "/c." in str(p))  # its chunks: c.0.0.0 (schema.STATS_CHUNK_KEYS)
     elif point == "enospc_chunk":
         full_disk(n, is_chunk)
     elif point == "enospc_meta":

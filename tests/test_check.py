@@ -336,9 +336,9 @@ def test_stats_group_is_checked(built):
     write_stats(path)
     assert _manifest(path)["stats_committed"] == 24
     assert store_problems(path) == []
-    _flip(path / "stats/entropy/c/0/0/0/0")
+    _flip(path / "stats/entropy/c.0.0.0.0")
     problems = store_problems(path)
-    assert [p.where for p in problems] == ["stats/entropy/c/0/0/0/0"]
+    assert [p.where for p in problems] == ["stats/entropy/c.0.0.0.0"]
     problems = store_problems(path, repair=True)  # statistics can be recomputed: no --force needed
     assert problems[0].repaired.startswith("statistics uncommitted")
     assert _manifest(path)["stats_committed"] == 0 and _manifest(path)["committed"] == 24

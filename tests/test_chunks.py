@@ -147,12 +147,13 @@ def _random_values(rng, dtype, shape):
     return rng.integers(-5, 1000, shape).astype(dtype)
 
 
+@pytest.mark.parametrize("weights", [False, True], ids=["shuffle", "noshuffle"])
 @pytest.mark.parametrize("blosc_into", [True, False], ids=["blosc-into", "codec-encode"])
 @pytest.mark.parametrize(("dtype", "fill", "shape", "chunks", "starts"), WHOLE_CHUNK_ARRAYS)
-def test_whole_chunks_are_the_bytes_zarr_writes(tmp_path, rng, monkeypatch, blosc_into, dtype, fill, shape, chunks, starts):
+def test_whole_chunks_are_the_bytes_zarr_writes(tmp_path, rng, monkeypatch, blosc_into, weights, dtype, fill, shape, chunks, starts):
     """store.WholeChunks (fastattn's own encode and write, on random data) and `array[...] = values`
     (zarr's) leave byte-identical chunk files, edge chunks included, with blosc writing into
-    fastattn's buffer or through the codec."""
+    fastattn's buffer or through the codec, with byte shuffle (statistics) and without (weights)."""
     if not blosc_into:
         monkeypatch.setattr(store.chunks, "_BLOSC_INTO", None)
     assert blosc_into is (store.chunks._BLOSC_INTO is not None)  # the fast path is really there on this machine
@@ -164,7 +165,7 @@ def test_whole_chunks_are_the_bytes_zarr_writes(tmp_path, rng, monkeypatch, blos
         # a chunk that happens to hold only fill values (a 1-in-36 edge chunk of strings) is still written
         arrays.append(
             group.create_array(
-                "a", shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, compressors=store.compressors(), config={"write_empty_chunks": True}
+                "a", shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, compressors=store.compressors(weights), config={"write_empty_chunks": True}
             )
         )
     by_zarr, ours = arrays
@@ -184,13 +185,15 @@ def test_whole_chunks_are_the_bytes_zarr_writes(tmp_path, rng, monkeypatch, blos
         np.testing.assert_array_equal(got, values)
 
 
+@pytest.mark.parametrize("weights", [False, True], ids=["shuffle", "noshuffle"])
 @pytest.mark.parametrize(("dtype", "fill", "shape", "chunks", "starts"), WHOLE_CHUNK_ARRAYS)
-def test_whole_chunks_read_what_zarr_reads(tmp_path, rng, dtype, fill, shape, chunks, starts):
+def test_whole_chunks_read_what_zarr_reads(tmp_path, rng, weights, dtype, fill, shape, chunks, starts):
     """store.WholeChunks.read (the chunk file decoded by fastattn) gives every chunk zarr wrote
     from random data, edge chunks with their fill value, and a chunk never written as the fill
-    value; arrays it cannot decode (strings) say so, for zarr to read them."""
+    value, with byte shuffle (statistics, and attention of older stores) and without (attention
+    weights); arrays it cannot decode (strings) say so, for zarr to read them."""
     group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
-    array = group.create_array("a", shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, compressors=store.compressors())
+    array = group.create_array("a", shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, compressors=store.compressors(weights))
     whole = store.WholeChunks(store.Location(tmp_path / "s.zarr"), array)
     if dtype is str:
         assert not whole.decodes_here()
@@ -206,6 +209,37 @@ def test_whole_chunks_read_what_zarr_reads(tmp_path, rng, dtype, fill, shape, ch
         part = array[tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, chunks))]
         want[tuple(slice(0, n) for n in part.shape)] = part
         np.testing.assert_array_equal(got, want, err_msg=str(coords))
+
+
+def test_weights_blosc_stored_as_they_were_are_read_in_place(tmp_path, rng, samples):
+    """Attention weights blosc could not compress (random floats; unpadded softmax weights) are
+    stored verbatim after blosc's header: `read` returns them as a view of the file's bytes, no
+    copy, equal to what zarr reads; a chunk that compresses (NaN padding) is decoded as before.
+    The MiniLM samples ingested (padded: every chunk compresses) read as zarr reads them."""
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    array = group.create_array("a", shape=(2, 16, 64), chunks=(1, 16, 64), dtype="float32", fill_value=np.nan, compressors=store.compressors(weights=True))
+    values = rng.random((2, 16, 64), dtype=np.float32)
+    values[1, :, 8:] = np.nan  # padding: compresses
+    array[...] = values
+    whole = store.WholeChunks(store.Location(tmp_path / "s.zarr"), array)
+    stored = (tmp_path / "s.zarr" / "a" / "c" / "0" / "0" / "0").read_bytes()
+    assert stored[2] & store.chunks._BLOSC_MEMCPYED and len(stored) == 16 + values[0].nbytes + 4  # header, data, checksum
+    first = whole.read((0, 0, 0))
+    assert first.base is not None and first.flags.aligned  # a view of the file buffer
+    np.testing.assert_array_equal(first, values[:1])
+    second = whole.read((1, 0, 0))
+    assert second.base is None  # decoded into the chunk buffer
+    np.testing.assert_array_equal(second, values[1:])
+
+    out = tmp_path / "m.zarr"
+    assert ingest([samples / "batched", samples / "fixed"], out).ok
+    attention = zarr.open_group(str(out), mode="r")["attention"]
+    assert attention.metadata.codecs[1].shuffle.value == "noshuffle"
+    whole = store.WholeChunks(store.Location(out), attention)
+    for coords in itertools.product(*(range(-(-n // c)) for n, c in zip(attention.shape, attention.chunks))):
+        got = whole.read(coords)
+        want = attention[tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, attention.chunks))]
+        np.testing.assert_array_equal(got[tuple(slice(0, n) for n in want.shape)], want, err_msg=str(coords))
 
 
 def test_the_checksum_is_zarrs_crc32c_codec_output(tmp_path, rng):

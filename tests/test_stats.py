@@ -10,6 +10,7 @@ import numba
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 from benchmarks import reference as ref
 from conftest import SAMPLES, batched_dump, softmax_rows, write_dump
 from click.testing import CliRunner
@@ -76,6 +77,26 @@ def samples_store(tmp_path_factory):
 def test_real_samples_match_the_reference(samples_store):
     ds = fastattn.open_store(samples_store)
     check_against_reference(fastattn.compute_stats(ds), ds)
+
+
+def test_the_codecs_and_chunk_files_of_a_store(samples_store, tmp_path):
+    """The attention without byte shuffle, every other array with it (`store.compressors`); the
+    statistics' chunks are files beside each array's zarr.json (`c.0.0.0`), no folders, and
+    xarray reads them through zarr (the values against the reference in the tests above)."""
+    path = tmp_path / "s.zarr"
+    shutil.copytree(samples_store, path)
+    fastattn.write_stats(path)
+    group = zarr.open_group(str(path), mode="r")
+    for name, array in group.arrays():
+        shuffle = next(c for c in array.metadata.codecs if type(c).__name__ == "BloscCodec").shuffle.value
+        assert shuffle == ("noshuffle" if name == "attention" else "shuffle"), name
+    arrays = list((path / "stats").iterdir())
+    assert len(arrays) > 30
+    for folder in arrays:
+        if folder.is_dir():
+            names = sorted(p.name for p in folder.iterdir())
+            assert names[-1] == "zarr.json" and all(n.startswith("c.") for n in names[:-1]) and len(names) > 1, (folder, names)
+    assert xr.open_zarr(path, group="stats", consolidated=False).entropy_mean.notnull().all()
 
 
 def test_random_ragged_and_length_one(tmp_path, rng):
@@ -374,7 +395,7 @@ def xarray_layout(group, n: int, k: int, block: int) -> None:
     for name, var in sample.data_vars.items():
         layout[name] = (var.dims, da.zeros((n, *var.shape[1:]), chunks=(block, *var.shape[1:]), dtype=var.dtype))
     layout = layout.assign_coords({dim: sample[dim] for dim in sample.dims if dim != "batch"})
-    encoding = {name: {"compressors": store.compressors()} for name in layout.variables}
+    encoding = {name: {"compressors": store.compressors(), "chunk_key_encoding": store.STATS_CHUNK_KEYS} for name in layout.variables}
     for name, var in layout.data_vars.items():
         encoding[name]["chunks"] = (block, *var.shape[1:])
     layout.to_zarr(group.store, group=stats.GROUP, mode="w", compute=False, consolidated=False, encoding=encoding)

@@ -50,6 +50,7 @@ from .schema import (
     resize,
     sizes_of,
     stored,
+    STATS_CHUNK_KEYS,
 )
 
 __all__ = [
@@ -59,6 +60,6 @@ __all__ = [
     "Location", "Lock", "LOCK", "lock_holder", "Manifest", "MANIFEST", "META", "nothing_committed", "now",
     "open_committed", "open_derived", "open_group", "open_store", "PER_BATCH", "present", "read_all", "read_json",
     "read_lock_record", "read_manifest", "refresh_consolidated", "RemoteLocation", "require_batches",
-    "require_maps", "require_variables", "resize", "sizes_of", "stored", "Status", "uncommit_derived", "WholeChunks", "write_all", "write_manifest",
+    "require_maps", "require_variables", "resize", "sizes_of", "STATS_CHUNK_KEYS", "stored", "Status", "uncommit_derived", "WholeChunks", "write_all", "write_manifest",
     "writing_derived",
 ]

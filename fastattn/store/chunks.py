@@ -71,6 +71,9 @@ class _BloscInto:
 
 
 _BLOSC_INTO = _BloscInto.load()
+#: c-blosc 1's frame: a 16-byte header, whose flags (byte 2) say when the data follows verbatim.
+_BLOSC_HEADER = 16
+_BLOSC_MEMCPYED = 0x02
 
 
 class WholeChunks:
@@ -145,12 +148,13 @@ class WholeChunks:
         )
 
     def read(self, coords: tuple[int, ...]) -> np.ndarray:
-        """The chunk at grid position `coords`, decoded into this thread's buffer for this array
-        (valid until the thread's next `read` of it); the fill value if it was never written.
+        """The chunk at grid position `coords`, in this thread's buffers for this array (valid
+        until the thread's next `read` of it); the fill value if it was never written.
 
         What zarr's read of one whole chunk does, without its event loop and thread hops or a new
         array per chunk: the file read into a reused buffer, its crc32c checked, blosc decoding
-        straight into the chunk's buffer (`decodes_here` must hold)."""
+        straight into the chunk's buffer, or, when blosc stored the chunk verbatim, the file
+        buffer itself (`decodes_here` must hold)."""
         key = f"{self.path}/{self._key(coords)}"
         out = getattr(self._outputs, "chunk", None)
         if out is None:
@@ -167,8 +171,12 @@ class WholeChunks:
                     f"{self.location.key_url(key)}: does not decode (crc32c checksum mismatch: the bytes on disk changed);"
                     " fastattn check names every damaged chunk"
                 )
-        if len(payload) < 16 or struct.unpack_from("<I", payload, 4)[0] != out.nbytes:  # blosc's header: the size decoded
+        if len(payload) < _BLOSC_HEADER or struct.unpack_from("<I", payload, 4)[0] != out.nbytes:  # blosc's header: the size decoded
             raise StoreError(f"{self.location.key_url(key)}: does not decode to a chunk of {self.chunks} {self.dtype}")
+        if payload[2] & _BLOSC_MEMCPYED and len(payload) == _BLOSC_HEADER + out.nbytes:
+            # Stored verbatim after the header (blosc found nothing to compress): the chunk is
+            # the file buffer itself, no copy (docs/performance.md, "Attention without byte shuffle").
+            return np.frombuffer(payload, dtype=self.dtype, count=out.size, offset=_BLOSC_HEADER).reshape(self.chunks)
         numcodecs.blosc.decompress(payload, out)
         return out
 

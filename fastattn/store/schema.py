@@ -46,14 +46,28 @@ MAX_BATCH_CHUNK = 256
 STR = "str"
 
 
-def compressors():
-    """blosc lz4 with byte shuffle, then a crc32c checksum so flipped bits are found.
+def compressors(weights: bool = False):
+    """blosc lz4, then a crc32c checksum so flipped bits are found; byte shuffle for every
+    array but attention weights (`weights=True`).
 
     Every array carries the checksum: a flipped byte in `length` or `source` must fail too,
     not decode to wrong values. Chosen by `python -m benchmarks.codecs` on the MiniLM samples
-    (numbers in README): zstd-1 compresses ~10% smaller but decodes at about half the speed.
+    (numbers in README): on attention weights byte shuffle saves ~1% of disk (their mantissas
+    are noise; the padding compresses either way) and halves the speed of decoding, which
+    every analysis pass waits on; a chunk without padding is then stored verbatim, read
+    without a copy (`WholeChunks.read`). zstd-1 compresses ~10% smaller, decodes ~3x slower. The
+    statistics keep shuffle: small integers and per-query floats compress 1.3-4x with it,
+    and faster. Stores written otherwise read the same (blosc's header says how).
     """
-    return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
+    return [BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle" if weights else "shuffle"), Crc32cCodec()]
+
+
+#: The statistics' chunk keys: `c.3.0.0` files beside the array's zarr.json, not zarr's default
+#: folders `c/3/0/0`, which made ~780 folders for the ~350 chunk files of 1,000 batches'
+#: statistics. Creating folders is the slow part of writing them where metadata is dear (network
+#: and cluster file systems; on this project's test machine, ~0.4 s of a 4 s `fastattn stats`,
+#: docs/performance.md). zarr, xarray and tensorstore read either from the array's metadata.
+STATS_CHUNK_KEYS = {"name": "default", "separator": "."}
 
 
 def attention_chunks(heads: int, query: int, key: int, itemsize: int) -> tuple[int, int, int, int, int]:
@@ -185,7 +199,7 @@ def create_array(group, spec: Array, sizes: dict[str, int], attention_chunks: tu
         dtype=spec.zarr_dtype(dtype),
         dimension_names=spec.dims,
         overwrite=True,
-        compressors=compressors(),
+        compressors=compressors(weights=spec.name == "attention"),
         **options,
     )
     if spec.coordinate and sizes[spec.name]:
