@@ -6,8 +6,8 @@
 
 One process: import NumPy, zarr and Numba, load the cached fused kernel (`fastattn.kernels.stats`,
 a warm cache: run `fastattn stats` once before), then on 2 threads (`-j N`: N) read every
-attention chunk file, check its crc32c, blosc-decode it into a reused buffer and run the kernel
-on it single-threaded, into reused outputs of one chunk's planes. No CLI, no stats group, no
+attention chunk file, check its crc32c, blosc-decode it into a reused buffer (or take it in place
+when blosc stored it verbatim) and run the kernel on it single-threaded, into reused outputs of one chunk's planes. No CLI, no stats group, no
 writes, no commit, no table: what is left when everything but reading, decoding and computing
 is gone. The chunk files are found from the array's `zarr.json` (fastattn's codecs: bytes, blosc,
 crc32c); every chunk is taken whole, padding included (a store's last chunk of batches).
@@ -28,10 +28,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import google_crc32c
 import numcodecs.blosc
 import numpy as np
 import zarr  # noqa: F401  (what the command imports: part of the floor)
+from crc32c import crc32c
 
 
 def main(argv: list[str]) -> None:
@@ -81,10 +81,14 @@ def main(argv: list[str]) -> None:
                 local.file = bytearray(size)
             f.readinto(memoryview(local.file)[:size])
         data = np.frombuffer(local.file, dtype=np.uint8, count=size)
-        if struct.pack("<I", google_crc32c.value(data[:-4])) != bytes(data[-4:]):
+        if struct.pack("<I", crc32c(data[:-4])) != bytes(data[-4:]):
             raise SystemExit(f"{path}: crc32c mismatch")
-        numcodecs.blosc.decompress(data[:-4], local.chunk)
-        kernel.fill(local.out, local.chunk, None, parallel=False)
+        chunk = local.chunk
+        if data[2] & 0x02 and size == 16 + chunk.nbytes + 4:  # blosc's header says: stored verbatim
+            chunk = np.frombuffer(local.file, dtype=np.float32, count=chunk.size, offset=16).reshape(chunks)
+        else:
+            numcodecs.blosc.decompress(data[:-4], chunk)
+        kernel.fill(local.out, chunk, None, parallel=False)
         if write_dir is not None:
             name = os.path.join(write_dir, "_".join(map(str, coords)))
             with open(name + ".partial", "wb") as f:

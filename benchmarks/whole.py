@@ -130,8 +130,14 @@ def baseline_command(name: str, dumps: Path, out: Path) -> list[str]:
 
 
 def child_env(ctx: Context, cache: Path | None = None) -> dict[str, str]:
-    """The environment of a measured process; `cache`, if given, is its Numba and XDG cache folder."""
+    """The environment of a measured process; `cache`, if given, is its Numba and XDG cache folder.
+
+    Python writes the bytecode of the modules it imports (pip compiles an installed package's
+    when it installs it), as users have it: with PYTHONDONTWRITEBYTECODE set (this project's
+    test machine sets it) every run would compile fastattn's modules from source, the
+    baselines' one module too (within the noise of whole commands here, 2026-11-30)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     if cache is not None:
         env["NUMBA_CACHE_DIR"] = env["XDG_CACHE_HOME"] = str(cache)
         if not ctx.config.quick:
