@@ -55,7 +55,7 @@ def compressors(weights: bool = False):
     (numbers in README): on attention weights byte shuffle saves ~1% of disk (their mantissas
     are noise; the padding compresses either way) and halves the speed of decoding, which
     every analysis pass waits on; a chunk without padding is then stored verbatim, read
-    without a copy (`WholeChunks.read`). zstd-1 compresses ~10% smaller, decodes ~3x slower. The
+    without a copy (`WholeChunks.read`). zstd-1 compresses ~10% smaller, decodes ~5x slower. The
     statistics keep shuffle: small integers and per-query floats compress 1.3-4x with it,
     and faster. Stores written otherwise read the same (blosc's header says how).
     """
