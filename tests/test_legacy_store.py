@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+import zarr
 
 import fastattn
 from fastattn.check import store_problems
@@ -82,3 +83,12 @@ def test_old_store_appends_and_recomputes_statistics(old_store, tmp_path, rng, c
     assert store_problems(old_store) == []
     manifest = json.loads((old_store / "_fastattn" / "manifest.json").read_text())
     assert manifest["committed"] == 9
+    # the old store keeps its attention codec (byte shuffle) for the batches appended, and its
+    # statistics chunk keys follow the group's metadata, whichever encoding it has
+    group = zarr.open_group(str(old_store), mode="r")
+    assert group["attention"].metadata.codecs[1].shuffle.value == "shuffle"
+    for name in ("entropy", "peak_key"):
+        array = group["stats"][name]
+        separator = array.metadata.chunk_key_encoding.separator
+        files = sorted(p.relative_to(old_store / "stats" / name).as_posix() for p in (old_store / "stats" / name).rglob("*") if p.is_file())
+        assert files == sorted(["zarr.json", *(array.metadata.encode_chunk_key((i, *[0] * (array.ndim - 1))) for i in range(-(-9 // array.chunks[0])))]), (separator, files)

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 import fastattn
 from fastattn import stats, store, summary
+from fastattn.check import store_problems
 from fastattn.ingest import ingest
 from fastattn_cli.main import app
 
@@ -355,6 +356,30 @@ def test_write_stats_is_incremental(tmp_path, rng, blocks):
     check_against_reference(st, fastattn.open_store(target))
     assert fastattn.write_stats(target, k=3) == {"computed": 9, "total": 9}  # another k: all again
     assert fastattn.open_stats(target).sizes["rank"] == 3
+
+
+def test_statistics_in_folders_grow_in_folders(tmp_path, rng, monkeypatch):
+    """A stats group written before its chunk keys became files (`c/0/0/0`, zarr's default)
+    grows incrementally in its own keys: the new batches complete its chunk where its metadata
+    says, every value is the reference's, and check passes."""
+    folder = tmp_path / "d"
+    for i in range(2):
+        batched_dump(rng, folder / f"a{i}.npz", [9, 6], layers=2, heads=3, size=9)
+    target = tmp_path / "s.zarr"
+    ingest([folder], target)
+    monkeypatch.setattr(store, "STATS_CHUNK_KEYS", {"name": "default", "separator": "/"})
+    assert fastattn.write_stats(target) == {"computed": 4, "total": 4}
+    monkeypatch.undo()
+    batched_dump(rng, folder / "a2.npz", [8, 9, 4], layers=2, heads=3, size=9)
+    ingest([folder], target)
+    assert fastattn.write_stats(target) == {"computed": 3, "total": 7}
+    entropy = zarr.open_group(str(target), mode="r")["stats/entropy"]
+    assert entropy.metadata.chunk_key_encoding.separator == "/"
+    chunks = sorted(p.relative_to(target / "stats" / "entropy").as_posix() for p in (target / "stats" / "entropy").rglob("*") if p.is_file())
+    rows = -(-7 // entropy.chunks[0])
+    assert chunks == sorted(["zarr.json", *(f"c/{i}/0/0/0" for i in range(rows))]), chunks
+    check_against_reference(fastattn.open_stats(target).compute(), fastattn.open_store(target))
+    assert store_problems(target) == []
 
 
 def test_statistics_of_an_older_layout_are_computed_again(samples_store, tmp_path):
