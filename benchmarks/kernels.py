@@ -83,8 +83,8 @@ def hot_loop_asm() -> dict[str, int] | None:
     """Count telling instructions in the compiled float32 plane_stats kernel; None when the
     kernel came from the disk cache, which Numba cannot inspect (it returns an empty listing).
 
-    ymm operands mean 256-bit AVX2 vectors: ``vdivps`` on ymm is the float32
-    log running 8 lanes wide, ``vcvtps2pd``/``vfmadd231pd`` on ymm the float64
+    ymm operands mean 256-bit AVX2 vectors: ``vfmadd*ps`` on ymm is the float32
+    log's polynomial running 8 lanes wide, ``vcvtps2pd``/``vfmadd231pd`` on ymm the float64
     accumulation 4 lanes wide; scalar code would show ``vdivss``/``vaddsd`` only.
     """
     import warnings
@@ -100,7 +100,7 @@ def hot_loop_asm() -> dict[str, int] | None:
     if any("cached code" in str(w.message) for w in caught):
         return None
     patterns = {
-        "vdivps ymm (8-lane float32 log)": r"vdivps\s+%ymm",
+        "vfmadd*ps ymm (8-lane float32 log)": r"vfmadd\w*ps\s+[^\n]*%ymm",
         "vcvtps2pd ymm (float32→float64, 4 lanes)": r"vcvtps2pd\s+[^\n]*%ymm",
         "vfmadd*pd ymm (4-lane float64 FMA)": r"vfmadd\w*pd\s+[^\n]*%ymm",
         "vdivss/vdivsd (scalar division)": r"vdiv[sS][sd]\s",

@@ -128,18 +128,21 @@ _UNIFORM, _DIAGONAL_ONLY, _DOMINANT_KEY, _WEAK, _CRITICAL_KEY, _STRONG_SELF = ra
 #
 # Why: LLVM lowers ``np.log`` to a libm call, which stops the key loop from
 # vectorising (SVML is not available with PyPI's llvmlite), and log is most of
-# the work.  These are fdlibm/musl ``log`` and ``logf`` written with integer
-# ops on the float's bits and a polynomial, branch-free, so LLVM vectorises
-# them (float64: 4 lanes of AVX2, float32: 8 lanes).
+# the work.  These are fdlibm/musl ``log`` and Cephes ``logf`` written with
+# integer ops on the float's bits and a polynomial, branch-free, so LLVM
+# vectorises them (float64: 4 lanes of AVX2, float32: 8 lanes).
 #
 #   x = 2^k · m,  m ∈ [√2/2, √2)          (exponent/mantissa split on the bits)
-#   f = m − 1,  s = f / (2 + f)
-#   ln m = 2·atanh(s) = f − f²/2 + s·(f²/2 + R(s²)),  R a minimax polynomial
+#   f = m − 1
+#   float64 (musl log):   s = f / (2 + f),
+#                         ln m = 2·atanh(s) = f − f²/2 + s·(f²/2 + R(s²)),  R minimax
+#   float32 (Cephes logf): ln m = f − f²/2 + f³·P(f),  P of degree 8, no division
 #   ln x = k·ln2_hi + (ln m + k·ln2_lo)
 #
 # float64 (7-term R): max relative error vs np.log ~4.4e-16 (tests: < 1e-14).
-# float32 (4-term R, float32 arithmetic): ~1.8e-7, i.e. ~1.5 ulp of float32
-# (tests: < 3e-7).  The statistics use the log of the input's own precision:
+# float32 (float32 arithmetic): ~1.2e-7, i.e. ~1 ulp of float32 (tests: < 3e-7).
+# musl's logf (a division and a 4-term R) was less exact (~1.8e-7) and made
+# the whole kernel ~4% slower (docs/performance.md).  The statistics use the log of the input's own precision:
 # a float32 weight is only known to 6e-8 anyway, and 8 lanes instead of 4 make
 # plane_stats ~1.5x faster.  The products and sums stay float64; because every
 # x·ln x of a softmax row has the same sign, the entropy's relative error is at
@@ -171,19 +174,24 @@ _TWO54 = 18014398509481984.0
 # float32 constants must be float32 scalars, or Numba promotes to float64.
 _F = np.float32
 _I = np.int32
-_LN2_HI_F = _F(6.9313812256e-01)
-_LN2_LO_F = _F(9.0580006145e-06)
-_LG1_F = _F(0.66666662693)  # 0xaaaaaa.0p-24; |error of the fit| < 2**-34.24
-_LG2_F = _F(0.40000972152)  # 0xccce13.0p-25
-_LG3_F = _F(0.28498786688)  # 0x91e9ee.0p-25
-_LG4_F = _F(0.24279078841)  # 0xf89e26.0p-26
+# Cephes logf: ln 2 split as 0.693359375 (exact in few bits) − 2.12194440e-4, and P's coefficients.
+_LN2_HI_F = _F(0.693359375)
+_LN2_LO_F = _F(-2.12194440e-4)
+_P8_F = _F(7.0376836292e-2)
+_P7_F = _F(-1.1514610310e-1)
+_P6_F = _F(1.1676998740e-1)
+_P5_F = _F(-1.2420140846e-1)
+_P4_F = _F(1.4249322787e-1)
+_P3_F = _F(-1.6668057665e-1)
+_P2_F = _F(2.0000714765e-1)
+_P1_F = _F(-2.4999993993e-1)
+_P0_F = _F(3.3333331174e-1)
 _TINY_F = _F(1.17549435e-38)  # smallest normal float32
 _TWO25_F = _F(33554432.0)
 _SUB_F = _F(25.0)
 _ZERO_F = _F(0.0)
 _HALF_F = _F(0.5)
 _ONE_F = _F(1.0)
-_TWO_F = _F(2.0)
 
 
 @ngjit
@@ -214,20 +222,23 @@ def _ln(x):
 
 @ngjit
 def _ln32(x):
-    """ln x for float32 x ≥ 0 in float32 arithmetic (musl logf), subnormals included."""
+    """ln x for float32 x ≥ 0 in float32 arithmetic (Cephes logf), subnormals included."""
     tiny = x < _TINY_F
     xs = x * _TWO25_F if tiny else x
     u = np.int32(np.float32(xs).view(np.int32) + _I(0x3F800000 - 0x3F3504F3))
     k = np.float32(np.int32((u >> _I(23)) - _I(127))) - (_SUB_F if tiny else _ZERO_F)
     m = np.int32((u & _I(0x007FFFFF)) + _I(0x3F3504F3)).view(np.float32)
     f = m - _ONE_F
-    hfsq = _HALF_F * f * f
-    s = f / (_TWO_F + f)
-    z = s * s
-    w = z * z
-    t1 = w * (_LG2_F + w * _LG4_F)
-    t2 = z * (_LG1_F + w * _LG3_F)
-    return s * (hfsq + t1 + t2) + k * _LN2_LO_F - hfsq + f + k * _LN2_HI_F
+    z = f * f
+    y = _P8_F * f + _P7_F  # Horner: ~4% faster than Estrin here (shorter chains, more operations)
+    y = y * f + _P6_F
+    y = y * f + _P5_F
+    y = y * f + _P4_F
+    y = y * f + _P3_F
+    y = y * f + _P2_F
+    y = y * f + _P1_F
+    y = y * f + _P0_F
+    return f + (y * f * z + k * _LN2_LO_F - _HALF_F * z) + k * _LN2_HI_F
 
 
 def _ln_native(x):
