@@ -73,6 +73,7 @@ False for planes of length ≤ 1, and the diagonal ones for cross-attention.
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import numba
@@ -333,10 +334,13 @@ def fast_log(x: np.ndarray) -> np.ndarray:
 # - float32 rows: the 32-bit key and the key's position go into one int64,
 #   key << 32 | (2³² − 1 − j), so keys are distinct and the larger of two equal
 #   weights is the lower position: the position comes out of the key itself.
+#   The two halves are written as int32 pairs (high and low word), which LLVM
+#   vectorises as 8-lane int32 work and two interleaving shuffles: ~7% off the
+#   whole kernel against shifting and or-ing in 4 int64 lanes.
 # - float64 rows (no room for the position): the key alone, and one vectorised
 #   pass per rank finds the lowest position holding it.
 #
-# Only those two steps depend on the dtype (``_rank_key``, ``_key_position``,
+# Only those two steps depend on the dtype (``_put_keys``, ``_key_position``,
 # small overloads); one ranking code for both compiles faster than two.
 #
 # Either way ties go to the lower key index (the order of a stable argsort of
@@ -355,7 +359,11 @@ _KEY32_NEG_INF = np.int32(_order_key_of(0xFF800000, 32))
 _KEY32_POS_INF = np.int32(_order_key_of(0x7F800000, 32))
 _KEY64_NEG_INF = np.int64(_order_key_of(0xFFF0000000000000, 64))
 _KEY64_POS_INF = np.int64(_order_key_of(0x7FF0000000000000, 64))
-_NO_KEY = np.int64(-(2**63))  # below every key: NaN, −inf, and padding
+_NO_KEY = np.int64(-(2**63))  # below every key: padding, and the keys already ranked
+_NOT_SELECTABLE32 = np.int32(-(2**31))  # a float32 NaN/−inf's high word: below every real key
+_NONE_BELOW = np.int64(-(2**63) + 2**32)  # a slot's max below this: only NaN/−inf (or nothing) left
+# Which int32 of an int64 is its high word (the float32 key) and which its low word (the position).
+_HIGH_WORD, _LOW_WORD = (1, 0) if sys.byteorder == "little" else (0, 1)
 _LOW32 = np.int64(0xFFFFFFFF)
 _LANES = 8
 _LOCKSTEP = 4  # rows whose ranks are found together (_row_ranks)
@@ -391,25 +399,30 @@ def _no_topk(index, weight, d, q, k):
         weight[d, q, t] = np.nan
 
 
-def _rank_key(x, j):
-    """The top-k key of weight ``x`` at key position ``j`` (an int64, ``_NO_KEY`` for NaN/−inf):
-    float32 packed with its position, float64 the order key alone.  Jit-only."""
+def _put_keys(a, p, q, nk, keys, ur):
+    """Slot ``ur`` of ``keys``: the top-k keys of row ``a[p, q, :nk]`` (int64, below
+    ``_NONE_BELOW`` for NaN/−inf): float32 packed with its position, float64 the order key alone.
+    Jit-only."""
     raise NotImplementedError("only callable from jitted code")
 
 
-@overload(_rank_key, inline="always", jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
-def _rank_key_impl(x, j):
-    if isinstance(x, types.Float) and x.bitwidth == 32:
+@overload(_put_keys, inline="always", jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
+def _put_keys_impl(a, p, q, nk, keys, ur):
+    if a.dtype == types.float32:
 
-        def packed(x, j):
-            key, ok = _order_key32(x)
-            return ((np.int64(key) << 32) | (_LOW32 - j)) if ok else _NO_KEY
+        def packed(a, p, q, nk, keys, ur):
+            words = keys[ur].view(np.int32)  # key << 32 | (2³² − 1 − j), as two int32 words
+            for j in range(nk):
+                key, ok = _order_key32(a[p, q, j])
+                words[np.uint64(2 * j + _HIGH_WORD)] = key if ok else _NOT_SELECTABLE32
+                words[np.uint64(2 * j + _LOW_WORD)] = _I(-1) - _I(j)  # 2³² − 1 − j as uint32
 
         return packed
 
-    def alone(x, j):
-        key, ok = _order_key64(x)
-        return key if ok else _NO_KEY
+    def alone(a, p, q, nk, keys, ur):
+        for j in range(nk):
+            key, ok = _order_key64(a[p, q, j])
+            keys[ur, np.uint64(j)] = key if ok else _NO_KEY
 
     return alone
 
@@ -444,8 +457,7 @@ def _row_keys(a, p, q, nk, keys, lanes, r):
     across groups, with a gather per lane (the top-k ran ~8% slower)."""
     ur = np.uint64(r)
     groups = (nk + _LANES - 1) // _LANES
-    for j in range(nk):
-        keys[ur, np.uint64(j)] = _rank_key(a[p, q, j], j)
+    _put_keys(a, p, q, nk, keys, ur)
     for j in range(nk, groups * _LANES):
         keys[ur, np.uint64(j)] = _NO_KEY
     m0, m1, m2, m3 = keys[ur, 0], keys[ur, 1], keys[ur, 2], keys[ur, 3]
@@ -480,7 +492,7 @@ def _row_ranks(a, p, q0, nk, k, keys, lanes, index, weight, d):
                 max(max(lanes[ur, 0], lanes[ur, 1]), max(lanes[ur, 2], lanes[ur, 3])),
                 max(max(lanes[ur, 4], lanes[ur, 5]), max(lanes[ur, 6], lanes[ur, 7])),
             )
-            if m == _NO_KEY:
+            if m < _NONE_BELOW:
                 continue  # only NaN/−inf left in this row (or no row: an empty partner)
             j = _key_position(a, keys, r, m, nk)
             index[d, q0 + r, t] = j
