@@ -497,6 +497,8 @@ def _row_ranks(a, p, q0, nk, k, keys, lanes, index, weight, d):
             j = _key_position(a, keys, r, m, nk)
             index[d, q0 + r, t] = j
             weight[d, q0 + r, t] = a[p, q0 + r, np.uint64(j)]
+            if t + 1 == k:
+                continue  # the last rank: no lane to search again (~3% of the kernel)
             keys[ur, np.uint64(j)] = _NO_KEY
             lane = j & (_LANES - 1)  # j ≥ 0: no sign fix-up of a modulo
             even, odd = keys[ur, np.uint64(lane)], _NO_KEY
