@@ -56,8 +56,12 @@ def test_old_statistics_read_and_match_the_kernel(old_store):
     st = fastattn.open_stats(old_store)
     assert st.attrs["k"] == 3
     fresh = fastattn.compute_stats(fastattn.open_store(old_store), k=3).compute()
-    for name in ("entropy", "col_sum", "topk_index", "entropy_mean", "self_attention", "peak_key", "uniform"):
+    for name in ("col_sum", "topk_index", "self_attention", "peak_key", "uniform"):
         np.testing.assert_array_equal(st[name].values, fresh[name].values, err_msg=name)
+    # the float32 log changed since (Cephes logf for musl's): the entropy moves by at most the
+    # logs' difference, ~2e-7 relative, and not at all where both logs are exact
+    for name in ("entropy", "entropy_mean"):
+        np.testing.assert_allclose(st[name].values, fresh[name].values, rtol=3e-7, atol=0, err_msg=name)
 
 
 def test_old_store_appends_and_recomputes_statistics(old_store, tmp_path, rng, cli):
