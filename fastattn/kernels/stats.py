@@ -143,7 +143,9 @@ _UNIFORM, _DIAGONAL_ONLY, _DOMINANT_KEY, _WEAK, _CRITICAL_KEY, _STRONG_SELF = ra
 # float64 (7-term R): max relative error vs np.log ~4.4e-16 (tests: < 1e-14).
 # float32 (float32 arithmetic): ~1.2e-7, i.e. ~1 ulp of float32 (tests: < 3e-7).
 # musl's logf (a division and a 4-term R) was less exact (~1.8e-7) and made
-# the whole kernel ~4% slower (docs/performance.md).  The statistics use the log of the input's own precision:
+# the whole kernel ~4% slower (docs/performance.md).
+#
+# The statistics use the log of the input's own precision:
 # a float32 weight is only known to 6e-8 anyway, and 8 lanes instead of 4 make
 # plane_stats ~1.5x faster.  The products and sums stay float64; because every
 # x·ln x of a softmax row has the same sign, the entropy's relative error is at
@@ -359,7 +361,7 @@ _KEY32_NEG_INF = np.int32(_order_key_of(0xFF800000, 32))
 _KEY32_POS_INF = np.int32(_order_key_of(0x7F800000, 32))
 _KEY64_NEG_INF = np.int64(_order_key_of(0xFFF0000000000000, 64))
 _KEY64_POS_INF = np.int64(_order_key_of(0x7FF0000000000000, 64))
-_NO_KEY = np.int64(-(2**63))  # below every key: padding, and the keys already ranked
+_NO_KEY = np.int64(-(2**63))  # below every key: padding, keys already ranked, a float64 NaN/−inf
 _NOT_SELECTABLE32 = np.int32(-(2**31))  # a float32 NaN/−inf's high word: below every real key
 _NONE_BELOW = np.int64(-(2**63) + 2**32)  # a slot's max below this: only NaN/−inf (or nothing) left
 # Which int32 of an int64 is its high word (the float32 key) and which its low word (the position).
