@@ -578,10 +578,10 @@ class _Writer:
         layers, heads, size = self.settings["keep_layers"], self.settings["keep_heads"], self.manifest.max_length
         chunks = store.attention_chunks(len(heads), size, size, 4)
         group = self.group.require_group(KEPT)
-        options = {"overwrite": True, "compressors": store.compressors()}
         group.create_array("attention", shape=(n, len(layers), len(heads), size, size), chunks=chunks, dtype="float32",
                            fill_value=np.nan, dimension_names=("batch", "kept_layer", "kept_head", "query", "key"),
                            attributes=dict(store.ARRAYS[0].attributes), overwrite=True, compressors=store.compressors(weights=True))
+        options = {"overwrite": True, "compressors": store.compressors()}  # the coordinates'
         for name, values, chunk in (("batch", np.arange(n), chunks[0]), ("kept_layer", layers, len(layers)),
                                     ("kept_head", heads, len(heads)), ("query", np.arange(size), size),
                                     ("key", np.arange(size), size)):
