@@ -29,7 +29,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 
 def _chunk_files(array_path: Path) -> list[Path]:
-    return [p for p in (array_path / "c").rglob("*") if p.is_file()]
+    return [*array_path.glob("c.*"), *(p for p in (array_path / "c").rglob("*") if p.is_file())]  # files or folders
 
 
 def _timed(fn) -> tuple[float, float]:

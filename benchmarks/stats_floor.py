@@ -52,6 +52,7 @@ def main(argv: list[str]) -> None:
     with open(os.path.join(root, "zarr.json")) as f:
         meta = json.load(f)
     shape, chunks = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
+    separator = meta["chunk_key_encoding"]["configuration"]["separator"]  # "." (files) or "/" (folders)
     names = [c["name"] for c in meta["codecs"]]
     if names != ["bytes", "blosc", "crc32c"] or chunks[-2:] != shape[-2:] or meta["data_type"] != "float32":
         raise SystemExit(f"{root}: not a float32 fastattn store with whole planes per chunk ({names}, chunks {chunks})")
@@ -74,7 +75,7 @@ def main(argv: list[str]) -> None:
             local.chunk = np.empty(chunks, dtype=np.float32)
             local.file = bytearray(local.chunk.nbytes + 1024)
             local.out = kernel.empty_buffers(planes, Q, K, 5, np.float32)
-        path = os.path.join(root, "c", *map(str, coords), "0", "0")
+        path = os.path.join(root, separator.join(["c", *map(str, coords), "0", "0"]))
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
             if len(local.file) < size:

@@ -352,9 +352,9 @@ def check_stats(store: Path, n: int) -> None:
 
 
 def largest_chunk(store: Path) -> tuple[int, str]:
-    """Size and store-relative path of the largest chunk file (a file under a `c/` folder)."""
+    """Size and store-relative path of the largest chunk file (`c.0.0.0`, or under a `c/` folder)."""
     sizes = [(p.stat().st_size, str(p.relative_to(store))) for p in store.rglob("*")
-             if p.is_file() and "c" in p.relative_to(store).parts]
+             if p.is_file() and (p.name.startswith("c.") or "c" in p.relative_to(store).parts)]
     if not sizes:
         raise AssertionError(f"{store}: no chunk files")
     return max(sizes)

@@ -580,8 +580,9 @@ class _Writer:
         group = self.group.require_group(KEPT)
         group.create_array("attention", shape=(n, len(layers), len(heads), size, size), chunks=chunks, dtype="float32",
                            fill_value=np.nan, dimension_names=("batch", "kept_layer", "kept_head", "query", "key"),
-                           attributes=dict(store.ARRAYS[0].attributes), overwrite=True, compressors=store.compressors(weights=True))
-        options = {"overwrite": True, "compressors": store.compressors()}  # the coordinates'
+                           attributes=dict(store.ARRAYS[0].attributes), overwrite=True, compressors=store.compressors(weights=True),
+                           chunk_key_encoding=store.CHUNK_KEYS)
+        options = {"overwrite": True, "compressors": store.compressors(), "chunk_key_encoding": store.CHUNK_KEYS}  # the coordinates'
         for name, values, chunk in (("batch", np.arange(n), chunks[0]), ("kept_layer", layers, len(layers)),
                                     ("kept_head", heads, len(heads)), ("query", np.arange(size), size),
                                     ("key", np.arange(size), size)):

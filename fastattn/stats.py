@@ -444,7 +444,7 @@ def _create_layout(group, n: int, k: int, block: int, shape: tuple[int, ...] | N
 
     def new_array(name: str, dims: tuple[str, ...], dtype: np.dtype):
         shape = tuple(sizes[d] for d in dims)
-        options = {"name": f"{GROUP}/{name}", "compressors": store.compressors(), "dimension_names": dims, "chunk_key_encoding": store.STATS_CHUNK_KEYS}
+        options = {"name": f"{GROUP}/{name}", "compressors": store.compressors(), "dimension_names": dims, "chunk_key_encoding": store.CHUNK_KEYS}
         if dims == (name,):  # a coordinate: its positions, in one chunk
             return zarr.api.asynchronous.create_array(memory, data=np.arange(shape[0], dtype=dtype), chunks=shape, fill_value=0, **options)
         nan = dtype.kind == "f"

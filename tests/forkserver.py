@@ -87,8 +87,8 @@ def full_disk(n, match):
     each_write(match, fail)
 
 
-def is_chunk(path):
-    return "/c/" in str(path) and "/stats/" not in str(path)
+def is_chunk(path):  # the store's arrays' chunks: c.0.0.0.0.0 (schema.CHUNK_KEYS); not the statistics'
+    return os.path.basename(path).startswith("c.") and "/stats/" not in str(path)
 
 
 def patch(point, n, arg):
@@ -129,7 +129,7 @@ def patch(point, n, arg):
     elif point == "unlock":
         store.Lock.__exit__ = die
     elif point == "stats_torn":
-        torn_put(n, lambda p: "/stats/" in str(p) and "/c." in str(p))  # its chunks: c.0.0.0 (schema.STATS_CHUNK_KEYS)
+        torn_put(n, lambda p: "/stats/" in str(p) and os.path.basename(p).startswith("c."))  # its chunks: c.0.0.0
     elif point == "enospc_chunk":
         full_disk(n, is_chunk)
     elif point == "enospc_meta":

@@ -135,7 +135,7 @@ def test_reads_one_chunk_at_a_time(built, monkeypatch):
 
 def test_flipped_byte_is_named_and_dropped_only_with_force(built, cli):
     folder, path, clean = built
-    key = "attention/c/1/1/0/0/0"
+    key = "attention/c.1.1.0.0.0"
     _flip(path / key)
     problems = store_problems(path)
     assert [p.where for p in problems] == [key], _lines(problems)
@@ -163,9 +163,9 @@ def test_flipped_byte_is_named_and_dropped_only_with_force(built, cli):
 
 def test_missing_chunk_and_force_without_repair(built, cli):
     _, path, _ = built
-    os.remove(path / "attention/c/2/0/0/0/0")
+    os.remove(path / "attention/c.2.0.0.0.0")
     problems = store_problems(path)
-    assert len(problems) == 1 and problems[0].where == "attention/c/2/0/0/0/0"
+    assert len(problems) == 1 and problems[0].where == "attention/c.2.0.0.0.0"
     assert problems[0].message.startswith("missing chunk")
     out = cli(path, "--force")
     assert out.exit_code == 1 and out.stderr.strip() == "error: --force only works with --repair"
@@ -173,14 +173,14 @@ def test_missing_chunk_and_force_without_repair(built, cli):
 
 def test_rebuildable_arrays_are_repaired_without_force(built):
     _, path, clean = built
-    _flip(path / "source/c/1")  # a corrupt chunk of source
+    _flip(path / "source/c.1")  # a corrupt chunk of source
     group = _group(path)
     group["source_index"][5] = 7  # a wrong value, stored with a valid checksum
     group["layer"][1] = 9  # a wrong coordinate
     shutil.rmtree(path / "head")  # a missing coordinate array
     problems = store_problems(path)
     wheres = sorted(p.where for p in problems)
-    assert wheres == ["head", "layer", "source/c/1", "source_index"], _lines(problems)
+    assert wheres == ["head", "layer", "source/c.1", "source_index"], _lines(problems)
     assert "batch 5 says 7" in next(p for p in problems if p.where == "source_index").message
     problems = store_problems(path, repair=True)
     assert all(p.repaired for p in problems), _lines(problems)
@@ -190,10 +190,10 @@ def test_rebuildable_arrays_are_repaired_without_force(built):
 
 def test_corrupt_per_batch_and_token_chunks_need_force(built):
     _, path, _ = built
-    _flip(path / "length/c/0")
-    _flip(path / "token/c/2/0")
+    _flip(path / "length/c.0")
+    _flip(path / "token/c.2.0")
     problems = store_problems(path)
-    assert {p.where for p in problems} == {"length/c/0", "token/c/2/0"}, _lines(problems)
+    assert {p.where for p in problems} == {"length/c.0", "token/c.2.0"}, _lines(problems)
     assert all(p.fix == check.DROP for p in problems)
     assert store_problems(path, repair=True, force=True)[0].repaired.startswith("--force: dropped committed batches 0..23")
     assert _manifest(path)["committed"] == 0 and store_problems(path) == []
@@ -260,7 +260,7 @@ def test_interrupted_run_leftovers_are_repaired(built, cli):
     group = _group(path)
     store.resize(group, batch=30)  # a killed append: arrays grown past the commit
     group["attention"][27:30] = np.ones((3, 2, 3, 11, 11), dtype=np.float32)
-    (path / "attention/c/0/0/0/0/0.7f3a.partial").write_bytes(b"half a chunk")
+    (path / "attention/c.0.0.0.0.0.7f3a.partial").write_bytes(b"half a chunk")
     (path / "_fastattn/.manifest.json.4242.tmp").write_bytes(b"{")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock = {"pid": int(dead.stdout), "host": socket.gethostname(), "since": "2026-01-01T00:00:00+00:00", "purpose": "fastattn ingest"}

@@ -263,7 +263,7 @@ def test_a_flipped_bit_in_a_chunk_fails_every_read(samples, tmp_path):
     ingest wrote: fastattn's read and plain zarr's raise a checksum error; check names the chunk."""
     out = tmp_path / "s.zarr"
     assert ingest([samples / "fixed"], out).ok
-    chunk = out / "attention" / "c" / "0" / "3" / "0" / "0" / "0"
+    chunk = out / "attention" / "c.0.3.0.0.0"
     clean = chunk.read_bytes()
     for offset in (len(clean) // 2, len(clean) - 2):
         damaged = bytearray(clean)
@@ -274,11 +274,11 @@ def test_a_flipped_bit_in_a_chunk_fails_every_read(samples, tmp_path):
         with pytest.raises(ValueError, match="checksum"):
             zarr.open_array(str(out / "attention"), mode="r")[0, 3]
         attention = zarr.open_group(str(out), mode="r")["attention"]
-        with pytest.raises(StoreError, match=r"attention/c/0/3/0/0/0: does not decode \(crc32c checksum mismatch"):
+        with pytest.raises(StoreError, match=r"attention/c\.0\.3\.0\.0\.0: does not decode \(crc32c checksum mismatch"):
             store.WholeChunks(store.Location(out), attention).read((0, 3, 0, 0, 0))
-        with pytest.raises(StoreError, match=r"attention/c/0/3/0/0/0: does not decode \(crc32c"):
+        with pytest.raises(StoreError, match=r"attention/c\.0\.3\.0\.0\.0: does not decode \(crc32c"):
             fastattn.write_stats(out)  # one line naming the chunk, from the command too
-        assert [p.where for p in check.store_problems(out)] == ["attention/c/0/3/0/0/0"]
+        assert [p.where for p in check.store_problems(out)] == ["attention/c.0.3.0.0.0"]
     chunk.write_bytes(clean)
     assert check.store_problems(out) == []
 

@@ -294,13 +294,13 @@ def test_a_real_full_disk(server, corpus, half, tmp_path):
 # ---------------------------------------------------------------- flipped bytes
 
 FLIPS = {  # chunk key -> (variable, where in the chunk file: the blosc header, the data, the checksum)
-    "attention/c/4/1/0/0/0": ("attention", 0.5),
-    "attention/c/1/0/0/0/0": ("attention", 0.0),
-    "attention/c/5/1/0/0/0": ("attention", 1.0),
-    "length/c/2": ("length", 0.5),
-    "source/c/0": ("source", 0.5),
-    "source_index/c/5": ("source_index", 1.0),
-    "token/c/3/0": ("token", 0.5),
+    "attention/c.4.1.0.0.0": ("attention", 0.5),
+    "attention/c.1.0.0.0.0": ("attention", 0.0),
+    "attention/c.5.1.0.0.0": ("attention", 1.0),
+    "length/c.2": ("length", 0.5),
+    "source/c.0": ("source", 0.5),
+    "source_index/c.5": ("source_index", 1.0),
+    "token/c.3.0": ("token", 0.5),
 }
 
 

@@ -570,7 +570,7 @@ def attention_reads(monkeypatch) -> list[tuple[str, int]]:
 
     async def counting_get(self, key, *args, **kwargs):
         value = await original(self, key, *args, **kwargs)
-        if key.startswith("attention/c/"):
+        if key.startswith("attention/c."):
             read.append((key, len(value) if value is not None else 0))
         return value
 
@@ -584,11 +584,11 @@ def test_figures_read_only_the_chunks_they_draw(long_store, monkeypatch):
     assert chunks[0] == chunks[1] == 1 and chunks[3:] == (LONG, LONG)  # whole planes; heads as the store splits them
     step = chunks[2]
     chunk_bytes = {
-        str(p.relative_to(long_store)): p.stat().st_size for p in Path(long_store, "attention", "c").rglob("*") if p.is_file()
+        str(p.relative_to(long_store)): p.stat().st_size for p in Path(long_store, "attention").glob("c.*")
     }
 
     def chunk(b, layer, head):
-        return f"attention/c/{b}/{layer}/{head // step}/0/0"
+        return f"attention/c.{b}.{layer}.{head // step}.0.0"
 
     read = attention_reads(monkeypatch)
     plot.overview(ds, 0, 1, head=1, dpi=50)
@@ -601,7 +601,7 @@ def test_figures_read_only_the_chunks_they_draw(long_store, monkeypatch):
     sample = plot.Sample(ds, 0)
     heads_grids = [plot.Heads(sample, layer, dpi=50) for layer in range(LONG_LAYERS)]
     sample.draw([plot.Overview(sample, 0, dpi=50), plot.Layers(sample, dpi=50), *heads_grids])
-    assert sorted(read) == sorted((key, size) for key, size in chunk_bytes.items() if key.startswith("attention/c/0/"))
+    assert sorted(read) == sorted((key, size) for key, size in chunk_bytes.items() if key.startswith("attention/c.0."))
 
 
 def traced_peak(call) -> int:

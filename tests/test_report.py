@@ -115,7 +115,7 @@ def test_report_reads_each_attention_chunk_of_its_sample_once(built, tmp_path, m
     original = zarr.storage.LocalStore.get
 
     async def counting_get(self, key, *args, **kwargs):
-        if key.startswith("attention/c/"):
+        if key.startswith("attention/c."):
             read.append(key)
         return await original(self, key, *args, **kwargs)
 
@@ -124,7 +124,7 @@ def test_report_reads_each_attention_chunk_of_its_sample_once(built, tmp_path, m
     ds = store.open_store(built["store"])
     batch = report.representative_batch(ds.length.values)
     chunk = batch // ds.attention.encoding["chunks"][0]
-    assert sorted(read) == [f"attention/c/{chunk}/{layer}/0/0/0" for layer in range(LAYERS)]
+    assert sorted(read) == [f"attention/c.{chunk}.{layer}.0.0.0" for layer in range(LAYERS)]
 
 
 def test_representative_batch_is_the_median_length():

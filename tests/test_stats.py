@@ -82,8 +82,9 @@ def test_real_samples_match_the_reference(samples_store):
 
 def test_the_codecs_and_chunk_files_of_a_store(samples_store, tmp_path):
     """The attention without byte shuffle, every other array with it (`store.compressors`); the
-    statistics' chunks are files beside each array's zarr.json (`c.0.0.0`), no folders, and
-    xarray reads them through zarr (the values against the reference in the tests above)."""
+    chunks of every array, the store's and the statistics', are files beside its zarr.json
+    (`c.0.0.0`, `store.CHUNK_KEYS`), no folders, and xarray reads them through zarr (the values
+    against the reference in the tests above)."""
     path = tmp_path / "s.zarr"
     shutil.copytree(samples_store, path)
     fastattn.write_stats(path)
@@ -91,12 +92,12 @@ def test_the_codecs_and_chunk_files_of_a_store(samples_store, tmp_path):
     for name, array in group.arrays():
         shuffle = next(c for c in array.metadata.codecs if type(c).__name__ == "BloscCodec").shuffle.value
         assert shuffle == ("noshuffle" if name == "attention" else "shuffle"), name
-    arrays = list((path / "stats").iterdir())
-    assert len(arrays) > 30
+    arrays = [path / a.path for g in (group, group["stats"]) for _, a in g.arrays()]
+    assert len(arrays) > 40 and path / "attention" in arrays and path / "stats" / "entropy" in arrays
     for folder in arrays:
-        if folder.is_dir():
-            names = sorted(p.name for p in folder.iterdir())
-            assert names[-1] == "zarr.json" and all(n.startswith("c.") for n in names[:-1]) and len(names) > 1, (folder, names)
+        names = sorted(p.name for p in folder.iterdir())
+        assert names[-1] == "zarr.json" and all(n.startswith("c.") for n in names[:-1]), (folder, names)
+        assert len(names) > 1 or folder.name in ("input_id", "token"), folder  # all padding: no chunk written
     assert xr.open_zarr(path, group="stats", consolidated=False).entropy_mean.notnull().all()
 
 
@@ -367,7 +368,7 @@ def test_statistics_in_folders_grow_in_folders(tmp_path, rng, monkeypatch):
         batched_dump(rng, folder / f"a{i}.npz", [9, 6], layers=2, heads=3, size=9)
     target = tmp_path / "s.zarr"
     ingest([folder], target)
-    monkeypatch.setattr(store, "STATS_CHUNK_KEYS", {"name": "default", "separator": "/"})
+    monkeypatch.setattr(store, "CHUNK_KEYS", {"name": "default", "separator": "/"})
     assert fastattn.write_stats(target) == {"computed": 4, "total": 4}
     monkeypatch.undo()
     batched_dump(rng, folder / "a2.npz", [8, 9, 4], layers=2, heads=3, size=9)
@@ -420,7 +421,7 @@ def xarray_layout(group, n: int, k: int, block: int) -> None:
     for name, var in sample.data_vars.items():
         layout[name] = (var.dims, da.zeros((n, *var.shape[1:]), chunks=(block, *var.shape[1:]), dtype=var.dtype))
     layout = layout.assign_coords({dim: sample[dim] for dim in sample.dims if dim != "batch"})
-    encoding = {name: {"compressors": store.compressors(), "chunk_key_encoding": store.STATS_CHUNK_KEYS} for name in layout.variables}
+    encoding = {name: {"compressors": store.compressors(), "chunk_key_encoding": store.CHUNK_KEYS} for name in layout.variables}
     for name, var in layout.data_vars.items():
         encoding[name]["chunks"] = (block, *var.shape[1:])
     layout.to_zarr(group.store, group=stats.GROUP, mode="w", compute=False, consolidated=False, encoding=encoding)

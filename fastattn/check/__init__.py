@@ -14,7 +14,7 @@ line too, never a traceback:
   file; `source` / `source_index` agreeing with the files' batch ranges; duplicates
   pointing at an ingested file; nothing past the commit (which an interrupted run leaves);
 - data: every chunk of every array decodes (read chunk by chunk, never a whole array;
-  a bad chunk is named by its key, e.g. `attention/c/3/2/0/0/0`); committed chunks exist
+  a bad chunk is named by its key, e.g. `attention/c.3.2.0.0.0`); committed chunks exist
   (zarr would silently read a missing chunk as fill values); `length` in `1..max_length`;
   each sample is NaN exactly outside its `length x length` block, finite and non-negative
   inside, and its rows sum to 1 within the tolerance ingest applied to the dump it came

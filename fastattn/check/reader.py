@@ -1,5 +1,5 @@
 """Reading a store chunk by chunk, never a whole array: a chunk that is missing or does not
-decode becomes a problem naming its key (e.g. `attention/c/3/2/0/0/0`), not an exception."""
+decode becomes a problem naming its key (e.g. `attention/c.3.2.0.0.0`), not an exception."""
 
 from __future__ import annotations
 

@@ -37,6 +37,7 @@ from .read import checked_manifest, is_fastattn, open_committed, open_group, ope
 from .schema import (
     ARRAYS,
     BATCHED,
+    CHUNK_KEYS,
     DERIVED,
     DIMS,
     FORMAT_VERSION,
@@ -50,16 +51,15 @@ from .schema import (
     resize,
     sizes_of,
     stored,
-    STATS_CHUNK_KEYS,
 )
 
 __all__ = [
-    "ARRAYS", "as_location", "AT_LAST_COMMIT", "attention_chunks", "BATCHED", "checked_manifest", "commit",
+    "ARRAYS", "as_location", "AT_LAST_COMMIT", "attention_chunks", "BATCHED", "checked_manifest", "CHUNK_KEYS", "commit",
     "commit_derived", "compressors", "create", "DERIVED", "derived_committed", "derived_current",
     "derived_record", "DIMS", "FileEntry", "FORMAT_VERSION", "is_fastattn", "is_url", "LocalLocation",
     "Location", "Lock", "LOCK", "lock_holder", "Manifest", "MANIFEST", "META", "nothing_committed", "now",
     "open_committed", "open_derived", "open_group", "open_store", "PER_BATCH", "present", "read_all", "read_json",
     "read_lock_record", "read_manifest", "refresh_consolidated", "RemoteLocation", "require_batches",
-    "require_maps", "require_variables", "resize", "sizes_of", "STATS_CHUNK_KEYS", "stored", "Status", "uncommit_derived", "WholeChunks", "write_all", "write_manifest",
+    "require_maps", "require_variables", "resize", "sizes_of", "stored", "Status", "uncommit_derived", "WholeChunks", "write_all", "write_manifest",
     "writing_derived",
 ]

@@ -62,12 +62,14 @@ def compressors(weights: bool = False):
     return [BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle" if weights else "shuffle"), Crc32cCodec()]
 
 
-#: The statistics' chunk keys: `c.3.0.0` files beside the array's zarr.json, not zarr's default
-#: folders `c/3/0/0`, which made ~780 folders for the ~350 chunk files of 1,000 batches'
-#: statistics. Creating folders is the slow part of writing them where metadata is dear (network
-#: and cluster file systems; on this project's test machine, ~0.4 s of a 4 s `fastattn stats`,
-#: docs/performance.md). zarr, xarray and tensorstore read either from the array's metadata.
-STATS_CHUNK_KEYS = {"name": "default", "separator": "."}
+#: The chunk keys of every array fastattn lays out: `c.3.0.0` files beside the array's zarr.json,
+#: not zarr's default folders `c/3/0/0`. Those made ~1,000 folders for the ~300 attention chunks
+#: of 1,000 dumps and ~780 for the ~350 chunk files of their statistics, and creating folders is
+#: the slow part of writing where metadata is dear (network and cluster file systems; on this
+#: project's test machine ~1 s of a 4 s ingest and ~0.4 s of a 4 s `fastattn stats`,
+#: docs/performance.md). zarr, xarray and tensorstore read either from the array's metadata, and
+#: an array keeps the keys it was made with when it grows (older stores: folders).
+CHUNK_KEYS = {"name": "default", "separator": "."}
 
 
 def attention_chunks(heads: int, query: int, key: int, itemsize: int) -> tuple[int, int, int, int, int]:
@@ -200,6 +202,7 @@ def create_array(group, spec: Array, sizes: dict[str, int], attention_chunks: tu
         dimension_names=spec.dims,
         overwrite=True,
         compressors=compressors(weights=spec.name == "attention"),
+        chunk_key_encoding=CHUNK_KEYS,
         **options,
     )
     if spec.coordinate and sizes[spec.name]:
