@@ -91,6 +91,11 @@ def test_old_store_appends_and_recomputes_statistics(old_store, tmp_path, rng, c
     # statistics chunk keys follow the group's metadata, whichever encoding it has
     group = zarr.open_group(str(old_store), mode="r")
     assert group["attention"].metadata.codecs[1].shuffle.value == "shuffle"
+    # ... and its chunk keys: folders (c/2/0/0/0/0), not the files new stores get (c.2.0.0.0.0)
+    attention = group["attention"]
+    assert attention.metadata.chunk_key_encoding.separator == "/"
+    assert (old_store / "attention" / attention.metadata.encode_chunk_key((8 // attention.chunks[0], 0, 0, 0, 0))).is_file()
+    assert not list((old_store / "attention").glob("c.*"))
     for name in ("entropy", "peak_key"):
         array = group["stats"][name]
         separator = array.metadata.chunk_key_encoding.separator
