@@ -135,7 +135,9 @@ def entropy_only(a: np.ndarray) -> np.ndarray:
 
 def fresh_outputs(a: np.ndarray, k: int) -> None:
     """Allocate ``attention_stats``' float32 outputs for ``a`` and write each of their pages once:
-    what a call that returns new arrays pays the OS (page faults, zeroed pages) before computing."""
+    what a call that returns new arrays pays the OS (page faults, zeroed pages) before computing,
+    on repeated calls as here. The allocator reuses part of the memory freed by the call before
+    (how much varies); a process's first call finds none to reuse and pays several times more."""
     planes = math.prod(a.shape[:-2])
     for array in empty_buffers(planes, a.shape[-2], a.shape[-1], k, np.float32):
         array.reshape(-1).view(np.uint8)[::4096] = 1
@@ -231,7 +233,7 @@ def run(gb: float = 1.0, repeats: int = 3, seed: int = 0) -> list[dict]:
             "a.sum(): one read"),
         row(f"all statistics + top-{GUIDE_K}, outputs reused ({threads} threads)", "all_stats_reused", "np_sum",
             "a.sum(): one read"),
-        row(f"first touch of the {sum(b.nbytes for b in reused) / 1e6:.0f} MB of fresh outputs (1 thread)", "fresh_outputs",
+        row(f"new outputs' first touch, repeated ({sum(b.nbytes for b in reused) / 1e6:.0f} MB, 1 thread)", "fresh_outputs",
             "np_sum", "a.sum(): one read"),
         row(f"entropy alone: one log per weight ({threads} threads)", "entropy_only", "np_sum", "a.sum(): one read"),
         row("np.sum (bandwidth floor)", "np_sum", "np_sum", "itself"),
