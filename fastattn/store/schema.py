@@ -66,7 +66,7 @@ def compressors(weights: bool = False):
 #: not zarr's default folders `c/3/0/0`. Those made ~1,000 folders for the ~300 attention chunks
 #: of 1,000 dumps and ~780 for the ~350 chunk files of their statistics, and creating folders is
 #: the slow part of writing where metadata is dear (network and cluster file systems; on this
-#: project's test machine ~1 s of a 4 s ingest and ~0.4 s of a 4 s `fastattn stats`,
+#: project's test machine 0.5–1 s of a 3.7–4.1 s ingest and ~0.4 s of a 4 s `fastattn stats`,
 #: docs/performance.md). zarr, xarray and tensorstore read either from the array's metadata, and
 #: an array keeps the keys it was made with when it grows (older stores: folders).
 CHUNK_KEYS = {"name": "default", "separator": "."}
