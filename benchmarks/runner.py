@@ -53,6 +53,8 @@ class Config:
     long_shape: tuple[int, int, int, int] = (2, 16, 2048, 2048)
     long_files: int = 6
     long_repeats: int = 1
+    # `plot overview` and `report` of one long dump (layer, head, query, key)
+    figure_shape: tuple[int, int, int, int] = (1, 4, 4096, 4096)
     # kernels (benchmarks/kernels.py)
     kernel_gb: float = 1.0
     kernel_repeats: int = 5
@@ -91,6 +93,7 @@ class Config:
             whole_repeats=1,
             long_shape=(2, 2, 256, 256),
             long_files=2,
+            figure_shape=(1, 2, 256, 256),
             kernel_gb=0.064,
             kernel_repeats=1,
             sdpa_shape=(8, 4, 64, 32),

@@ -67,6 +67,7 @@ INGEST_GOAL: Goal = ("≥ 3× (c) and ≥ 400 MB/s", lambda r: r["ratio"] >= 3 a
 HELP_GOAL: Goal = ("≤ 0.4 s", lambda r: r["fastattn"] <= 0.4)
 LONG_RSS_GOAL: Goal = ("peak RSS ≤ 1 GB", lambda r: r["fastattn_peak_rss_mb"] <= 1000)
 CHUNK_GOAL_BYTES = 16 << 20
+FIGURE_GOAL: Goal = ("≤ 10 s", lambda r: r["fastattn"] <= 10)
 
 # Runs argv[2:] and writes its wall time, CPU seconds, peak RSS and exit code to argv[1] as
 # JSON. Run with `python -I -S` (standard library only, no site-packages: a small process
@@ -302,7 +303,8 @@ def help_row(ctx: Context) -> dict:
 
 
 def long_figure(ctx: Context) -> list[dict]:
-    """`fastattn ingest` then `fastattn stats` on long-sequence dumps: time, peak RSS, largest chunk file."""
+    """`fastattn ingest` then `fastattn stats` on long-sequence dumps: time, peak RSS, largest chunk
+    file; then the figures of one long dump (`figure_rows`)."""
     c = ctx.config
     dumps = softmax_dumps(ctx, c.long_files, c.long_shape)
     nbytes = c.long_files * int(np.prod(c.long_shape)) * 4
@@ -332,7 +334,32 @@ def long_figure(ctx: Context) -> list[dict]:
     rows.append(row(LONG, "largest chunk file in that store", fastattn=size / 1e6, unit="MB",
                     goal=f"≤ {CHUNK_GOAL_BYTES >> 20} MiB", met=size <= CHUNK_GOAL_BYTES, note=chunk,
                     chunk_bytes=size))
-    return rows
+    return rows + figure_rows(ctx, env)
+
+
+def figure_rows(ctx: Context, env: dict[str, str]) -> list[dict]:
+    """`fastattn plot STORE overview` and `fastattn report STORE` on a store of one long dump
+    (ingested and its statistics computed untimed first), `whole_repeats` runs each, interleaved."""
+    c = ctx.config
+    dumps = softmax_dumps(ctx, 1, c.figure_shape)
+    store, figures = ctx.scratch("whole-figures.zarr"), ctx.scratch("whole-figures")
+    figures.mkdir()
+    for cmd in (["ingest", str(dumps), str(store)], ["stats", str(store)]):
+        run_process(fastattn_command(ctx, *cmd), env)
+    commands = {
+        "plot STORE overview": ["plot", str(store), "overview", "-o", str(figures / "overview.png")],
+        "report STORE": ["report", str(store), "-o", str(figures / "report.html")],
+    }
+    ctx.log(f"   fastattn plot overview / report, one dump of {tuple(c.figure_shape)}")
+    runs = timed(ctx, {name: (lambda cmd=cmd: (fastattn_command(ctx, *cmd), env)) for name, cmd in commands.items()},
+                 None, c.whole_repeats)
+    for name in ("overview.png", "report.html"):
+        if (figures / name).stat().st_size < 1000:
+            raise AssertionError(f"{figures / name}: no figure drawn")
+    what = f"one dump of {tuple(c.figure_shape)}, {size_text(int(np.prod(c.figure_shape)) * 4)}"
+    return [compared(f"`fastattn {name}`, {what}", runs[name], None, None, FIGURE_GOAL, figure=LONG,
+                     note="statistics computed before", shape=list(c.figure_shape))
+            for name in commands]
 
 
 # ---------------------------------------------------------------- checks

@@ -143,7 +143,7 @@ def test_whole_process_rows(quick_run):
     result, stdout, _ = quick_run
     rows = result["rows"]
     assert result["figures"][:2] == ["whole", "whole-long"]
-    assert [r["figure"] for r in rows[:9]] == ["whole"] * 6 + ["whole-long"] * 3  # shown first
+    assert [r["figure"] for r in rows[:11]] == ["whole"] * 6 + ["whole-long"] * 5  # shown first
     whole = [r for r in rows if r["figure"] == "whole"]
     names = [r["name"] for r in whole]
     assert len(whole) == 6, names  # stats: second vs (a), first vs (a), second vs (b); ingest: second, first; help
@@ -169,10 +169,13 @@ def test_whole_process_rows(quick_run):
     help_row = next(r for r in measured if "--help" in r["name"])
     assert help_row["baseline"] is None and help_row["met"] == (help_row["fastattn"] <= 0.4)
     long = [r for r in rows if r["figure"] == "whole-long"]
-    assert [r["unit"] for r in long] == ["s", "s", "MB"]
+    assert [r["unit"] for r in long] == ["s", "s", "MB", "s", "s"]
     assert all(r["met"] == (r["fastattn_peak_rss_mb"] <= 1000) for r in long[:2])
     chunk = long[2]
     assert chunk["chunk_bytes"] > 0 and chunk["met"] == (chunk["chunk_bytes"] <= 16 << 20)
+    figures = long[3:]  # `plot overview` and `report` of one long dump, ≤ 10 s each
+    assert [r["name"].split(",")[0] for r in figures] == ["`fastattn plot STORE overview`", "`fastattn report STORE`"]
+    assert all(r["met"] == (r["fastattn"] <= 10) for r in figures)
     assert "peak RSS MB" in stdout
 
 
